@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny float64 tasks and a helper that trains with an in-memory sink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from traintel.sinks.memory import MemorySink
+from traintel.task import Task
+
+
+def make_batches(
+    sizes: list[int], features: int = 3, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of the given sizes, float64, from a fixed linear-plus-noise problem."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        x = torch.randn(n, features, generator=g, dtype=torch.float64)
+        y = x.sum(dim=1, keepdim=True) * 0.5 + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        out.append((x, y))
+    return out
+
+
+def make_model(features: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(features, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+
+
+def quiet_config(tmp_path: Path, **trainer: Any) -> dict[str, Any]:
+    """Only the in-memory sink: json, diagnostic and prometheus off."""
+    return {
+        "run": {"dir": str(tmp_path / "run"), "id": "test-run"},
+        "trainer": {"device": "cpu", "max_epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}, **trainer},
+        "telemetry": {"every": 1},
+        "sinks": {
+            "json": {"enabled": False},
+            "diagnostic": {"enabled": False},
+            "prometheus": {"enabled": False},
+        },
+    }
+
+
+def train_in_memory(
+    tmp_path: Path,
+    batches: list[Any],
+    *,
+    model: torch.nn.Module | None = None,
+    every: int = 1,
+    **trainer: Any,
+) -> tuple[MemorySink, Any]:
+    from traintel.api import build
+
+    cfg = quiet_config(tmp_path, **trainer)
+    cfg["telemetry"]["every"] = every
+    sink = MemorySink()
+    task = Task(model=model or make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=batches)
+    run = build(cfg, task, sinks=[sink])
+    run.run()
+    return sink, run
+
+
+@pytest.fixture(autouse=True)
+def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TRAINTEL__"):
+            monkeypatch.delenv(name)

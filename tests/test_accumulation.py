@@ -1,0 +1,237 @@
+"""Exact gradient accumulation: the invariants of the update step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from tests.conftest import make_batches, make_model, train_in_memory
+from traintel.engine.events import TraintelEvents
+from traintel.engine.trainer import create_trainer
+from traintel.engine.windows import WindowedLoader
+from traintel.records import BatchRecord, EpochRecord, StepRecord
+
+
+def _capture_window_grads(sizes: list[int], k: int) -> tuple[list[list[torch.Tensor]], torch.nn.Module]:
+    """Run one epoch with lr=0 and capture .grad at OPTIMIZER_STEP_STARTED of every window."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = create_trainer(model, torch.nn.functional.mse_loss, opt)
+    grads: list[list[torch.Tensor]] = []
+
+    @trainer.on(TraintelEvents.OPTIMIZER_STEP_STARTED)
+    def _grab(_: Engine) -> None:
+        grads.append([p.grad.detach().clone() for p in model.parameters()])  # type: ignore[union-attr]
+
+    trainer.run(WindowedLoader(make_batches(sizes), k), max_epochs=1)
+    return grads, model
+
+
+@pytest.mark.parametrize(
+    ("sizes", "k"),
+    [
+        ([4, 4, 4], 3),  # equal sizes, full window
+        ([5, 5, 2], 3),  # unequal last batch
+        ([4, 4, 4, 6, 3], 3),  # a full window, then a partial window r=2 < k
+        ([7], 4),  # a single short window
+    ],
+    ids=["equal", "short-last-batch", "partial-window", "single"],
+)
+def test_window_gradient_equals_full_batch_gradient(sizes: list[int], k: int) -> None:
+    grads, model = _capture_window_grads(sizes, k)
+    batches = make_batches(sizes)
+    windows = [batches[i : i + k] for i in range(0, len(batches), k)]
+    assert len(grads) == len(windows) == math.ceil(len(sizes) / k)
+    for got, window in zip(grads, windows, strict=True):
+        x = torch.cat([b[0] for b in window])
+        y = torch.cat([b[1] for b in window])
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        for g, p in zip(got, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_step_losses_and_parameters_do_not_depend_on_k(tmp_path: Path) -> None:
+    data = make_batches([24] * 4)  # 4 optimizer steps of 24 items each
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    results = []
+    for k in (1, 2, 3, 4, 6):
+        mb = 24 // k
+        batches = [(x[i : i + mb], y[i : i + mb]) for i in range(0, len(x), mb)]
+        model = make_model()
+        sink, _ = train_in_memory(tmp_path / f"k{k}", batches, model=model, accumulation_steps=k)
+        losses = [r.loss for r in sink.of("train.step")]
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        results.append((k, losses, params))
+    _, ref_losses, ref_params = results[0]
+    assert len(ref_losses) == 4
+    for _k, losses, params in results[1:]:
+        assert losses == pytest.approx(ref_losses, rel=1e-12)
+        torch.testing.assert_close(params, ref_params, rtol=1e-12, atol=1e-14)
+
+
+def test_each_epoch_has_ceil_b_over_k_optimizer_and_scheduler_steps(tmp_path: Path) -> None:
+    sink, run = train_in_memory(
+        tmp_path,
+        make_batches([4] * 10),
+        accumulation_steps=3,
+        max_epochs=3,
+        scheduler={"name": "step", "step_size": 1, "gamma": 0.5},
+    )
+    steps = sink.of("train.step")
+    assert [r.step for r in steps] == list(range(1, 13))  # ceil(10/3) = 4 per epoch, 3 epochs
+    assert [r.epoch for r in steps] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [r.window_size for r in steps] == [3, 3, 3, 1] * 3
+    assert [r.lr for r in steps] == [0.1 * 0.5**i for i in range(12)]
+    assert run.scheduler.last_epoch == 12
+    epochs = sink.of("train.epoch")
+    assert [(r.steps, r.batches, r.items) for r in epochs] == [(4, 10, 40)] * 3
+
+
+def test_gradients_are_zero_at_the_start_of_every_epoch(tmp_path: Path) -> None:
+    from tests.conftest import quiet_config
+    from traintel.api import build
+    from traintel.task import Task
+
+    model = make_model()
+    run = build(
+        quiet_config(tmp_path, accumulation_steps=3, max_epochs=3),
+        Task(model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4] * 5)),
+    )
+    seen = []
+
+    @run.trainer.on(Events.EPOCH_STARTED)
+    def _check(_: Engine) -> None:
+        seen.append([p.grad is None or bool((p.grad == 0).all()) for p in model.parameters()])
+
+    run.run()
+    assert seen == [[True] * 4] * 3
+
+
+def test_epoch_loss_is_sum_over_items_divided_by_items(tmp_path: Path) -> None:
+    batches = make_batches([8, 8, 8, 8, 2])  # short last batch: mean of batch means differs
+    model = make_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sink, _ = train_in_memory(
+        tmp_path, batches, model=model, accumulation_steps=2, optimizer={"name": "sgd", "lr": 1e-300}
+    )
+    for n, p in model.named_parameters():  # lr so small the parameters do not move in float64
+        torch.testing.assert_close(p.detach(), frozen[n], rtol=0, atol=0)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model(x), y, reduction="sum")) / len(x)
+        mean_of_means = sum(float(torch.nn.functional.mse_loss(model(b[0]), b[1])) for b in batches) / 5
+    (epoch,) = sink.of("train.epoch")
+    assert epoch.loss == pytest.approx(expected, rel=1e-13)
+    assert abs(epoch.loss - mean_of_means) > 1e-3
+
+
+def test_conservation_of_loss_across_records(tmp_path: Path) -> None:
+    sink, _ = train_in_memory(
+        tmp_path, make_batches([5, 7, 3, 6, 6, 2, 4]), accumulation_steps=3, max_epochs=2
+    )
+    batches = [r for r in sink.records if isinstance(r, BatchRecord)]
+    steps = [r for r in sink.records if isinstance(r, StepRecord)]
+    epochs = [r for r in sink.records if isinstance(r, EpochRecord)]
+    assert len(steps) == 6 and len(batches) == 14
+    for step in steps:
+        window = [b for b in batches if b.step + 1 == step.step]
+        assert len(window) == step.window_size
+        assert sum(b.items for b in window) == step.items
+        assert math.fsum(b.loss for b in window) == pytest.approx(step.loss, rel=1e-15)
+        for b in window:
+            assert b.loss_scale == b.items / step.items
+            assert b.loss == pytest.approx(b.raw_loss * b.items / step.items, rel=1e-15)
+    for epoch in epochs:
+        mine = [s for s in steps if s.epoch == epoch.epoch]
+        weighted = math.fsum(s.loss * s.items for s in mine) / math.fsum(s.items for s in mine)
+        assert weighted == pytest.approx(epoch.loss, rel=1e-14)
+        assert epoch.items == 33
+
+
+def test_the_original_bug_is_not_possible(tmp_path: Path) -> None:
+    """k=3, equal batches: the logged loss is raw/3, the value given to backward."""
+    sink, _ = train_in_memory(tmp_path, make_batches([6] * 3), accumulation_steps=3)
+    for b in sink.of("train.batch"):
+        assert isinstance(b, BatchRecord)
+        assert b.loss_scale == 1 / 3
+        assert b.loss == pytest.approx(b.raw_loss / 3, rel=1e-15)
+        assert b.diagnostics == {}  # the diagnostic sink is off, so no diagnostics are computed
+
+
+def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
+    from tests.conftest import quiet_config
+    from traintel.api import build
+    from traintel.sinks.memory import MemorySink
+    from traintel.task import Task
+
+    batches = make_batches([4, 4, 4, 4])
+    weights = [1, 1, 0, 0]  # the second window holds no items
+    counted = [(x, y, w) for (x, y), w in zip(batches, weights, strict=True)]
+    model = make_model()
+    sink = MemorySink()
+    run = build(
+        quiet_config(tmp_path, accumulation_steps=2),
+        Task(
+            model=model,
+            loss_fn=torch.nn.functional.mse_loss,
+            train_loader=counted,
+            count_items=lambda b: len(b[1]) * b[2],
+            prepare=lambda b, device: (b[0].to(device), b[1].to(device)),
+        ),
+        sinks=[sink],
+    )
+    end = run.run()
+    steps = sink.of("train.step")
+    assert [(s.step, s.items, s.skipped, s.loss) for s in steps] == [
+        (1, 8, False, steps[0].loss),
+        (1, 0, True, 0.0),
+    ]
+    assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
+    skipped_batches = sink.of("train.batch")[2:]
+    assert [(b.items, b.loss, b.loss_scale) for b in skipped_batches] == [(0, 0.0, 0.0), (0, 0.0, 0.0)]
+    assert all(math.isnan(b.raw_loss) for b in skipped_batches)
+    assert end.status == "completed"
+    (epoch,) = sink.of("train.epoch")
+    assert (epoch.items, epoch.steps, epoch.batches) == (8, 1, 4)
+
+
+def test_custom_item_counter_weights_by_items(tmp_path: Path) -> None:
+    """A task that counts items itself (e.g. non-ignored tokens) gets item-weighted scaling."""
+    from tests.conftest import quiet_config
+    from traintel.api import build
+    from traintel.sinks.memory import MemorySink
+    from traintel.task import Task
+
+    sizes = [6, 2, 5]
+    batches = make_batches(sizes)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    model = make_model()
+    grads: list[torch.Tensor] = []
+    sink = MemorySink()
+    run = build(
+        quiet_config(tmp_path, accumulation_steps=3, optimizer={"name": "sgd", "lr": 1e-300}),
+        Task(model=model, loss_fn=loss_fn, train_loader=batches, count_items=lambda b: b[0].shape[0]),
+        sinks=[sink],
+    )
+    run.trainer.add_event_handler(
+        TraintelEvents.OPTIMIZER_STEP_STARTED,
+        lambda _: grads.extend(p.grad.detach().clone() for p in model.parameters()),  # type: ignore[union-attr]
+    )
+    run.run()
+    model.zero_grad()
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loss_fn(model(x), y).backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
+    assert [b.loss_scale for b in sink.of("train.batch")] == [6 / 13, 2 / 13, 5 / 13]

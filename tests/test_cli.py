@@ -1,0 +1,620 @@
+"""The ``traintel`` command line, run as a real subprocess.
+
+Every bad input must end with exit status 2, exactly one ``traintel: error: <key>: <problem>``
+line on stderr, nothing on stdout, no traceback and nothing written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from traintel.cli import make_parser
+
+# Seconds; a generous ceiling so a hung child fails the test instead of the whole session.
+_CHILD_TIMEOUT = 240
+_HELP_COLUMNS = "80"
+
+
+def _child_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    pythonpath = [str(tmp_path), *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    env["COLUMNS"] = _HELP_COLUMNS  # argparse wraps help to the terminal width
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    tmp_path: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m traintel ARGS`` in ``tmp_path`` with no inherited TRAINTEL__ variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "traintel", *args],
+        cwd=tmp_path,
+        env=_child_env(tmp_path, env),
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT,
+        check=False,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    msg = f"non-standard JSON constant {name}"
+    raise ValueError(msg)
+
+
+def _strict_json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line, parse_constant=_reject_constant) for line in text.splitlines()]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that something is already listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One row of the bad-input table: what to run and the one stderr line it must produce."""
+
+    argv: Sequence[str]
+    error: str
+    """The exact stderr line after ``traintel: error: ``; ``{port}`` becomes a port already in use."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+    """Files written to the working directory first (name -> content)."""
+    status: int = 2
+
+
+_FAILING_FACTORY = textwrap.dedent(
+    """\
+    def make_task(**params):
+        raise RuntimeError("dataset shard 3 is missing")
+    """
+)
+_EMPTY_FACTORY_MODULE = "VERSION = 1\n"
+
+BAD_INPUT = [
+    pytest.param(
+        BadInput(["train", "--set", "bogus=1"], "bogus: unknown key"),
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "bogus: unknown key",
+            files={"cfg.yaml": "trainer:\n  max_epochs: 1\nbogus:\n  x: 1\n"},
+        ),
+        id="unknown-top-level-key-in-file",
+    ),
+    pytest.param(
+        BadInput(["train", "--set", "trainer.foo=1"], "trainer.foo: unknown key"),
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.accumulation_steps=abc"],
+            "trainer.accumulation_steps: input should be a valid integer, "
+            "unable to parse string as an integer (got 'abc')",
+        ),
+        id="wrong-type",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.accumulation_steps=0"],
+            "trainer.accumulation_steps: input should be greater than or equal to 1 (got 0)",
+        ),
+        id="accumulation-steps-zero",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "trainer.accumulation_steps: input should be greater than or equal to 1 (got 0)",
+            files={"cfg.yaml": "trainer:\n  accumulation_steps: 0\n"},
+        ),
+        id="accumulation-steps-zero-in-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "telemetry.every=0"],
+            "telemetry.every: input should be greater than or equal to 1 (got 0)",
+        ),
+        id="telemetry-every-zero",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.optimizer.lr=-1"],
+            "trainer.optimizer.lr: input should be greater than 0 (got -1)",
+        ),
+        id="negative-lr",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.prometheus.port=70000"],
+            "sinks.prometheus.port: input should be less than or equal to 65535 (got 70000)",
+        ),
+        id="port-out-of-range",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.optimizer.name=rmsprop"],
+            "trainer.optimizer.name: must be one of 'sgd', 'adamw' or 'adam' (got 'rmsprop')",
+        ),
+        id="optimizer-name-literal",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.precision=fp8"],
+            "trainer.precision: must be one of 'fp32' or 'bf16' (got 'fp8')",
+        ),
+        id="precision-literal",
+    ),
+    pytest.param(
+        BadInput(["train", "--config", "missing.yaml"], "--config: file 'missing.yaml' does not exist"),
+        id="missing-config-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "broken.yaml"],
+            "--config: 'broken.yaml' is not valid YAML at line 3",
+            files={"broken.yaml": "trainer:\n  max_epochs: [1, 2\n"},
+        ),
+        id="config-not-yaml",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "list.yaml"],
+            "--config: 'list.yaml' must hold a mapping of sections, got list",
+            files={"list.yaml": "- trainer\n- sinks\n"},
+        ),
+        id="config-is-a-list",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.max_epochs"],
+            "--set: 'trainer.max_epochs' must have the form key.path=value",
+        ),
+        id="set-without-equals",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "=3"],
+            "--set: '' is not a dotted key such as 'trainer.accumulation_steps'",
+        ),
+        id="set-empty-key",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=no_such_module_xyz:make_task"],
+            "task.factory: cannot import module 'no_such_module_xyz' "
+            "(ModuleNotFoundError: No module named 'no_such_module_xyz')",
+        ),
+        id="factory-module-unimportable",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=my_tasks:make_task"],
+            "task.factory: module 'my_tasks' has no attribute 'make_task'",
+            files={"my_tasks.py": _EMPTY_FACTORY_MODULE},
+        ),
+        id="factory-attribute-missing",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=failing_tasks:make_task"],
+            "task.factory: failing_tasks:make_task raised RuntimeError: dataset shard 3 is missing",
+            files={"failing_tasks.py": _FAILING_FACTORY},
+        ),
+        id="factory-raises",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=nofactory"],
+            "task.factory: must have the form 'module:function', got 'nofactory'",
+        ),
+        id="factory-malformed",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.params.bogus=1"],
+            "task.params: traintel.tasks.forecast:make_task does not accept these parameters: "
+            "got an unexpected keyword argument 'bogus'",
+        ),
+        id="factory-rejects-params",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.params.hidden=0"],
+            "task.params.hidden: must be an integer >= 1, got 0",
+        ),
+        id="factory-rejects-param-value",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.optimizer.bogus=1"],
+            "trainer.optimizer: adamw rejected its arguments: "
+            "AdamW.__init__() got an unexpected keyword argument 'bogus'",
+        ),
+        id="optimizer-rejects-kwarg",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.scheduler.name=bogus"],
+            "trainer.scheduler.name: must be one of 'cosine', 'step', 'exponential' or 'linear_warmup' "
+            "(got 'bogus')",
+        ),
+        id="scheduler-bad-name",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.device=cuda"],
+            "trainer.device: cuda was asked for but no CUDA device is available; use auto or cpu",
+        ),
+        id="cuda-unavailable",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.prometheus.port={port}"],
+            "sinks.prometheus.port: 127.0.0.1:{port} is already in use; choose a free port or 0",
+        ),
+        id="prometheus-port-in-use",
+    ),
+    pytest.param(
+        BadInput(
+            ["train"],
+            "trainer.max_epochs: input should be a valid integer, "
+            "unable to parse string as an integer (got 'zero') (set by TRAINTEL__TRAINER__MAX_EPOCHS)",
+            env={"TRAINTEL__TRAINER__MAX_EPOCHS": "zero"},
+        ),
+        id="env-override-bad-value",
+    ),
+    pytest.param(
+        BadInput(
+            ["config", "show"],
+            "trainer.foo: unknown key (set by TRAINTEL__TRAINER__FOO)",
+            env={"TRAINTEL__TRAINER__FOO": "1"},
+        ),
+        id="env-override-unknown-key",
+    ),
+    pytest.param(
+        BadInput(
+            ["frobnicate"],
+            "argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'config')",
+        ),
+        id="unknown-subcommand",
+    ),
+    pytest.param(
+        BadInput(
+            ["config", "frobnicate"],
+            "argument SUBCOMMAND: invalid choice: 'frobnicate' (choose from 'show')",
+        ),
+        id="unknown-config-subcommand",
+    ),
+    pytest.param(
+        BadInput(["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        id="unknown-option",
+    ),
+    pytest.param(
+        BadInput(["train", "--config"], "argument --config/-c: expected one argument"),
+        id="option-missing-value",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, request: pytest.FixtureRequest, case: BadInput
+) -> None:
+    for name, content in case.files.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    argv, message = list(case.argv), f"traintel: error: {case.error}"
+    if any("{port}" in a for a in argv):
+        port = request.getfixturevalue("busy_port")
+        argv = [a.format(port=port) for a in argv]
+        message = message.format(port=port)
+
+    proc = run_cli(tmp_path, *argv, env=case.env)
+
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr == message + "\n"
+    assert proc.stdout == ""
+    assert proc.returncode == case.status
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == sorted(case.files)
+
+
+def test_no_command_prints_help_to_stderr_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", _HELP_COLUMNS)
+    expected = make_parser().format_help()
+
+    proc = run_cli(tmp_path)
+
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == expected
+    assert proc.stderr.startswith("usage: traintel [-h] COMMAND ...\n")
+
+
+def test_config_without_subcommand_prints_config_help(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "config")
+
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == "usage: traintel config [-h] SUBCOMMAND ..."
+
+
+def test_help_exits_0_on_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", _HELP_COLUMNS)
+    expected = make_parser().format_help()
+
+    proc = run_cli(tmp_path, "--help")
+
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    assert proc.stdout == expected
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _config_show(tmp_path: Path, *args: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    proc = run_cli(tmp_path, "config", "show", *args, env=env)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
+    data = yaml.safe_load(proc.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture
+def steps_file(tmp_path: Path) -> str:
+    (tmp_path / "cfg.yaml").write_text("trainer:\n  accumulation_steps: 2\n", encoding="utf-8")
+    return "cfg.yaml"
+
+
+_ENV_STEPS = {"TRAINTEL__TRAINER__ACCUMULATION_STEPS": "4"}
+
+
+def test_set_beats_environment_beats_file(tmp_path: Path, steps_file: str) -> None:
+    cfg = _config_show(
+        tmp_path, "--config", steps_file, "--set", "trainer.accumulation_steps=5", env=_ENV_STEPS
+    )
+    assert cfg["trainer"]["accumulation_steps"] == 5
+
+
+def test_environment_beats_file(tmp_path: Path, steps_file: str) -> None:
+    cfg = _config_show(tmp_path, "--config", steps_file, env=_ENV_STEPS)
+    assert cfg["trainer"]["accumulation_steps"] == 4
+
+
+def test_file_beats_default(tmp_path: Path, steps_file: str) -> None:
+    cfg = _config_show(tmp_path, "--config", steps_file)
+    assert cfg["trainer"]["accumulation_steps"] == 2
+
+
+def test_defaults_without_file(tmp_path: Path) -> None:
+    cfg = _config_show(tmp_path)
+    assert cfg["trainer"]["accumulation_steps"] == 3
+    assert cfg["trainer"]["scheduler"] is None
+    assert cfg["task"] == {"factory": "traintel.tasks.forecast:make_task", "params": {}}
+
+
+def test_last_set_wins(tmp_path: Path) -> None:
+    cfg = _config_show(
+        tmp_path, "--set", "trainer.accumulation_steps=5", "-s", "trainer.accumulation_steps=6"
+    )
+    assert cfg["trainer"]["accumulation_steps"] == 6
+
+
+def test_set_values_are_yaml_scalars(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(
+        "trainer:\n  scheduler:\n    name: cosine\n  optimizer:\n    lr: 0.5\n", encoding="utf-8"
+    )
+    cfg = _config_show(
+        tmp_path,
+        "--config",
+        "cfg.yaml",
+        "--set",
+        "trainer.scheduler=null",
+        "--set",
+        "trainer.optimizer.lr=0.1",
+        "--set",
+        "task.params.hidden=8",
+        "--set",
+        "trainer.report_grad_norm=true",
+        "--set",
+        "run.name=my run",
+    )
+    assert cfg["trainer"]["scheduler"] is None
+    lr = cfg["trainer"]["optimizer"]["lr"]
+    assert isinstance(lr, float)
+    assert lr == 0.1
+    assert cfg["task"]["params"] == {"hidden": 8}
+    assert cfg["trainer"]["report_grad_norm"] is True
+    assert cfg["run"]["name"] == "my run"
+
+
+def test_environment_values_are_yaml_scalars(tmp_path: Path) -> None:
+    cfg = _config_show(
+        tmp_path,
+        env={"TRAINTEL__TRAINER__OPTIMIZER__LR": "0.25", "TRAINTEL__TASK__PARAMS__HIDDEN": "16"},
+    )
+    assert cfg["trainer"]["optimizer"]["lr"] == 0.25
+    assert cfg["task"]["params"] == {"hidden": 16}
+
+
+def test_config_file_keeps_its_other_keys(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(
+        "trainer:\n  max_epochs: 7\n  accumulation_steps: 2\n", encoding="utf-8"
+    )
+    cfg = _config_show(tmp_path, "--config", "cfg.yaml", "--set", "trainer.accumulation_steps=5")
+    assert cfg["trainer"]["max_epochs"] == 7
+    assert cfg["trainer"]["accumulation_steps"] == 5
+
+
+def test_set_exponent_float_reaches_task_params_as_float(tmp_path: Path) -> None:
+    cfg = _config_show(tmp_path, "--set", "task.params.noise=1e-3")
+    assert cfg["task"]["params"]["noise"] == 0.001
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+def test_config_show_redacts_secrets(tmp_path: Path) -> None:
+    cfg = _config_show(
+        tmp_path,
+        "--set",
+        "task.params.api_token=abc",
+        "--set",
+        "task.params.password=x",
+        "--set",
+        "task.params.hidden=8",
+    )
+    assert cfg["task"]["params"] == {"api_token": "***", "password": "***", "hidden": 8}
+
+
+def test_config_show_redacts_secrets_from_environment(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "config", "show", env={"TRAINTEL__TASK__PARAMS__API_KEY": "s3cr3t-value"})
+    assert proc.returncode == 0
+    assert "s3cr3t-value" not in proc.stdout
+    assert yaml.safe_load(proc.stdout)["task"]["params"] == {"api_key": "***"}
+
+
+def test_config_show_keeps_keys_that_only_contain_a_secret_word(tmp_path: Path) -> None:
+    cfg = _config_show(tmp_path, "--set", "task.params.tokenizer=gpt2", "--set", "task.params.max_tokens=512")
+    assert cfg["task"]["params"] == {"tokenizer": "gpt2", "max_tokens": 512}
+
+
+# --------------------------------------------------------------------------- no torch
+
+
+_PROBE = textwrap.dedent(
+    """\
+    import sys
+    from traintel.cli import main
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+    print(code, "torch" in sys.modules, file=sys.stderr)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "stderr_head"),
+    [
+        pytest.param(["--help"], "", id="help"),
+        pytest.param(["train", "--help"], "", id="train-help"),
+        pytest.param(["config", "show"], "", id="config-show"),
+        pytest.param(
+            ["config", "show", "--set", "trainer.accumulation_steps=0"],
+            "traintel: error: trainer.accumulation_steps: input should be greater than or equal to 1 "
+            "(got 0)\n",
+            id="config-show-bad-input",
+        ),
+        pytest.param(
+            ["train", "--set", "bogus=1"],
+            "traintel: error: bogus: unknown key\n",
+            id="train-bad-config",
+        ),
+    ],
+)
+def test_does_not_import_torch(tmp_path: Path, argv: list[str], stderr_head: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv],
+        cwd=tmp_path,
+        env=_child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=_CHILD_TIMEOUT,
+        check=False,
+    )
+    code = 0 if not stderr_head else 2
+    assert proc.returncode == 0
+    assert proc.stderr == f"{stderr_head}{code} False\n"
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+@pytest.mark.slow
+def test_train_short_run_then_refuse_to_overwrite(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = [
+        "train",
+        "--set",
+        "trainer.max_epochs=1",
+        "--set",
+        "sinks.prometheus.port=0",
+        "--set",
+        f"run.dir={run_dir}",
+    ]
+
+    proc = run_cli(tmp_path, *argv)
+
+    assert proc.stderr == ""
+    assert proc.returncode == 0
+    events = _strict_json_lines(proc.stdout)
+    assert events, "no JSON lines on stdout"
+    first, last = events[0], events[-1]
+    assert first["event"] == "run.start"
+    assert first["run_dir"] == str(run_dir)
+    assert first["config"]["trainer"]["max_epochs"] == 1
+    url = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/metrics", first["metrics_url"])
+    assert url is not None
+    assert int(url.group(1)) != 0
+    assert last["event"] == "run.end"
+    assert last["status"] == "completed"
+    assert last["epoch"] == 1
+    assert [e["event"] for e in events].count("run.end") == 1
+    assert {e["run_id"] for e in events} == {first["run_id"]}
+
+    diagnostic = run_dir / "diagnostic.jsonl"
+    saved_config = run_dir / "config.yaml"
+    assert diagnostic.is_file()
+    assert saved_config.is_file()
+    assert not (tmp_path / "runs").exists()
+    diag_events = _strict_json_lines(diagnostic.read_text(encoding="utf-8"))
+    assert diag_events[0]["event"] == "run.start"
+    assert diag_events[-1]["event"] == "run.end"
+    assert yaml.safe_load(saved_config.read_text(encoding="utf-8"))["run"]["dir"] == str(run_dir)
+
+    diagnostic_before = diagnostic.read_bytes()
+    config_before = saved_config.read_bytes()
+
+    again = run_cli(tmp_path, *argv)
+
+    assert "Traceback" not in again.stderr
+    assert again.stderr == (
+        f"traintel: error: run.dir: {str(diagnostic)!r} already exists and is never overwritten; "
+        "choose another run.dir\n"
+    )
+    assert again.stdout == ""
+    assert again.returncode == 2
+    assert diagnostic.read_bytes() == diagnostic_before
+    assert saved_config.read_bytes() == config_before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "diagnostic.jsonl"]

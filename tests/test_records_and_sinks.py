@@ -1,0 +1,284 @@
+"""Records are immutable; each sink renders them exactly; the fan-out isolates failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import socket
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from prometheus_client import generate_latest
+
+from traintel.errors import ConfigError
+from traintel.records import BatchRecord, EpochRecord, Record, RunEndRecord, StepRecord
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink, MemorySink, PrometheusSink, RunContext
+
+T0 = 1_764_000_000.25  # 2025-11-24T16:00:00.25Z
+
+
+def _ctx(tmp_path: Path) -> RunContext:
+    return RunContext(run_id="r1", name="demo", run_dir=tmp_path / "run")
+
+
+def _batch(**over: object) -> BatchRecord:
+    fields: dict[str, object] = {
+        "run_id": "r1",
+        "time": T0,
+        "epoch": 1,
+        "batch": 2,
+        "batches": 10,
+        "step": 0,
+        "items": 4,
+        "raw_loss": 0.75,
+        "loss": 0.25,
+        "loss_scale": 1 / 3,
+        "window_size": 3,
+    }
+    fields.update(over)
+    return BatchRecord(**fields)  # type: ignore[arg-type]
+
+
+def _step(**over: object) -> StepRecord:
+    fields: dict[str, object] = {
+        "run_id": "r1",
+        "time": T0 + 1,
+        "epoch": 1,
+        "step": 1,
+        "items": 12,
+        "items_total": 12,
+        "window_size": 3,
+        "loss": 0.6875,
+        "lr": 0.001,
+        "grad_norm": None,
+        "skipped": False,
+    }
+    fields.update(over)
+    return StepRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_records_are_immutable() -> None:
+    rec = _batch()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.loss = 1.0  # type: ignore[misc]
+    with_diag = _batch(diagnostics=MappingProxyType({"scale_ok": True}))
+    with pytest.raises(TypeError):
+        with_diag.diagnostics["scale_ok"] = False  # type: ignore[index]
+
+
+def test_fields_are_ordered_and_carry_schema_version() -> None:
+    assert list(_batch().fields()) == [
+        "run_id", "schema_version", "epoch", "batch", "batches", "step", "items",
+        "raw_loss", "loss", "loss_scale", "window_size",
+    ]  # fmt: skip
+
+
+def test_json_sink_renders_one_exact_line() -> None:
+    out = io.BytesIO()
+    sink = JsonSink(out)
+    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
+    sink.emit(_batch())
+    sink.close()
+    assert out.getvalue() == (
+        b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
+        b'"run_id":"r1","schema_version":"1.0.0","epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
+        b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
+    )
+
+
+def test_json_sink_writes_non_finite_as_null_and_keeps_the_fact() -> None:
+    out = io.BytesIO()
+    sink = JsonSink(out)
+    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
+    sink.emit(_batch(raw_loss=math.nan, loss=math.inf))
+    line = out.getvalue().decode()
+
+    def reject(token: str) -> None:
+        raise AssertionError(token)
+
+    data = json.loads(line, parse_constant=reject)
+    assert (data["raw_loss"], data["loss"], data["nonfinite"]) == (
+        None,
+        None,
+        {"raw_loss": "nan", "loss": "inf"},
+    )
+
+
+def test_run_end_failed_is_logged_as_error() -> None:
+    out = io.BytesIO()
+    sink = JsonSink(out)
+    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
+    end = RunEndRecord(
+        run_id="r1", time=T0, status="failed", reason="ValueError: boom", epoch=1, step=3,
+        items_total=9, duration_seconds=0.5,
+    )  # fmt: skip
+    sink.emit(end)
+    assert json.loads(out.getvalue())["level"] == "error"
+
+
+def test_diagnostic_sink_adds_diagnostics_and_never_overwrites(tmp_path: Path) -> None:
+    sink = DiagnosticSink()
+    sink.open(_ctx(tmp_path))
+    sink.emit(_batch(diagnostics=MappingProxyType({"expected_loss_scale": 1 / 3, "scale_ok": True})))
+    sink.close()
+    sink.close()  # idempotent
+    path = tmp_path / "run" / "diagnostic.jsonl"
+    assert path.read_bytes() == (
+        b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
+        b'"run_id":"r1","schema_version":"1.0.0","epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
+        b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3,'
+        b'"expected_loss_scale":0.3333333333333333,"scale_ok":true}\n'
+    )
+    again = DiagnosticSink()
+    with pytest.raises(
+        ConfigError, match=r"already exists and is never overwritten; choose another run\.dir"
+    ):
+        again.open(_ctx(tmp_path))
+    assert path.read_bytes().count(b"\n") == 1
+
+
+class _Boom:
+    name = "boom"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def open(self, context: RunContext) -> None:
+        pass
+
+    def emit(self, record: Record) -> None:
+        self.calls += 1
+        raise OSError("disk on fire")
+
+    def close(self) -> None:
+        raise OSError("still on fire")
+
+
+def test_fanout_isolates_a_failing_sink_and_reports_once(tmp_path: Path) -> None:
+    boom, mem = _Boom(), MemorySink()
+    fan = FanOut([boom, mem])
+    fan.open(_ctx(tmp_path))
+    records = [_batch(batch=i) for i in range(1, 4)]
+    for r in records:
+        fan.emit(r)
+    fan.close()
+    fan.close()
+    assert boom.calls == 3
+    assert fan.errors == {"boom": 4, "memory": 0}  # three emits and one close
+    events = [r.event for r in mem.records]
+    assert events == ["sink.error", "train.batch", "train.batch", "train.batch"]
+    err = mem.records[0]
+    assert (err.sink, err.error) == ("boom", "OSError: disk on fire")  # type: ignore[attr-defined]
+    assert [r for r in mem.records if r.event == "train.batch"] == records
+    assert mem.closed == 1
+
+
+def test_fanout_open_is_all_or_nothing(tmp_path: Path) -> None:
+    class CannotOpen(MemorySink):
+        def open(self, context: RunContext) -> None:
+            raise ConfigError("sinks.x", "cannot open")
+
+    first = MemorySink("first")
+    fan = FanOut([first, CannotOpen("second")])
+    with pytest.raises(ConfigError, match=r"sinks\.x: cannot open"):
+        fan.open(_ctx(tmp_path))
+    assert (first.opened, first.closed) == (1, 1)
+
+
+def test_fanout_rejects_duplicate_names() -> None:
+    with pytest.raises(ValueError, match=r"sink names must be unique, got duplicates \['memory'\]"):
+        FanOut([MemorySink(), MemorySink()])
+
+
+def test_prometheus_exposition_is_exact(tmp_path: Path) -> None:
+    sink = PrometheusSink(port=0, sink_errors={"json": 0, "diagnostic": 2})
+    sink.collector.run_id, sink.collector.run_name = "r1", "demo"
+    sink.emit(_batch())
+    sink.emit(_step(grad_norm=2.5))
+    sink.emit(
+        EpochRecord(
+            run_id="r1", time=T0 + 2, epoch=1, step=1, loss=0.5, items=12, items_total=12, batches=3,
+            steps=1, duration_seconds=2.0, items_per_second=6.0,
+        )
+    )  # fmt: skip
+    text = generate_latest(sink.registry).decode()
+    assert text == (
+        "# HELP traintel_run_info The run this process trains (value is always 1).\n"
+        "# TYPE traintel_run_info gauge\n"
+        'traintel_run_info{name="demo",run_id="r1"} 1.0\n'
+        "# HELP traintel_epoch Current epoch (1-based).\n"
+        "# TYPE traintel_epoch gauge\n"
+        "traintel_epoch 1.0\n"
+        "# HELP traintel_optimizer_step Optimizer steps completed.\n"
+        "# TYPE traintel_optimizer_step gauge\n"
+        "traintel_optimizer_step 1.0\n"
+        "# HELP traintel_batch_loss Latest emitted micro-batch loss given to backward.\n"
+        "# TYPE traintel_batch_loss gauge\n"
+        "traintel_batch_loss 0.25\n"
+        "# HELP traintel_batch_raw_loss Latest emitted micro-batch mean loss, unscaled.\n"
+        "# TYPE traintel_batch_raw_loss gauge\n"
+        "traintel_batch_raw_loss 0.75\n"
+        "# HELP traintel_batch_loss_scale Latest emitted micro-batch scale n_b/N_t.\n"
+        "# TYPE traintel_batch_loss_scale gauge\n"
+        "traintel_batch_loss_scale 0.3333333333333333\n"
+        "# HELP traintel_step_loss Objective of the latest emitted optimizer step.\n"
+        "# TYPE traintel_step_loss gauge\n"
+        "traintel_step_loss 0.6875\n"
+        "# HELP traintel_learning_rate Learning rate of the latest emitted step.\n"
+        "# TYPE traintel_learning_rate gauge\n"
+        "traintel_learning_rate 0.001\n"
+        "# HELP traintel_grad_norm Gradient norm of the latest emitted step.\n"
+        "# TYPE traintel_grad_norm gauge\n"
+        "traintel_grad_norm 2.5\n"
+        "# HELP traintel_step_timestamp_seconds Unix time of the latest emitted optimizer step.\n"
+        "# TYPE traintel_step_timestamp_seconds gauge\n"
+        "traintel_step_timestamp_seconds 1.76400000125e+09\n"
+        "# HELP traintel_epoch_loss Item-weighted mean training loss of the last epoch.\n"
+        "# TYPE traintel_epoch_loss gauge\n"
+        "traintel_epoch_loss 0.5\n"
+        "# HELP traintel_epoch_items_per_second Training throughput of the last epoch.\n"
+        "# TYPE traintel_epoch_items_per_second gauge\n"
+        "traintel_epoch_items_per_second 6.0\n"
+        "# HELP traintel_items_total Training items processed.\n"
+        "# TYPE traintel_items_total counter\n"
+        "traintel_items_total 12.0\n"
+        "# HELP traintel_sink_errors_total Records a sink failed to take.\n"
+        "# TYPE traintel_sink_errors_total counter\n"
+        'traintel_sink_errors_total{sink="diagnostic"} 2.0\n'
+        'traintel_sink_errors_total{sink="json"} 0.0\n'
+    )
+
+
+def test_prometheus_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sink = PrometheusSink(port=port)
+        with pytest.raises(ConfigError) as info:
+            sink.open(_ctx(tmp_path))
+    assert str(info.value) == (
+        f"sinks.prometheus.port: 127.0.0.1:{port} is already in use; choose a free port or 0"
+    )
+
+
+def test_prometheus_serves_over_http_and_stops(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    sink = PrometheusSink(port=0)
+    sink.open(_ctx(tmp_path))
+    url = sink.url
+    assert url is not None and url.startswith("http://127.0.0.1:")
+    sink.emit(_step())
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = resp.read().decode()
+    assert "traintel_step_loss 0.6875\n" in body
+    assert 'traintel_run_info{name="demo",run_id="r1"} 1.0\n' in body
+    sink.close()
+    sink.close()
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
+        urllib.request.urlopen(url, timeout=2)

@@ -1,0 +1,94 @@
+"""Real subprocesses: a signal ends the run after the current step; a crash ends it as failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+
+
+def _start(tmp_path: Path, *extra: str, pythonpath: str | None = None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
+         "--set", f"run.dir={tmp_path / 'run'}", "--set", "sinks.prometheus.port=0", *extra],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")]
+)
+def test_signal_finishes_the_step_and_ends_the_run(tmp_path: Path, sig: int, code: int, name: str) -> None:
+    proc = _start(tmp_path, "--set", "trainer.max_epochs=100000")
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(json.loads(line))
+        if lines[-1]["event"] == "train.step" and lines[-1]["step"] >= 3:
+            proc.send_signal(sig)
+            break
+    rest, stderr = proc.communicate(timeout=10)
+    lines += [json.loads(x) for x in rest.splitlines()]
+    assert proc.returncode == code, stderr
+    end = lines[-1]
+    assert (end["event"], end["status"], end["reason"]) == ("run.end", "terminated", name)
+    steps = [x for x in lines if x["event"] == "train.step"]
+    assert end["step"] == steps[-1]["step"]  # every finished step was reported: every=1 in the config
+    diag = (tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()
+    assert json.loads(diag[-1]) == {**end, **json.loads(diag[-1])}
+    assert json.loads(diag[-1])["event"] == "run.end"
+
+
+def test_a_crash_in_training_ends_the_run_as_failed(tmp_path: Path) -> None:
+    (tmp_path / "crashing.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from traintel.tasks.forecast import make_task as base
+
+            def make_task():
+                task = base(train_samples=320, val_samples=0)
+                calls = {"n": 0}
+
+                def loss_fn(out, y):
+                    calls["n"] += 1
+                    if calls["n"] == 7:
+                        raise RuntimeError("loss exploded on micro-batch 7")
+                    return torch.nn.functional.mse_loss(out, y)
+
+                task.loss_fn = loss_fn
+                return task
+            """
+        )
+    )
+    proc = _start(
+        tmp_path,
+        "--set",
+        "task.factory=crashing:make_task",
+        "--set",
+        "task.params={}",
+        pythonpath=str(tmp_path),
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err == "traintel: error: training failed: RuntimeError: loss exploded on micro-batch 7\n"
+    lines = [json.loads(x) for x in out.splitlines()]
+    end = lines[-1]
+    assert (end["event"], end["level"], end["status"], end["reason"], end["step"]) == (
+        "run.end", "error", "failed", "RuntimeError: loss exploded on micro-batch 7", 2,
+    )  # fmt: skip
+    diag_end = json.loads((tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()[-1])
+    assert diag_end == end

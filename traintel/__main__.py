@@ -1,0 +1,7 @@
+"""``python -m traintel``."""
+
+import sys
+
+from traintel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,262 @@
+"""The Python API: build a run (an Ignite trainer with traintel attached), then run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType, MappingProxyType
+from typing import Any, BinaryIO
+
+import torch
+import yaml
+from ignite.engine import Engine
+
+from traintel.config import Config, coerce_config
+from traintel.engine.evaluator import create_evaluator
+from traintel.engine.optim import build_optimizer, build_scheduler
+from traintel.engine.step import default_count_items, default_prepare
+from traintel.engine.trainer import create_trainer
+from traintel.engine.windows import WindowedLoader
+from traintel.errors import ConfigError
+from traintel.handlers.evaluation import EvaluateEachEpoch
+from traintel.handlers.lifecycle import RunLifecycle
+from traintel.handlers.telemetry import TrainTelemetry
+from traintel.records import RunEndRecord, RunStartRecord
+from traintel.sinks.base import RunContext, Sink
+from traintel.sinks.diagnostic import DiagnosticSink
+from traintel.sinks.fanout import FanOut
+from traintel.sinks.json_stdout import JsonSink
+from traintel.sinks.prometheus import PrometheusSink
+from traintel.task import Task, check_task, make_task
+
+_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+def new_run_id(name: str) -> str:
+    """``<name slug>-<UTC yyyymmddThhmmssZ>-<6 hex>``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+    return f"{slug}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.device", "cuda was asked for but no CUDA device is available; use auto or cpu"
+        )
+    return torch.device(choice)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match the other files of the run
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Run:
+    """One configured run: ``trainer`` is a real Ignite Engine with traintel's handlers attached.
+
+    Attach your own Ignite handlers to ``trainer`` (or ``evaluator``), then call
+    ``run()``. The sinks are open from construction; ``run()`` closes them at the
+    end, and ``close()`` (or leaving a ``with`` block) closes them if it never ran.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        task: Task,
+        *,
+        device: torch.device,
+        extra_sinks: Sequence[Sink] = (),
+        json_stream: BinaryIO | None = None,
+    ) -> None:
+        self.config = config
+        self.task = task
+        self.device = device
+        self.run_id = config.run.id or new_run_id(config.run.name)
+        self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
+        self.stop_signal: str | None = None
+        tc = config.trainer
+        model = task.model.to(device)
+        self.optimizer = build_optimizer(tc.optimizer, (p for p in model.parameters() if p.requires_grad))
+        self.data = WindowedLoader(task.train_loader, tc.accumulation_steps)
+        self.epoch_length = self.data.__len__() if self.data.batches_per_epoch() is not None else None
+        total = self.epoch_length * tc.max_epochs if self.epoch_length is not None else None
+        self.scheduler = build_scheduler(tc.scheduler, self.optimizer, total)
+        prepare = task.prepare or default_prepare
+        count_items = task.count_items or default_count_items
+        self.trainer: Engine = create_trainer(
+            model,
+            task.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            device=device,
+            prepare=prepare,
+            count_items=count_items,
+            grad_clip_norm=tc.grad_clip_norm,
+            report_grad_norm=tc.report_grad_norm,
+            precision=tc.precision,
+        )
+        self.evaluator: Engine | None = None
+        if task.val_loader is not None:
+            self.evaluator = create_evaluator(
+                model,
+                task.loss_fn,
+                device=device,
+                prepare=prepare,
+                count_items=count_items,
+                precision=tc.precision,
+            )
+
+        self.fanout = self._make_sinks(extra_sinks, json_stream)
+        emit = self.fanout.emit
+        self.telemetry = TrainTelemetry(
+            emit, self.run_id, every=config.telemetry.every, diagnostics=config.sinks.diagnostic.enabled
+        )
+        self.lifecycle = RunLifecycle(self.fanout, self._start_record, self.run_id)
+        self.lifecycle.attach(self.trainer, lambda: self.telemetry.items_total)
+        self.telemetry.attach(self.trainer)
+        if self.evaluator is not None and task.val_loader is not None:
+            EvaluateEachEpoch(self.evaluator, task.val_loader, emit, self.run_id).attach(self.trainer)
+
+        context = RunContext(
+            run_id=self.run_id,
+            name=config.run.name,
+            run_dir=self.run_dir,
+            config=MappingProxyType(config.to_dict(redact=True)),
+        )
+        self.fanout.open(context)
+        try:
+            if config.sinks.diagnostic.enabled:
+                text = yaml.safe_dump(config.to_dict(redact=True), sort_keys=False)
+                _write_atomic(self.run_dir / "config.yaml", text)
+        except BaseException:
+            self.fanout.close()
+            raise
+
+    def _make_sinks(self, extra: Sequence[Sink], json_stream: BinaryIO | None) -> FanOut:
+        cfg = self.config.sinks
+        sinks: list[Sink] = []
+        self.prometheus: PrometheusSink | None = None
+        if cfg.prometheus.enabled:
+            p = cfg.prometheus
+            self.prometheus = PrometheusSink(p.host, p.port, p.linger_seconds)
+            sinks.append(self.prometheus)
+        if cfg.diagnostic.enabled:
+            sinks.append(DiagnosticSink(cfg.diagnostic.filename))
+        if cfg.json_.enabled:
+            sinks.append(JsonSink(json_stream))
+        sinks.extend(extra)
+        fanout = FanOut(sinks)
+        if self.prometheus is not None:
+            self.prometheus.collector.sink_errors = fanout.errors
+        return fanout
+
+    def _start_record(self) -> RunStartRecord:
+        return RunStartRecord(
+            run_id=self.run_id,
+            time=time.time(),
+            name=self.config.run.name,
+            run_dir=str(self.run_dir),
+            device=str(self.device),
+            config=MappingProxyType(self.config.to_dict(redact=True)),
+            metrics_url=self.prometheus.url if self.prometheus is not None else None,
+        )
+
+    def stop(self, reason: str) -> None:
+        """Finish the current optimizer step, then end the run as ``terminated``."""
+        state: Any = self.trainer.state  # Ignite's State takes extra attributes
+        state.stop_reason = reason
+        self.trainer.terminate()
+        if self.evaluator is not None:
+            self.evaluator.terminate()
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            self.stop_signal = _SIGNALS[signal.Signals(signum)]
+            self.stop(self.stop_signal)
+
+        previous = {s: signal.signal(s, handle) for s in _SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def run(self) -> RunEndRecord:
+        """Train for ``trainer.max_epochs``; returns the ``run.end`` record."""
+        try:
+            with self._signals():
+                self.trainer.run(
+                    self.data, max_epochs=self.config.trainer.max_epochs, epoch_length=self.epoch_length
+                )
+        finally:
+            self.fanout.close()
+        ended = self.lifecycle.ended
+        if ended is None:  # pragma: no cover - the lifecycle handler always ends a started run
+            msg = "the run ended without a run.end record"
+            raise RuntimeError(msg)
+        return ended
+
+    def close(self) -> None:
+        """Close the sinks (idempotent)."""
+        self.fanout.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    task: Any = None,
+    *,
+    sinks: Sequence[Sink] = (),
+    json_stream: BinaryIO | None = None,
+) -> Run:
+    """Build a Run from a config (object, mapping, YAML path or None) and optionally a task made in code.
+
+    Without ``task``, ``config.task.factory`` is called with ``config.task.params``.
+    ``sinks`` are added after the configured ones.
+    """
+    cfg = coerce_config(config)
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.run.seed)
+    checked = check_task(task) if task is not None else make_task(cfg.task.factory, cfg.task.params)
+    return Run(cfg, checked, device=device, extra_sinks=sinks, json_stream=json_stream)
+
+
+def train(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    task: Any = None,
+    *,
+    sinks: Sequence[Sink] = (),
+    json_stream: BinaryIO | None = None,
+) -> RunEndRecord:
+    """Build and run in one call; returns the ``run.end`` record."""
+    return build(config, task, sinks=sinks, json_stream=json_stream).run()

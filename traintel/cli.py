@@ -1,0 +1,114 @@
+"""``traintel`` command line: ``train`` and ``config show``.
+
+Exit status: 0 finished, 1 training failed, 2 bad input (nothing trained or
+written), 130 stopped by SIGINT, 143 stopped by SIGTERM. torch is imported only by
+``train``, so ``--help`` and ``config show`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from traintel.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConfigError
+
+_EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
+130 stopped by SIGINT; 143 stopped by SIGTERM.
+environment: TRAINTEL__SECTION__KEY=value overrides the config file; --set overrides both."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"traintel: error: {message}\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: built-in defaults)")
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, value parsed as YAML (repeatable), e.g. trainer.accumulation_steps=3",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="traintel",
+        description="Train a PyTorch model on Ignite; the loss given to backward() is reported "
+        "identically to JSON logs, a diagnostic file and Prometheus.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    train = sub.add_parser("train", help="run a training job", epilog=_EPILOG)
+    _add_config_args(train)
+    config = sub.add_parser("config", help="inspect the resolved configuration")
+    config.set_defaults(help_parser=config)
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    show = config_sub.add_parser("show", help="print the resolved config as YAML, secrets redacted")
+    _add_config_args(show)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"traintel: error: {message}\n")
+    return code
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from traintel.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False))
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from traintel.config import load_config
+
+    # Ignite logs run failures as free text; the run.end record already carries them on stdout.
+    logging.getLogger("ignite").addHandler(logging.NullHandler())
+
+    cfg = load_config(args.config, args.overrides)
+    from traintel.api import build
+
+    run = build(cfg)
+    end = run.run()
+    if run.stop_signal == "SIGTERM":
+        return EXIT_SIGTERM
+    if run.stop_signal == "SIGINT":
+        return EXIT_SIGINT
+    return EXIT_FAILED if end.status == "failed" else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "config" and args.config_command == "show":
+            return _config_show(args)
+    except ConfigError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_SIGINT)
+    except Exception as exc:
+        # Training failures were already reported as a run.end record with status failed.
+        return _fail(f"training failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    getattr(args, "help_parser", parser).print_help(sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Create the Ignite trainer: one iteration per optimizer step over a window of micro-batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+
+from traintel.engine.events import TraintelEvents
+from traintel.engine.step import (
+    AccumulatingStep,
+    CountItems,
+    LossFn,
+    Prepare,
+    default_count_items,
+    default_prepare,
+)
+
+
+def create_trainer(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    device: torch.device | str = "cpu",
+    prepare: Prepare | None = None,
+    count_items: CountItems | None = None,
+    grad_clip_norm: float | None = None,
+    report_grad_norm: bool = False,
+    precision: str = "fp32",
+) -> Engine:
+    """A real ``ignite.engine.Engine`` whose data are ``WindowedLoader`` windows.
+
+    Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
+    tensor (float64, detached, on the device); ``state.step_output`` holds the full
+    ``StepOutput``; ``TraintelEvents`` are registered.
+    """
+    step = AccumulatingStep(
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        device=torch.device(device),
+        prepare=prepare or default_prepare,
+        count_items=count_items or default_count_items,
+        grad_clip_norm=grad_clip_norm,
+        report_grad_norm=report_grad_norm,
+        precision=precision,
+    )
+    engine = Engine(step)
+    engine.register_events(*TraintelEvents)
+    state: Any = engine.state  # Ignite's State takes extra attributes; mypy cannot see them
+    state.step_output = None
+    state.micro_batch = None
+    return engine

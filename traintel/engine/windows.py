@@ -1,0 +1,64 @@
+"""Group a loader's micro-batches into per-epoch accumulation windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The micro-batches of one optimizer step."""
+
+    batches: tuple[Any, ...]
+    first_batch: int
+    """1-based index in the epoch of the first micro-batch."""
+    batches_per_epoch: int | None
+    """Loader length when known."""
+
+
+class WindowedLoader:
+    """Yield windows of ``k`` micro-batches; one pass over the loader is one epoch.
+
+    Windows never cross an epoch: the last window holds the B mod k leftover
+    micro-batches (when non-zero) and is yielded, never dropped or carried over.
+    ``len()`` is ceil(B/k) when the loader has a length, which is what Ignite uses as
+    the epoch length.
+    """
+
+    def __init__(self, loader: Iterable[Any], k: int) -> None:
+        if k < 1:
+            msg = f"accumulation steps must be >= 1, got {k}"
+            raise ValueError(msg)
+        self.loader = loader
+        self.k = k
+
+    def batches_per_epoch(self) -> int | None:
+        if isinstance(self.loader, Sized):
+            try:
+                return len(self.loader)
+            except TypeError:
+                return None
+        return None
+
+    def __len__(self) -> int:
+        b = self.batches_per_epoch()
+        if b is None:
+            msg = "the training loader has no length"
+            raise TypeError(msg)
+        return math.ceil(b / self.k)
+
+    def __iter__(self) -> Iterator[Window]:
+        total = self.batches_per_epoch()
+        pending: list[Any] = []
+        first = 1
+        for index, batch in enumerate(self.loader, start=1):
+            pending.append(batch)
+            if len(pending) == self.k:
+                yield Window(tuple(pending), first, total)
+                pending = []
+                first = index + 1
+        if pending:
+            yield Window(tuple(pending), first, total)

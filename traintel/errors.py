@@ -1,0 +1,31 @@
+"""Errors that carry a user-facing one-line message and a documented exit status."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+"""The run finished (completed, or stopped early by a handler such as EarlyStopping)."""
+EXIT_FAILED = 1
+"""Training raised an exception; the ``run.end`` record says which."""
+EXIT_BAD_INPUT = 2
+"""Bad input (config, task factory, port in use, usage): nothing was trained or written."""
+EXIT_SIGINT = 130
+"""Stopped by SIGINT after finishing the current optimizer step."""
+EXIT_SIGTERM = 143
+"""Stopped by SIGTERM after finishing the current optimizer step."""
+
+
+class TraintelError(Exception):
+    """Base class for errors whose message is shown to the user as one line."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(TraintelError):
+    """Bad input: the message names the config key (or argument) and what is allowed."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)

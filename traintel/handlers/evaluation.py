@@ -1,0 +1,52 @@
+"""Run the evaluator after each training epoch and emit one ``eval.epoch`` record."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from traintel.engine.evaluator import EvalAccumulator
+from traintel.records import EvalRecord, Record
+
+
+class EvaluateEachEpoch:
+    """At every EPOCH_COMPLETED of the trainer, evaluate ``loader`` and emit ``eval.epoch``."""
+
+    def __init__(
+        self, evaluator: Engine, loader: Iterable[Any], emit: Callable[[Record], None], run_id: str
+    ) -> None:
+        self.evaluator = evaluator
+        self.loader = loader
+        self.emit = emit
+        self.run_id = run_id
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        t0 = time.perf_counter()
+        self.evaluator.run(self.loader)
+        if self.evaluator.should_terminate:
+            return  # stopped by a signal mid-pass: a partial mean would be misleading
+        duration = time.perf_counter() - t0
+        state: Any = self.evaluator.state
+        acc: EvalAccumulator = state.eval
+        items = acc.items
+        out = getattr(trainer.state, "step_output", None)
+        self.emit(
+            EvalRecord(
+                run_id=self.run_id,
+                time=time.time(),
+                epoch=trainer.state.epoch,
+                step=0 if out is None else out.step,
+                loss=float(acc.loss_sum) / items if items else math.nan,
+                items=items,
+                batches=acc.batches,
+                duration_seconds=duration,
+                items_per_second=items / duration if duration > 0 else 0.0,
+            )
+        )

@@ -1,0 +1,78 @@
+"""Emit ``run.start``/``run.end`` around the trainer's run and close the sinks at its end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ignite.engine import Engine, Events
+
+from traintel.records import Record, RunEndRecord, RunStartRecord
+from traintel.sinks.fanout import FanOut
+
+
+class RunLifecycle:
+    """Bracket a run with ``run.start`` and exactly one ``run.end``, then close the fan-out.
+
+    ``run.end`` status is ``completed`` (max_epochs reached), ``terminated``
+    (``engine.terminate()``: a handler such as EarlyStopping, or a signal; the reason
+    is ``engine.state.stop_reason`` when set) or ``failed`` (an exception, re-raised).
+    """
+
+    def __init__(self, fanout: FanOut, start_record: Callable[[], RunStartRecord], run_id: str) -> None:
+        self.fanout = fanout
+        self.start_record = start_record
+        self.run_id = run_id
+        self.ended: RunEndRecord | None = None
+        self._t0 = 0.0
+        self._terminated = False
+        self._items_total: Callable[[], int] = lambda: 0
+
+    def attach(self, engine: Engine, items_total: Callable[[], int]) -> None:
+        self._items_total = items_total
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.TERMINATE, self.terminated)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def emit(self, record: Record) -> None:
+        self.fanout.emit(record)
+
+    def started(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+        self._terminated = False
+        self.emit(self.start_record())
+
+    def terminated(self, engine: Engine) -> None:
+        self._terminated = True
+
+    def completed(self, engine: Engine) -> None:
+        if self._terminated:
+            reason = getattr(engine.state, "stop_reason", None) or "terminate() called by a handler"
+            self.end(engine, "terminated", reason)
+        else:
+            self.end(engine, "completed", "max_epochs")
+
+    def failed(self, engine: Engine, exc: BaseException) -> None:
+        summary = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+        self.end(engine, "failed", summary)
+        raise exc
+
+    def end(self, engine: Engine, status: str, reason: str) -> None:
+        if self.ended is not None:
+            return
+        out = getattr(engine.state, "step_output", None)
+        self.ended = RunEndRecord(
+            run_id=self.run_id,
+            time=time.time(),
+            status=status,
+            reason=reason,
+            epoch=engine.state.epoch,
+            step=0 if out is None else out.step,
+            items_total=self._items_total(),
+            duration_seconds=time.perf_counter() - self._t0,
+        )
+        try:
+            self.emit(self.ended)
+        finally:
+            self.fanout.close()

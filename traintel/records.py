@@ -1,0 +1,200 @@
+"""The immutable records that handlers build once and every sink receives unchanged.
+
+Each record is a frozen, slotted dataclass: a sink that tries to change one gets
+``dataclasses.FrozenInstanceError``. ``fields()`` returns the record's public fields
+as a new dict (the console view); ``diagnostics`` holds extras only the diagnostic
+file shows. Every float in a record is a plain Python float taken once from the
+tensor that went to ``backward()``; sinks format it, never recompute it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = "1.0.0"
+"""Semantic version of the record fields; a field's meaning or type never changes within a major."""
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """Fields common to every record."""
+
+    event: ClassVar[str] = "record"
+    level: ClassVar[str] = "info"
+
+    run_id: str
+    """Id of the run that produced the record."""
+    time: float
+    """Wall-clock time the record was built, Unix seconds (UTC)."""
+    diagnostics: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, compare=False)
+    """Extras for the diagnostic file only (self-checks, memory)."""
+
+    @property
+    def schema_version(self) -> str:
+        return SCHEMA_VERSION
+
+    def fields(self) -> dict[str, Any]:
+        """The record's public fields in declaration order, without ``time`` and ``diagnostics``."""
+        out: dict[str, Any] = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION}
+        for name in _public_names(type(self)):
+            out[name] = getattr(self, name)
+        return out
+
+
+_NAMES: dict[type[Record], tuple[str, ...]] = {}
+
+
+def _public_names(cls: type[Record]) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        skip = {"run_id", "time", "diagnostics"}
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in skip)
+        _NAMES[cls] = names
+    return names
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchRecord(Record):
+    """``train.batch``: one micro-batch's contribution to an optimizer step."""
+
+    event: ClassVar[str] = "train.batch"
+
+    epoch: int
+    batch: int
+    """1-based index of the micro-batch in its epoch."""
+    batches: int | None
+    """Micro-batches per epoch, when the loader has a length."""
+    step: int
+    """Optimizer steps completed before this micro-batch's window (its gradient goes into step+1)."""
+    items: int
+    """n_b: items in this micro-batch."""
+    raw_loss: float
+    """mean_loss_b: the task's mean loss over the micro-batch."""
+    loss: float
+    """s_b = raw_loss * n_b / N_t: exactly the value given to backward()."""
+    loss_scale: float
+    """n_b / N_t."""
+    window_size: int
+    """Micro-batches in this accumulation window (k, or r for the last window of an epoch)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord(Record):
+    """``train.step``: one optimizer step."""
+
+    event: ClassVar[str] = "train.step"
+
+    epoch: int
+    step: int
+    """Optimizer steps completed, including this one (unchanged when skipped)."""
+    items: int
+    """N_t: items in the window."""
+    items_total: int
+    """Items processed since the run started, including this window."""
+    window_size: int
+    loss: float
+    """Sum of the window's s_b: the objective this step minimised."""
+    lr: float
+    """Learning rate of the first parameter group used by this step."""
+    grad_norm: float | None
+    """Global gradient norm before clipping, when clipping or reporting is on."""
+    skipped: bool
+    """True when the window held no items (N_t = 0): no backward, no optimizer step."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpochRecord(Record):
+    """``train.epoch``: one pass over the training loader."""
+
+    event: ClassVar[str] = "train.epoch"
+
+    epoch: int
+    step: int
+    loss: float
+    """Item-weighted mean: sum of all per-item losses / items."""
+    items: int
+    items_total: int
+    batches: int
+    steps: int
+    """Optimizer steps taken in this epoch."""
+    duration_seconds: float
+    items_per_second: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvalRecord(Record):
+    """``eval.epoch``: one pass over the validation loader."""
+
+    event: ClassVar[str] = "eval.epoch"
+
+    epoch: int
+    step: int
+    loss: float
+    items: int
+    batches: int
+    duration_seconds: float
+    items_per_second: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStartRecord(Record):
+    """``run.start``: the resolved configuration summary."""
+
+    event: ClassVar[str] = "run.start"
+
+    name: str
+    run_dir: str
+    device: str
+    config: Mapping[str, Any]
+    """Resolved config, secrets redacted."""
+    metrics_url: str | None
+    """Where the Prometheus exporter serves, when enabled."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunEndRecord(Record):
+    """``run.end``: how the run ended."""
+
+    event: ClassVar[str] = "run.end"
+
+    status: str
+    """``completed``, ``terminated`` or ``failed``."""
+    reason: str
+    """Why: ``max_epochs``, the terminating handler or signal, or the exception's one-line summary."""
+    epoch: int
+    step: int
+    items_total: int
+    duration_seconds: float
+
+    @property
+    def level(self) -> str:  # type: ignore[override]
+        return "error" if self.status == "failed" else "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkErrorRecord(Record):
+    """``sink.error``: a sink raised; reported once per sink, the others go on."""
+
+    event: ClassVar[str] = "sink.error"
+    level: ClassVar[str] = "warning"
+
+    sink: str
+    error: str
+    """The first exception's type and message."""
+
+
+RECORD_TYPES: tuple[type[Record], ...] = (
+    BatchRecord,
+    StepRecord,
+    EpochRecord,
+    EvalRecord,
+    RunStartRecord,
+    RunEndRecord,
+    SinkErrorRecord,
+)

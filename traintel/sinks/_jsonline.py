@@ -1,0 +1,48 @@
+"""Strict JSON rendering shared by the JSON-lines sinks (RFC 8259: no NaN or Infinity)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+_NONFINITE_NAMES = {math.inf: "inf", -math.inf: "-inf"}
+
+
+def iso_utc(unix_seconds: float) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix."""
+    stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Replace non-finite floats by null, recording each in ``nonfinite`` (field -> nan/inf/-inf).
+
+    A field thus keeps one JSON type (number, or null when not finite) and the fact is kept.
+    """
+    bad: dict[str, str] | None = None
+    for key, value in fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            if bad is None:
+                bad = {}
+            bad[key] = _NONFINITE_NAMES.get(value, "nan")
+    if bad:
+        for key in bad:
+            fields[key] = None
+        fields["nonfinite"] = bad
+    return fields
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, float):  # numpy floats and the like
+        return float(value)
+    if hasattr(value, "items"):
+        return dict(value.items())
+    return str(value)
+
+
+def dumps(data: dict[str, Any]) -> bytes:
+    """One JSON object as bytes, no trailing newline; unknown types become strings."""
+    return orjson.dumps(data, default=_default)

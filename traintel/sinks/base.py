@@ -1,0 +1,46 @@
+"""The sink protocol: what a sink receives, when, and what it may not do.
+
+A sink is a small object with one job. traintel calls ``open(context)`` once before
+the first record, ``emit(record)`` once per record in order, and ``close()`` at run
+end (always, and more than once is harmless). Records are immutable and already
+hold every value; a sink formats and delivers them, and never computes a metric or
+reads the engine. A sink that raises is isolated by the fan-out: the failure is
+counted, reported once as a ``sink.error`` record, and training goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from traintel.records import Record
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunContext:
+    """What a sink learns about the run when it is opened."""
+
+    run_id: str
+    name: str
+    run_dir: Path
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """Resolved config, secrets redacted."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for records."""
+
+    name: str
+    """Short, unique name used in metrics labels and error reports."""
+
+    def open(self, context: RunContext) -> None:
+        """Acquire resources (files, sockets); raise ConfigError for bad settings."""
+
+    def emit(self, record: Record) -> None:
+        """Deliver one record; must not block training for long."""
+
+    def close(self) -> None:
+        """Flush and release resources; idempotent."""

@@ -1,0 +1,83 @@
+"""One composite that owns the sinks, delivers every record to each, and isolates failures."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+
+from traintel.records import Record, SinkErrorRecord
+from traintel.sinks.base import RunContext, Sink
+
+
+class FanOut:
+    """Deliver each record, unchanged, to every sink in order.
+
+    A sink that raises in ``emit`` is counted in ``errors[name]``; its first failure is
+    reported to the other sinks as one ``sink.error`` record, and delivery and training
+    go on. ``open`` is all-or-nothing: if one sink fails to open, those already opened
+    are closed and the error propagates. ``close`` closes every sink once, in reverse
+    order, even if some raise.
+    """
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        names = [s.name for s in self.sinks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            msg = f"sink names must be unique, got duplicates {dupes}"
+            raise ValueError(msg)
+        self.errors: dict[str, int] = dict.fromkeys(names, 0)
+        self._context: RunContext | None = None
+        self._closed = False
+
+    def open(self, context: RunContext) -> None:
+        opened: list[Sink] = []
+        try:
+            for sink in self.sinks:
+                sink.open(context)
+                opened.append(sink)
+        except BaseException:
+            for sink in reversed(opened):
+                with contextlib.suppress(Exception):  # the open error is the one to report
+                    sink.close()
+            raise
+        self._context = context
+
+    def emit(self, record: Record) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(record)
+            except Exception as exc:
+                self._failed(sink, exc)
+
+    def _failed(self, sink: Sink, exc: Exception, *, report: bool = True) -> None:
+        count = self.errors[sink.name] = self.errors[sink.name] + 1
+        if count > 1 or not report:
+            return
+        run_id = self._context.run_id if self._context is not None else ""
+        notice = SinkErrorRecord(
+            run_id=run_id, time=time.time(), sink=sink.name, error=f"{type(exc).__name__}: {exc}"
+        )
+        for other in self.sinks:
+            if other is not sink:
+                try:
+                    other.emit(notice)
+                except Exception:
+                    self.errors[other.name] += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sink in reversed(self.sinks):
+            try:
+                sink.close()
+            except Exception as exc:
+                self._failed(sink, exc, report=False)
+
+    def __enter__(self) -> FanOut:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,196 @@
+"""Prometheus ``/metrics`` exporter: a collector that reads the latest records at scrape time."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from traintel.errors import ConfigError
+from traintel.records import (
+    BatchRecord,
+    EpochRecord,
+    EvalRecord,
+    Record,
+    RunEndRecord,
+    RunStartRecord,
+    StepRecord,
+)
+from traintel.sinks.base import RunContext
+
+
+@dataclass(frozen=True, slots=True)
+class _Latest:
+    """The newest record of each kind; replaced whole, so a scrape reads one consistent set."""
+
+    start: RunStartRecord | None = None
+    batch: BatchRecord | None = None
+    step: StepRecord | None = None
+    epoch: EpochRecord | None = None
+    eval: EvalRecord | None = None
+    end: RunEndRecord | None = None
+    progress: Record | None = None
+    """The newest record that carries ``epoch``/``step`` counts."""
+    items_total: int | None = None
+
+
+_SLOT = {
+    RunStartRecord: "start",
+    BatchRecord: "batch",
+    StepRecord: "step",
+    EpochRecord: "epoch",
+    EvalRecord: "eval",
+    RunEndRecord: "end",
+}
+
+
+def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
+    if value is not None:
+        yield GaugeMetricFamily(name, doc, value=value)
+
+
+class RecordCollector:
+    """A prometheus_client collector over the latest records (no history is kept)."""
+
+    def __init__(self, sink_errors: Mapping[str, int] | None = None) -> None:
+        self.latest = _Latest()
+        self.run_id = ""
+        self.run_name = ""
+        self.sink_errors: Mapping[str, int] = sink_errors if sink_errors is not None else {}
+
+    def update(self, record: Record) -> None:
+        slot = _SLOT.get(type(record))
+        if slot is None:
+            return
+        changes: dict[str, Any] = {slot: record}
+        if hasattr(record, "step"):
+            changes["progress"] = record
+        items_total = getattr(record, "items_total", None)
+        if items_total is not None:
+            changes["items_total"] = items_total
+        self.latest = dataclasses.replace(self.latest, **changes)
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.latest  # one read: every family below comes from this snapshot
+        if self.run_id:
+            info = InfoMetricFamily("traintel_run", "The run this process trains (value is always 1).")
+            info.add_metric([], {"run_id": self.run_id, "name": self.run_name})
+            yield info
+        if s.progress is not None:
+            p: Any = s.progress
+            yield from _gauge("traintel_epoch", "Current epoch (1-based).", float(p.epoch))
+            yield from _gauge("traintel_optimizer_step", "Optimizer steps completed.", float(p.step))
+        if s.batch is not None:
+            b = s.batch
+            yield from _gauge(
+                "traintel_batch_loss", "Latest emitted micro-batch loss given to backward.", b.loss
+            )
+            yield from _gauge(
+                "traintel_batch_raw_loss", "Latest emitted micro-batch mean loss, unscaled.", b.raw_loss
+            )
+            yield from _gauge(
+                "traintel_batch_loss_scale", "Latest emitted micro-batch scale n_b/N_t.", b.loss_scale
+            )
+        if s.step is not None:
+            t = s.step
+            yield from _gauge("traintel_step_loss", "Objective of the latest emitted optimizer step.", t.loss)
+            yield from _gauge("traintel_learning_rate", "Learning rate of the latest emitted step.", t.lr)
+            yield from _gauge("traintel_grad_norm", "Gradient norm of the latest emitted step.", t.grad_norm)
+            yield from _gauge(
+                "traintel_step_timestamp_seconds", "Unix time of the latest emitted optimizer step.", t.time
+            )
+        if s.epoch is not None:
+            e = s.epoch
+            yield from _gauge(
+                "traintel_epoch_loss", "Item-weighted mean training loss of the last epoch.", e.loss
+            )
+            yield from _gauge(
+                "traintel_epoch_items_per_second",
+                "Training throughput of the last epoch.",
+                e.items_per_second,
+            )
+        if s.eval is not None:
+            yield from _gauge("traintel_eval_loss", "Item-weighted mean validation loss.", s.eval.loss)
+        if s.items_total is not None:
+            yield CounterMetricFamily(
+                "traintel_items", "Training items processed.", value=float(s.items_total)
+            )
+        errors = CounterMetricFamily(
+            "traintel_sink_errors", "Records a sink failed to take.", labels=["sink"]
+        )
+        for sink, count in sorted(self.sink_errors.items()):
+            errors.add_metric([sink], float(count))
+        yield errors
+
+
+class PrometheusSink:
+    """Serve ``/metrics`` over HTTP from a private ``CollectorRegistry``.
+
+    The port is bound in ``open`` (so a port in use fails before training starts);
+    ``close`` keeps serving for ``linger_seconds`` so a scraper can read the final
+    values, then stops the server.
+    """
+
+    name = "prometheus"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9400,
+        linger_seconds: float = 0.0,
+        sink_errors: Mapping[str, int] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.linger_seconds = linger_seconds
+        self.collector = RecordCollector(sink_errors)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str | None:
+        """``http://host:port/metrics`` once open."""
+        if self._server is None:
+            return None
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.port}/metrics"
+
+    def open(self, context: RunContext) -> None:
+        self.collector.run_id = context.run_id
+        self.collector.run_name = context.name
+        try:
+            server, thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    "sinks.prometheus.port",
+                    f"{self.host}:{self.port} is already in use; choose a free port or 0",
+                ) from None
+            raise ConfigError(
+                "sinks.prometheus.host", f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        self._server, self._thread = server, thread
+        self.port = server.server_port
+
+    def emit(self, record: Record) -> None:
+        self.collector.update(record)
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self.linger_seconds > 0:
+            time.sleep(self.linger_seconds)
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
