@@ -92,3 +92,14 @@ def test_a_crash_in_training_ends_the_run_as_failed(tmp_path: Path) -> None:
     )  # fmt: skip
     diag_end = json.loads((tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()[-1])
     assert diag_end == end
+
+
+def test_sigterm_while_lingering_stops_serving_and_exits_0(tmp_path: Path) -> None:
+    proc = _start(tmp_path, "--set", "trainer.max_epochs=1", "--set", "sinks.prometheus.linger_seconds=600")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "run.end":
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=10)  # far less than the 600 s linger
+    assert proc.returncode == 0, stderr

@@ -196,8 +196,11 @@ class Run:
             return
 
         def handle(signum: int, _frame: FrameType | None) -> None:
-            self.stop_signal = _SIGNALS[signal.Signals(signum)]
-            self.stop(self.stop_signal)
+            if self.lifecycle.ended is None:
+                self.stop_signal = _SIGNALS[signal.Signals(signum)]
+                self.stop(self.stop_signal)
+            elif self.prometheus is not None:
+                self.prometheus.cancel_linger()  # the run already ended: stop serving and exit
 
         previous = {s: signal.signal(s, handle) for s in _SIGNALS}
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -155,6 +157,7 @@ class PrometheusSink:
         self.registry.register(self.collector)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._linger_cancelled = threading.Event()
 
     @property
     def url(self) -> str | None:
@@ -184,13 +187,33 @@ class PrometheusSink:
     def emit(self, record: Record) -> None:
         self.collector.update(record)
 
+    def cancel_linger(self) -> None:
+        """End a running (or future) linger at once, e.g. on SIGTERM."""
+        self._linger_cancelled.set()
+
     def close(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
         if self.linger_seconds > 0:
-            time.sleep(self.linger_seconds)
-        server.shutdown()
-        server.server_close()
+            self._linger_cancelled.wait(self.linger_seconds)
+        _stop_server(server, self.host, self.port)
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _stop_server(server: Any, host: str, port: int) -> None:
+    """Stop ``serve_forever`` now rather than at its next 0.5 s poll.
+
+    ``shutdown()`` only sets a flag that the serving loop reads when ``select`` returns,
+    so connections are made to the listening socket until the loop has seen it.
+    """
+    stopper = threading.Thread(target=server.shutdown, name="traintel-metrics-stop", daemon=True)
+    stopper.start()
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    deadline = time.monotonic() + 5
+    while stopper.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=0.2):
+            pass
+        stopper.join(0.02)
+    server.server_close()
