@@ -7,10 +7,12 @@ PORT ?= 9400
 
 .PHONY: setup run test test-quick lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt examples/csv-sink/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# the example plugin package: the tests discover its entry point like any installed plugin
+	$(BIN)/pip install --quiet --no-deps -e examples/csv-sink
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,8 +27,8 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check traintel tests benchmarks
-	$(BIN)/ruff format --check traintel tests benchmarks
+	$(BIN)/ruff check traintel tests benchmarks examples
+	$(BIN)/ruff format --check traintel tests benchmarks examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -299,7 +299,7 @@ BAD_INPUT = [
     pytest.param(
         BadInput(
             ["frobnicate"],
-            "argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'config')",
+            "argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'config', 'sinks')",
         ),
         id="unknown-subcommand",
     ),

@@ -31,3 +31,11 @@ def test_python_example_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "completed 4"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["model_4.pt"]
+
+
+def test_the_sink_listing_is_the_example_module() -> None:
+    text = README.read_text(encoding="utf-8")
+    listing = text.split("Its whole module:\n\n```py\n", 1)[1].split("```", 1)[0]
+    example = (README.parent / "examples" / "csv-sink" / "traintel_csv_sink.py").read_text(encoding="utf-8")
+    assert listing == example
+    assert len(example.splitlines()) == 30

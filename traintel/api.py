@@ -12,12 +12,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType, MappingProxyType
+from types import FrameType
 from typing import Any, BinaryIO
 
 import torch
 import yaml
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from traintel.config import Config, coerce_config
 from traintel.engine.evaluator import create_evaluator
@@ -29,7 +29,8 @@ from traintel.errors import ConfigError
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
-from traintel.records import RunEndRecord, RunStartRecord
+from traintel.plugins import make_sink
+from traintel.records import RunEndRecord, RunStartRecord, freeze
 from traintel.sinks.base import RunContext, Sink
 from traintel.sinks.diagnostic import DiagnosticSink
 from traintel.sinks.fanout import FanOut
@@ -141,16 +142,21 @@ class Run:
             run_id=self.run_id,
             name=config.run.name,
             run_dir=self.run_dir,
-            config=MappingProxyType(config.to_dict(redact=True)),
+            config=freeze(config.to_dict(redact=True)),
         )
-        self.fanout.open(context)
+        # Sinks may write into the run directory from open(); one that stays empty is removed again.
+        self._made_dirs = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
-            if config.sinks.diagnostic.enabled:
-                text = yaml.safe_dump(config.to_dict(redact=True), sort_keys=False)
-                _write_atomic(self.run_dir / "config.yaml", text)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}") from None
+        try:
+            self.fanout.open(context)
         except BaseException:
-            self.fanout.close()
+            self._discard_empty_dirs()
             raise
+        if config.sinks.diagnostic.enabled:
+            self.trainer.add_event_handler(Events.STARTED, self._save_config)
 
     def _make_sinks(self, extra: Sequence[Sink], json_stream: BinaryIO | None) -> FanOut:
         cfg = self.config.sinks
@@ -164,11 +170,23 @@ class Run:
             sinks.append(DiagnosticSink(cfg.diagnostic.filename))
         if cfg.json_.enabled:
             sinks.append(JsonSink(json_stream))
+        for index, spec in enumerate(cfg.extra):
+            if spec.enabled:
+                sinks.append(make_sink(spec, index))
         sinks.extend(extra)
+        names = [s.name for s in sinks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("sinks.extra", f"sink names must be unique; {dupes} appear more than once")
         fanout = FanOut(sinks)
         if self.prometheus is not None:
             self.prometheus.collector.sink_errors = fanout.errors
         return fanout
+
+    def _save_config(self, _: Engine) -> None:
+        """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically."""
+        text = yaml.safe_dump(self.config.to_dict(redact=True), sort_keys=False)
+        _write_atomic(self.run_dir / "config.yaml", text)
 
     def _start_record(self) -> RunStartRecord:
         return RunStartRecord(
@@ -177,7 +195,7 @@ class Run:
             name=self.config.run.name,
             run_dir=str(self.run_dir),
             device=str(self.device),
-            config=MappingProxyType(self.config.to_dict(redact=True)),
+            config=freeze(self.config.to_dict(redact=True)),
             metrics_url=self.prometheus.url if self.prometheus is not None else None,
         )
 
@@ -217,7 +235,7 @@ class Run:
                     self.data, max_epochs=self.config.trainer.max_epochs, epoch_length=self.epoch_length
                 )
         finally:
-            self.fanout.close()
+            self.close()
         ended = self.lifecycle.ended
         if ended is None:  # pragma: no cover - the lifecycle handler always ends a started run
             msg = "the run ended without a run.end record"
@@ -225,8 +243,16 @@ class Run:
         return ended
 
     def close(self) -> None:
-        """Close the sinks (idempotent)."""
+        """Close the sinks (idempotent); a run directory left empty is removed."""
         self.fanout.close()
+        self._discard_empty_dirs()
+
+    def _discard_empty_dirs(self) -> None:
+        for directory in self._made_dirs:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                return  # not empty (or not ours to remove): keep it and its parents
 
     def __enter__(self) -> Run:
         return self

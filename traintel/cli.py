@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from traintel.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConfigError
 
@@ -53,6 +53,12 @@ def make_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
     show = config_sub.add_parser("show", help="print the resolved config as YAML, secrets redacted")
     _add_config_args(show)
+    sinks = sub.add_parser("sinks", help="list the built-in and installed plugin sinks")
+    sinks.set_defaults(help_parser=sinks)
+    sinks_sub = sinks.add_subparsers(dest="sinks_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    sinks_sub.add_parser(
+        "list", help="built-in sinks and those installed through the traintel.sinks entry points"
+    )
     return parser
 
 
@@ -68,6 +74,18 @@ def _config_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False))
+    return EXIT_OK
+
+
+def _sinks_list() -> int:
+    from traintel.plugins import list_sinks
+
+    rows = [("NAME", "SOURCE", "TARGET", "NOTE")]
+    rows += [(e.name, e.source, e.target, e.note) for e in list_sinks()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        sys.stdout.write(line.rstrip() + "\n")
     return EXIT_OK
 
 
@@ -94,11 +112,18 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
+    commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
+        ("train", None): lambda: _train(args),
+        ("config", "show"): lambda: _config_show(args),
+        ("sinks", "list"): _sinks_list,
+    }
+    command = commands.get((args.command, sub))
+    if command is None:
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "config" and args.config_command == "show":
-            return _config_show(args)
+        return command()
     except ConfigError as exc:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -106,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # Training failures were already reported as a run.end record with status failed.
         return _fail(f"training failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
-    getattr(args, "help_parser", parser).print_help(sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from traintel.errors import ConfigError
 
@@ -24,6 +24,13 @@ _SECRET_KEY = re.compile(
     r"(?:^|[_.-])(password|passwd|secret|token|api_?key|credentials?)(?:$|[_.-])", re.IGNORECASE
 )
 REDACTED = "***"
+
+
+def _check_factory(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        msg = f"must have the form 'module:function', got {value!r}"
+        raise ValueError(msg)
+    return value
 
 
 class _Section(BaseModel):
@@ -55,10 +62,7 @@ class TaskConfig(_Section):
     @field_validator("factory")
     @classmethod
     def _factory_form(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            msg = f"must have the form 'module:function', got {value!r}"
-            raise ValueError(msg)
-        return value
+        return _check_factory(value)
 
 
 class OptimizerConfig(BaseModel):
@@ -137,12 +141,38 @@ class PrometheusSinkConfig(_Section):
     """Keep serving the final values this long after the run ends."""
 
 
+class ExtraSinkConfig(_Section):
+    """A plugin sink: an installed ``traintel.sinks`` entry point, or a ``module:function``."""
+
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Entry-point name in the ``traintel.sinks`` group (``traintel sinks list`` shows them)."""
+    factory: str | None = None
+    """``module:function`` (or class) that returns the sink."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the factory."""
+    enabled: bool = True
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, value: str | None) -> str | None:
+        return None if value is None else _check_factory(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtraSinkConfig:
+        if (self.name is None) == (self.factory is None):
+            msg = "give exactly one of name (an installed entry point) or factory (module:function)"
+            raise ValueError(msg)
+        return self
+
+
 class SinksConfig(_Section):
     """Where records go."""
 
     json_: JsonSinkConfig = Field(default_factory=JsonSinkConfig, alias="json")
     diagnostic: DiagnosticSinkConfig = Field(default_factory=DiagnosticSinkConfig)
     prometheus: PrometheusSinkConfig = Field(default_factory=PrometheusSinkConfig)
+    extra: list[ExtraSinkConfig] = Field(default_factory=list)
+    """Plugin sinks, after the built-in ones, in this order."""
 
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, validate_assignment=True, coerce_numbers_to_str=True
@@ -261,10 +291,20 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def format_key(loc: Sequence[int | str]) -> str:
+    """``("sinks", "extra", 0, "name")`` -> ``sinks.extra[0].name``."""
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else str(part)
+    return key.replace("json_", "json") or "config"
+
+
 def _format_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
-    key = key.replace("json_", "json")
+    key = format_key(err["loc"])
     source = sources.get(key)
     origin = f" (set by {source})" if source else ""
     kind = err["type"]

@@ -21,6 +21,15 @@ SCHEMA_VERSION = "1.0.0"
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def freeze(value: Any) -> Any:
+    """A read-only deep copy: dicts become mappingproxies, lists become tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
     """Fields common to every record."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -30,9 +31,13 @@ class DiagnosticSink:
         self.filename = filename
         self.path: Path | None = None
         self._file: BinaryIO | None = None
+        self._written = 0
+        self._made_dirs: list[Path] = []
 
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
+        self._written = 0
+        self._made_dirs = [p for p in (context.run_dir, *context.run_dir.parents) if not p.exists()]
         try:
             context.run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "xb")  # noqa: SIM115 - held open for the run, closed in close()
@@ -52,10 +57,13 @@ class DiagnosticSink:
         line.update(record.fields())
         line.update(record.diagnostics)
         self._file.write(dumps(strict_fields(line)) + b"\n")
+        self._written += 1
         if isinstance(record, _FLUSH_ON):
             self._file.flush()
 
     def close(self) -> None:
+        """Flush, fsync and close; a file that never received a record is removed with the
+        directories ``open`` created, so a run that never started leaves nothing behind."""
         f, self._file = self._file, None
         if f is None:
             return
@@ -64,3 +72,8 @@ class DiagnosticSink:
             os.fsync(f.fileno())
         finally:
             f.close()
+        if self._written == 0 and self.path is not None:
+            self.path.unlink(missing_ok=True)
+            for directory in self._made_dirs:  # deepest first
+                with contextlib.suppress(OSError):  # not empty: another sink wrote there
+                    directory.rmdir()

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterable
 
+from traintel.errors import ConfigError
 from traintel.records import Record, SinkErrorRecord
 from traintel.sinks.base import RunContext, Sink
 
@@ -16,8 +17,8 @@ class FanOut:
     A sink that raises in ``emit`` is counted in ``errors[name]``; its first failure is
     reported to the other sinks as one ``sink.error`` record, and delivery and training
     go on. ``open`` is all-or-nothing: if one sink fails to open, those already opened
-    are closed and the error propagates. ``close`` closes every sink once, in reverse
-    order, even if some raise.
+    are closed and a ConfigError naming the sink propagates. ``close`` closes every
+    sink once, in reverse order, even if some raise.
     """
 
     def __init__(self, sinks: Iterable[Sink]) -> None:
@@ -35,7 +36,13 @@ class FanOut:
         opened: list[Sink] = []
         try:
             for sink in self.sinks:
-                sink.open(context)
+                try:
+                    sink.open(context)
+                except ConfigError:
+                    raise
+                except Exception as exc:
+                    msg = f"failed to open: {type(exc).__name__}: {exc}"
+                    raise ConfigError(f"sink {sink.name!r}", msg) from None
                 opened.append(sink)
         except BaseException:
             for sink in reversed(opened):

@@ -1,0 +1,222 @@
+"""Test helpers for sink authors: an in-memory sink and a contract check that drives a real run.
+
+``check_sink(factory)`` builds sinks from ``factory`` and runs each through a short,
+real training run (two runs, so a sink survives open/close twice). It asserts the
+sink contract: ``open`` exactly once before any record, every record delivered once,
+in order and unchanged (the very objects the in-memory reference sink received),
+``close`` exactly once after the last record and harmless when repeated, and no
+exception from the sink (the fan-out would have isolated it). With ``read_back``, the
+values the sink wrote are compared with the reference records: a field present in
+both must hold the identical value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import tempfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from traintel.records import Record
+from traintel.sinks.base import RunContext, Sink
+from traintel.sinks.memory import MemorySink
+
+__all__ = ["ContractResult", "MemorySink", "SinkContractError", "check_sink", "contract_config"]
+
+ReadBack = Callable[[Any], Sequence[Mapping[str, Any]]]
+
+
+class SinkContractError(AssertionError):
+    """A sink broke the contract; the message says how."""
+
+
+@dataclass
+class ContractResult:
+    """What one contract run produced, for further assertions."""
+
+    sink: Any
+    records: list[Record]
+    run_dir: Path
+    rows: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+class _Probe:
+    """Wrap a sink and log every call the fan-out makes."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.calls: list[tuple[str, Any]] = []
+
+    def open(self, context: RunContext) -> None:
+        self.calls.append(("open", context))
+        self.sink.open(context)
+
+    def emit(self, record: Record) -> None:
+        self.calls.append(("emit", record))
+        self.sink.emit(record)
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+        self.sink.close()
+
+
+def contract_config(run_dir: Path, run_id: str) -> dict[str, Any]:
+    """A short run: 7 micro-batches (the last short), k=3, 2 epochs, every step emitted,
+    clipping on (so ``grad_norm`` is set), built-in sinks off."""
+    return {
+        "run": {"id": run_id, "dir": str(run_dir), "name": "sink-contract"},
+        "trainer": {
+            "max_epochs": 2,
+            "accumulation_steps": 3,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "grad_clip_norm": 10.0,
+            "device": "cpu",
+        },
+        "telemetry": {"every": 1},
+        "sinks": {
+            "json": {"enabled": False},
+            "diagnostic": {"enabled": False},
+            "prometheus": {"enabled": False},
+        },
+    }
+
+
+def _contract_task() -> Any:
+    import torch
+
+    from traintel.task import Task
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(52, 4, generator=g)
+    y = x @ torch.tensor([[0.5], [-1.0], [0.25], [2.0]]) + 0.1 * torch.randn(52, 1, generator=g)
+    sizes = [8, 8, 8, 8, 8, 8, 4]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    train = [(x[a:b], y[a:b]) for a, b in itertools.pairwise(bounds)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    return Task(model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=train, val_loader=train[:2])
+
+
+def _plain(value: Any) -> Any:
+    """Mappings -> dicts and tuples -> lists, recursively, as a sink's written form would be."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same(written: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or not isinstance(expected, float):
+        return bool(_plain(written) == _plain(expected))
+    if not math.isfinite(expected):
+        return written is None or (
+            isinstance(written, float) and (written == expected or math.isnan(expected))
+        )
+    return isinstance(written, int | float) and not isinstance(written, bool) and float(written) == expected
+
+
+def _compare(
+    rows: Sequence[Mapping[str, Any]], records: list[Record], events: Collection[str] | None
+) -> None:
+    pending: dict[str, list[Record]] = {}
+    for r in records:
+        pending.setdefault(r.event, []).append(r)
+    counts = {e: sum(1 for row in rows if row.get("event") == e) for e in pending}
+    for event in sorted(pending if events is None else events):
+        produced = len(pending.get(event, []))
+        if counts.get(event, 0) != produced:
+            held = counts.get(event, 0)
+            msg = f"read_back holds {held} {event} rows, but the run produced {produced} such records"
+            raise SinkContractError(msg)
+    for i, row in enumerate(rows):
+        kind = str(row.get("event"))
+        queue = pending.get(kind)
+        if not queue:
+            msg = f"read_back row {i} has event {kind!r}, but no such record is left to match it"
+            raise SinkContractError(msg)
+        record = queue.pop(0)
+        fields = record.fields()
+        for key, value in row.items():
+            if key in fields and not _same(value, fields[key]):
+                msg = f"row {i} ({kind}): {key} = {value!r}, but the record holds {fields[key]!r}"
+                raise SinkContractError(msg)
+
+
+def _check_calls(probe: _Probe, reference: MemorySink, run_id: str) -> None:
+    kinds = [c[0] for c in probe.calls]
+    if kinds.count("open") != 1 or kinds[0] != "open":
+        msg = f"open must be called once, first; calls were {kinds[:3]}..."
+        raise SinkContractError(msg)
+    if kinds.count("close") != 1 or kinds[-1] != "close":
+        msg = f"close must be called once, last; got {kinds.count('close')} close calls"
+        raise SinkContractError(msg)
+    context = probe.calls[0][1]
+    if context.run_id != run_id:
+        msg = f"open received run_id {context.run_id!r}, expected {run_id!r}"
+        raise SinkContractError(msg)
+    received = [c[1] for c in probe.calls if c[0] == "emit"]
+    expected = reference.records
+    if len(received) != len(expected) or any(a is not b for a, b in zip(received, expected, strict=False)):
+        msg = f"the sink received {len(received)} records, the reference {len(expected)}, or in another order"
+        raise SinkContractError(msg)
+
+
+def check_sink(
+    factory: Callable[[], Any],
+    *,
+    read_back: ReadBack | None = None,
+    events: Collection[str] | None = None,
+    runs: int = 2,
+    base_dir: str | Path | None = None,
+) -> list[ContractResult]:
+    """Run ``runs`` short trainings, each with a fresh ``factory()`` sink, and assert the contract.
+
+    ``read_back(sink)`` (after close) returns what the sink wrote as mappings with an
+    ``event`` key and field values. ``events`` names the events the sink writes (default:
+    all); for each, read_back must hold exactly one row per record, in order, and every
+    field a row shares with its record must hold the identical value. Run
+    directories go under ``base_dir`` (kept), or a temporary directory removed on return.
+    Returns one ContractResult per run; raises SinkContractError on a breach.
+    """
+    from traintel.api import build
+    from traintel.plugins import check_sink as has_interface
+
+    results = []
+    keep = contextlib.nullcontext(str(base_dir)) if base_dir is not None else None
+    with keep or tempfile.TemporaryDirectory() as tmp:
+        for n in range(runs):
+            sink = has_interface(factory(), "check_sink", "the factory")
+            probe = _Probe(sink)
+            reference = MemorySink("contract-reference")
+            run_id = f"sink-contract-{n + 1}"
+            run_dir = Path(tmp) / run_id
+            run = build(contract_config(run_dir, run_id), _contract_task(), sinks=[reference, probe])
+            end = run.run()
+            if end.status != "completed":
+                msg = f"the contract run did not complete: {end.status} ({end.reason})"
+                raise SinkContractError(msg)
+            errors = run.fanout.errors.get(sink.name, 0)
+            if errors:
+                msg = f"the sink raised {errors} time(s) during the run (the fan-out isolated it)"
+                raise SinkContractError(msg)
+            _check_calls(probe, reference, run_id)
+            try:
+                sink.close()
+            except Exception as exc:
+                msg = f"a second close() raised {type(exc).__name__}: {exc}"
+                raise SinkContractError(msg) from exc
+            rows: list[Mapping[str, Any]] = []
+            if read_back is not None:
+                rows = list(read_back(sink))
+                if not rows:
+                    msg = "read_back returned nothing: the sink wrote no record"
+                    raise SinkContractError(msg)
+                _compare(rows, reference.records, events)
+            results.append(ContractResult(sink=sink, records=reference.records, run_dir=run_dir, rows=rows))
+    return results
