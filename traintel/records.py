@@ -118,37 +118,37 @@ class StepRecord(Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EpochRecord(Record):
-    """``train.epoch``: one pass over the training loader."""
-
-    event: ClassVar[str] = "train.epoch"
+class PassRecord(Record):
+    """Fields shared by the records of one pass over a loader."""
 
     epoch: int
     step: int
+    """Optimizer steps completed at the end of the pass."""
     loss: float
     """Item-weighted mean: sum of all per-item losses / items."""
     items: int
-    items_total: int
     batches: int
-    steps: int
-    """Optimizer steps taken in this epoch."""
     duration_seconds: float
     items_per_second: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EvalRecord(Record):
+class EpochRecord(PassRecord):
+    """``train.epoch``: one pass over the training loader (evaluation excluded from its duration)."""
+
+    event: ClassVar[str] = "train.epoch"
+
+    items_total: int
+    """Items processed since the run started."""
+    steps: int
+    """Optimizer steps taken in this epoch."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvalRecord(PassRecord):
     """``eval.epoch``: one pass over the validation loader."""
 
     event: ClassVar[str] = "eval.epoch"
-
-    epoch: int
-    step: int
-    loss: float
-    items: int
-    batches: int
-    duration_seconds: float
-    items_per_second: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
