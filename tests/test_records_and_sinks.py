@@ -94,6 +94,8 @@ def test_json_sink_writes_non_finite_as_null_and_keeps_the_fact() -> None:
     sink = JsonSink(out)
     sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
     sink.emit(_batch(raw_loss=math.nan, loss=math.inf))
+    assert out.getvalue() == b""  # a step's batch lines are written with the step line
+    sink.close()
     line = out.getvalue().decode()
 
     def reject(token: str) -> None:

@@ -133,7 +133,7 @@ class Run:
             emit, self.run_id, every=config.telemetry.every, diagnostics=config.sinks.diagnostic.enabled
         )
         self.lifecycle = RunLifecycle(self.fanout, self._start_record, self.run_id)
-        self.lifecycle.attach(self.trainer, lambda: self.telemetry.items_total)
+        self.lifecycle.attach(self.trainer)
         self.telemetry.attach(self.trainer)
         if self.evaluator is not None and task.val_loader is not None:
             EvaluateEachEpoch(self.evaluator, task.val_loader, emit, self.run_id).attach(self.trainer)

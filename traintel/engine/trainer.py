@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from traintel.engine.events import TraintelEvents
 from traintel.engine.step import (
@@ -35,7 +35,8 @@ def create_trainer(
 
     Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
     tensor (float64, detached, on the device); ``state.step_output`` holds the full
-    ``StepOutput``; ``TraintelEvents`` are registered.
+    ``StepOutput`` and ``state.totals`` the epoch's running ``Totals``;
+    ``TraintelEvents`` are registered.
     """
     step = AccumulatingStep(
         model,
@@ -54,4 +55,12 @@ def create_trainer(
     state: Any = engine.state  # Ignite's State takes extra attributes; mypy cannot see them
     state.step_output = None
     state.micro_batch = None
+    state.totals = step.totals
+    engine.add_event_handler(Events.EPOCH_STARTED, _start_epoch, step)
     return engine
+
+
+def _start_epoch(engine: Engine, step: AccumulatingStep) -> None:
+    """Fresh epoch totals, visible as ``state.totals`` from EPOCH_STARTED on."""
+    state: Any = engine.state
+    state.totals = step.totals_for(engine.state.epoch)

@@ -36,13 +36,13 @@ class EvaluateEachEpoch:
         state: Any = self.evaluator.state
         acc: EvalAccumulator = state.eval
         items = acc.items
-        out = getattr(trainer.state, "step_output", None)
+        totals = getattr(trainer.state, "totals", None)
         self.emit(
             EvalRecord(
                 run_id=self.run_id,
                 time=time.time(),
                 epoch=trainer.state.epoch,
-                step=0 if out is None else out.step,
+                step=0 if totals is None else totals.run_steps,
                 loss=float(acc.loss_sum) / items if items else math.nan,
                 items=items,
                 batches=acc.batches,

@@ -26,10 +26,8 @@ class RunLifecycle:
         self.ended: RunEndRecord | None = None
         self._t0 = 0.0
         self._terminated = False
-        self._items_total: Callable[[], int] = lambda: 0
 
-    def attach(self, engine: Engine, items_total: Callable[[], int]) -> None:
-        self._items_total = items_total
+    def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.TERMINATE, self.terminated)
         engine.add_event_handler(Events.COMPLETED, self.completed)
@@ -61,15 +59,15 @@ class RunLifecycle:
     def end(self, engine: Engine, status: str, reason: str) -> None:
         if self.ended is not None:
             return
-        out = getattr(engine.state, "step_output", None)
+        totals = getattr(engine.state, "totals", None)
         self.ended = RunEndRecord(
             run_id=self.run_id,
             time=time.time(),
             status=status,
             reason=reason,
             epoch=engine.state.epoch,
-            step=0 if out is None else out.step,
-            items_total=self._items_total(),
+            step=0 if totals is None else totals.run_steps,
+            items_total=0 if totals is None else totals.run_items,
             duration_seconds=time.perf_counter() - self._t0,
         )
         try:

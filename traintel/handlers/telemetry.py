@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from traintel.engine.step import StepOutput
+from traintel.engine.step import StepOutput, Totals
 from traintel.handlers.memory import rss_bytes
 from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
 
@@ -33,9 +33,10 @@ def scale_check(raw: float, loss: float, expected: float, eps: float) -> tuple[f
 class TrainTelemetry:
     """Turn every Nth optimizer step into records and every epoch into an epoch record.
 
-    Per-step accumulators (loss sums, item counts) stay tensors on the model's device;
-    tensors become Python floats only when a record is emitted, in one transfer per
-    emission, and that one float goes to every sink.
+    The update step keeps the running totals (a float64 loss-sum tensor on the model's
+    device, integer counts); tensors become Python floats only here, when a record is
+    emitted, in one device-to-host transfer per emission, and that one float goes to
+    every sink.
     """
 
     def __init__(self, emit: Emit, run_id: str, *, every: int = 1, diagnostics: bool = True) -> None:
@@ -46,33 +47,10 @@ class TrainTelemetry:
         self.run_id = run_id
         self.every = every
         self.diagnostics = diagnostics
-        self.items_total = 0
-        self._epoch_loss: torch.Tensor | None = None
-        self._epoch_items = 0
-        self._epoch_batches = 0
-        self._epoch_steps = 0
-        self._epoch_t0 = 0.0
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.accumulate)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.emit_step)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.emit_epoch)
-
-    def epoch_started(self, engine: Engine) -> None:
-        self._epoch_loss = None
-        self._epoch_items = self._epoch_batches = self._epoch_steps = 0
-        self._epoch_t0 = time.perf_counter()
-
-    def accumulate(self, engine: Engine) -> None:
-        out: StepOutput = _state(engine).step_output
-        self._epoch_loss = (
-            out.item_loss_sum if self._epoch_loss is None else self._epoch_loss + out.item_loss_sum
-        )
-        self._epoch_items += out.items
-        self._epoch_batches += len(out.micro)
-        self._epoch_steps += 0 if out.skipped else 1
-        self.items_total += out.items
 
     def emit_step(self, engine: Engine) -> None:
         out: StepOutput = _state(engine).step_output
@@ -81,7 +59,7 @@ class TrainTelemetry:
         tensors = [m.raw_loss for m in micro] + [m.loss for m in micro] + [out.loss]
         if out.grad_norm is not None:
             tensors.append(out.grad_norm)
-        values = torch.stack([t.double() for t in tensors]).tolist()  # the one host transfer
+        values = torch.stack(tensors).tolist()  # promoted to float64 (exact); the one host transfer
         now = time.time()
         before = out.step if out.skipped else out.step - 1
         rss = rss_bytes() if self.diagnostics else None
@@ -125,7 +103,7 @@ class TrainTelemetry:
                 epoch=out.epoch,
                 step=out.step,
                 items=out.items,
-                items_total=self.items_total,
+                items_total=out.items_total,
                 window_size=k,
                 loss=values[2 * k],
                 lr=out.lr,
@@ -135,20 +113,20 @@ class TrainTelemetry:
         )
 
     def emit_epoch(self, engine: Engine) -> None:
-        duration = time.perf_counter() - self._epoch_t0
-        items = self._epoch_items
-        loss_sum = math.nan if self._epoch_loss is None else float(self._epoch_loss)
+        totals: Totals = _state(engine).totals
+        duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
+        items = totals.items
         self.emit(
             EpochRecord(
                 run_id=self.run_id,
                 time=time.time(),
                 epoch=engine.state.epoch,
-                step=_steps(engine),
-                loss=loss_sum / items if items else math.nan,
+                step=totals.run_steps,
+                loss=float(totals.loss_sum) / items if items else math.nan,
                 items=items,
-                items_total=self.items_total,
-                batches=self._epoch_batches,
-                steps=self._epoch_steps,
+                items_total=totals.run_items,
+                batches=totals.batches,
+                steps=totals.steps,
                 duration_seconds=duration,
                 items_per_second=items / duration if duration > 0 else 0.0,
             )
@@ -158,11 +136,6 @@ class TrainTelemetry:
 def _state(engine: Engine) -> Any:
     """Ignite's State with traintel's extra attributes (``step_output``, ``micro_batch``)."""
     return engine.state
-
-
-def _steps(engine: Engine) -> int:
-    out: StepOutput | None = getattr(engine.state, "step_output", None)
-    return 0 if out is None else out.step
 
 
 def _memory(rss: int | None, device: torch.device) -> dict[str, int | None]:

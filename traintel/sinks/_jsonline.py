@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from datetime import datetime, timezone
 from typing import Any
@@ -11,8 +12,9 @@ import orjson
 _NONFINITE_NAMES = {math.inf: "inf", -math.inf: "-inf"}
 
 
+@functools.lru_cache(maxsize=8)
 def iso_utc(unix_seconds: float) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z`` suffix."""
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix (cached: records of one emission share a time)."""
     stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

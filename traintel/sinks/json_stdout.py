@@ -9,27 +9,36 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from traintel.records import Record
+from traintel.records import BatchRecord, Record
 from traintel.sinks._jsonline import dumps, iso_utc, strict_fields
 from traintel.sinks.base import RunContext
 
-_HEAD = ("timestamp", "level", "event")
+
+def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+    """structlog's last processor: timestamp, level and event first, non-finite floats as null
+    (named in ``nonfinite``), one compact JSON object."""
+    line = {"timestamp": event_dict.pop("timestamp", None), "level": method, "event": event_dict.pop("event")}
+    line.update(event_dict)
+    return dumps(strict_fields(line))
 
 
-def _strict(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Non-finite floats become null, the fact kept in ``nonfinite``."""
-    return strict_fields(dict(event_dict))
+class _Lines:
+    """The structlog "logger" at the end of the chain: it collects rendered lines to write together."""
 
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.pending: list[bytes] = []
 
-def _head_first(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
-    """Put timestamp, level and event first so a line reads well and sorts by time."""
-    ordered = {k: event_dict[k] for k in _HEAD if k in event_dict}
-    ordered.update((k, v) for k, v in event_dict.items() if k not in ordered)
-    return ordered
+    def msg(self, message: bytes) -> None:
+        self.pending.append(message)
 
+    debug = info = warning = error = critical = msg
 
-def _render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-    return dumps(dict(event_dict))
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(b"\n".join(self.pending) + b"\n")
+            self.pending.clear()
+            self.stream.flush()
 
 
 class JsonSink:
@@ -37,7 +46,9 @@ class JsonSink:
 
     Fields: ``timestamp`` (ISO-8601 UTC, from the record), ``level``, ``event`` (the
     record's event name), then the record's fields. Lines go to ``stream`` (stdout's
-    binary buffer by default) and are flushed one by one, as log collectors expect.
+    binary buffer by default). A step's ``train.batch`` lines are written and flushed
+    together with the ``train.step`` line that follows them (one write per emission);
+    every other record is flushed at once.
     """
 
     name = "json"
@@ -45,23 +56,29 @@ class JsonSink:
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self._stream = stream
         self._logger: Any = None
+        self._lines: _Lines | None = None
 
     def open(self, context: RunContext) -> None:
         stream = self._stream if self._stream is not None else sys.stdout.buffer
+        self._lines = _Lines(stream)
         self._logger = structlog.wrap_logger(
-            structlog.BytesLogger(stream),
-            processors=[structlog.processors.add_log_level, _strict, _head_first, _render],
+            self._lines,
+            processors=[render],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
             cache_logger_on_first_use=True,
         )
 
     def emit(self, record: Record) -> None:
-        if self._logger is None:
+        if self._logger is None or self._lines is None:
             msg = "JsonSink.emit called before open"
             raise RuntimeError(msg)
         fields = record.fields()
         fields["timestamp"] = iso_utc(record.time)
         getattr(self._logger, record.level)(record.event, **fields)
+        if not isinstance(record, BatchRecord):
+            self._lines.flush()
 
     def close(self) -> None:
-        self._logger = None
+        lines, self._lines, self._logger = self._lines, None, None
+        if lines is not None:
+            lines.flush()

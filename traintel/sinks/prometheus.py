@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -28,8 +26,7 @@ from traintel.records import (
 from traintel.sinks.base import RunContext
 
 
-@dataclass(frozen=True, slots=True)
-class _Latest:
+class _Latest(NamedTuple):
     """The newest record of each kind; replaced whole, so a scrape reads one consistent set."""
 
     start: RunStartRecord | None = None
@@ -77,7 +74,7 @@ class RecordCollector:
         items_total = getattr(record, "items_total", None)
         if items_total is not None:
             changes["items_total"] = items_total
-        self.latest = dataclasses.replace(self.latest, **changes)
+        self.latest = self.latest._replace(**changes)
 
     def collect(self) -> Iterator[Metric]:
         s = self.latest  # one read: every family below comes from this snapshot
