@@ -1,0 +1,71 @@
+"""No per-step history: a million records through the fan-out leave memory and the scrape flat."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from traintel.handlers.memory import rss_bytes
+from traintel.records import BatchRecord, StepRecord
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink, PrometheusSink, RunContext
+
+pytestmark = pytest.mark.slow
+
+RECORDS = 1_000_000
+
+
+def _records(n: int, start: int) -> list[BatchRecord | StepRecord]:
+    """One optimizer step's worth: three batch records and their step record, numbered from ``start``."""
+    step = start // 4 + 1
+    diag = MappingProxyType({"expected_loss_scale": 1 / 3, "scale_ok": True, "rss_bytes": 1})
+    out: list[BatchRecord | StepRecord] = [
+        BatchRecord(run_id="r", time=1.7e9 + step, diagnostics=diag, epoch=1, batch=3 * step + i, batches=None,
+                    step=step - 1, items=32, raw_loss=0.5 + i, loss=(0.5 + i) / 3, loss_scale=1 / 3, window_size=3)
+        for i in range(3)
+    ]  # fmt: skip
+    out.append(
+        StepRecord(run_id="r", time=1.7e9 + step, epoch=1, step=step, items=96, items_total=96 * step,
+                   window_size=3, loss=1.5, lr=0.001, grad_norm=None, skipped=False)
+    )  # fmt: skip
+    return out[:n]
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def test_a_million_records_leave_rss_and_the_scrape_flat(tmp_path: Path) -> None:
+    with open(os.devnull, "wb") as devnull:
+        prom = PrometheusSink(port=0)
+        fan = FanOut([prom, DiagnosticSink(), JsonSink(devnull)])
+        fan.open(RunContext(run_id="r", name="flat", run_dir=tmp_path / "run"))
+        assert prom.url is not None
+        emitted = 0
+        while emitted < 20_000:  # warm up allocator pools and caches
+            for r in _records(4, emitted):
+                fan.emit(r)
+            emitted += 4
+        early = _scrape(prom.url)
+        before = rss_bytes()
+        while emitted < RECORDS:
+            for r in _records(4, emitted):
+                fan.emit(r)
+            emitted += 4
+        after = rss_bytes()
+        late = _scrape(prom.url)
+        fan.close()
+    assert before is not None and after is not None
+    assert after - before < 5 * 1024 * 1024, f"RSS grew by {(after - before) / 2**20:.1f} MiB"
+    assert fan.errors == {"prometheus": 0, "diagnostic": 0, "json": 0}
+    # the exposition has the same series whatever the run length: scraping costs the same
+    assert [line.rpartition(" ")[0] for line in early.splitlines()] == [
+        line.rpartition(" ")[0] for line in late.splitlines()
+    ]
+    assert f"traintel_optimizer_step {RECORDS // 4}.0\n" in late
+    lines = (tmp_path / "run" / "diagnostic.jsonl").read_bytes().count(b"\n")
+    assert lines == RECORDS
