@@ -40,7 +40,10 @@ def test_signal_finishes_the_step_and_ends_the_run(tmp_path: Path, sig: int, cod
         if lines[-1]["event"] == "train.step" and lines[-1]["step"] >= 3:
             proc.send_signal(sig)
             break
-    rest, stderr = proc.communicate(timeout=10)
+    rest = proc.stdout.read()  # through the same buffered reader as the loop above
+    proc.wait(timeout=10)
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
     lines += [json.loads(x) for x in rest.splitlines()]
     assert proc.returncode == code, stderr
     end = lines[-1]
@@ -101,5 +104,8 @@ def test_sigterm_while_lingering_stops_serving_and_exits_0(tmp_path: Path) -> No
         if json.loads(line)["event"] == "run.end":
             break
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=10)  # far less than the 600 s linger
+    proc.stdout.read()
+    proc.wait(timeout=10)  # far less than the 600 s linger
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
     assert proc.returncode == 0, stderr

@@ -169,7 +169,10 @@ class Run:
         if cfg.diagnostic.enabled:
             sinks.append(DiagnosticSink(cfg.diagnostic.filename))
         if cfg.json_.enabled:
-            sinks.append(JsonSink(json_stream))
+            j = cfg.json_
+            sinks.append(
+                JsonSink(json_stream, capacity=j.queue_capacity, close_timeout=j.close_timeout_seconds)
+            )
         for index, spec in enumerate(cfg.extra):
             if spec.enabled:
                 sinks.append(make_sink(spec, index))
@@ -181,6 +184,7 @@ class Run:
         fanout = FanOut(sinks)
         if self.prometheus is not None:
             self.prometheus.collector.sink_errors = fanout.errors
+            self.prometheus.collector.sink_dropped = fanout.dropped
         return fanout
 
     def _save_config(self, _: Engine) -> None:

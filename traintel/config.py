@@ -119,6 +119,10 @@ class JsonSinkConfig(_Section):
     """structlog JSON lines on stdout."""
 
     enabled: bool = True
+    queue_capacity: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Lines waiting for a slow stdout reader before ``train.batch`` records are dropped (and counted)."""
+    close_timeout_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
+    """How long the end of the run waits for stdout to take the queued lines."""
 
 
 class DiagnosticSinkConfig(_Section):

@@ -73,6 +73,15 @@ class FanOut:
                 except Exception:
                     self.errors[other.name] += 1
 
+    def dropped(self) -> dict[str, int]:
+        """Records each sink with a bounded queue (a ``dropped`` count) has dropped so far."""
+        counts = {}
+        for sink in self.sinks:
+            value = getattr(sink, "dropped", None)
+            if isinstance(value, int):
+                counts[sink.name] = value
+        return counts
+
     def close(self) -> None:
         if self._closed:
             return

@@ -1,16 +1,18 @@
-"""structlog JSON lines on stdout: one strict JSON object per record."""
+"""structlog JSON lines on stdout: one strict JSON object per record, written off the training thread."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, BinaryIO
 
 import structlog
 
-from traintel.records import BatchRecord, Record
+from traintel.records import BatchRecord, Record, StepRecord
 from traintel.sinks._jsonline import dumps, iso_utc, strict_fields
+from traintel.sinks._writer import BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
 
@@ -22,63 +24,95 @@ def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> b
     return dumps(strict_fields(line))
 
 
-class _Lines:
-    """The structlog "logger" at the end of the chain: it collects rendered lines to write together."""
+_ROUTINE = (BatchRecord, StepRecord)
+"""Records written within the writer's linger time; others (epoch, run, errors) go out at once."""
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.pending: list[bytes] = []
+
+class _Last:
+    """The structlog "logger" at the end of the chain: it keeps the line just rendered."""
+
+    line = b""
 
     def msg(self, message: bytes) -> None:
-        self.pending.append(message)
+        self.line = message
 
     debug = info = warning = error = critical = msg
-
-    def flush(self) -> None:
-        if self.pending:
-            self.stream.write(b"\n".join(self.pending) + b"\n")
-            self.pending.clear()
-            self.stream.flush()
 
 
 class JsonSink:
     """Render each record as one JSON line through structlog.
 
     Fields: ``timestamp`` (ISO-8601 UTC, from the record), ``level``, ``event`` (the
-    record's event name), then the record's fields. Lines go to ``stream`` (stdout's
-    binary buffer by default). A step's ``train.batch`` lines are written and flushed
-    together with the ``train.step`` line that follows them (one write per emission);
-    every other record is flushed at once.
+    record's event name), then the record's fields, and ``dropped`` when ``train.batch``
+    records were dropped before this one. Lines go to ``stream`` (a duplicate of the
+    stdout file descriptor by default) from a background writer behind a bounded queue
+    of ``capacity`` records: a stalled reader never blocks training (see
+    ``traintel.sinks._writer``). ``dropped`` counts the records lost so far.
     """
 
     name = "json"
 
-    def __init__(self, stream: BinaryIO | None = None) -> None:
+    def __init__(
+        self, stream: BinaryIO | None = None, *, capacity: int = 10_000, close_timeout: float = 5.0
+    ) -> None:
         self._stream = stream
-        self._logger: Any = None
-        self._lines: _Lines | None = None
-
-    def open(self, context: RunContext) -> None:
-        stream = self._stream if self._stream is not None else sys.stdout.buffer
-        self._lines = _Lines(stream)
-        self._logger = structlog.wrap_logger(
-            self._lines,
+        self.capacity = capacity
+        self.close_timeout = close_timeout
+        self._writer: BackgroundWriter | None = None
+        self._owned: FdStream | None = None
+        self._closed_dropped = 0
+        self._last = _Last()
+        self._logger: Any = structlog.wrap_logger(
+            self._last,
             processors=[render],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
             cache_logger_on_first_use=True,
         )
 
-    def emit(self, record: Record) -> None:
-        if self._logger is None or self._lines is None:
-            msg = "JsonSink.emit called before open"
-            raise RuntimeError(msg)
+    @property
+    def dropped(self) -> int:
+        """``train.batch`` records dropped because stdout's reader fell behind."""
+        return self._closed_dropped if self._writer is None else self._writer.dropped
+
+    def render(self, record: Record, dropped: int = 0) -> bytes:
+        """The record's JSON line."""
         fields = record.fields()
         fields["timestamp"] = iso_utc(record.time)
+        if dropped:
+            fields["dropped"] = dropped
         getattr(self._logger, record.level)(record.event, **fields)
-        if not isinstance(record, BatchRecord):
-            self._lines.flush()
+        return self._last.line + b"\n"
+
+    def open(self, context: RunContext) -> None:
+        stream: BinaryIO | FdStream
+        if self._stream is not None:
+            stream = self._stream
+        else:
+            sys.stdout.flush()
+            stream = self._owned = FdStream(os.dup(sys.stdout.fileno()))
+        self._writer = BackgroundWriter(
+            self.name, stream, capacity=self.capacity, close_timeout=self.close_timeout
+        )
+
+    def emit(self, record: Record) -> None:
+        if self._writer is None:
+            msg = "JsonSink.emit called before open"
+            raise RuntimeError(msg)
+        writer = self._writer
+        if writer.failed is not None:
+            msg = f"stdout is not writable: {type(writer.failed).__name__}: {writer.failed}"
+            raise OSError(msg)
+        if isinstance(record, BatchRecord) and writer.full():
+            writer.drop()
+            return
+        writer.submit(self.render(record, writer.take_unreported()), urgent=not isinstance(record, _ROUTINE))
 
     def close(self) -> None:
-        lines, self._lines, self._logger = self._lines, None, None
-        if lines is not None:
-            lines.flush()
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        drained = writer.close()
+        self._closed_dropped = writer.dropped
+        owned, self._owned = self._owned, None
+        if owned is not None and drained:  # a writer still stuck on a stalled pipe keeps its descriptor
+            owned.close()

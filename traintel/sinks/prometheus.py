@@ -7,7 +7,7 @@ import errno
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -63,6 +63,7 @@ class RecordCollector:
         self.run_id = ""
         self.run_name = ""
         self.sink_errors: Mapping[str, int] = sink_errors if sink_errors is not None else {}
+        self.sink_dropped: Callable[[], Mapping[str, int]] = dict
 
     def update(self, record: Record) -> None:
         slot = _SLOT.get(type(record))
@@ -127,6 +128,14 @@ class RecordCollector:
         for sink, count in sorted(self.sink_errors.items()):
             errors.add_metric([sink], float(count))
         yield errors
+        dropped = CounterMetricFamily(
+            "traintel_sink_dropped_records",
+            "Records a sink dropped because its consumer fell behind.",
+            labels=["sink"],
+        )
+        for sink, count in sorted(self.sink_dropped().items()):
+            dropped.add_metric([sink], float(count))
+        yield dropped
 
 
 class PrometheusSink:

@@ -1,0 +1,51 @@
+"""A stdout reader that stalls never stalls training: batch lines are dropped and counted, nothing else."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
+
+
+def test_training_finishes_while_stdout_is_not_read(tmp_path: Path) -> None:
+    epochs = 4
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
+         "--set", f"run.dir={tmp_path / 'run'}", "--set", f"trainer.max_epochs={epochs}",
+         "--set", "telemetry.every=1", "--set", "sinks.prometheus.port=0",
+         "--set", "sinks.json.queue_capacity=20", "--set", "sinks.json.close_timeout_seconds=60"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, 4096)  # a few lines fill it
+    diagnostic = tmp_path / "run" / "diagnostic.jsonl"
+    deadline = time.monotonic() + 120
+    while not (diagnostic.exists() and b'"event":"run.end"' in diagnostic.read_bytes()):
+        assert time.monotonic() < deadline, "training did not finish while stdout was stalled"
+        assert proc.poll() is None
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=90)  # now read: the queued lines drain and the process exits
+    assert proc.returncode == 0, err.decode()
+
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    events = [x["event"] for x in lines]
+    assert events[0] == "run.start" and events[-1] == "run.end"
+    assert events.count("train.step") == 11 * epochs  # step records are never dropped
+    assert events.count("train.epoch") == events.count("eval.epoch") == epochs
+    dropped = sum(x.get("dropped", 0) for x in lines)
+    assert dropped > 0
+    assert events.count("train.batch") + dropped == 32 * epochs  # every batch record: written or counted
+    diag_events = [json.loads(x)["event"] for x in diagnostic.read_text().splitlines()]
+    assert diag_events.count("train.batch") == 32 * epochs  # the other sinks lost nothing

@@ -1,0 +1,130 @@
+"""A background writer behind a bounded queue, so a slow consumer never blocks training.
+
+The sink renders a record's line on the training thread (rendering on another thread
+would make training wait for the GIL) and hands the bytes to this writer; a daemon
+thread writes queued lines in batches, holding the GIL only to take them from the queue.
+When ``capacity`` lines are waiting, the sink drops records of the droppable kind
+(``train.batch``) instead of rendering them, counts them, and puts the count on the
+next line it renders; every other record is still queued, so step, epoch and run
+records are never dropped. ``close`` drains the queue within ``close_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+
+_MAX_BATCH = 1024  # lines joined into one write
+
+
+class FdStream:
+    """Write to a file descriptor with ``os.write`` (no Python-level buffer or lock to get stuck on)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class BackgroundWriter:
+    """Write queued lines on a daemon thread; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        name: str,
+        stream: BinaryIO | FdStream,
+        *,
+        capacity: int = 10_000,
+        close_timeout: float = 5.0,
+        linger: float = 0.05,
+        after_write: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.stream = stream
+        self.capacity = capacity
+        self.close_timeout = close_timeout
+        self.after_write = after_write
+        self.dropped = 0
+        """Records dropped so far because the consumer fell behind (or the stream failed)."""
+        self.failed: BaseException | None = None
+        """The first write error; lines queued after it are counted as dropped."""
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._unreported = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self.linger = linger
+        self._woken = 0.0
+        self._thread = threading.Thread(target=self._loop, name=f"traintel-{name}-writer", daemon=True)
+        self._thread.start()
+
+    def full(self) -> bool:
+        return len(self._queue) >= self.capacity
+
+    def drop(self) -> None:
+        """Count one record that was not queued."""
+        self.dropped += 1
+        self._unreported += 1
+
+    def take_unreported(self) -> int:
+        """Drops not yet reported on a line; the caller puts them on the line it renders next."""
+        n, self._unreported = self._unreported, 0
+        return n
+
+    def submit(self, line: bytes, *, urgent: bool = False) -> None:
+        """Queue a line. The writer is woken for an ``urgent`` line, a full batch, or once
+        ``linger`` seconds have passed since the last wake-up: waking it per line would make
+        the training thread trade the GIL with it at every step."""
+        if self._closing:
+            msg = f"{self.name}: line submitted after close"
+            raise RuntimeError(msg)
+        self._queue.append(line)  # deque.append is atomic; the writer only pops from the left
+        now = time.monotonic()
+        if urgent or len(self._queue) >= _MAX_BATCH or now - self._woken >= self.linger:
+            self._woken = now
+            with self._cond:
+                self._cond.notify()
+
+    def _take(self) -> list[bytes] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait(self.linger)
+            if not self._queue:
+                return None
+            return [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            if self.failed is not None:
+                self.dropped += len(batch)
+                continue
+            try:
+                self.stream.write(b"".join(batch))
+                self.stream.flush()
+                if self.after_write is not None:
+                    self.after_write()
+            except Exception as exc:  # a full disk, a closed pipe: count, keep draining
+                self.failed = exc
+                self.dropped += len(batch)
+
+    def close(self) -> bool:
+        """Stop accepting lines and drain the queue; False if it could not finish in time."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(self.close_timeout)
+        return not self._thread.is_alive()
