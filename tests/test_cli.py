@@ -299,7 +299,7 @@ BAD_INPUT = [
     pytest.param(
         BadInput(
             ["frobnicate"],
-            "argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'config', 'sinks')",
+            "argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'config', 'sinks', 'report')",
         ),
         id="unknown-subcommand",
     ),

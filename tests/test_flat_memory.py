@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.request
 from pathlib import Path
@@ -67,5 +68,10 @@ def test_a_million_records_leave_rss_and_the_scrape_flat(tmp_path: Path) -> None
         line.rpartition(" ")[0] for line in late.splitlines()
     ]
     assert f"traintel_optimizer_step {RECORDS // 4}.0\n" in late
-    lines = (tmp_path / "run" / "diagnostic.jsonl").read_bytes().count(b"\n")
-    assert lines == RECORDS
+    # every record reached the file, or was dropped behind the disk and counted on a later line
+    written = dropped = 0
+    for part in (tmp_path / "run").glob("diagnostic.jsonl*"):
+        for line in part.read_bytes().splitlines():
+            written += 1
+            dropped += json.loads(line).get("dropped", 0)
+    assert written + dropped == RECORDS

@@ -288,3 +288,27 @@ def test_prometheus_serves_over_http_and_stops(tmp_path: Path) -> None:
     sink.close()
     with pytest.raises(urllib.error.URLError, match="Connection refused"):
         urllib.request.urlopen(url, timeout=2)
+
+
+def test_ecs_profile_renames_the_head_and_keeps_every_value() -> None:
+    lines = {}
+    for profile in ("default", "ecs"):
+        out = io.BytesIO()
+        sink = JsonSink(out, profile=profile)
+        sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
+        sink.emit(_batch(loss=math.nan))
+        sink.close()
+        lines[profile] = out.getvalue()
+    assert lines["ecs"] == (
+        b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
+        b'"ecs.version":"8.11.0","run_id":"r1","schema_version":"1.0.0","epoch":1,"batch":2,"batches":10,'
+        b'"step":0,"items":4,"raw_loss":0.75,"loss":null,"loss_scale":0.3333333333333333,"window_size":3,'
+        b'"nonfinite":{"loss":"nan"}}\n'
+    )
+    default, ecs = json.loads(lines["default"]), json.loads(lines["ecs"])
+    renamed = {"timestamp": "@timestamp", "level": "log.level", "event": "message"}
+    assert {renamed.get(k, k): v for k, v in default.items()} == {
+        k: v for k, v in ecs.items() if k != "ecs.version"
+    }
+    with pytest.raises(ValueError, match="profile must be 'default' or 'ecs', got 'gelf'"):
+        JsonSink(profile="gelf")

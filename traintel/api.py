@@ -9,7 +9,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -29,6 +29,7 @@ from traintel.errors import ConfigError
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
+from traintel.logs import route_stdlib_logging
 from traintel.plugins import make_sink
 from traintel.records import RunEndRecord, RunStartRecord, freeze
 from traintel.sinks.base import RunContext, Sink
@@ -155,6 +156,9 @@ class Run:
         except BaseException:
             self._discard_empty_dirs()
             raise
+        self._unroute: Callable[[], None] | None = None
+        if self.json_sink is not None:
+            self._unroute = route_stdlib_logging(self.json_sink)
         if config.sinks.diagnostic.enabled:
             self.trainer.add_event_handler(Events.STARTED, self._save_config)
 
@@ -167,12 +171,18 @@ class Run:
             self.prometheus = PrometheusSink(p.host, p.port, p.linger_seconds)
             sinks.append(self.prometheus)
         if cfg.diagnostic.enabled:
-            sinks.append(DiagnosticSink(cfg.diagnostic.filename))
+            d = cfg.diagnostic
+            sinks.append(DiagnosticSink(d.filename, max_bytes=d.max_bytes, backups=d.backups))
+        self.json_sink: JsonSink | None = None
         if cfg.json_.enabled:
             j = cfg.json_
-            sinks.append(
-                JsonSink(json_stream, capacity=j.queue_capacity, close_timeout=j.close_timeout_seconds)
+            self.json_sink = JsonSink(
+                json_stream,
+                capacity=j.queue_capacity,
+                close_timeout=j.close_timeout_seconds,
+                profile=j.profile,
             )
+            sinks.append(self.json_sink)
         for index, spec in enumerate(cfg.extra):
             if spec.enabled:
                 sinks.append(make_sink(spec, index))
@@ -248,6 +258,9 @@ class Run:
 
     def close(self) -> None:
         """Close the sinks (idempotent); a run directory left empty is removed."""
+        unroute, self._unroute = self._unroute, None
+        if unroute is not None:
+            unroute()
         self.fanout.close()
         self._discard_empty_dirs()
 

@@ -11,7 +11,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from traintel.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ConfigError
+from traintel.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ConfigError,
+    one_line,
+)
 
 _EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
 130 stopped by SIGINT; 143 stopped by SIGTERM.
@@ -59,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     sinks_sub.add_parser(
         "list", help="built-in sinks and those installed through the traintel.sinks entry points"
     )
+    report = sub.add_parser("report", help="plot a run's diagnostic file to a PNG and print a summary")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding diagnostic.jsonl")
+    report.add_argument("--output", "-o", metavar="PATH", help="PNG to write (default: RUN_DIR/report.png)")
     return parser
 
 
@@ -89,6 +100,12 @@ def _sinks_list() -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    from traintel.report import report
+
+    return report(args.run_dir, args.output)
+
+
 def _train(args: argparse.Namespace) -> int:
     import logging
 
@@ -117,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", None): lambda: _train(args),
         ("config", "show"): lambda: _config_show(args),
         ("sinks", "list"): _sinks_list,
+        ("report", None): lambda: _report(args),
     }
     command = commands.get((args.command, sub))
     if command is None:
@@ -130,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted", EXIT_SIGINT)
     except Exception as exc:
         # Training failures were already reported as a run.end record with status failed.
-        return _fail(f"training failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+        what = "training failed" if args.command == "train" else f"{args.command} failed"
+        return _fail(f"{what}: {one_line(exc)}", EXIT_FAILED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,6 +119,8 @@ class JsonSinkConfig(_Section):
     """structlog JSON lines on stdout."""
 
     enabled: bool = True
+    profile: Literal["default", "ecs"] = "default"
+    """``ecs``: ``@timestamp``, ``log.level``, ``message``, ``ecs.version`` (Elastic Common Schema)."""
     queue_capacity: int = Field(default=10_000, ge=1, le=10_000_000)
     """Lines waiting for a slow stdout reader before ``train.batch`` records are dropped (and counted)."""
     close_timeout_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
@@ -131,6 +133,10 @@ class DiagnosticSinkConfig(_Section):
     enabled: bool = True
     filename: str = Field(default="diagnostic.jsonl", pattern=r"^[^/\\]+$")
     """File name inside the run directory."""
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Rotate past this size to ``<filename>.1`` ... (0: never rotate)."""
+    backups: int = Field(default=3, ge=0, le=1000)
+    """Rotated files kept; the oldest beyond this is deleted."""
 
 
 class PrometheusSinkConfig(_Section):

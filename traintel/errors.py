@@ -14,6 +14,12 @@ EXIT_SIGTERM = 143
 """Stopped by SIGTERM after finishing the current optimizer step."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (or just the type), for one-line reports."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class TraintelError(Exception):
     """Base class for errors whose message is shown to the user as one line."""
 

@@ -20,7 +20,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from traintel.config import ExtraSinkConfig
-from traintel.errors import ConfigError
+from traintel.errors import ConfigError, one_line
 
 ENTRY_POINT_GROUP = "traintel.sinks"
 
@@ -96,7 +96,7 @@ def _load(spec: ExtraSinkConfig, where: str) -> tuple[Callable[..., Any], str]:
     try:
         return ep.load(), f"entry point {ep.name!r} ({ep.value})"
     except Exception as exc:
-        raise ConfigError(f"{where}.name", f"cannot load {ep.value!r}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{where}.name", f"cannot load {ep.value!r}: {one_line(exc)}") from None
 
 
 def make_sink(spec: ExtraSinkConfig, index: int) -> Any:
@@ -110,6 +110,6 @@ def make_sink(spec: ExtraSinkConfig, index: int) -> Any:
     except Exception as exc:
         raise ConfigError(
             f"{where}.params" if isinstance(exc, TypeError) else where,
-            f"{what} raised {type(exc).__name__}: {exc}",
+            f"{what} raised {one_line(exc)}",
         ) from None
     return check_sink(sink, where, what)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from traintel.errors import ConfigError
+from traintel.errors import ConfigError, one_line
 
 
 @dataclass
@@ -34,11 +34,9 @@ def import_factory(spec: str, key: str = "task.factory") -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(
-            key, f"cannot import module {module_name!r} ({exc.__class__.__name__}: {exc})"
-        ) from None
+        raise ConfigError(key, f"cannot import module {module_name!r} ({one_line(exc)})") from None
     except Exception as exc:
-        raise ConfigError(key, f"importing {module_name!r} raised {exc.__class__.__name__}: {exc}") from None
+        raise ConfigError(key, f"importing {module_name!r} raised {one_line(exc)}") from None
     factory = getattr(module, attr, None)
     if factory is None:
         raise ConfigError(key, f"module {module_name!r} has no attribute {attr!r}")
@@ -90,5 +88,5 @@ def make_task(factory: str, params: Mapping[str, Any]) -> Task:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError("task.factory", f"{factory} raised {exc.__class__.__name__}: {exc}") from None
+        raise ConfigError("task.factory", f"{factory} raised {one_line(exc)}") from None
     return check_task(task, origin="task.factory")

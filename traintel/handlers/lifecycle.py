@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from ignite.engine import Engine, Events
 
+from traintel.errors import one_line
 from traintel.records import Record, RunEndRecord, RunStartRecord
 from traintel.sinks.fanout import FanOut
 
@@ -52,8 +54,9 @@ class RunLifecycle:
             self.end(engine, "completed", "max_epochs")
 
     def failed(self, engine: Engine, exc: BaseException) -> None:
-        summary = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-        self.end(engine, "failed", summary)
+        # The traceback as a structured log record (a JSON line with an ``exception`` object).
+        logging.getLogger("traintel").error("training failed", exc_info=exc)
+        self.end(engine, "failed", one_line(exc))
         raise exc
 
     def end(self, engine: Engine, status: str, reason: str) -> None:

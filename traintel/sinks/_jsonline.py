@@ -37,6 +37,30 @@ def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+ECS_VERSION = "8.11.0"
+"""Elastic Common Schema version the ``ecs`` profile follows."""
+
+_ECS_KEYS = {"timestamp": "@timestamp", "level": "log.level", "event": "message", "logger": "log.logger"}
+
+
+def head(timestamp: str | None, level: str, event: str, rest: dict[str, Any], profile: str) -> dict[str, Any]:
+    """One line's fields in order: timestamp, level, event, then ``rest``; the ``ecs`` profile
+    renames them to ``@timestamp``, ``log.level``, ``message`` (``logger`` to ``log.logger``) and
+    adds ``ecs.version``. Values are the same in both profiles."""
+    line = {"timestamp": timestamp, "level": level, "event": event}
+    line.update(rest)
+    if profile != "ecs":
+        return line
+    out: dict[str, Any] = {
+        "@timestamp": timestamp,
+        "log.level": level,
+        "message": event,
+        "ecs.version": ECS_VERSION,
+    }
+    out.update((_ECS_KEYS.get(k, k), v) for k, v in line.items() if k not in ("timestamp", "level", "event"))
+    return out
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, float):  # numpy floats and the like
         return float(value)

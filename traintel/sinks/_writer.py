@@ -16,9 +16,17 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 _MAX_BATCH = 1024  # lines joined into one write
+
+
+class Stream(Protocol):
+    """What the writer writes to: a binary file, a pipe, a rotating file."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 class FdStream:
@@ -47,7 +55,7 @@ class BackgroundWriter:
     def __init__(
         self,
         name: str,
-        stream: BinaryIO | FdStream,
+        stream: Stream | BinaryIO,
         *,
         capacity: int = 10_000,
         close_timeout: float = 5.0,

@@ -5,14 +5,66 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from traintel.errors import ConfigError
-from traintel.records import EpochRecord, EvalRecord, Record, RunEndRecord
+from traintel.errors import ConfigError, one_line
+from traintel.records import BatchRecord, Record, StepRecord
 from traintel.sinks._jsonline import dumps, iso_utc, strict_fields
+from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
 
-_FLUSH_ON = (EpochRecord, EvalRecord, RunEndRecord)
+_ROUTINE = (BatchRecord, StepRecord)
+"""Written within the writer's linger time; epoch, eval and run records are written at once."""
+
+
+class RotatingFile:
+    """An append-only file that rolls over past ``max_bytes``: ``name`` -> ``name.1`` -> ... ``name.N``.
+
+    Rotation happens only between whole writes, so a line is never split across files.
+    """
+
+    def __init__(self, path: Path, file: BinaryIO, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.file = file
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        """Append whole lines, rotating between two lines when the next would pass ``max_bytes``."""
+        if not self.max_bytes or self.size + len(data) <= self.max_bytes:
+            self.file.write(data)
+            self.size += len(data)
+            return len(data)
+        for line in data.splitlines(keepends=True):
+            if self.size and self.size + len(line) > self.max_bytes:
+                self._rotate()
+            self.file.write(line)
+            self.size += len(line)
+        return len(data)
+
+    def _rotate(self) -> None:
+        self.file.close()
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self.file = open(self.path, "xb")  # noqa: SIM115 - held open until close()
+        self.size = 0
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
 
 
 class DiagnosticSink:
@@ -21,18 +73,49 @@ class DiagnosticSink:
     For ``train.batch`` these are ``expected_loss_scale`` (n_b/N_t from the item counts),
     ``observed_loss_scale`` (loss/raw_loss from the tensors), ``scale_ok``, the
     accumulation position and process memory: the check that catches a logged loss
-    that is not the one given to backward. The file is created exclusively (an existing
-    one is never overwritten), flushed at every epoch and at run end, and fsynced on close.
+    that is not the one given to backward.
+
+    The file is created exclusively (an existing one is never overwritten). Lines are
+    rendered on the training thread and written by a background writer behind a bounded
+    queue (a slow disk never blocks training; ``train.batch`` records beyond
+    ``capacity`` waiting lines are dropped and counted in ``dropped``). Epoch, eval and
+    run records are written at once; the file is fsynced on close. Past ``max_bytes`` the
+    file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``. A write error (a full disk)
+    is raised once from ``emit`` (the fan-out reports it once) and later records are
+    counted as dropped; training goes on.
     """
 
     name = "diagnostic"
 
-    def __init__(self, filename: str = "diagnostic.jsonl") -> None:
+    def __init__(
+        self,
+        filename: str = "diagnostic.jsonl",
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        backups: int = 3,
+        capacity: int = 10_000,
+        close_timeout: float = 10.0,
+    ) -> None:
         self.filename = filename
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.capacity = capacity
+        self.close_timeout = close_timeout
         self.path: Path | None = None
-        self._file: BinaryIO | None = None
+        self._file: RotatingFile | None = None
+        self._writer: BackgroundWriter | None = None
         self._written = 0
+        self._dropped = 0
+        self._reported: BaseException | None = None
         self._made_dirs: list[Path] = []
+
+    @property
+    def dropped(self) -> int:
+        """Records not written: dropped behind a slow disk, or lost after a write error."""
+        return self._writer.dropped if self._writer is not None else self._dropped
+
+    def _open_file(self, path: Path) -> BinaryIO:
+        return open(path, "xb")
 
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
@@ -40,7 +123,7 @@ class DiagnosticSink:
         self._made_dirs = [p for p in (context.run_dir, *context.run_dir.parents) if not p.exists()]
         try:
             context.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "xb")  # noqa: SIM115 - held open for the run, closed in close()
+            file = self._open_file(path)
         except FileExistsError:
             raise ConfigError(
                 "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
@@ -48,29 +131,48 @@ class DiagnosticSink:
         except OSError as exc:
             raise ConfigError("run.dir", f"cannot create {str(path)!r}: {exc.strerror}") from None
         self.path = path
+        self._file = RotatingFile(path, file, self.max_bytes, self.backups)
+        self._writer = BackgroundWriter(
+            self.name, self._file, capacity=self.capacity, close_timeout=self.close_timeout
+        )
 
     def emit(self, record: Record) -> None:
-        if self._file is None:
+        writer = self._writer
+        if writer is None:
             msg = "DiagnosticSink.emit called before open"
             raise RuntimeError(msg)
-        line = {"timestamp": iso_utc(record.time), "level": record.level, "event": record.event}
+        if writer.failed is not None and self._reported is None:
+            self._reported = writer.failed
+            msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
+            raise OSError(msg)
+        if isinstance(record, BatchRecord) and writer.full():
+            writer.drop()
+            return
+        line: dict[str, Any] = {
+            "timestamp": iso_utc(record.time),
+            "level": record.level,
+            "event": record.event,
+        }
         line.update(record.fields())
         line.update(record.diagnostics)
-        self._file.write(dumps(strict_fields(line)) + b"\n")
+        dropped = writer.take_unreported()
+        if dropped:
+            line["dropped"] = dropped
+        writer.submit(dumps(strict_fields(line)) + b"\n", urgent=not isinstance(record, _ROUTINE))
         self._written += 1
-        if isinstance(record, _FLUSH_ON):
-            self._file.flush()
 
     def close(self) -> None:
-        """Flush, fsync and close; a file that never received a record is removed with the
-        directories ``open`` created, so a run that never started leaves nothing behind."""
+        """Drain the writer, fsync and close; a file that never received a record is removed with
+        the directories ``open`` created, so a run that never started leaves nothing behind."""
+        writer, self._writer = self._writer, None
         f, self._file = self._file, None
-        if f is None:
+        if writer is None or f is None:
             return
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
+        drained = writer.close()
+        self._dropped = writer.dropped
+        if not drained:
+            return  # the disk is stuck; the daemon writer still owns the file
+        with contextlib.suppress(OSError):  # a full disk was already reported from emit
             f.close()
         if self._written == 0 and self.path is not None:
             self.path.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterable
 
-from traintel.errors import ConfigError
+from traintel.errors import ConfigError, one_line
 from traintel.records import Record, SinkErrorRecord
 from traintel.sinks.base import RunContext, Sink
 
@@ -41,7 +41,7 @@ class FanOut:
                 except ConfigError:
                     raise
                 except Exception as exc:
-                    msg = f"failed to open: {type(exc).__name__}: {exc}"
+                    msg = f"failed to open: {one_line(exc)}"
                     raise ConfigError(f"sink {sink.name!r}", msg) from None
                 opened.append(sink)
         except BaseException:
@@ -63,9 +63,7 @@ class FanOut:
         if count > 1 or not report:
             return
         run_id = self._context.run_id if self._context is not None else ""
-        notice = SinkErrorRecord(
-            run_id=run_id, time=time.time(), sink=sink.name, error=f"{type(exc).__name__}: {exc}"
-        )
+        notice = SinkErrorRecord(run_id=run_id, time=time.time(), sink=sink.name, error=f"{one_line(exc)}")
         for other in self.sinks:
             if other is not sink:
                 try:

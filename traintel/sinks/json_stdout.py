@@ -5,23 +5,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, BinaryIO
 
 import structlog
 
 from traintel.records import BatchRecord, Record, StepRecord
-from traintel.sinks._jsonline import dumps, iso_utc, strict_fields
+from traintel.sinks._jsonline import dumps, head, iso_utc, strict_fields
 from traintel.sinks._writer import BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
 
-def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-    """structlog's last processor: timestamp, level and event first, non-finite floats as null
-    (named in ``nonfinite``), one compact JSON object."""
-    line = {"timestamp": event_dict.pop("timestamp", None), "level": method, "event": event_dict.pop("event")}
-    line.update(event_dict)
-    return dumps(strict_fields(line))
+def renderer(profile: str = "default") -> Callable[[Any, str, MutableMapping[str, Any]], bytes]:
+    """structlog's last processor: timestamp, level and event first (ECS names under the ``ecs``
+    profile), non-finite floats as null (named in ``nonfinite``), one compact JSON object."""
+
+    def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        timestamp, event = event_dict.pop("timestamp", None), str(event_dict.pop("event"))
+        return dumps(strict_fields(head(timestamp, method, event, dict(event_dict), profile)))
+
+    return render
 
 
 _ROUTINE = (BatchRecord, StepRecord)
@@ -53,8 +56,17 @@ class JsonSink:
     name = "json"
 
     def __init__(
-        self, stream: BinaryIO | None = None, *, capacity: int = 10_000, close_timeout: float = 5.0
+        self,
+        stream: BinaryIO | None = None,
+        *,
+        capacity: int = 10_000,
+        close_timeout: float = 5.0,
+        profile: str = "default",
     ) -> None:
+        if profile not in ("default", "ecs"):
+            msg = f"profile must be 'default' or 'ecs', got {profile!r}"
+            raise ValueError(msg)
+        self.profile = profile
         self._stream = stream
         self.capacity = capacity
         self.close_timeout = close_timeout
@@ -64,7 +76,7 @@ class JsonSink:
         self._last = _Last()
         self._logger: Any = structlog.wrap_logger(
             self._last,
-            processors=[render],
+            processors=[renderer(profile)],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
             cache_logger_on_first_use=True,
         )
@@ -106,6 +118,12 @@ class JsonSink:
             writer.drop()
             return
         writer.submit(self.render(record, writer.take_unreported()), urgent=not isinstance(record, _ROUTINE))
+
+    def write_line(self, line: bytes) -> None:
+        """Queue an already rendered line (a routed stdlib log record); dropped after close."""
+        writer = self._writer
+        if writer is not None and writer.failed is None:
+            writer.submit(line, urgent=True)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

@@ -1,0 +1,77 @@
+"""The diagnostic file: rotation, a full disk, and user strings that must not break a line."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from tests.conftest import make_batches, make_model, quiet_config
+from traintel.api import build
+from traintel.records import BatchRecord
+from traintel.sinks import DiagnosticSink, JsonSink, MemorySink, RunContext
+from traintel.task import Task
+
+
+def _batch(i: int) -> BatchRecord:
+    return BatchRecord(run_id="r", time=1.7e9, epoch=1, batch=i, batches=None, step=0, items=4,
+                       raw_loss=0.5, loss=0.25, loss_scale=0.5, window_size=2)  # fmt: skip
+
+
+def test_rotation_keeps_whole_lines_and_the_newest_backups(tmp_path: Path) -> None:
+    sink = DiagnosticSink(max_bytes=1000, backups=2)
+    sink.open(RunContext(run_id="r", name="n", run_dir=tmp_path))
+    for i in range(1, 61):
+        sink.emit(_batch(i))
+    sink.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["diagnostic.jsonl", "diagnostic.jsonl.1", "diagnostic.jsonl.2"]
+    parts = [tmp_path / "diagnostic.jsonl.2", tmp_path / "diagnostic.jsonl.1", tmp_path / "diagnostic.jsonl"]
+    batches = [json.loads(line)["batch"] for p in parts for line in p.read_text().splitlines()]
+    assert batches == list(range(batches[0], 61))  # oldest part first, contiguous, ending with the last
+    assert all(p.stat().st_size <= 1000 for p in parts)
+
+
+class _FullDisk(DiagnosticSink):
+    def _open_file(self, path: Path) -> BinaryIO:
+        super()._open_file(path).close()
+        return open("/dev/full", "wb")
+
+
+def test_a_full_disk_is_reported_once_and_training_goes_on(tmp_path: Path) -> None:
+    stdout = io.BytesIO()
+    mem = MemorySink()
+    cfg = quiet_config(tmp_path, accumulation_steps=2, max_epochs=3)
+    run = build(cfg, Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4] * 4)),
+                sinks=[_FullDisk(), mem, JsonSink(stdout)])  # fmt: skip
+    end = run.run()
+    assert end.status == "completed"
+    assert len(mem.of("train.step")) == 6  # the other sinks lost nothing
+    errors = [json.loads(x) for x in stdout.getvalue().splitlines() if b'"sink.error"' in x]
+    assert [(e["sink"], e["error"]) for e in errors] == [
+        (
+            "diagnostic",
+            f"OSError: cannot write {str(tmp_path / 'run' / 'diagnostic.jsonl')!r}: OSError: [Errno 28] No space left on device",
+        )
+    ]
+    assert run.fanout.errors["diagnostic"] == 1
+
+
+def test_user_strings_never_break_a_line(tmp_path: Path) -> None:
+    name = 'quote " backslash \\ newline \n tab \t ünïcødé 训练 \u2028'
+    cfg = quiet_config(tmp_path, accumulation_steps=2)
+    cfg["run"]["name"] = name
+    cfg["sinks"]["diagnostic"]["enabled"] = True
+    stdout = io.BytesIO()
+    build(cfg, Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4] * 2)),
+          sinks=[JsonSink(stdout)]).run()  # fmt: skip
+    for raw in (stdout.getvalue(), (tmp_path / "run" / "diagnostic.jsonl").read_bytes()):
+        lines = raw.split(b"\n")
+        assert lines[-1] == b""
+        records = [json.loads(x) for x in lines[:-1]]
+        assert [r["event"] for r in records] == ["run.start", "train.batch", "train.batch", "train.step",
+                                                 "train.epoch", "run.end"]  # fmt: skip
+        assert records[0]["name"] == name

@@ -1,0 +1,101 @@
+"""stdout is JSON lines only: library warnings, Ignite's logs and exceptions become JSON too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+
+_TASKS = """
+import torch
+from traintel.tasks.forecast import make_task as base
+
+def broadcasting():
+    # targets of shape (n,) against outputs (n, 1): torch warns about broadcasting in mse_loss
+    task = base(train_samples=96, val_samples=0, horizon=1)
+    task.train_loader = [(x, y[:, 0]) for x, y in task.train_loader]
+    return task
+
+def crashing():
+    task = base(train_samples=96, val_samples=0)
+    def loss_fn(out, y):
+        raise ValueError("labels out of range\\nsecond line of the message")
+    task.loss_fn = loss_fn
+    return task
+
+def failing_factory():
+    raise RuntimeError("dataset shard 3 is missing")
+"""
+
+
+def _strict(line: str) -> dict[str, Any]:
+    def reject(token: str) -> None:
+        raise ValueError(token)
+
+    value = json.loads(line, parse_constant=reject)
+    assert isinstance(value, dict)
+    return value
+
+
+def _run(tmp_path: Path, factory: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "tasks.py").write_text(textwrap.dedent(_TASKS))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    env["PYTHONPATH"] = str(tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
+         "--set", "trainer.max_epochs=1", "--set", "sinks.prometheus.port=0",
+         "--set", f"task.factory=tasks:{factory}", "--set", "task.params={}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_torch_warning_becomes_one_json_line(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "broadcasting")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    lines = [_strict(x) for x in proc.stdout.splitlines()]
+    warnings = [x for x in lines if x.get("logger") == "py.warnings"]
+    assert len(warnings) == 1
+    (w,) = warnings
+    assert w["level"] == "warning"
+    assert "Using a target size (torch.Size([32])) that is different to the input size" in w["event"]
+    assert lines[-1]["event"] == "run.end" and lines[-1]["status"] == "completed"
+
+
+def test_a_crash_is_a_structured_exception_not_a_traceback(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "crashing")
+    assert proc.returncode == 1
+    assert proc.stderr == "traintel: error: training failed: ValueError: labels out of range\n"
+    lines = [_strict(x) for x in proc.stdout.splitlines()]  # every line is JSON: no raw traceback
+    (failure,) = [x for x in lines if x["event"] == "training failed"]
+    assert (failure["level"], failure["logger"]) == ("error", "traintel")
+    (exc,) = failure["exception"]
+    assert (exc["exc_type"], exc["exc_value"]) == (
+        "ValueError",
+        "labels out of range\nsecond line of the message",
+    )
+    assert exc["frames"][-1]["name"] == "loss_fn"
+    assert "locals" not in exc["frames"][-1]
+    end = lines[-1]
+    assert (end["event"], end["status"], end["reason"]) == (
+        "run.end",
+        "failed",
+        "ValueError: labels out of range",
+    )
+
+
+def test_a_failing_factory_writes_nothing_to_stdout(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "failing_factory")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        "traintel: error: task.factory: tasks:failing_factory raised RuntimeError: dataset shard 3 is missing\n"
+    )

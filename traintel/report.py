@@ -1,0 +1,449 @@
+"""``traintel report RUN_DIR``: plot a run's diagnostic file and print a short summary.
+
+Input: ``RUN_DIR/diagnostic.jsonl`` and its rotated parts ``diagnostic.jsonl.1``,
+``diagnostic.jsonl.2``, ... (a higher number is older), read oldest first. Only names
+ending in a canonical decimal number count as parts (``diagnostic.jsonl.01`` and
+``diagnostic.jsonl.bak`` are ignored); a gap in the numbering is tolerated. The last
+line of the newest part may be incomplete (a run killed with ``kill -9`` can leave half
+a line): when it does not parse it is skipped and counted as truncated. Any other line
+that is not a JSON object with an ``event`` string, or a record whose plotted fields
+have the wrong type, is bad input. A non-finite value is ``null`` in the file, named in
+the line's ``nonfinite`` object; it is read back as nan/inf/-inf.
+
+Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
+unless ``--output`` says otherwise, written atomically (a temporary file in the same
+directory, then ``os.replace``; an existing report is replaced). Two panels share the
+optimizer-step x axis:
+
+1. losses: ``train.batch`` ``loss`` (the value given to backward) and ``raw_loss`` at
+   ``step + 1`` (the step the micro-batch's gradient goes into), ``train.step`` ``loss``
+   at ``step``, ``train.epoch`` and ``eval.epoch`` ``loss`` at their ``step``; a
+   ``train.batch`` whose ``scale_ok`` is false is marked with a large red x. The y axis
+   is logarithmic when every plotted loss is positive, linear otherwise.
+2. learning rate: ``train.step`` ``lr`` at ``step``.
+
+Gray vertical lines mark the ends of epochs. The figure is drawn with matplotlib's Agg
+canvas directly (no pyplot, no global backend switch); matplotlib is imported only when
+drawing, and this module never imports torch.
+
+Summary on stdout, after the PNG is written, one ``name: value`` line each, always in
+this order::
+
+    run: <run_id of the first record, or n/a>
+    status: <run.end status> (<run.end reason>)   or   status: unfinished (no run.end record)
+    epochs: <E>  steps: <S>  items: <N>
+    final: step loss <L>  epoch loss <L>  eval loss <L>
+    scale check: <F> failed  <U> unchecked  <B> batch records
+    records: <R>  files: <P>
+    sink errors: <K>
+    dropped records: <D>
+    truncated lines: <T>
+    report: <path of the PNG>
+
+``E``, ``S``, ``N`` are the ``epoch``, ``step`` and ``items_total`` of ``run.end``; without
+one, the largest seen (``epoch`` of any record, ``step`` of train.step/train.epoch/
+eval.epoch, ``items_total`` of train.step/train.epoch). Each final loss is the ``loss`` of
+the last record of that event, formatted with ``format(value, ".6g")`` (``nan``/``inf``
+for non-finite values). ``F`` counts ``train.batch`` records whose ``scale_ok`` is false,
+``U`` those where it is null or absent, ``B`` all of them. ``R`` is the number of records
+read from ``P`` files, ``K`` the number of ``sink.error`` records, ``D`` the sum of the
+``dropped`` counts carried by the lines (a sink that drops ``train.batch`` records under
+back-pressure puts the number dropped since its previous line on the next line it
+writes) and ``T`` the truncated lines skipped (0 or 1). A value not known is ``n/a``.
+
+Errors (exit status 2 through ``ConfigError``, the key being the path at fault, nothing
+written): ``RUN_DIR: no such directory``, ``RUN_DIR: not a directory``,
+``RUN_DIR/diagnostic.jsonl: no such file``, ``<part>: cannot read: <reason>``,
+``<newest part>: no records``, ``<part>: line <n> is not valid JSON``, ``<part>: line <n>
+is not a record (a JSON object with an "event" string)``, ``<part>: line <n>: <event>
+field "<name>" is not a number`` (or ``... is not an integer``), ``<output>: is a
+directory``, ``<output>: its directory does not exist``, ``<output>: cannot write:
+<reason>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+from array import array
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from traintel.errors import EXIT_OK, ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DIAGNOSTIC_FILENAME = "diagnostic.jsonl"
+REPORT_FILENAME = "report.png"
+FIGURE_SIZE_INCHES = (10.0, 8.0)
+FIGURE_DPI = 100
+FIGURE_SIZE_PX = (1000, 800)
+"""(width, height) of the PNG: ``FIGURE_SIZE_INCHES`` at ``FIGURE_DPI``."""
+
+LABEL_BATCH_LOSS = "batch loss (given to backward)"
+LABEL_RAW_LOSS = "batch raw loss"
+LABEL_STEP_LOSS = "step loss"
+LABEL_EPOCH_LOSS = "epoch loss"
+LABEL_EVAL_LOSS = "eval loss"
+LABEL_SCALE_FAILED = "scale check failed"
+LABEL_LR = "learning rate"
+
+_BAD_RECORD = 'is not a record (a JSON object with an "event" string)'
+
+
+@dataclass
+class Series:
+    """Points of one plotted curve: x is the optimizer step, y the value (nan when not finite)."""
+
+    x: array[int] = field(default_factory=lambda: array("q"))
+    y: array[float] = field(default_factory=lambda: array("d"))
+
+    def add(self, x: int, y: float) -> None:
+        self.x.append(x)
+        self.y.append(y)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class RunData:
+    """What the report needs from a diagnostic file, gathered in one pass (no record kept whole)."""
+
+    parts: list[Path] = field(default_factory=list)
+    """The files read, oldest first."""
+    records: int = 0
+    truncated: int = 0
+    run_id: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    end_epoch: int | None = None
+    end_step: int | None = None
+    end_items: int | None = None
+    max_epoch: int | None = None
+    max_step: int | None = None
+    max_items: int | None = None
+    batch_loss: Series = field(default_factory=Series)
+    batch_raw_loss: Series = field(default_factory=Series)
+    scale_failed: Series = field(default_factory=Series)
+    """``train.batch`` records whose ``scale_ok`` is false, at (step + 1, loss)."""
+    scale_unchecked: int = 0
+    step_loss: Series = field(default_factory=Series)
+    lr: Series = field(default_factory=Series)
+    epoch_loss: Series = field(default_factory=Series)
+    eval_loss: Series = field(default_factory=Series)
+    sink_errors: int = 0
+    dropped: int = 0
+
+    @property
+    def batch_records(self) -> int:
+        return len(self.batch_loss)
+
+    @property
+    def epoch(self) -> int | None:
+        return self.end_epoch if self.status is not None else self.max_epoch
+
+    @property
+    def step(self) -> int | None:
+        return self.end_step if self.status is not None else self.max_step
+
+    @property
+    def items(self) -> int | None:
+        return self.end_items if self.status is not None else self.max_items
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def diagnostic_parts(run_dir: Path) -> list[Path]:
+    """The diagnostic file and its rotated parts, oldest first; ConfigError when there are none."""
+    if not run_dir.exists():
+        raise ConfigError(str(run_dir), "no such directory")
+    if not run_dir.is_dir():
+        raise ConfigError(str(run_dir), "not a directory")
+    newest = run_dir / DIAGNOSTIC_FILENAME
+    numbered: list[tuple[int, Path]] = []
+    try:
+        for entry in run_dir.iterdir():
+            suffix = entry.name.removeprefix(DIAGNOSTIC_FILENAME + ".")
+            if (
+                suffix != entry.name
+                and suffix.isdecimal()
+                and suffix.isascii()
+                and str(int(suffix)) == suffix
+            ):
+                numbered.append((int(suffix), entry))
+    except OSError as exc:
+        raise ConfigError(str(run_dir), f"cannot read: {exc.strerror}") from None
+    parts = [path for _, path in sorted(numbered, reverse=True)]
+    if newest.exists():
+        parts.append(newest)
+    if not parts:
+        raise ConfigError(str(newest), "no such file")
+    return parts
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> RunData:
+    """Read every part of ``run_dir``'s diagnostic file, oldest first; ConfigError on bad input."""
+    parts = diagnostic_parts(Path(run_dir))
+    data = RunData(parts=parts)
+    for i, part in enumerate(parts):
+        _read_part(part, data, newest=i == len(parts) - 1)
+    if data.records == 0:
+        raise ConfigError(str(parts[-1]), "no records")
+    return data
+
+
+def _read_part(path: Path, data: RunData, *, newest: bool) -> None:
+    try:
+        with path.open("rb") as f:
+            pending: ConfigError | None = None
+            for lineno, line in enumerate(f, 1):
+                if pending is not None:
+                    raise pending
+                try:
+                    obj = json.loads(line)
+                except ValueError:  # includes UnicodeDecodeError
+                    pending = ConfigError(str(path), f"line {lineno} is not valid JSON")
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
+                    raise ConfigError(str(path), f"line {lineno} {_BAD_RECORD}")
+                try:
+                    _add(data, obj)
+                except _FieldError as exc:
+                    raise ConfigError(str(path), f"line {lineno}: {exc}") from None
+            if pending is not None:
+                if not newest:
+                    raise pending
+                data.truncated += 1
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+
+
+class _FieldError(Exception):
+    pass
+
+
+def _number(obj: Mapping[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if value is None:
+        nonfinite = obj.get("nonfinite")
+        name = nonfinite.get(key) if isinstance(nonfinite, dict) else None
+        if name in ("nan", "inf", "-inf"):
+            return float(name)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    msg = f'{obj["event"]} field "{key}" is not a number'
+    raise _FieldError(msg)
+
+
+def _integer(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    msg = f'{obj["event"]} field "{key}" is not an integer'
+    raise _FieldError(msg)
+
+
+def _max(current: int | None, value: int) -> int:
+    return value if current is None or value > current else current
+
+
+def _add(data: RunData, obj: Mapping[str, Any]) -> None:  # noqa: PLR0912 - one branch per event
+    event = obj["event"]
+    data.records += 1
+    if data.run_id is None and isinstance(obj.get("run_id"), str):
+        data.run_id = obj["run_id"]
+    dropped = obj.get("dropped")
+    if isinstance(dropped, int) and not isinstance(dropped, bool):
+        data.dropped += dropped
+    if event in ("train.batch", "train.step", "train.epoch", "eval.epoch", "run.end"):
+        data.max_epoch = _max(data.max_epoch, _integer(obj, "epoch"))
+    if event == "train.batch":
+        x = _integer(obj, "step") + 1
+        loss = _number(obj, "loss")
+        data.batch_loss.add(x, loss)
+        data.batch_raw_loss.add(x, _number(obj, "raw_loss"))
+        scale_ok = obj.get("scale_ok")
+        if scale_ok is False:
+            data.scale_failed.add(x, loss)
+        elif scale_ok is not True:
+            data.scale_unchecked += 1
+    elif event == "train.step":
+        step = _integer(obj, "step")
+        data.max_step = _max(data.max_step, step)
+        data.max_items = _max(data.max_items, _integer(obj, "items_total"))
+        data.step_loss.add(step, _number(obj, "loss"))
+        data.lr.add(step, _number(obj, "lr"))
+    elif event in ("train.epoch", "eval.epoch"):
+        step = _integer(obj, "step")
+        data.max_step = _max(data.max_step, step)
+        if event == "train.epoch":
+            data.max_items = _max(data.max_items, _integer(obj, "items_total"))
+            data.epoch_loss.add(step, _number(obj, "loss"))
+        else:
+            data.eval_loss.add(step, _number(obj, "loss"))
+    elif event == "run.end":
+        status, reason = obj.get("status"), obj.get("reason")
+        if not isinstance(status, str) or not isinstance(reason, str):
+            msg = 'run.end fields "status" and "reason" must be strings'
+            raise _FieldError(msg)
+        data.status, data.reason = status, reason
+        data.end_epoch = _integer(obj, "epoch")
+        data.end_step = _integer(obj, "step")
+        data.end_items = _integer(obj, "items_total")
+    elif event == "sink.error":
+        data.sink_errors += 1
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return format(value, ".6g")
+
+
+def _last(series: Series) -> float | None:
+    return series.y[-1] if len(series) else None
+
+
+def summary_lines(data: RunData, output: Path) -> list[str]:
+    """The summary printed to stdout (format in the module docstring)."""
+    status = f"{data.status} ({data.reason})" if data.status is not None else "unfinished (no run.end record)"
+    checked_failed = len(data.scale_failed)
+    return [
+        f"run: {data.run_id or 'n/a'}",
+        f"status: {status}",
+        f"epochs: {_fmt(data.epoch)}  steps: {_fmt(data.step)}  items: {_fmt(data.items)}",
+        f"final: step loss {_fmt(_last(data.step_loss))}  epoch loss {_fmt(_last(data.epoch_loss))}"
+        f"  eval loss {_fmt(_last(data.eval_loss))}",
+        f"scale check: {checked_failed} failed  {data.scale_unchecked} unchecked"
+        f"  {data.batch_records} batch records",
+        f"records: {data.records}  files: {len(data.parts)}",
+        f"sink errors: {data.sink_errors}",
+        f"dropped records: {data.dropped}",
+        f"truncated lines: {data.truncated}",
+        f"report: {output}",
+    ]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def build_figure(data: RunData) -> Figure:
+    """The two-panel figure, on its own Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig.suptitle(f"{data.run_id or 'traintel run'} ({data.status or 'unfinished'})")
+    _draw_losses(loss_ax, data)
+    _draw_lr(lr_ax, data)
+    for ax in (loss_ax, lr_ax):
+        for x in data.epoch_loss.x:
+            ax.axvline(x, c="0.8", lw=0.8, zorder=0, label="_nolegend_")
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+_DOTS: dict[str, Any] = {"ls": "none", "marker": ".", "ms": 4, "alpha": 0.6}
+
+
+def _draw_losses(ax: Axes, data: RunData) -> None:
+    curves: tuple[tuple[Series, str, dict[str, Any]], ...] = (
+        (data.batch_loss, LABEL_BATCH_LOSS, {**_DOTS, "c": "C0"}),
+        (data.batch_raw_loss, LABEL_RAW_LOSS, {**_DOTS, "c": "C1"}),
+        (data.step_loss, LABEL_STEP_LOSS, {"lw": 1.2, "c": "C2"}),
+        (data.epoch_loss, LABEL_EPOCH_LOSS, {"lw": 1.5, "marker": "o", "c": "C3"}),
+        (data.eval_loss, LABEL_EVAL_LOSS, {"lw": 1.5, "marker": "s", "c": "C4"}),
+    )
+    finite: list[float] = []
+    for series, label, style in curves:
+        if len(series):
+            ax.plot(series.x, series.y, label=label, **style)
+            finite.extend(v for v in series.y if math.isfinite(v))
+    failed = data.scale_failed
+    if len(failed):
+        label = f"{LABEL_SCALE_FAILED} ({len(failed)})"
+        ax.plot(failed.x, failed.y, ls="none", marker="x", ms=12, mew=2.5, c="red", zorder=5, label=label)
+        for x, y in zip(failed.x, failed.y, strict=True):
+            if not math.isfinite(y):  # no point to put the x on: mark the whole step instead
+                ax.axvline(x, c="red", lw=1.5, ls="--", zorder=5, label="_nolegend_")
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no loss records", ha="center", va="center", transform=ax.transAxes)
+
+
+def _draw_lr(ax: Axes, data: RunData) -> None:
+    if len(data.lr):
+        ax.plot(data.lr.x, data.lr.y, lw=1.2, c="C5", label=LABEL_LR)
+    else:
+        ax.text(0.5, 0.5, "no train.step records", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("learning rate")
+    ax.set_xlabel("optimizer step")
+
+
+def check_output(output: Path) -> None:
+    """ConfigError when ``output`` cannot be where the PNG goes (checked before drawing)."""
+    if output.is_dir():
+        raise ConfigError(str(output), "is a directory")
+    if not output.parent.is_dir():
+        raise ConfigError(str(output), "its directory does not exist")
+
+
+def write_png(fig: Figure, output: Path) -> None:
+    """Render ``fig`` to ``output`` atomically: a temporary file beside it, then ``os.replace``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    tmp = output.with_name(f".{output.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # print_png renders at the figure's own size and dpi, whatever savefig.* rcParams say.
+            canvas.print_png(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def report(
+    run_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    stdout: IO[str] | None = None,
+) -> int:
+    """Read the run, write the PNG, print the summary; ConfigError (exit 2) on bad input."""
+    data = load_run(run_dir)
+    out = Path(output) if output is not None else Path(run_dir) / REPORT_FILENAME
+    check_output(out)
+    write_png(build_figure(data), out)
+    stream = stdout if stdout is not None else sys.stdout
+    stream.write("".join(line + "\n" for line in summary_lines(data, out)))
+    return EXIT_OK
