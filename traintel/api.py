@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +41,13 @@ from traintel.sinks.prometheus import PrometheusSink
 from traintel.task import Task, check_task, make_task
 
 _SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def new_run_id(name: str) -> str:
@@ -129,6 +137,8 @@ class Run:
             )
 
         self.fanout = self._make_sinks(extra_sinks, json_stream)
+        if self.json_sink is not None and self.json_sink.console:
+            self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
         emit = self.fanout.emit
         self.telemetry = TrainTelemetry(
             emit, self.run_id, every=config.telemetry.every, diagnostics=config.sinks.diagnostic.enabled
@@ -156,6 +166,7 @@ class Run:
         except BaseException:
             self._discard_empty_dirs()
             raise
+
         self._unroute: Callable[[], None] | None = None
         if self.json_sink is not None:
             self._unroute = route_stdlib_logging(self.json_sink)
@@ -176,11 +187,15 @@ class Run:
         self.json_sink: JsonSink | None = None
         if cfg.json_.enabled:
             j = cfg.json_
+            console = j.format == "console" or (
+                j.format == "auto" and json_stream is None and _stdout_is_tty()
+            )
             self.json_sink = JsonSink(
                 json_stream,
                 capacity=j.queue_capacity,
                 close_timeout=j.close_timeout_seconds,
                 profile=j.profile,
+                console=console,
             )
             sinks.append(self.json_sink)
         for index, spec in enumerate(cfg.extra):
@@ -196,6 +211,18 @@ class Run:
             self.prometheus.collector.sink_errors = fanout.errors
             self.prometheus.collector.sink_dropped = fanout.dropped
         return fanout
+
+    def _attach_progress_bar(self) -> None:
+        """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry
+        cadence, so the terminal view syncs with the device no more often than emission does."""
+        from ignite.handlers import ProgressBar
+
+        every = self.config.telemetry.every
+        ProgressBar(persist=True).attach(
+            self.trainer,
+            output_transform=lambda loss: {"loss": float(loss)},
+            event_name=Events.ITERATION_COMPLETED(every=every),
+        )
 
     def _save_config(self, _: Engine) -> None:
         """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically."""

@@ -119,6 +119,9 @@ class JsonSinkConfig(_Section):
     """structlog JSON lines on stdout."""
 
     enabled: bool = True
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: JSON lines, or, when stdout is a terminal, a console view (epoch, eval and run
+    lines, warnings) with a progress bar showing the running step loss."""
     profile: Literal["default", "ecs"] = "default"
     """``ecs``: ``@timestamp``, ``log.level``, ``message``, ``ecs.version`` (Elastic Common Schema)."""
     queue_capacity: int = Field(default=10_000, ge=1, le=10_000_000)

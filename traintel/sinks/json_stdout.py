@@ -31,6 +31,30 @@ _ROUTINE = (BatchRecord, StepRecord)
 """Records written within the writer's linger time; others (epoch, run, errors) go out at once."""
 
 
+_CONSOLE_HIDDEN = ("run_id", "schema_version", "config", "timestamp")
+
+
+def _console_view(
+    _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Keep what a person reads: a short local time, the level, the event and its values."""
+    stamp = str(event_dict.get("timestamp", ""))
+    for key in _CONSOLE_HIDDEN:
+        event_dict.pop(key, None)
+    event_dict["timestamp"] = stamp[11:19]
+    event_dict["level"] = method
+    return event_dict
+
+
+def _console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], bytes]:
+    console = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
+
+    def render(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        return str(console(logger, method, event_dict)).encode()
+
+    return render
+
+
 class _Last:
     """The structlog "logger" at the end of the chain: it keeps the line just rendered."""
 
@@ -62,11 +86,15 @@ class JsonSink:
         capacity: int = 10_000,
         close_timeout: float = 5.0,
         profile: str = "default",
+        console: bool = False,
     ) -> None:
         if profile not in ("default", "ecs"):
             msg = f"profile must be 'default' or 'ecs', got {profile!r}"
             raise ValueError(msg)
         self.profile = profile
+        self.console = console
+        """Render for a person at a terminal (structlog's ConsoleRenderer) and skip the per-step
+        batch and step records, which a progress bar shows instead."""
         self._stream = stream
         self.capacity = capacity
         self.close_timeout = close_timeout
@@ -76,7 +104,7 @@ class JsonSink:
         self._last = _Last()
         self._logger: Any = structlog.wrap_logger(
             self._last,
-            processors=[renderer(profile)],
+            processors=[_console_view, _console_renderer()] if console else [renderer(profile)],
             wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
             cache_logger_on_first_use=True,
         )
@@ -114,6 +142,8 @@ class JsonSink:
         if writer.failed is not None:
             msg = f"stdout is not writable: {type(writer.failed).__name__}: {writer.failed}"
             raise OSError(msg)
+        if self.console and isinstance(record, _ROUTINE):
+            return
         if isinstance(record, BatchRecord) and writer.full():
             writer.drop()
             return
