@@ -207,7 +207,14 @@ def test_prometheus_exposition_is_exact(tmp_path: Path) -> None:
             steps=1, duration_seconds=2.0, items_per_second=6.0,
         )
     )  # fmt: skip
-    text = generate_latest(sink.registry).decode()
+    text, _, process = generate_latest(sink.registry).decode().partition("# HELP process_")
+    names = [
+        line.split()[2] for line in ("# HELP process_" + process).splitlines() if line.startswith("# TYPE")
+    ]
+    assert names == [
+        "process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
+        "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+    ]  # fmt: skip
     assert text == (
         "# HELP traintel_run_info The run this process trains (value is always 1).\n"
         "# TYPE traintel_run_info gauge\n"

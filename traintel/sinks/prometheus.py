@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from traintel.errors import ConfigError
@@ -161,6 +161,8 @@ class PrometheusSink:
         self.collector = RecordCollector(sink_errors)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
+        # process_resident_memory_bytes, process_cpu_seconds_total, ...: read from /proc at scrape time
+        ProcessCollector(registry=self.registry)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._linger_cancelled = threading.Event()
