@@ -179,7 +179,15 @@ class Run:
         self.prometheus: PrometheusSink | None = None
         if cfg.prometheus.enabled:
             p = cfg.prometheus
-            self.prometheus = PrometheusSink(p.host, p.port, p.linger_seconds)
+            self.prometheus = PrometheusSink(
+                p.host,
+                p.port,
+                p.linger_seconds,
+                certfile=p.certfile,
+                keyfile=p.keyfile,
+                client_cafile=p.client_cafile,
+                pushgateway=p.pushgateway,
+            )
             sinks.append(self.prometheus)
         if cfg.diagnostic.enabled:
             d = cfg.diagnostic

@@ -142,6 +142,20 @@ class DiagnosticSinkConfig(_Section):
     """Rotated files kept; the oldest beyond this is deleted."""
 
 
+class PushgatewayConfig(_Section):
+    """Where and how the run's final values are pushed."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    """Pushgateway address, e.g. ``http://pushgateway:9091``; null disables the push."""
+    job: str = Field(default="traintel", min_length=1)
+    """The ``job`` grouping label; ``run_id`` is the other grouping label."""
+    username: str | None = None
+    """Basic-auth user name (with ``password``)."""
+    password: str | None = None
+    """Basic-auth password; redacted in ``config show`` and in ``run.start``."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+
+
 class PrometheusSinkConfig(_Section):
     """HTTP ``/metrics`` exporter on its own registry."""
 
@@ -152,6 +166,23 @@ class PrometheusSinkConfig(_Section):
     """TCP port; 0 picks a free one (reported in ``run.start``)."""
     linger_seconds: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
     """Keep serving the final values this long after the run ends."""
+    certfile: str | None = None
+    """Serve ``/metrics`` over TLS with this certificate (PEM) and ``keyfile``."""
+    keyfile: str | None = None
+    client_cafile: str | None = None
+    """Require client certificates signed by this CA (mutual TLS)."""
+    pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
+    """Push the final values to a Pushgateway at run end (batch jobs)."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> PrometheusSinkConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            msg = "certfile and keyfile go together: give both or neither"
+            raise ValueError(msg)
+        if self.client_cafile is not None and self.certfile is None:
+            msg = "client_cafile needs certfile and keyfile (client certificates need TLS)"
+            raise ValueError(msg)
+        return self
 
 
 class ExtraSinkConfig(_Section):

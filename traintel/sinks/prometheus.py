@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
-from traintel.errors import ConfigError
+from traintel.config import PushgatewayConfig
+from traintel.errors import ConfigError, one_line
 from traintel.records import (
     BatchRecord,
     EpochRecord,
@@ -118,6 +122,12 @@ class RecordCollector:
             )
         if s.eval is not None:
             yield from _gauge("traintel_eval_loss", "Item-weighted mean validation loss.", s.eval.loss)
+        if s.end is not None:
+            yield from _gauge(
+                "traintel_run_success", "1 when the run completed, 0 when it failed or was stopped.",
+                1.0 if s.end.status == "completed" else 0.0,
+            )  # fmt: skip
+            yield from _gauge("traintel_run_end_timestamp_seconds", "Unix time the run ended.", s.end.time)
         if s.items_total is not None:
             yield CounterMetricFamily(
                 "traintel_items", "Training items processed.", value=float(s.items_total)
@@ -154,10 +164,19 @@ class PrometheusSink:
         port: int = 9400,
         linger_seconds: float = 0.0,
         sink_errors: Mapping[str, int] | None = None,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        client_cafile: str | None = None,
+        pushgateway: PushgatewayConfig | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.linger_seconds = linger_seconds
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.client_cafile = client_cafile
+        self.pushgateway = pushgateway
         self.collector = RecordCollector(sink_errors)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
@@ -173,13 +192,30 @@ class PrometheusSink:
         if self._server is None:
             return None
         host = self.host if ":" not in self.host else f"[{self.host}]"
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self.certfile else "http"
+        return f"{scheme}://{host}:{self.port}/metrics"
 
     def open(self, context: RunContext) -> None:
         self.collector.run_id = context.run_id
         self.collector.run_name = context.name
+        for key in ("certfile", "keyfile", "client_cafile"):
+            path = getattr(self, key)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"sinks.prometheus.{key}", f"no such file: {path}")
         try:
-            server, thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            server, thread = start_http_server(
+                self.port,
+                addr=self.host,
+                registry=self.registry,
+                certfile=self.certfile,
+                keyfile=self.keyfile,
+                client_cafile=self.client_cafile,
+                client_auth_required=self.client_cafile is not None,
+            )
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                "sinks.prometheus.certfile", f"cannot use the TLS files: {exc.reason}"
+            ) from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(
@@ -194,6 +230,35 @@ class PrometheusSink:
 
     def emit(self, record: Record) -> None:
         self.collector.update(record)
+        if isinstance(record, RunEndRecord):
+            self.push()
+
+    def push(self) -> None:
+        """Push the traintel metrics (grouped by job and run_id) to the configured Pushgateway."""
+        pg = self.pushgateway
+        if pg is None or pg.url is None:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        handler: Callable[..., Callable[[], None]] = default_handler
+        if pg.username is not None:
+            user, password = pg.username, pg.password or ""
+
+            def handler(url: str, method: str, timeout: float | None, headers: Any, data: bytes) -> Any:
+                return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+        try:
+            push_to_gateway(
+                pg.url,
+                job=pg.job,
+                registry=registry,
+                grouping_key={"run_id": self.collector.run_id},
+                timeout=pg.timeout_seconds,
+                handler=handler,
+            )
+        except Exception as exc:
+            msg = f"push to {pg.url} failed: {one_line(exc)}"
+            raise OSError(msg) from None
 
     def cancel_linger(self) -> None:
         """End a running (or future) linger at once, e.g. on SIGTERM."""
