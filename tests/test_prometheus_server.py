@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,73 +16,30 @@ from typing import Any
 
 import pytest
 
+from tests.servers import free_port, http_get, need_tool, prometheus_server
+
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (apt-get install prometheus); .ci/run installs it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return resp.read()
-
-
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """A Prometheus on loopback scraping a target port every second; yields (its URL, the target port)."""
-    binary = _need("prometheus")
-    target, web = _free_port(), _free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: traintel\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target}']\n"
-    )
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{web}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _get(f"{url}/-/ready")
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "prometheus did not start"
-                time.sleep(0.2)
+    target = free_port()
+    with prometheus_server(tmp_path, target) as url:
         yield url, target
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _query(url: str, promql: str) -> list[dict[str, Any]]:
-    body = json.loads(_get(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"))
+    body = json.loads(http_get(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"))
     assert body["status"] == "success", body
     return list(body["data"]["result"])
 
 
 def test_prometheus_stores_the_values_of_the_json_log(prometheus: tuple[str, int], tmp_path: Path) -> None:
     url, port = prometheus
-    promtool = _need("promtool")
+    promtool = need_tool("promtool")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     run = subprocess.Popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
@@ -100,7 +55,7 @@ def test_prometheus_stores_the_values_of_the_json_log(prometheus: tuple[str, int
             break
     end = records[-1]
     try:
-        exposition = _get(f"http://127.0.0.1:{port}/metrics")
+        exposition = http_get(f"http://127.0.0.1:{port}/metrics")
         check = subprocess.run(
             [promtool, "check", "metrics"], input=exposition, capture_output=True, check=False
         )

@@ -8,12 +8,10 @@ import io
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,16 +19,11 @@ from typing import Any, ClassVar
 
 import pytest
 
+from tests.servers import free_port, need_tool, wait_ready
 from traintel.records import RunEndRecord
 from traintel.sinks import PrometheusSink, RunContext
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -44,23 +37,12 @@ def _end(run_id: str = "r1") -> RunEndRecord:
 
 @pytest.mark.slow
 def test_final_values_are_pushed_to_a_real_pushgateway(tmp_path: Path) -> None:
-    binary = shutil.which("prometheus-pushgateway")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus-pushgateway is not installed; .ci/run installs it")
-        pytest.skip("prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway)")
-    port = _free_port()
-    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+    binary = need_tool("prometheus-pushgateway", package="prometheus-pushgateway")
+    port = free_port()
+    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and gateway.poll() is None
-                time.sleep(0.1)
+        wait_ready(f"http://127.0.0.1:{port}/-/ready", gateway, "prometheus-pushgateway")
         run = subprocess.run(
             [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
              "--set", "trainer.max_epochs=2", "--set", "sinks.prometheus.port=0",
@@ -120,7 +102,7 @@ def test_pushgateway_basic_auth_and_grouping_key(tmp_path: Path) -> None:
 def test_a_failed_push_is_a_sink_error_not_a_crash(tmp_path: Path) -> None:
     from traintel.config import PushgatewayConfig
 
-    sink = PrometheusSink(port=0, pushgateway=PushgatewayConfig(url=f"http://127.0.0.1:{_free_port()}"))
+    sink = PrometheusSink(port=0, pushgateway=PushgatewayConfig(url=f"http://127.0.0.1:{free_port()}"))
     sink.open(RunContext(run_id="r1", name="demo", run_dir=tmp_path))
     with pytest.raises(
         OSError,
