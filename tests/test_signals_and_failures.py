@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,55 @@ def test_sigterm_while_lingering_stops_serving_and_exits_0(tmp_path: Path) -> No
     assert proc.stderr is not None
     stderr = proc.stderr.read()
     assert proc.returncode == 0, stderr
+
+
+def test_sigterm_during_startup_still_ends_the_run_cleanly(tmp_path: Path) -> None:
+    proc = _start(tmp_path)
+    time.sleep(0.3)  # the interpreter is importing torch or building the task
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [x["event"] for x in lines] == ["run.start", "run.end"]
+    assert (lines[-1]["status"], lines[-1]["reason"], lines[-1]["step"]) == ("terminated", "SIGTERM", 0)
+
+
+_SLOW_EVAL = """
+import time
+from traintel.tasks.forecast import make_task as base
+
+class Slow:
+    def __init__(self, loader):
+        self.loader = loader
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(0.2)
+            yield batch
+
+def make_task():
+    task = base(train_samples=96)
+    task.val_loader = Slow(task.val_loader)
+    return task
+"""
+
+
+def test_sigterm_during_evaluation_stops_it_and_ends_the_run(tmp_path: Path) -> None:
+    (tmp_path / "slow_eval.py").write_text(_SLOW_EVAL)
+    proc = _start(
+        tmp_path, "--set", "task.factory=slow_eval:make_task", "--set", "task.params={}",
+        "--set", "trainer.max_epochs=50", pythonpath=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "train.epoch" and seen[-1]["epoch"] == 2:
+            time.sleep(0.3)  # inside epoch 2's evaluation (8 batches of 0.2 s)
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen += [json.loads(x) for x in proc.stdout.read().splitlines()]
+    assert proc.wait(timeout=10) == 143
+    events = [(x["event"], x.get("epoch")) for x in seen]
+    assert events[-2:] == [("train.epoch", 2), ("run.end", 2)]
+    assert ("eval.epoch", 2) not in events  # a partial evaluation is not reported as a mean
+    assert (seen[-1]["status"], seen[-1]["reason"]) == ("terminated", "SIGTERM")

@@ -276,8 +276,15 @@ class Run:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def run(self) -> RunEndRecord:
-        """Train for ``trainer.max_epochs``; returns the ``run.end`` record."""
+    def run(self, stop_signal: str | None = None) -> RunEndRecord:
+        """Train for ``trainer.max_epochs``; returns the ``run.end`` record.
+
+        ``stop_signal`` names a signal that arrived before the run (while starting up): the
+        run then starts, writes ``run.start`` and ends at once as ``terminated``.
+        """
+        if stop_signal is not None:
+            self.stop_signal = stop_signal
+            self.trainer.add_event_handler(Events.STARTED, lambda _: self.stop(stop_signal))
         try:
             with self._signals():
                 self.trainer.run(

@@ -118,7 +118,8 @@ def _train(args: argparse.Namespace) -> int:
     from traintel.api import build
 
     run = build(cfg)
-    end = run.run()
+    early = _early_signal[0] if _early_signal else None
+    end = run.run(stop_signal=early)
     if run.stop_signal == "SIGTERM":
         return EXIT_SIGTERM
     if run.stop_signal == "SIGINT":
@@ -126,9 +127,26 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_FAILED if end.status == "failed" else EXIT_OK
 
 
+_early_signal: list[str] = []
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    """Until the run installs its own handlers: remember SIGTERM/SIGINT (start-up takes seconds:
+    importing torch, building the task), so the run ends as terminated instead of vanishing."""
+    import signal
+
+    if not _early_signal:
+        _early_signal.append(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _remember_signal)
     sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
     commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
         ("train", None): lambda: _train(args),
