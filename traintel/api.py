@@ -20,6 +20,7 @@ import torch
 import yaml
 from ignite.engine import Engine, Events
 
+from traintel._dirs import missing_dirs, remove_empty
 from traintel.config import Config, coerce_config
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.optim import build_optimizer, build_scheduler
@@ -156,7 +157,7 @@ class Run:
             config=freeze(config.to_dict(redact=True)),
         )
         # Sinks may write into the run directory from open(); one that stays empty is removed again.
-        self._made_dirs = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        self._made_dirs = missing_dirs(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -164,7 +165,7 @@ class Run:
         try:
             self.fanout.open(context)
         except BaseException:
-            self._discard_empty_dirs()
+            remove_empty(self._made_dirs)
             raise
 
         self._unroute: Callable[[], None] | None = None
@@ -304,14 +305,7 @@ class Run:
         if unroute is not None:
             unroute()
         self.fanout.close()
-        self._discard_empty_dirs()
-
-    def _discard_empty_dirs(self) -> None:
-        for directory in self._made_dirs:  # deepest first
-            try:
-                directory.rmdir()
-            except OSError:
-                return  # not empty (or not ours to remove): keep it and its parents
+        remove_empty(self._made_dirs)
 
     def __enter__(self) -> Run:
         return self

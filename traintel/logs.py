@@ -18,7 +18,7 @@ import structlog
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
-from traintel.sinks._jsonline import dumps, head, iso_utc, strict_fields
+from traintel.sinks._jsonline import iso_utc, line_bytes
 from traintel.sinks.json_stdout import JsonSink
 
 _exception_dict = ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
@@ -51,7 +51,7 @@ def _renderer(profile: str) -> Callable[[Any, str, MutableMapping[str, Any]], st
             str(event_dict.pop("event")),
             event_dict.pop("_level"),
         )
-        return dumps(strict_fields(head(timestamp, level, event, dict(event_dict), profile))).decode()
+        return line_bytes(timestamp, level, event, dict(event_dict), profile).decode()
 
     return render
 

@@ -61,6 +61,13 @@ def head(timestamp: str | None, level: str, event: str, rest: dict[str, Any], pr
     return out
 
 
+def line_bytes(
+    timestamp: str | None, level: str, event: str, rest: dict[str, Any], profile: str = "default"
+) -> bytes:
+    """One strict JSON line (no newline): ``head`` order and names, non-finite floats as null."""
+    return dumps(strict_fields(head(timestamp, level, event, rest, profile)))
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, float):  # numpy floats and the like
         return float(value)

@@ -1,11 +1,11 @@
 """A background writer behind a bounded queue, so a slow consumer never blocks training.
 
-The sink renders a record's line on the training thread (rendering on another thread
-would make training wait for the GIL) and hands the bytes to this writer; a daemon
-thread writes queued lines in batches, holding the GIL only to take them from the queue.
-When ``capacity`` lines are waiting, the sink drops records of the droppable kind
-(``train.batch``) instead of rendering them, counts them, and puts the count on the
-next line it renders; every other record is still queued, so step, epoch and run
+A sink hands each record to ``offer`` with its render function: the line is rendered
+on the training thread (rendering on another thread would make training wait for the
+GIL) and a daemon thread writes queued lines in batches, holding the GIL only to take
+them from the queue. When ``capacity`` lines are waiting, records of the droppable kind
+(``train.batch``) are dropped instead of rendered and counted, and the count is put on
+the next line rendered; every other record is still queued, so step, epoch and run
 records are never dropped. ``close`` drains the queue within ``close_timeout`` seconds.
 """
 
@@ -18,7 +18,12 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
+from traintel.records import BatchRecord, Record, StepRecord
+
 _MAX_BATCH = 1024  # lines joined into one write
+
+ROUTINE = (BatchRecord, StepRecord)
+"""Records written within the writer's linger time; others (epoch, eval, run, errors) go out at once."""
 
 
 class Stream(Protocol):
@@ -92,6 +97,17 @@ class BackgroundWriter:
         """Drops not yet reported on a line; the caller puts them on the line it renders next."""
         n, self._unreported = self._unreported, 0
         return n
+
+    def offer(self, record: Record, render: Callable[[Record, int], bytes]) -> bool:
+        """Queue ``render(record, dropped)`` under the drop policy; False when the record was dropped.
+
+        ``dropped`` is the number of records dropped since the last line, for the line to carry.
+        """
+        if isinstance(record, BatchRecord) and self.full():
+            self.drop()
+            return False
+        self.submit(render(record, self.take_unreported()), urgent=not isinstance(record, ROUTINE))
+        return True
 
     def submit(self, line: bytes, *, urgent: bool = False) -> None:
         """Queue a line. The writer is woken for an ``urgent`` line, a full batch, or once

@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from traintel._dirs import missing_dirs, remove_empty
 from traintel.errors import ConfigError, one_line
-from traintel.records import BatchRecord, Record, StepRecord
-from traintel.sinks._jsonline import dumps, iso_utc, strict_fields
+from traintel.records import Record
+from traintel.sinks._jsonline import iso_utc, line_bytes
 from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
 
-_ROUTINE = (BatchRecord, StepRecord)
-"""Written within the writer's linger time; epoch, eval and run records are written at once."""
+
+def _render(record: Record, dropped: int) -> bytes:
+    """The record's line: its fields, then its diagnostics, then ``dropped`` when records were lost."""
+    rest = record.fields()
+    rest.update(record.diagnostics)
+    if dropped:
+        rest["dropped"] = dropped
+    return line_bytes(iso_utc(record.time), record.level, record.event, rest) + b"\n"
 
 
 class RotatingFile:
@@ -120,7 +127,7 @@ class DiagnosticSink:
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
         self._written = 0
-        self._made_dirs = [p for p in (context.run_dir, *context.run_dir.parents) if not p.exists()]
+        self._made_dirs = missing_dirs(context.run_dir)
         try:
             context.run_dir.mkdir(parents=True, exist_ok=True)
             file = self._open_file(path)
@@ -145,21 +152,8 @@ class DiagnosticSink:
             self._reported = writer.failed
             msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
             raise OSError(msg)
-        if isinstance(record, BatchRecord) and writer.full():
-            writer.drop()
-            return
-        line: dict[str, Any] = {
-            "timestamp": iso_utc(record.time),
-            "level": record.level,
-            "event": record.event,
-        }
-        line.update(record.fields())
-        line.update(record.diagnostics)
-        dropped = writer.take_unreported()
-        if dropped:
-            line["dropped"] = dropped
-        writer.submit(dumps(strict_fields(line)) + b"\n", urgent=not isinstance(record, _ROUTINE))
-        self._written += 1
+        if writer.offer(record, _render):
+            self._written += 1
 
     def close(self) -> None:
         """Drain the writer, fsync and close; a file that never received a record is removed with
@@ -176,6 +170,4 @@ class DiagnosticSink:
             f.close()
         if self._written == 0 and self.path is not None:
             self.path.unlink(missing_ok=True)
-            for directory in self._made_dirs:  # deepest first
-                with contextlib.suppress(OSError):  # not empty: another sink wrote there
-                    directory.rmdir()
+            remove_empty(self._made_dirs)

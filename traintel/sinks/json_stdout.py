@@ -10,9 +10,9 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from traintel.records import BatchRecord, Record, StepRecord
-from traintel.sinks._jsonline import dumps, head, iso_utc, strict_fields
-from traintel.sinks._writer import BackgroundWriter, FdStream
+from traintel.records import Record
+from traintel.sinks._jsonline import iso_utc, line_bytes
+from traintel.sinks._writer import ROUTINE, BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
 
@@ -22,13 +22,9 @@ def renderer(profile: str = "default") -> Callable[[Any, str, MutableMapping[str
 
     def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
         timestamp, event = event_dict.pop("timestamp", None), str(event_dict.pop("event"))
-        return dumps(strict_fields(head(timestamp, method, event, dict(event_dict), profile)))
+        return line_bytes(timestamp, method, event, dict(event_dict), profile)
 
     return render
-
-
-_ROUTINE = (BatchRecord, StepRecord)
-"""Records written within the writer's linger time; others (epoch, run, errors) go out at once."""
 
 
 _CONSOLE_HIDDEN = ("run_id", "schema_version", "config", "timestamp")
@@ -142,12 +138,9 @@ class JsonSink:
         if writer.failed is not None:
             msg = f"stdout is not writable: {type(writer.failed).__name__}: {writer.failed}"
             raise OSError(msg)
-        if self.console and isinstance(record, _ROUTINE):
+        if self.console and isinstance(record, ROUTINE):
             return
-        if isinstance(record, BatchRecord) and writer.full():
-            writer.drop()
-            return
-        writer.submit(self.render(record, writer.take_unreported()), urgent=not isinstance(record, _ROUTINE))
+        writer.offer(record, self.render)
 
     def write_line(self, line: bytes) -> None:
         """Queue an already rendered line (a routed stdlib log record); dropped after close."""
