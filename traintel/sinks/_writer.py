@@ -65,13 +65,15 @@ class BackgroundWriter:
         capacity: int = 10_000,
         close_timeout: float = 5.0,
         linger: float = 0.05,
-        after_write: Callable[[], None] | None = None,
+        threaded: bool = True,
     ) -> None:
         self.name = name
         self.stream = stream
         self.capacity = capacity
         self.close_timeout = close_timeout
-        self.after_write = after_write
+        self.threaded = threaded
+        """False: write each line at once on the caller's thread (a terminal, where lines must
+        interleave in order with a progress bar, and blocking on a person's screen is fine)."""
         self.dropped = 0
         """Records dropped so far because the consumer fell behind (or the stream failed)."""
         self.failed: BaseException | None = None
@@ -83,7 +85,8 @@ class BackgroundWriter:
         self.linger = linger
         self._woken = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"traintel-{name}-writer", daemon=True)
-        self._thread.start()
+        if threaded:
+            self._thread.start()
 
     def full(self) -> bool:
         return len(self._queue) >= self.capacity
@@ -116,6 +119,9 @@ class BackgroundWriter:
         if self._closing:
             msg = f"{self.name}: line submitted after close"
             raise RuntimeError(msg)
+        if not self.threaded:
+            self._write([line])
+            return
         self._queue.append(line)  # deque.append is atomic; the writer only pops from the left
         now = time.monotonic()
         if urgent or len(self._queue) >= _MAX_BATCH or now - self._woken >= self.linger:
@@ -133,22 +139,25 @@ class BackgroundWriter:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            if self.failed is not None:
-                self.dropped += len(batch)
-                continue
-            try:
-                self.stream.write(b"".join(batch))
-                self.stream.flush()
-                if self.after_write is not None:
-                    self.after_write()
-            except Exception as exc:  # a full disk, a closed pipe: count, keep draining
-                self.failed = exc
-                self.dropped += len(batch)
+            self._write(batch)
+
+    def _write(self, batch: list[bytes]) -> None:
+        if self.failed is not None:
+            self.dropped += len(batch)
+            return
+        try:
+            self.stream.write(b"".join(batch))
+            self.stream.flush()
+        except Exception as exc:  # a full disk, a closed pipe: count, keep draining
+            self.failed = exc
+            self.dropped += len(batch)
 
     def close(self) -> bool:
         """Stop accepting lines and drain the queue; False if it could not finish in time."""
         with self._cond:
             self._closing = True
             self._cond.notify()
+        if not self.threaded:
+            return True
         self._thread.join(self.close_timeout)
         return not self._thread.is_alive()

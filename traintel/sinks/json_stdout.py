@@ -127,7 +127,11 @@ class JsonSink:
             sys.stdout.flush()
             stream = self._owned = FdStream(os.dup(sys.stdout.fileno()))
         self._writer = BackgroundWriter(
-            self.name, stream, capacity=self.capacity, close_timeout=self.close_timeout
+            self.name,
+            stream,
+            capacity=self.capacity,
+            close_timeout=self.close_timeout,
+            threaded=not self.console,
         )
 
     def emit(self, record: Record) -> None:
