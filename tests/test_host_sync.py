@@ -33,9 +33,27 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
     return counts
 
 
-@pytest.mark.parametrize(("every", "emissions"), [(1, 12), (2, 6), (5, 2), (13, 0)])
-def test_one_transfer_per_emission_and_one_float_per_epoch_mean(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int, emissions: int
+# 7 micro-batches of 4 items, k=3: 3 optimizer steps per epoch, 4 epochs, 12 steps
+@pytest.mark.parametrize(
+    ("every", "max_delay", "emissions", "transfers"),
+    [
+        (1, 0.0, 12, 12),  # every emitted step delivered at once: one transfer each
+        (2, 0.0, 6, 6),
+        (5, 0.0, 2, 2),
+        (13, 0.0, 0, 0),
+        # the first emitted step goes at once, later ones wait for the end of their epoch
+        (1, 60.0, 12, 5),  # steps 1 | 2, 3 | 4-6 | 7-9 | 10-12
+        (2, 60.0, 6, 4),  # steps 2 | 4, 6 | 8 | 10, 12
+        (5, 60.0, 2, 2),  # steps 5 | 10
+    ],
+)
+def test_one_transfer_per_delivery_and_one_float_per_epoch_mean(  # noqa: PLR0917 - parametrized
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    every: int,
+    max_delay: float,
+    emissions: int,
+    transfers: int,
 ) -> None:
     task = Task(
         model=make_model(),
@@ -44,16 +62,19 @@ def test_one_transfer_per_emission_and_one_float_per_epoch_mean(
         val_loader=make_batches([5, 5], seed=1),
     )
     cfg = quiet_config(tmp_path, accumulation_steps=3, max_epochs=4)
-    cfg["telemetry"]["every"] = every
+    cfg["telemetry"] = {"every": every, "max_delay_seconds": max_delay}
     mem = MemorySink()
     run = build(cfg, task, sinks=[mem])
     counts = _counting(monkeypatch)
     run.run()
     monkeypatch.undo()
-    # one .tolist() per emitted step (all its batch losses, step loss and grad norm at once),
-    # one float() per train.epoch loss and one per eval.epoch loss; nothing else
-    assert dict(counts) == {k: v for k, v in {"tolist": emissions, "__float__": 8}.items() if v}
-    assert len(mem.of("train.step")) == emissions
+    # one .tolist() per delivery (every waiting step's batch losses, step loss and grad norm at
+    # once), one float() per train.epoch loss and one per eval.epoch loss; nothing else
+    assert dict(counts) == {k: v for k, v in {"tolist": transfers, "__float__": 8}.items() if v}
+    steps = list(range(every, 13, every))
+    assert len(steps) == emissions
+    assert [r.step for r in mem.of("train.step")] == steps  # type: ignore[attr-defined]
+    assert len(mem.of("train.batch")) == sum((3, 3, 1)[(s - 1) % 3] for s in steps)  # windows of 3, 3, 1
     assert len(mem.of("train.epoch")) == len(mem.of("eval.epoch")) == 4
 
 

@@ -121,7 +121,11 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     definition = defs[cls.event]
     props = definition["properties"]
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in {"run_id", "time", "diagnostics"}]
+    names = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in {"run_id", "time", "diagnostics"} and not f.name.startswith("_")
+    ]
     extras = _diagnostic_only() if cls.event == "train.batch" else set()
 
     assert definition["additionalProperties"] is False

@@ -142,9 +142,16 @@ class Run:
             self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
         emit = self.fanout.emit
         self.telemetry = TrainTelemetry(
-            emit, self.run_id, every=config.telemetry.every, diagnostics=config.sinks.diagnostic.enabled
+            emit,
+            self.run_id,
+            every=config.telemetry.every,
+            diagnostics=config.sinks.diagnostic.enabled,
+            max_delay=config.telemetry.max_delay_seconds,
+            emit_many=self.fanout.emit_many,
         )
-        self.lifecycle = RunLifecycle(self.fanout, self._start_record, self.run_id)
+        self.lifecycle = RunLifecycle(
+            self.fanout, self._start_record, self.run_id, before_end=self.telemetry.flush
+        )
         self.lifecycle.attach(self.trainer)
         self.telemetry.attach(self.trainer)
         if self.evaluator is not None and task.val_loader is not None:

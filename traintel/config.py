@@ -113,6 +113,10 @@ class TelemetryConfig(_Section):
     every: int = Field(default=10, ge=1, le=1_000_000)
     """Emit ``train.batch`` and ``train.step`` records for every Nth optimizer step;
     epoch, eval and run records are always emitted."""
+    max_delay_seconds: float = Field(default=0.05, ge=0, le=60, allow_inf_nan=False)
+    """Emitted steps are delivered to the sinks in batches, at most this long after the previous
+    delivery (or when the next step ends, if steps are slower), and always before the epoch
+    record and run.end; 0 delivers every emitted step at once."""
 
 
 class JsonSinkConfig(_Section):

@@ -10,7 +10,8 @@ tensor that went to ``backward()``; sinks format it, never recompute it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -40,9 +41,13 @@ class Record:
     run_id: str
     """Id of the run that produced the record."""
     time: float
-    """Wall-clock time the record was built, Unix seconds (UTC)."""
+    """Wall-clock time, Unix seconds (UTC): when the optimizer step ended for batch and step records,
+    otherwise when the record was built."""
     diagnostics: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, compare=False)
     """Extras for the diagnostic file only (self-checks, memory)."""
+    _line: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    """The record's JSON line once rendered (``traintel.sinks._jsonline.public_line``): a cache of
+    the formatting, so the JSON sinks share one rendering; never part of the record's values."""
 
     @property
     def schema_version(self) -> str:
@@ -50,22 +55,35 @@ class Record:
 
     def fields(self) -> dict[str, Any]:
         """The record's public fields in declaration order, without ``time`` and ``diagnostics``."""
+        names, values = layout(type(self))
         out: dict[str, Any] = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION}
-        for name in _public_names(type(self)):
-            out[name] = getattr(self, name)
+        out.update(zip(names, values(self), strict=True))
         return out
 
 
-_NAMES: dict[type[Record], tuple[str, ...]] = {}
+_LAYOUTS: dict[type[Record], tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}
 
 
-def _public_names(cls: type[Record]) -> tuple[str, ...]:
-    names = _NAMES.get(cls)
-    if names is None:
-        skip = {"run_id", "time", "diagnostics"}
-        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in skip)
-        _NAMES[cls] = names
-    return names
+def layout(cls: type[Record]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]:
+    """The public field names of ``cls`` after ``run_id`` and a getter of their values as one tuple."""
+    found = _LAYOUTS.get(cls)
+    if found is not None:
+        return found
+    skip = {"run_id", "time", "diagnostics"}
+    names = tuple(
+        f.name for f in dataclasses.fields(cls) if f.name not in skip and not f.name.startswith("_")
+    )
+    getter = operator.attrgetter(*names) if len(names) > 1 else _single(names)
+    found = _LAYOUTS[cls] = (names, getter)
+    return found
+
+
+def _single(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """A getter for zero or one names that still returns a tuple (``attrgetter`` of one name does not)."""
+    if not names:
+        return lambda _record: ()
+    get = operator.attrgetter(names[0])
+    return lambda record: (get(record),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

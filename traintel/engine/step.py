@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,7 +22,8 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class MicroBatchOutput(NamedTuple):
     """One micro-batch: the tensors given to backward, detached, still on the device.
 
-    (A NamedTuple: immutable and cheap to build once per micro-batch.)
+    Built for ``MICRO_BATCH_COMPLETED`` listeners (``state.micro_batch``) and on demand
+    from ``StepOutput.micro``; the update step itself keeps flat tuples.
     """
 
     position: int
@@ -65,7 +66,12 @@ class StepOutput(NamedTuple):
     window: Window
     items: int
     """N_t."""
-    micro: tuple[MicroBatchOutput, ...]
+    counts: tuple[int, ...]
+    """n_b of each micro-batch, in window order."""
+    raw_losses: tuple[torch.Tensor, ...]
+    """mean_loss_b of each micro-batch, detached (NaN for one with no items)."""
+    losses: tuple[torch.Tensor, ...]
+    """s_b = mean_loss_b * n_b / N_t of each micro-batch: exactly what went to backward, detached."""
     loss: torch.Tensor
     """Sum of the window's s_b, float64: the objective of this step."""
     items_total: int
@@ -74,6 +80,20 @@ class StepOutput(NamedTuple):
     """Learning rate of the first parameter group used by this step."""
     grad_norm: torch.Tensor | None
     skipped: bool
+
+    def scale(self, position: int) -> float:
+        """n_b / N_t of the micro-batch at 0-based ``position`` (the same division the step made)."""
+        n = self.counts[position]
+        return n / self.items if n else 0.0
+
+    @property
+    def micro(self) -> tuple[MicroBatchOutput, ...]:
+        """The window's micro-batches as ``MicroBatchOutput`` tuples (built on each access)."""
+        first = self.window.first_batch
+        return tuple(
+            MicroBatchOutput(i + 1, first + i, n, self.scale(i), raw, loss)
+            for i, (n, raw, loss) in enumerate(zip(self.counts, self.raw_losses, self.losses, strict=True))
+        )
 
 
 def default_prepare(batch: Any, device: torch.device) -> tuple[Any, Any]:
@@ -90,8 +110,7 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def default_count_items(batch: Any) -> int:
     """The batch size: the first dimension of the targets."""
-    targets = batch[1]
-    return int(targets.shape[0]) if isinstance(targets, torch.Tensor) else len(targets)
+    return _items(batch[1])
 
 
 class AccumulatingStep:
@@ -100,6 +119,11 @@ class AccumulatingStep:
     For window t with micro-batches of n_b items and N_t = sum n_b, each micro-batch
     contributes s_b = mean_loss_b * n_b / N_t to backward, so the accumulated gradient
     is the gradient of the window's item-weighted mean loss, whatever the batch sizes.
+
+    The step runs once per optimizer step on the training thread, so its bookkeeping is
+    kept to a few tensor operations (two detaches per micro-batch, the float64 step sum and
+    the epoch total) and no Python objects beyond one ``StepOutput``; per-micro-batch
+    outputs are built only while something listens to ``MICRO_BATCH_COMPLETED``.
     """
 
     def __init__(
@@ -129,9 +153,8 @@ class AccumulatingStep:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.totals = Totals(epoch=0, loss_sum=self._zero.clone())
-        bf16 = precision == "bf16"
-        self._autocast: AbstractContextManager[Any] = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self._autocast: AbstractContextManager[Any] | None = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else None
         )
 
     @property
@@ -148,102 +171,116 @@ class AccumulatingStep:
             )
         return t
 
-    def _clear_grads(self) -> None:
-        """``zero_grad(set_to_none=True)`` without the optimizer's per-call profiling overhead."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+    def __call__(self, engine: Engine, window: Window) -> torch.Tensor:  # noqa: PLR0912, PLR0915
+        # One function with no helper calls on the default path: next to torch's kernels every
+        # Python call here costs microseconds (measured in benchmarks/overhead.py), so the
+        # defaults of prepare and count_items are inlined and the optimizer step is spelled out.
+        model = self.model
+        if not model.training:
+            model.train()
+        batches = window.batches
+        if self.count_items is default_count_items:
+            counts = tuple([_items(b[1]) for b in batches])
+        else:
+            count = self.count_items
+            counts = tuple([int(count(b)) for b in batches])
+            if counts and min(counts) < 0:
+                msg = f"count_items returned a negative count {min(counts)}"
+                raise ValueError(msg)
+        total = sum(counts)
+        optimizer = self.optimizer
+        for group in optimizer.param_groups:  # no grads after a completed step; clears what a failed
+            for p in group["params"]:  # step or a handler left
                 p.grad = None
 
-    def _count(self, window: Window) -> list[int]:
-        counts = [int(self.count_items(b)) for b in window.batches]
-        if any(n < 0 for n in counts):
-            msg = f"count_items returned a negative count {min(counts)}"
-            raise ValueError(msg)
-        return counts
+        device, loss_fn, autocast = self.device, self.loss_fn, self._autocast
+        prepare = None if self.prepare is default_prepare else self.prepare
+        listeners = engine._event_handlers[TraintelEvents.MICRO_BATCH_COMPLETED]
+        raws: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        for position, batch in enumerate(batches):
+            n = counts[position]
+            if n:
+                if prepare is None:
+                    inputs, targets = batch
+                    if isinstance(inputs, torch.Tensor) and inputs.device != device:
+                        inputs = inputs.to(device, non_blocking=True)
+                    if isinstance(targets, torch.Tensor) and targets.device != device:
+                        targets = targets.to(device, non_blocking=True)
+                else:
+                    inputs, targets = prepare(batch, device)
+                if autocast is None:
+                    raw = loss_fn(model(inputs), targets)
+                    loss = raw * (n / total)  # s_b = mean_loss_b * n_b / N_t
+                else:
+                    with autocast:
+                        raw = loss_fn(model(inputs), targets)
+                        loss = raw * (n / total)
+                loss.backward()
+                raw = raw.detach()
+                loss = loss.detach()
+            else:  # nothing to run: NaN stands for the missing mean, 0 for the missing share
+                raw = torch.full((), math.nan, device=device)
+                loss = raw.new_zeros(())
+            raws.append(raw)
+            losses.append(loss)
+            if listeners:
+                state: Any = engine.state  # Ignite's State takes extra attributes
+                state.micro_batch = MicroBatchOutput(
+                    position + 1, window.first_batch + position, n, n / total if n else 0.0, raw, loss
+                )
+                engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
 
-    def _backward(self, batch: Any, position: int, first: int, n: int, total: int) -> MicroBatchOutput:
-        """Forward and backward one micro-batch with loss scaled by n_b / N_t."""
-        if n == 0:
-            nan = torch.full((), math.nan, device=self.device)
-            return MicroBatchOutput(position, first + position - 1, 0, 0.0, nan, nan.new_zeros(()))
-        inputs, targets = self.prepare(batch, self.device)
-        scale = n / total
-        with self._autocast:
-            raw = self.loss_fn(self.model(inputs), targets)
-            loss = raw * scale
-        loss.backward()
-        return MicroBatchOutput(position, first + position - 1, n, scale, raw.detach(), loss.detach())
-
-    def _step(self, engine: Engine) -> torch.Tensor | None:
-        """Clip (optionally), then step the optimizer and scheduler; returns the gradient norm."""
+        lr = optimizer.param_groups[0]["lr"]
+        if type(lr) is not float:
+            lr = float(lr)
         grad_norm: torch.Tensor | None = None
-        if self.grad_clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
-        elif self.report_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
-        _fire(engine, TraintelEvents.OPTIMIZER_STEP_STARTED)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self._clear_grads()
-        return grad_norm
-
-    def __call__(self, engine: Engine, window: Window) -> torch.Tensor:
-        if not self.model.training:
-            self.model.train()
-        state: Any = engine.state  # Ignite's State takes extra attributes; mypy cannot see them
-        counts = self._count(window)
-        total = sum(counts)
-        self._clear_grads()  # a no-op after a completed step; clears anything left by a failed one
-        micro: list[MicroBatchOutput] = []
-        for position, (batch, n) in enumerate(zip(window.batches, counts, strict=True), start=1):
-            out = self._backward(batch, position, window.first_batch, n, total)
-            micro.append(out)
-            state.micro_batch = out
-            _fire(engine, TraintelEvents.MICRO_BATCH_COMPLETED)
-
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        grad_norm = self._step(engine) if total else None
-        step_loss = _sum([m.loss for m in micro if m.items], self._zero)
-        totals = self.totals_for(engine.state.epoch)
+        step_loss: torch.Tensor | None = None
         if total:
+            if self.grad_clip_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
+            elif self.report_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
+            if engine._event_handlers[TraintelEvents.OPTIMIZER_STEP_STARTED]:
+                engine._fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
+            optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            for v, n in zip(losses, counts, strict=True):  # float64, left to right: exact terms
+                if n:
+                    step_loss = v.double() if step_loss is None else step_loss + v
+
+        epoch = engine.state.epoch
+        totals = self.totals if self.totals.epoch == epoch else self.totals_for(epoch)
+        if step_loss is None:
+            step_loss = self._zero
+        else:
             totals.loss_sum.add_(step_loss, alpha=total)
             totals.steps += 1
             totals.run_steps += 1
         totals.items += total
-        totals.batches += len(micro)
+        totals.batches += len(counts)
         totals.run_items += total
-        state.step_output = StepOutput(
-            epoch=engine.state.epoch,
-            step=totals.run_steps,
-            window=window,
-            items=total,
-            micro=tuple(micro),
-            loss=step_loss,
-            items_total=totals.run_items,
-            lr=lr,
-            grad_norm=grad_norm,
-            skipped=total == 0,
+        engine.state.step_output = StepOutput(  # type: ignore[attr-defined]
+            epoch,
+            totals.run_steps,
+            window,
+            total,
+            counts,
+            tuple(raws),
+            tuple(losses),
+            step_loss,
+            totals.run_items,
+            lr,
+            grad_norm,
+            total == 0,
         )
         return step_loss
 
 
-def _sum(values: list[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
-    """Sum 0-d tensors in float64, left to right (k small kernel launches for k values)."""
-    if not values:
-        return zero
-    total = values[0].double()
-    for v in values[1:]:
-        total = total + v  # float64 + float32 promotes to float64: no rounding of the terms
-    return total
-
-
-def _fire(engine: Engine, event: TraintelEvents) -> None:
-    """Fire a registered traintel event.
-
-    ``Engine.fire_event`` first checks the event against every allowed event with a
-    slow ``__eq__`` (about 5 us a call); these events are registered by
-    ``create_trainer``, so the check is skipped, and so is the call when nothing listens.
-    """
-    if engine._event_handlers[event]:
-        engine._fire_event(event)
+def _items(targets: Any) -> int:
+    """``default_count_items`` given the targets."""
+    return int(targets.shape[0]) if isinstance(targets, torch.Tensor) else len(targets)

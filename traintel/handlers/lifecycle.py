@@ -21,10 +21,19 @@ class RunLifecycle:
     is ``engine.state.stop_reason`` when set) or ``failed`` (an exception, re-raised).
     """
 
-    def __init__(self, fanout: FanOut, start_record: Callable[[], RunStartRecord], run_id: str) -> None:
+    def __init__(
+        self,
+        fanout: FanOut,
+        start_record: Callable[[], RunStartRecord],
+        run_id: str,
+        *,
+        before_end: Callable[[], None] | None = None,
+    ) -> None:
         self.fanout = fanout
         self.start_record = start_record
         self.run_id = run_id
+        self.before_end = before_end
+        """Called before ``run.end`` is built (the telemetry delivers its waiting records)."""
         self.ended: RunEndRecord | None = None
         self._t0 = 0.0
         self._terminated = False
@@ -62,6 +71,11 @@ class RunLifecycle:
     def end(self, engine: Engine, status: str, reason: str) -> None:
         if self.ended is not None:
             return
+        if self.before_end is not None:
+            try:
+                self.before_end()
+            except Exception:  # the run still gets its run.end; the failure is logged, not raised
+                logging.getLogger("traintel").exception("delivering the last records failed")
         totals = getattr(engine.state, "totals", None)
         self.ended = RunEndRecord(
             run_id=self.run_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -16,8 +16,11 @@ from traintel.handlers.memory import rss_bytes
 from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
 
 Emit = Callable[[Record], None]
+EmitMany = Callable[[Sequence[Record]], None]
 
 _TOLERANCE_ULPS = 4.0
+MAX_PENDING = 256
+"""Emitted steps held at most before their records are delivered, whatever ``max_delay``."""
 
 
 def scale_check(raw: float, loss: float, expected: float, eps: float) -> tuple[float | None, bool | None]:
@@ -34,85 +37,175 @@ class TrainTelemetry:
     """Turn every Nth optimizer step into records and every epoch into an epoch record.
 
     The update step keeps the running totals (a float64 loss-sum tensor on the model's
-    device, integer counts); tensors become Python floats only here, when a record is
-    emitted, in one device-to-host transfer per emission, and that one float goes to
-    every sink.
+    device, integer counts) and each step's detached loss tensors. An emitted step is
+    noted with its wall-clock time; its tensors become Python floats only when its records
+    are built, and that one float goes to every sink.
+
+    Records are built and delivered in batches: the steps noted since the last delivery
+    are converted with one ``stack().tolist()`` (one device-to-host transfer for all of
+    them) and their records go to the sinks together, once ``max_delay`` seconds have
+    passed since the last delivery, or ``MAX_PENDING`` steps are waiting, or the epoch or
+    run ends. Each record keeps its own step's time. Building and rendering many records
+    in one go costs far less than interleaving the same work with the training step,
+    and a step slower than ``max_delay`` is delivered as soon as it ends. ``max_delay=0``
+    delivers every emitted step at once.
     """
 
-    def __init__(self, emit: Emit, run_id: str, *, every: int = 1, diagnostics: bool = True) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        run_id: str,
+        *,
+        every: int = 1,
+        diagnostics: bool = True,
+        max_delay: float = 0.05,
+        emit_many: EmitMany | None = None,
+    ) -> None:
         if every < 1:
             msg = f"every must be >= 1, got {every}"
             raise ValueError(msg)
+        if not max_delay >= 0:
+            msg = f"max_delay must be >= 0, got {max_delay}"
+            raise ValueError(msg)
         self.emit = emit
+        self.emit_many: EmitMany = emit_many if emit_many is not None else self._emit_each
         self.run_id = run_id
         self.every = every
         self.diagnostics = diagnostics
+        self.max_delay = max_delay
+        self._pending: list[tuple[StepOutput, float]] = []
+        self._delivered = 0.0
+
+    def _emit_each(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self.emit(record)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.emit_step)
+        """Note every Nth step; deliver at epoch end (before the epoch record) and at COMPLETED.
+
+        A run that ends otherwise (terminated mid-epoch, failed) is delivered by ``flush``
+        from whatever ends it: ``RunLifecycle`` calls it before ``run.end``.
+        """
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.note_step)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.emit_epoch)
+        engine.add_event_handler(Events.COMPLETED, self._flush_on_stop)
+
+    def note_step(self, engine: Engine) -> None:
+        """ITERATION_COMPLETED: keep every Nth step's output; deliver when due."""
+        if engine.state.iteration % self.every:
+            return
+        now = time.time()
+        pending = self._pending
+        pending.append((_state(engine).step_output, now))
+        if len(pending) >= MAX_PENDING or now - self._delivered >= self.max_delay:
+            self.flush()
 
     def emit_step(self, engine: Engine) -> None:
-        out: StepOutput = _state(engine).step_output
-        micro = out.micro
-        k = len(micro)
-        tensors = [m.raw_loss for m in micro] + [m.loss for m in micro] + [out.loss]
-        if out.grad_norm is not None:
-            tensors.append(out.grad_norm)
-        values = torch.stack(tensors).tolist()  # promoted to float64 (exact); the one host transfer
-        now = time.time()
-        before = out.step if out.skipped else out.step - 1
+        """Build and deliver the records of the engine's current step at once (with any waiting)."""
+        self._pending.append((_state(engine).step_output, time.time()))
+        self.flush()
+
+    def flush(self) -> None:
+        """Build the records of the waiting steps and deliver them, in step order."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        values, step_losses = _to_floats(pending)
         rss = rss_bytes() if self.diagnostics else None
-        eps = torch.finfo(micro[0].loss.dtype).eps
-        for i, m in enumerate(micro):
-            raw, loss = values[i], values[k + i]
-            diag: Any = MappingProxyType({})
-            if self.diagnostics:
-                observed, ok = scale_check(raw, loss, m.scale, eps)
-                diag = MappingProxyType(
-                    {
-                        "expected_loss_scale": m.scale,
-                        "observed_loss_scale": observed,
-                        "scale_ok": ok,
-                        "accumulation_position": m.position,
-                        "window_items": out.items,
-                        "loss_dtype": str(m.loss.dtype).removeprefix("torch."),
-                        **_memory(rss, m.loss.device),
-                    }
-                )
-            self.emit(
+        records: list[Record] = []
+        memory: dict[torch.device, dict[str, int | None]] = {}
+        at = 0
+        for (out, when), step_loss in zip(pending, step_losses, strict=True):
+            device = out.loss.device
+            mem = memory.get(device)
+            if mem is None and self.diagnostics:
+                mem = memory[device] = _memory(rss, device)
+            at = self._build(out, when, step_loss, values=values, at=at, memory=mem, into=records)
+        self._delivered = time.time()
+        self.emit_many(records)
+
+    def _build(
+        self,
+        out: StepOutput,
+        when: float,
+        step_loss: float,
+        *,
+        values: list[float],
+        at: int,
+        memory: dict[str, int | None] | None,
+        into: list[Record],
+    ) -> int:
+        """Append the step's batch records and step record; returns the index of the next step's values.
+
+        ``values`` holds, per step, its raw losses, then its scaled losses, then its grad norm
+        when it has one (see ``_to_floats``).
+        """
+        k = len(out.counts)
+        run_id, epoch, total = self.run_id, out.epoch, out.items
+        before = out.step if out.skipped else out.step - 1
+        batches = out.window.batches_per_epoch
+        first = out.window.first_batch
+        dtype = out.losses[0].dtype
+        eps, dtype_name = _dtype_facts(dtype)
+        for i in range(k):
+            raw, loss = values[at + i], values[at + k + i]
+            n = out.counts[i]
+            scale = n / total if n else 0.0
+            diag: Any = _NO_DIAGNOSTICS
+            if memory is not None:
+                observed, ok = scale_check(raw, loss, scale, eps)
+                fields = {
+                    "expected_loss_scale": scale,
+                    "observed_loss_scale": observed,
+                    "scale_ok": ok,
+                    "accumulation_position": i + 1,
+                    "window_items": total,
+                    "loss_dtype": dtype_name,
+                }
+                fields.update(memory)
+                diag = MappingProxyType(fields)
+            into.append(
                 BatchRecord(
-                    run_id=self.run_id,
-                    time=now,
+                    run_id=run_id,
+                    time=when,
                     diagnostics=diag,
-                    epoch=out.epoch,
-                    batch=m.batch,
-                    batches=out.window.batches_per_epoch,
+                    epoch=epoch,
+                    batch=first + i,
+                    batches=batches,
                     step=before,
-                    items=m.items,
+                    items=n,
                     raw_loss=raw,
                     loss=loss,
-                    loss_scale=m.scale,
+                    loss_scale=scale,
                     window_size=k,
                 )
             )
-        self.emit(
+        at += 2 * k
+        grad_norm = None
+        if out.grad_norm is not None:
+            grad_norm = values[at]
+            at += 1
+        into.append(
             StepRecord(
-                run_id=self.run_id,
-                time=now,
-                epoch=out.epoch,
+                run_id=run_id,
+                time=when,
+                epoch=epoch,
                 step=out.step,
-                items=out.items,
+                items=total,
                 items_total=out.items_total,
                 window_size=k,
-                loss=values[2 * k],
+                loss=step_loss,
                 lr=out.lr,
-                grad_norm=values[2 * k + 1] if out.grad_norm is not None else None,
+                grad_norm=grad_norm,
                 skipped=out.skipped,
             )
         )
+        return at
 
     def emit_epoch(self, engine: Engine) -> None:
+        """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record."""
+        self.flush()
         totals: Totals = _state(engine).totals
         duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
         items = totals.items
@@ -131,6 +224,42 @@ class TrainTelemetry:
                 items_per_second=items / duration if duration > 0 else 0.0,
             )
         )
+
+    def _flush_on_stop(self, _engine: Engine) -> None:
+        self.flush()
+
+
+_NO_DIAGNOSTICS: Any = MappingProxyType({})
+_DTYPES: dict[torch.dtype, tuple[float, str]] = {}
+
+
+def _dtype_facts(dtype: torch.dtype) -> tuple[float, str]:
+    """Machine epsilon and short name of a loss dtype (cached: ``finfo`` is not free)."""
+    facts = _DTYPES.get(dtype)
+    if facts is None:
+        facts = _DTYPES[dtype] = (torch.finfo(dtype).eps, str(dtype).removeprefix("torch."))
+    return facts
+
+
+def _to_floats(pending: list[tuple[StepOutput, float]]) -> tuple[list[float], list[float]]:
+    """Every waiting step's loss tensors as Python floats, in one device-to-host transfer.
+
+    Returns the raw losses, scaled losses and grad norm (when present) of each step in
+    order, and separately the float64 step losses. The two groups are stacked apart and
+    joined in float64 (exact): stacking 0-d tensors of mixed dtypes is several times
+    slower than stacking each dtype on its own.
+    """
+    parts: list[torch.Tensor] = []
+    step_losses: list[torch.Tensor] = []
+    for out, _ in pending:
+        parts += out.raw_losses
+        parts += out.losses
+        if out.grad_norm is not None:
+            parts.append(out.grad_norm)
+        step_losses.append(out.loss)
+    joined = torch.cat([torch.stack(parts).double(), torch.stack(step_losses)])
+    values = joined.tolist()
+    return values[: len(parts)], values[len(parts) :]
 
 
 def _state(engine: Engine) -> Any:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
+from traintel.records import SCHEMA_VERSION, Record, layout
+
 _NONFINITE_NAMES = {math.inf: "inf", -math.inf: "-inf"}
+_isfinite = math.isfinite
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,7 +30,7 @@ def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """
     bad: dict[str, str] | None = None
     for key, value in fields.items():
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not _isfinite(value):
             if bad is None:
                 bad = {}
             bad[key] = _NONFINITE_NAMES.get(value, "nan")
@@ -59,6 +63,59 @@ def head(timestamp: str | None, level: str, event: str, rest: dict[str, Any], pr
     }
     out.update((_ECS_KEYS.get(k, k), v) for k, v in line.items() if k not in ("timestamp", "level", "event"))
     return out
+
+
+def record_dict(record: Record) -> dict[str, Any]:
+    """A record's line fields in order: timestamp (from the record's time), level, event, run_id,
+    schema_version, then its public fields."""
+    names, values = layout(type(record))
+    line: dict[str, Any] = {
+        "timestamp": iso_utc(record.time),
+        "level": record.level,
+        "event": record.event,
+        "run_id": record.run_id,
+        "schema_version": SCHEMA_VERSION,
+    }
+    line.update(zip(names, values(record), strict=True))
+    return line
+
+
+def record_line(line: dict[str, Any], profile: str = "default") -> bytes:
+    """One strict JSON line with its newline, from ``record_dict`` output (plus any extra keys)."""
+    if profile != "default":
+        rest = dict(line)
+        return line_bytes(rest.pop("timestamp"), rest.pop("level"), rest.pop("event"), rest, profile) + b"\n"
+    out = orjson.dumps(line, default=_default, option=orjson.OPT_APPEND_NEWLINE)
+    # orjson writes a non-finite float as null; only when a line has more nulls than None values
+    # (or a string holds "null") is the slow check needed, to name those fields in ``nonfinite``.
+    if b"null" in out and out.count(b"null") != [*line.values()].count(None):
+        out = orjson.dumps(strict_fields(line), default=_default, option=orjson.OPT_APPEND_NEWLINE)
+    return out
+
+
+def public_line(record: Record) -> bytes:
+    """``record_line(record_dict(record))``, rendered once per record and kept on it: the JSON
+    sink and the diagnostic file write these same bytes (the latter with its extras appended)."""
+    line = record._line
+    if line is None:
+        line = record_line(record_dict(record))
+        object.__setattr__(record, "_line", line)  # a formatting cache on the frozen record
+    return line
+
+
+def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
+    """``line`` with ``extras`` appended as further keys, or None when that cannot be done by
+    splicing (a non-finite value on either side needs the full ``nonfinite`` rendering)."""
+    if not extras:
+        return line
+    if b'"nonfinite"' in line:
+        return None
+    more = orjson.dumps(dict(extras), default=_default)
+    if b"null" in more and more.count(b"null") != [*extras.values()].count(None):
+        return None
+    if len(more) == 2:  # {}
+        return line
+    return line[:-2] + b"," + more[1:] + b"\n"
 
 
 def line_bytes(

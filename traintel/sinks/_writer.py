@@ -15,7 +15,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, Protocol
 
 from traintel.records import BatchRecord, Record, StepRecord
@@ -106,23 +106,44 @@ class BackgroundWriter:
 
         ``dropped`` is the number of records dropped since the last line, for the line to carry.
         """
-        if isinstance(record, BatchRecord) and self.full():
-            self.drop()
-            return False
-        self.submit(render(record, self.take_unreported()), urgent=not isinstance(record, ROUTINE))
-        return True
+        return self.offer_many((record,), render) == 1
+
+    def offer_many(self, records: Sequence[Record], render: Callable[[Record, int], bytes]) -> int:
+        """Render and queue ``records`` in order under the drop policy, with one wake-up decision
+        for all of them; returns how many were queued."""
+        room = self.capacity - len(self._queue)
+        urgent = not all(isinstance(r, ROUTINE) for r in records)
+        if room >= len(records) and not self._unreported:  # the usual case: nothing to drop or report
+            lines = [render(r, 0) for r in records]
+        else:
+            lines = []
+            for record in records:
+                if room <= len(lines) and isinstance(record, BatchRecord):
+                    self.drop()
+                    continue
+                dropped = self._unreported
+                if dropped:
+                    self._unreported = 0
+                lines.append(render(record, dropped))
+        if lines:
+            self.submit_many(lines, urgent=urgent)
+        return len(lines)
 
     def submit(self, line: bytes, *, urgent: bool = False) -> None:
-        """Queue a line. The writer is woken for an ``urgent`` line, a full batch, or once
-        ``linger`` seconds have passed since the last wake-up: waking it per line would make
-        the training thread trade the GIL with it at every step."""
+        """Queue one line (see ``submit_many``)."""
+        self.submit_many([line], urgent=urgent)
+
+    def submit_many(self, lines: list[bytes], *, urgent: bool = False) -> None:
+        """Queue lines. The writer is woken for ``urgent`` lines, a full batch, or once ``linger``
+        seconds have passed since the last wake-up: waking it per line would make the training
+        thread trade the GIL with it at every step."""
         if self._closing:
             msg = f"{self.name}: line submitted after close"
             raise RuntimeError(msg)
         if not self.threaded:
-            self._write([line])
+            self._write(lines)
             return
-        self._queue.append(line)  # deque.append is atomic; the writer only pops from the left
+        self._queue.extend(lines)  # deque.extend is atomic; the writer only pops from the left
         now = time.monotonic()
         if urgent or len(self._queue) >= _MAX_BATCH or now - self._woken >= self.linger:
             self._woken = now

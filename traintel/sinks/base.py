@@ -2,10 +2,13 @@
 
 A sink is a small object with one job. traintel calls ``open(context)`` once before
 the first record, ``emit(record)`` once per record in order, and ``close()`` at run
-end (always, and more than once is harmless). Records are immutable and already
-hold every value; a sink formats and delivers them, and never computes a metric or
-reads the engine. A sink that raises is isolated by the fan-out: the failure is
-counted, reported once as a ``sink.error`` record, and training goes on.
+end (always, and more than once is harmless). A sink may also define
+``emit_many(records)``: per-step records arrive in batches, and the fan-out then hands
+over the whole batch in one call (otherwise it calls ``emit`` for each, in order).
+Records are immutable and already hold every value; a sink formats and delivers
+them, and never computes a metric or reads the engine. A sink that raises is isolated
+by the fan-out: the failure is counted, reported once as a ``sink.error`` record, and
+training goes on.
 """
 
 from __future__ import annotations

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from traintel._dirs import missing_dirs, remove_empty
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record
-from traintel.sinks._jsonline import iso_utc, line_bytes
+from traintel.sinks._jsonline import public_line, record_dict, record_line, with_extras
 from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
 
 
 def _render(record: Record, dropped: int) -> bytes:
     """The record's line: its fields, then its diagnostics, then ``dropped`` when records were lost."""
-    rest = record.fields()
-    rest.update(record.diagnostics)
+    if not dropped:
+        spliced = with_extras(public_line(record), record.diagnostics)
+        if spliced is not None:
+            return spliced
+    line = record_dict(record)
+    line.update(record.diagnostics)
     if dropped:
-        rest["dropped"] = dropped
-    return line_bytes(iso_utc(record.time), record.level, record.event, rest) + b"\n"
+        line["dropped"] = dropped
+    return record_line(line)
 
 
 class RotatingFile:
@@ -144,6 +149,10 @@ class DiagnosticSink:
         )
 
     def emit(self, record: Record) -> None:
+        self.emit_many((record,))
+
+    def emit_many(self, records: Sequence[Record]) -> None:
+        """Render ``records`` in order and queue their lines together."""
         writer = self._writer
         if writer is None:
             msg = "DiagnosticSink.emit called before open"
@@ -152,8 +161,7 @@ class DiagnosticSink:
             self._reported = writer.failed
             msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
             raise OSError(msg)
-        if writer.offer(record, _render):
-            self._written += 1
+        self._written += writer.offer_many(records, _render)
 
     def close(self) -> None:
         """Drain the writer, fsync and close; a file that never received a record is removed with

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record, SinkErrorRecord
@@ -57,6 +57,26 @@ class FanOut:
                 sink.emit(record)
             except Exception as exc:
                 self._failed(sink, exc)
+
+    def emit_many(self, records: Sequence[Record]) -> None:
+        """Deliver ``records`` in order to each sink in turn (one sink takes all of them, then the
+        next): through the sink's ``emit_many`` when it has one (a failure counts once for the
+        batch), else record by record as ``emit`` does."""
+        if not records:
+            return
+        for sink in self.sinks:
+            many = getattr(sink, "emit_many", None)
+            if many is not None:
+                try:
+                    many(records)
+                except Exception as exc:
+                    self._failed(sink, exc)
+                continue
+            for record in records:
+                try:
+                    sink.emit(record)
+                except Exception as exc:
+                    self._failed(sink, exc)
 
     def _failed(self, sink: Sink, exc: Exception, *, report: bool = True) -> None:
         count = self.errors[sink.name] = self.errors[sink.name] + 1

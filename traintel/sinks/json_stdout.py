@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, BinaryIO
 
 import structlog
 
 from traintel.records import Record
-from traintel.sinks._jsonline import iso_utc, line_bytes
+from traintel.sinks._jsonline import public_line, record_dict, record_line
 from traintel.sinks._writer import ROUTINE, BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
+Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
+"""A structlog processor: ``(logger, method, event dict)`` to the next event dict (the last: the line)."""
 
-def renderer(profile: str = "default") -> Callable[[Any, str, MutableMapping[str, Any]], bytes]:
-    """structlog's last processor: timestamp, level and event first (ECS names under the ``ecs``
-    profile), non-finite floats as null (named in ``nonfinite``), one compact JSON object."""
 
-    def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        timestamp, event = event_dict.pop("timestamp", None), str(event_dict.pop("event"))
-        return line_bytes(timestamp, method, event, dict(event_dict), profile)
+def renderer(profile: str = "default") -> Processor:
+    """structlog's last processor: one compact JSON object and its newline, from an event dict that
+    starts with timestamp, level and event (renamed to ECS names under the ``ecs`` profile);
+    non-finite floats become null and are named in ``nonfinite``."""
+
+    def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        return record_line(event_dict if type(event_dict) is dict else dict(event_dict), profile)
 
     return render
 
@@ -42,24 +44,13 @@ def _console_view(
     return event_dict
 
 
-def _console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], bytes]:
+def _console_renderer() -> Processor:
     console = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
 
     def render(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        return str(console(logger, method, event_dict)).encode()
+        return str(console(logger, method, event_dict)).encode() + b"\n"
 
     return render
-
-
-class _Last:
-    """The structlog "logger" at the end of the chain: it keeps the line just rendered."""
-
-    line = b""
-
-    def msg(self, message: bytes) -> None:
-        self.line = message
-
-    debug = info = warning = error = critical = msg
 
 
 class JsonSink:
@@ -97,13 +88,13 @@ class JsonSink:
         self._writer: BackgroundWriter | None = None
         self._owned: FdStream | None = None
         self._closed_dropped = 0
-        self._last = _Last()
-        self._logger: Any = structlog.wrap_logger(
-            self._last,
-            processors=[_console_view, _console_renderer()] if console else [renderer(profile)],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-            cache_logger_on_first_use=True,
+        self.processors: list[Processor] = (
+            [_console_view, _console_renderer()] if console else [renderer(profile)]
         )
+        self._shared = not console and profile == "default"
+        """The structlog processor chain a record's event dict goes through; the last one returns
+        the line. A record already is a complete event dict, so the chain is called directly
+        rather than through a bound logger, which would copy a context and re-pack the fields."""
 
     @property
     def dropped(self) -> int:
@@ -111,13 +102,21 @@ class JsonSink:
         return self._closed_dropped if self._writer is None else self._writer.dropped
 
     def render(self, record: Record, dropped: int = 0) -> bytes:
-        """The record's JSON line."""
-        fields = record.fields()
-        fields["timestamp"] = iso_utc(record.time)
+        """The record's line, newline included.
+
+        With the default JSON renderer alone in the chain, that is the record's shared line
+        (``public_line``: rendered once for every JSON sink) unless ``dropped`` must be added.
+        """
+        if self._shared and not dropped:
+            return public_line(record)
+        event_dict: Any = record_dict(record)
         if dropped:
-            fields["dropped"] = dropped
-        getattr(self._logger, record.level)(record.event, **fields)
-        return self._last.line + b"\n"
+            event_dict["dropped"] = dropped
+        level = record.level
+        for processor in self.processors:
+            event_dict = processor(None, level, event_dict)
+        line: bytes = event_dict
+        return line
 
     def open(self, context: RunContext) -> None:
         stream: BinaryIO | FdStream
@@ -135,16 +134,20 @@ class JsonSink:
         )
 
     def emit(self, record: Record) -> None:
-        if self._writer is None:
+        self.emit_many((record,))
+
+    def emit_many(self, records: Sequence[Record]) -> None:
+        """Render ``records`` in order and queue their lines together."""
+        writer = self._writer
+        if writer is None:
             msg = "JsonSink.emit called before open"
             raise RuntimeError(msg)
-        writer = self._writer
         if writer.failed is not None:
             msg = f"stdout is not writable: {type(writer.failed).__name__}: {writer.failed}"
             raise OSError(msg)
-        if self.console and isinstance(record, ROUTINE):
-            return
-        writer.offer(record, self.render)
+        if self.console:
+            records = [r for r in records if not isinstance(r, ROUTINE)]
+        writer.offer_many(records, self.render)
 
     def write_line(self, line: bytes) -> None:
         """Queue an already rendered line (a routed stdlib log record); dropped after close."""

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway, start_http_server
@@ -70,16 +70,23 @@ class RecordCollector:
         self.sink_dropped: Callable[[], Mapping[str, int]] = dict
 
     def update(self, record: Record) -> None:
-        slot = _SLOT.get(type(record))
-        if slot is None:
-            return
-        changes: dict[str, Any] = {slot: record}
-        if hasattr(record, "step"):
-            changes["progress"] = record
-        items_total = getattr(record, "items_total", None)
-        if items_total is not None:
-            changes["items_total"] = items_total
-        self.latest = self.latest._replace(**changes)
+        self.update_many((record,))
+
+    def update_many(self, records: Sequence[Record]) -> None:
+        """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``."""
+        changes: dict[str, Any] = {}
+        for record in records:
+            slot = _SLOT.get(type(record))
+            if slot is None:
+                continue
+            changes[slot] = record
+            if hasattr(record, "step"):
+                changes["progress"] = record
+            items_total = getattr(record, "items_total", None)
+            if items_total is not None:
+                changes["items_total"] = items_total
+        if changes:
+            self.latest = self.latest._replace(**changes)
 
     def collect(self) -> Iterator[Metric]:
         s = self.latest  # one read: every family below comes from this snapshot
@@ -229,8 +236,11 @@ class PrometheusSink:
         self.port = server.server_port
 
     def emit(self, record: Record) -> None:
-        self.collector.update(record)
-        if isinstance(record, RunEndRecord):
+        self.emit_many((record,))
+
+    def emit_many(self, records: Sequence[Record]) -> None:
+        self.collector.update_many(records)
+        if any(isinstance(r, RunEndRecord) for r in records):
             self.push()
 
     def push(self) -> None:
