@@ -41,7 +41,7 @@ of per-round comparisons with the plain loop timed in the same round.
 
 Usage::
 
-    python benchmarks/overhead.py [--repeats 7] [--epochs 3] [--json overhead.json]
+    python benchmarks/overhead.py [--repeats 11] [--epochs 3] [--json overhead.json]
 """
 
 from __future__ import annotations
@@ -336,6 +336,7 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
         ref = by_key[case.reference]
         per_step = [s[case.key].loop_s / case.steps * 1e6 for s in rounds]
         ref_step = [s[ref.key].loop_s / ref.steps * 1e6 for s in rounds]
+        ratios = [c / p for c, p in zip(per_step, ref_step, strict=True)]
         rows.append(
             {
                 "key": case.key,
@@ -343,7 +344,8 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
                 "reference": ref.key,
                 "steps_per_run": case.steps,
                 "us_per_step": statistics.median(per_step),
-                "ratio_to_plain": statistics.median(c / p for c, p in zip(per_step, ref_step, strict=True)),
+                "ratio_to_plain": statistics.median(ratios),
+                "ratio_quartiles": _quartiles(ratios),
                 "overhead_us_per_step": statistics.median(
                     c - p for c, p in zip(per_step, ref_step, strict=True)
                 ),
@@ -354,6 +356,14 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
             }
         )
     return rows
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (the spread of the per-round ratios)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def environment() -> dict[str, Any]:
@@ -397,12 +407,15 @@ def render(
         f"Linear({h},1) ({sizes['plain_large']:,} parameters), 1 epoch x {args.large_batches} micro-batches "
         f"per run; its plain step takes {large_vs_tiny:.0f}x the tiny one's.",
         "",
-        "| case | us/step | ratio to plain | overhead us/step |",
-        "|---|---:|---:|---:|",
+        "| case | us/step | ratio to plain | quartiles of the ratio | overhead us/step |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio, extra = r["ratio_to_plain"], r["overhead_us_per_step"]
-        lines.append(f"| {r['case']} | {r['us_per_step']:.1f} | {ratio:.3f} | {extra:+.1f} |")
+        low, high = r["ratio_quartiles"]
+        lines.append(
+            f"| {r['case']} | {r['us_per_step']:.1f} | {ratio:.3f} | {low:.3f}-{high:.3f} | {extra:+.1f} |"
+        )
     lines += [
         "",
         "Per-run cost outside the loop: the whole `engine.run()` / `run.run()` call minus the loop",
@@ -420,13 +433,13 @@ def render(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     add = parser.add_argument
-    add("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
+    add("--repeats", type=int, default=11, help="interleaved timed rounds (default 11)")
     add("--epochs", type=int, default=3, help="epochs per tiny-model run (default 3)")
     add("--batches", type=int, default=300, help="tiny-model micro-batches per epoch (default 300)")
     add("--batch-size", type=int, default=32, help="items per micro-batch (default 32)")
     add("--large-hidden", type=int, default=1024, help="large model width (default 1024)")
     add("--large-layers", type=int, default=8, help="large model hidden-to-hidden layers (default 8)")
-    add("--large-batches", type=int, default=60, help="large-model micro-batches, 1 epoch (default 60)")
+    add("--large-batches", type=int, default=150, help="large-model micro-batches, 1 epoch (default 150)")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     add("--json", type=Path, default=None, metavar="PATH", help="also write the numbers to PATH")

@@ -51,6 +51,8 @@ class _Probe:
         self.sink = sink
         self.name = sink.name
         self.calls: list[tuple[str, Any]] = []
+        if callable(getattr(sink, "emit_many", None)):  # offer the batch path only when the sink has it
+            self.emit_many = self._emit_many
 
     def open(self, context: RunContext) -> None:
         self.calls.append(("open", context))
@@ -60,13 +62,19 @@ class _Probe:
         self.calls.append(("emit", record))
         self.sink.emit(record)
 
+    def _emit_many(self, records: Sequence[Record]) -> None:
+        self.calls.extend(("emit", r) for r in records)
+        many: Callable[[Sequence[Record]], None] = getattr(self.sink, "emit_many")  # noqa: B009 - optional
+        many(records)
+
     def close(self) -> None:
         self.calls.append(("close", None))
         self.sink.close()
 
 
 def contract_config(run_dir: Path, run_id: str) -> dict[str, Any]:
-    """A short run: 7 micro-batches (the last short), k=3, 2 epochs, every step emitted,
+    """A short run: 7 micro-batches (the last short), k=3, 2 epochs, every step emitted and
+    delivered at once (so each step's records are one ``emit_many`` batch, deterministically),
     clipping on (so ``grad_norm`` is set), built-in sinks off."""
     return {
         "run": {"id": run_id, "dir": str(run_dir), "name": "sink-contract"},
@@ -77,7 +85,7 @@ def contract_config(run_dir: Path, run_id: str) -> dict[str, Any]:
             "grad_clip_norm": 10.0,
             "device": "cpu",
         },
-        "telemetry": {"every": 1},
+        "telemetry": {"every": 1, "max_delay_seconds": 0},
         "sinks": {
             "json": {"enabled": False},
             "diagnostic": {"enabled": False},

@@ -179,8 +179,8 @@ class AccumulatingStep:
         if not model.training:
             model.train()
         batches = window.batches
-        if self.count_items is default_count_items:
-            counts = tuple([_items(b[1]) for b in batches])
+        if self.count_items is default_count_items:  # the targets' first dimension, inlined
+            counts = tuple([t.shape[0] if isinstance(t := b[1], torch.Tensor) else len(t) for b in batches])
         else:
             count = self.count_items
             counts = tuple([int(count(b)) for b in batches])
@@ -264,21 +264,27 @@ class AccumulatingStep:
         totals.items += total
         totals.batches += len(counts)
         totals.run_items += total
-        engine.state.step_output = StepOutput(  # type: ignore[attr-defined]
-            epoch,
-            totals.run_steps,
-            window,
-            total,
-            counts,
-            tuple(raws),
-            tuple(losses),
-            step_loss,
-            totals.run_items,
-            lr,
-            grad_norm,
-            total == 0,
+        engine.state.step_output = _new_tuple(  # type: ignore[attr-defined]  # StepOutput without its __new__
+            StepOutput,
+            (
+                epoch,
+                totals.run_steps,
+                window,
+                total,
+                counts,
+                tuple(raws),
+                tuple(losses),
+                step_loss,
+                totals.run_items,
+                lr,
+                grad_norm,
+                total == 0,
+            ),
         )
         return step_loss
+
+
+_new_tuple = tuple.__new__
 
 
 def _items(targets: Any) -> int:

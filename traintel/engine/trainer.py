@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -20,18 +21,34 @@ from traintel.engine.step import (
 
 
 class TraintelEngine(Engine):
-    """An Ignite ``Engine`` whose unhandled events cost one dictionary lookup.
+    """An Ignite ``Engine`` that fires events without a debug message per event.
 
-    Ignite formats a debug message for every event it fires, handled or not; an iteration
-    fires four, most with no handler. This engine skips unhandled events outright while its
-    logger is not at DEBUG, and otherwise fires exactly as Ignite does.
+    Ignite formats a debug log message for every event it fires, handled or not (an
+    iteration fires four), and calls the logger each time. While the engine's logger is
+    not at DEBUG this engine skips that and runs the handlers itself, with Ignite's
+    calling convention: the engine first when the handler was registered with it, then
+    the event's arguments, then the handler's own; at DEBUG it fires exactly as Ignite does.
     """
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if not self._event_handlers.get(event_name) and not self.logger.isEnabledFor(logging.DEBUG):
-            self.last_event_name = event_name
+        if self.logger.isEnabledFor(logging.DEBUG):
+            super()._fire_event(event_name, *event_args, **event_kwargs)
             return
-        super()._fire_event(event_name, *event_args, **event_kwargs)
+        self.last_event_name = event_name
+        handlers = self._event_handlers.get(event_name)
+        if not handlers:
+            return
+        for func, args, kwargs in handlers:
+            if event_kwargs:
+                kwargs.update(event_kwargs)
+            if args and isinstance(args[0], weakref.ref):
+                engine = args[0]()
+                if engine is None:
+                    msg = "Engine reference not resolved. Cannot execute event handler."
+                    raise RuntimeError(msg)
+                func(engine, *event_args, *args[1:], **kwargs)
+            else:
+                func(*event_args, *args, **kwargs)
 
 
 def create_trainer(

@@ -13,12 +13,13 @@ from ignite.engine import Engine, Events
 
 from traintel.engine.step import StepOutput, Totals
 from traintel.handlers.memory import rss_bytes
-from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
+from traintel.records import BatchRecord, EpochRecord, Record, StepRecord, positional
 
 Emit = Callable[[Record], None]
 EmitMany = Callable[[Sequence[Record]], None]
 
 _TOLERANCE_ULPS = 4.0
+_isfinite = math.isfinite
 MAX_PENDING = 256
 """Emitted steps held at most before their records are delivered, whatever ``max_delay``."""
 
@@ -154,7 +155,13 @@ class TrainTelemetry:
             scale = n / total if n else 0.0
             diag: Any = _NO_DIAGNOSTICS
             if memory is not None:
-                observed, ok = scale_check(raw, loss, scale, eps)
+                observed: float | None
+                ok: bool | None
+                if raw != 0.0 and _isfinite(raw) and _isfinite(loss):  # scale_check, inlined
+                    ratio = loss / raw
+                    observed, ok = ratio, abs(ratio - scale) <= _TOLERANCE_ULPS * eps * max(scale, eps)
+                else:
+                    observed, ok = scale_check(raw, loss, scale, eps)
                 fields = {
                     "expected_loss_scale": scale,
                     "observed_loss_scale": observed,
@@ -165,42 +172,24 @@ class TrainTelemetry:
                 }
                 fields.update(memory)
                 diag = MappingProxyType(fields)
+            # BatchRecord's fields in declaration order: run_id, time, diagnostics, epoch, batch,
+            # batches, step, items, raw_loss, loss, loss_scale, window_size
             into.append(
-                BatchRecord(
-                    run_id=run_id,
-                    time=when,
-                    diagnostics=diag,
-                    epoch=epoch,
-                    batch=first + i,
-                    batches=batches,
-                    step=before,
-                    items=n,
-                    raw_loss=raw,
-                    loss=loss,
-                    loss_scale=scale,
-                    window_size=k,
-                )
+                _batch_record(run_id, when, diag, epoch, first + i, batches, before, n, raw, loss, scale, k)
             )
         at += 2 * k
         grad_norm = None
         if out.grad_norm is not None:
             grad_norm = values[at]
             at += 1
+        # StepRecord's: run_id, time, diagnostics, epoch, step, items, items_total, window_size,
+        # loss, lr, grad_norm, skipped
         into.append(
-            StepRecord(
-                run_id=run_id,
-                time=when,
-                epoch=epoch,
-                step=out.step,
-                items=total,
-                items_total=out.items_total,
-                window_size=k,
-                loss=step_loss,
-                lr=out.lr,
-                grad_norm=grad_norm,
-                skipped=out.skipped,
+            _step_record(
+                run_id, when, _NO_DIAGNOSTICS, epoch, out.step, total, out.items_total, k, step_loss, out.lr,
+                grad_norm, out.skipped,
             )
-        )
+        )  # fmt: skip
         return at
 
     def emit_epoch(self, engine: Engine) -> None:
@@ -230,6 +219,8 @@ class TrainTelemetry:
 
 
 _NO_DIAGNOSTICS: Any = MappingProxyType({})
+_batch_record = positional(BatchRecord)
+_step_record = positional(StepRecord)
 _DTYPES: dict[torch.dtype, tuple[float, str]] = {}
 
 

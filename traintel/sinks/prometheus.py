@@ -73,17 +73,26 @@ class RecordCollector:
         self.update_many((record,))
 
     def update_many(self, records: Sequence[Record]) -> None:
-        """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``."""
+        """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``.
+
+        Read newest first, looking at one record per type: an older one of the same type can be
+        the newest of nothing.
+        """
         changes: dict[str, Any] = {}
-        for record in records:
-            slot = _SLOT.get(type(record))
+        seen: set[type[Record]] = set()
+        for record in reversed(records):
+            kind = type(record)
+            if kind in seen:
+                continue
+            seen.add(kind)
+            slot = _SLOT.get(kind)
             if slot is None:
                 continue
             changes[slot] = record
-            if hasattr(record, "step"):
+            if "progress" not in changes and hasattr(record, "step"):
                 changes["progress"] = record
             items_total = getattr(record, "items_total", None)
-            if items_total is not None:
+            if items_total is not None and "items_total" not in changes:
                 changes["items_total"] = items_total
         if changes:
             self.latest = self.latest._replace(**changes)

@@ -1,0 +1,47 @@
+"""The overhead benchmark runs end to end on tiny sizes, and every case trains exactly the weights
+the plain loop trains (the comparison is like for like). No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = [
+    "1. plain PyTorch loop (k=3)",
+    "2. bare Ignite Engine, no handlers",
+    "3. traintel, 3 sinks, every=10",
+    "4. traintel, 3 sinks, every=1",
+    "5a. plain PyTorch loop, large model",
+    "5b. traintel, 3 sinks, every=10, large model",
+]
+
+
+def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    args = ["--repeats", "2", "--epochs", "2", "--batches", "30", "--large-batches", "6",
+            "--large-hidden", "64", "--large-layers", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["warmup_max_weight_diff"] == dict.fromkeys(
+        ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large"], 0.0
+    )
+    assert [c["case"] for c in data["cases"]] == CASES
+    assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2]
+    assert data["cases"][0]["ratio_to_plain"] == data["cases"][4]["ratio_to_plain"] == 1.0
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:6]] == CASES
+    assert "warm-up check: max |weight difference| to the plain loop, any case: 0.00e+00" in proc.stdout
