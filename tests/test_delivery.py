@@ -259,3 +259,19 @@ def test_trainer_fires_handlers_with_ignites_calling_convention(caplog: pytest.L
     assert any(
         "Firing handlers for event Events.ITERATION_COMPLETED" in r.getMessage() for r in caplog.records
     )
+
+
+def test_timestamps_match_datetime_rounding() -> None:
+    import random
+    from datetime import datetime, timezone
+
+    from traintel.sinks._jsonline import iso_utc
+
+    rng = random.Random(0)
+    samples = [0.0, 1.9999995, 1.9999994, 59.9999996, 1_700_000_000.5, 1_700_000_000.0000005, -1.25]
+    samples += [rng.uniform(0, 4e9) for _ in range(5000)] + [
+        round(rng.uniform(0, 4e9), 6) for _ in range(5000)
+    ]
+    for t in samples:
+        assert iso_utc(t) == datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), t
+    assert iso_utc(1.9999996) == "1970-01-01T00:00:02.000000Z"  # rounds up into the next second

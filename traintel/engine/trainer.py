@@ -24,14 +24,20 @@ class TraintelEngine(Engine):
     """An Ignite ``Engine`` that fires events without a debug message per event.
 
     Ignite formats a debug log message for every event it fires, handled or not (an
-    iteration fires four), and calls the logger each time. While the engine's logger is
-    not at DEBUG this engine skips that and runs the handlers itself, with Ignite's
-    calling convention: the engine first when the handler was registered with it, then
-    the event's arguments, then the handler's own; at DEBUG it fires exactly as Ignite does.
+    iteration fires four), and asks its logger each time. This engine asks once per epoch
+    (at STARTED and EPOCH_STARTED): while the logger is not at DEBUG it runs the handlers
+    itself, with Ignite's calling convention (the engine first when the handler was
+    registered with it, then the event's arguments, then the handler's own); at DEBUG it
+    fires exactly as Ignite does.
     """
 
+    _debug = True
+    """Whether the logger was at DEBUG when the run or the current epoch started."""
+
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if self.logger.isEnabledFor(logging.DEBUG):
+        if event_name is Events.EPOCH_STARTED or event_name is Events.STARTED:
+            self._debug = self.logger.isEnabledFor(logging.DEBUG)
+        if self._debug:
             super()._fire_event(event_name, *event_args, **event_kwargs)
             return
         self.last_event_name = event_name
@@ -46,7 +52,10 @@ class TraintelEngine(Engine):
                 if engine is None:
                     msg = "Engine reference not resolved. Cannot execute event handler."
                     raise RuntimeError(msg)
-                func(engine, *event_args, *args[1:], **kwargs)
+                if len(args) == 1 and not event_args and not kwargs:
+                    func(engine)  # the common case, without argument unpacking
+                else:
+                    func(engine, *event_args, *args[1:], **kwargs)
             else:
                 func(*event_args, *args, **kwargs)
 

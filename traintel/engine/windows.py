@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sized
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """The micro-batches of one optimizer step."""
+class Window(NamedTuple):
+    """The micro-batches of one optimizer step (immutable; a NamedTuple is the cheapest to build)."""
 
     batches: tuple[Any, ...]
     first_batch: int
@@ -57,8 +55,11 @@ class WindowedLoader:
         for index, batch in enumerate(self.loader, start=1):
             pending.append(batch)
             if len(pending) == self.k:
-                yield Window(tuple(pending), first, total)
+                yield _new_window(Window, (tuple(pending), first, total))
                 pending = []
                 first = index + 1
         if pending:
-            yield Window(tuple(pending), first, total)
+            yield _new_window(Window, (tuple(pending), first, total))
+
+
+_new_window = tuple.__new__

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -18,9 +19,23 @@ _isfinite = math.isfinite
 
 @functools.lru_cache(maxsize=8)
 def iso_utc(unix_seconds: float) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z`` suffix (cached: records of one emission share a time)."""
-    stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix, exactly as ``datetime.fromtimestamp``
+    rounds (half to even). Cached, as records of one step share a time, and the whole-second
+    part is cached apart, as consecutive steps share their second."""
+    if not unix_seconds >= 0:
+        stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fraction, whole = math.modf(unix_seconds)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f"{_utc_second(second)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
