@@ -1,12 +1,16 @@
 """A background writer behind a bounded queue, so a slow consumer never blocks training.
 
-A sink hands each record to ``offer`` with its render function: the line is rendered
-on the training thread (rendering on another thread would make training wait for the
-GIL) and a daemon thread writes queued lines in batches, holding the GIL only to take
-them from the queue. When ``capacity`` lines are waiting, records of the droppable kind
-(``train.batch``) are dropped instead of rendered and counted, and the count is put on
-the next line rendered; every other record is still queued, so step, epoch and run
-records are never dropped. ``close`` drains the queue within ``close_timeout`` seconds.
+A sink hands records to ``offer_many`` with its render function: lines are rendered on
+the training thread (rendering on another thread would make training wait for the GIL)
+and a daemon thread writes queued lines in batches, holding the GIL only to take them
+from the queue. The writer is woken rarely, because every wake-up makes the training
+thread hand over the GIL: for ``run.end`` and ``sink.error`` lines and routed log lines
+at once, otherwise when ``linger`` seconds have passed since the last wake-up or when
+half the queue (at most 4096 lines) is waiting. When ``capacity`` lines are waiting,
+records of the droppable kind (``train.batch``) are dropped instead of rendered and
+counted, and the count is put on the next line rendered; every other record is still
+queued, so step, epoch and run records are never dropped. ``close`` drains the queue
+within ``close_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, Protocol
 
-from traintel.records import BatchRecord, Record, StepRecord
+from traintel.records import BatchRecord, Record, RunEndRecord, SinkErrorRecord, StepRecord
 
 _MAX_BATCH = 1024  # lines joined into one write
 
 ROUTINE = (BatchRecord, StepRecord)
-"""Records written within the writer's linger time; others (epoch, eval, run, errors) go out at once."""
+"""The per-step records (a terminal's console view leaves them to the progress bar)."""
+URGENT = (RunEndRecord, SinkErrorRecord)
+"""Records whose lines wake the writer at once; the others wait up to the linger time."""
 
 
 class Stream(Protocol):
@@ -64,7 +70,7 @@ class BackgroundWriter:
         *,
         capacity: int = 10_000,
         close_timeout: float = 5.0,
-        linger: float = 0.05,
+        linger: float = 0.25,
         threaded: bool = True,
     ) -> None:
         self.name = name
@@ -83,7 +89,8 @@ class BackgroundWriter:
         self._cond = threading.Condition()
         self._closing = False
         self.linger = linger
-        self._woken = 0.0
+        self._woken = 0.0  # the first line wakes the writer at once
+        self._wake_at = max(1, min(4096, capacity // 2))
         self._thread = threading.Thread(target=self._loop, name=f"traintel-{name}-writer", daemon=True)
         if threaded:
             self._thread.start()
@@ -112,7 +119,7 @@ class BackgroundWriter:
         """Render and queue ``records`` in order under the drop policy, with one wake-up decision
         for all of them; returns how many were queued."""
         room = self.capacity - len(self._queue)
-        urgent = not all(isinstance(r, ROUTINE) for r in records)
+        urgent = any(isinstance(r, URGENT) for r in records)
         if room >= len(records) and not self._unreported:  # the usual case: nothing to drop or report
             lines = [render(r, 0) for r in records]
         else:
@@ -134,9 +141,8 @@ class BackgroundWriter:
         self.submit_many([line], urgent=urgent)
 
     def submit_many(self, lines: list[bytes], *, urgent: bool = False) -> None:
-        """Queue lines. The writer is woken for ``urgent`` lines, a full batch, or once ``linger``
-        seconds have passed since the last wake-up: waking it per line would make the training
-        thread trade the GIL with it at every step."""
+        """Queue lines; the writer is woken for ``urgent`` ones, when ``linger`` seconds have
+        passed since the last wake-up, or when enough lines are waiting (module docstring)."""
         if self._closing:
             msg = f"{self.name}: line submitted after close"
             raise RuntimeError(msg)
@@ -145,7 +151,7 @@ class BackgroundWriter:
             return
         self._queue.extend(lines)  # deque.extend is atomic; the writer only pops from the left
         now = time.monotonic()
-        if urgent or len(self._queue) >= _MAX_BATCH or now - self._woken >= self.linger:
+        if urgent or len(self._queue) >= self._wake_at or now - self._woken >= self.linger:
             self._woken = now
             with self._cond:
                 self._cond.notify()

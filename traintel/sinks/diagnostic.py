@@ -90,8 +90,8 @@ class DiagnosticSink:
     The file is created exclusively (an existing one is never overwritten). Lines are
     rendered on the training thread and written by a background writer behind a bounded
     queue (a slow disk never blocks training; ``train.batch`` records beyond
-    ``capacity`` waiting lines are dropped and counted in ``dropped``). Epoch, eval and
-    run records are written at once; the file is fsynced on close. Past ``max_bytes`` the
+    ``capacity`` waiting lines are dropped and counted in ``dropped``). Lines reach the
+    file within a quarter second (``run.end`` at once); the file is fsynced on close. Past ``max_bytes`` the
     file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``. A write error (a full disk)
     is raised once from ``emit`` (the fan-out reports it once) and later records are
     counted as dropped; training goes on.
