@@ -195,7 +195,7 @@ class AccumulatingStep:
 
         device, loss_fn, autocast = self.device, self.loss_fn, self._autocast
         prepare = None if self.prepare is default_prepare else self.prepare
-        listeners = engine._event_handlers[TraintelEvents.MICRO_BATCH_COMPLETED]
+        listeners = engine._event_handlers[_MICRO_BATCH_COMPLETED]
         raws: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
         for position, batch in enumerate(batches):
@@ -229,7 +229,7 @@ class AccumulatingStep:
                 state.micro_batch = MicroBatchOutput(
                     position + 1, window.first_batch + position, n, n / total if n else 0.0, raw, loss
                 )
-                engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
+                engine._fire_event(_MICRO_BATCH_COMPLETED)
 
         lr = optimizer.param_groups[0]["lr"]
         if type(lr) is not float:
@@ -241,8 +241,8 @@ class AccumulatingStep:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
             elif self.report_grad_norm:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
-            if engine._event_handlers[TraintelEvents.OPTIMIZER_STEP_STARTED]:
-                engine._fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
+            if engine._event_handlers[_OPTIMIZER_STEP_STARTED]:
+                engine._fire_event(_OPTIMIZER_STEP_STARTED)
             optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -285,6 +285,8 @@ class AccumulatingStep:
 
 
 _new_tuple = tuple.__new__
+_MICRO_BATCH_COMPLETED = TraintelEvents.MICRO_BATCH_COMPLETED  # enum lookups are not free
+_OPTIMIZER_STEP_STARTED = TraintelEvents.OPTIMIZER_STEP_STARTED
 
 
 def _items(targets: Any) -> int:

@@ -19,6 +19,8 @@ from traintel.engine.step import (
     default_prepare,
 )
 
+_STARTED, _EPOCH_STARTED = Events.STARTED, Events.EPOCH_STARTED  # enum lookups are not free
+
 
 class TraintelEngine(Engine):
     """An Ignite ``Engine`` that fires events without a debug message per event.
@@ -35,7 +37,7 @@ class TraintelEngine(Engine):
     """Whether the logger was at DEBUG when the run or the current epoch started."""
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if event_name is Events.EPOCH_STARTED or event_name is Events.STARTED:
+        if event_name is _EPOCH_STARTED or event_name is _STARTED:
             self._debug = self.logger.isEnabledFor(logging.DEBUG)
         if self._debug:
             super()._fire_event(event_name, *event_args, **event_kwargs)
