@@ -235,3 +235,69 @@ def test_custom_item_counter_weights_by_items(tmp_path: Path) -> None:
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
     assert [b.loss_scale for b in sink.of("train.batch")] == [6 / 13, 2 / 13, 5 / 13]
+
+
+def test_epoch_totals_fold_many_windows_of_different_sizes(tmp_path: Path) -> None:
+    """More windows than one fold takes (Totals.FOLD_EVERY), with two window sizes: the epoch loss is
+    still the sum of per-item losses over the items."""
+    from traintel.engine.step import Totals
+
+    sizes = [3, 1] * 80  # k=2: 80 windows of 4 items... and batches of 1 and 3 items
+    sizes += [5]  # a last window of one micro-batch, 5 items
+    batches = make_batches(sizes)
+    model = make_model()
+    sink, _ = train_in_memory(
+        tmp_path, batches, model=model, accumulation_steps=2, optimizer={"name": "sgd", "lr": 1e-300}
+    )
+    assert len(sink.of("train.step")) == 81 > Totals.FOLD_EVERY
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model(x), y, reduction="sum")) / len(x)
+    (epoch,) = sink.of("train.epoch")
+    assert epoch.items == 3 * 80 + 80 + 5  # type: ignore[attr-defined]
+    assert epoch.loss == pytest.approx(expected, rel=1e-13)  # type: ignore[attr-defined]
+
+
+def test_the_step_loss_is_summed_only_when_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from traintel.engine.step import WindowLoss
+
+    sums: list[int] = []
+    original = WindowLoss.resolve
+
+    def counting(self: WindowLoss) -> torch.Tensor:
+        sums.append(1)
+        return original(self)
+
+    monkeypatch.setattr(WindowLoss, "resolve", counting)
+    sink, run = train_in_memory(tmp_path, make_batches([4] * 7), accumulation_steps=3, max_epochs=2, every=2)
+    assert sums == []  # the records take the step loss from the emitted floats
+    out = run.trainer.state.step_output
+    first, again = out.loss, out.loss
+    assert first is again and first.dtype == torch.float64 and not first.requires_grad
+    assert float(first) == sink.of("train.step")[-1].loss  # type: ignore[attr-defined]
+    assert run.trainer.state.output is first
+    assert len(sums) == 3  # three reads, one tensor (the identities above)
+    assert math.isfinite(float(first))
+
+
+def test_the_update_step_gives_a_plain_ignite_engine_a_tensor_output() -> None:
+    from traintel.engine.step import AccumulatingStep
+
+    model = make_model()
+    step = AccumulatingStep(
+        model,
+        torch.nn.functional.mse_loss,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        device=torch.device("cpu"),
+    )
+    engine = Engine(step)  # Ignite's own Engine and State, not a TraintelEngine
+    outputs: list[object] = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    batches = make_batches([4] * 4)
+    engine.run(WindowedLoader(batches, 2), max_epochs=1)
+    assert [type(o) for o in outputs] == [torch.Tensor, torch.Tensor]
+    with torch.no_grad():  # lr=0: the model is the same at every step
+        means = [float(torch.nn.functional.mse_loss(model(x), y)) for x, y in batches]
+    expected = [means[0] * 0.5 + means[1] * 0.5, means[2] * 0.5 + means[3] * 0.5]
+    assert [float(o) for o in outputs] == pytest.approx(expected, rel=1e-15)  # type: ignore[arg-type]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from ignite.engine import Engine
 
 from traintel.engine.events import TraintelEvents
+from traintel.engine.state import Deferred, TraintelState
 from traintel.engine.windows import Window
 
 Prepare = Callable[[Any, torch.device], tuple[Any, Any]]
@@ -40,21 +40,79 @@ class MicroBatchOutput(NamedTuple):
     """s_b = raw_loss * scale: exactly what went to backward."""
 
 
-@dataclass(slots=True)
-class Totals:
-    """Running totals of one epoch (reset when the next epoch starts) and of the run.
+class WindowLoss(Deferred):
+    """The objective of one optimizer step: the float64 sum, left to right, of the window's s_b
+    (micro-batches with items only; 0.0 for a window without any).
 
-    ``loss_sum`` stays a float64 tensor on the device (no host sync per step); it is the
-    sum over the epoch's windows of ``step loss * N_t``, i.e. the sum of per-item losses.
+    Summed on first ``resolve()``, which ``state.output`` and ``StepOutput.loss`` call: a
+    step whose loss nobody reads costs no tensor operation for it. The telemetry sums the
+    same s_b as Python floats in the same order, which gives the same float64 value.
     """
 
-    epoch: int
-    loss_sum: torch.Tensor
-    items: int = 0
-    batches: int = 0
-    steps: int = 0
-    run_items: int = 0
-    run_steps: int = 0
+    __slots__ = ("_counts", "_losses", "_value", "_zero")
+
+    def __init__(self, losses: Sequence[torch.Tensor], counts: Sequence[int], zero: torch.Tensor) -> None:
+        self._losses = losses
+        self._counts = counts
+        self._zero = zero
+        self._value: torch.Tensor | None = None
+
+    def resolve(self) -> torch.Tensor:
+        value = self._value
+        if value is None:
+            for v, n in zip(self._losses, self._counts, strict=True):  # float64 + float32: exact terms
+                if n:
+                    value = v.double() if value is None else value + v
+            value = self._value = self._zero.clone() if value is None else value
+        return value
+
+
+class Totals:
+    """Running totals of one epoch (started fresh when the next epoch starts) and of the run.
+
+    ``loss_sum`` is a float64 tensor on the device (no host sync): the sum over the epoch's
+    windows of ``N_t * sum of s_b``, i.e. the sum of per-item losses. Windows are added to it
+    in groups, with a few tensor operations per ``FOLD_EVERY`` windows instead of one or more
+    per window; reading ``loss_sum`` adds the waiting ones first.
+    """
+
+    FOLD_EVERY = 64
+
+    __slots__ = ("_loss_sum", "_waiting", "batches", "epoch", "items", "run_items", "run_steps", "steps")
+
+    def __init__(self, epoch: int, loss_sum: torch.Tensor, *, run_items: int = 0, run_steps: int = 0) -> None:
+        self.epoch = epoch
+        self._loss_sum = loss_sum
+        self._waiting: list[tuple[Sequence[torch.Tensor], int]] = []
+        self.items = 0
+        self.batches = 0
+        self.steps = 0
+        self.run_items = run_items
+        self.run_steps = run_steps
+
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        self.fold()
+        return self._loss_sum
+
+    def add_window(self, losses: Sequence[torch.Tensor], items: int) -> None:
+        """Count a window's s_b (the loss of a micro-batch without items is 0) with weight N_t."""
+        waiting = self._waiting
+        waiting.append((losses, items))
+        if len(waiting) >= self.FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the waiting windows: per distinct N_t, ``N_t * sum of their s_b`` in float64."""
+        waiting = self._waiting
+        if not waiting:
+            return
+        self._waiting = []
+        by_items: dict[int, list[torch.Tensor]] = {}
+        for losses, items in waiting:
+            by_items.setdefault(items, []).extend(losses)
+        for items, losses in by_items.items():
+            self._loss_sum.add_(torch.stack(losses).sum(dtype=torch.float64), alpha=items)
 
 
 class StepOutput(NamedTuple):
@@ -72,14 +130,19 @@ class StepOutput(NamedTuple):
     """mean_loss_b of each micro-batch, detached (NaN for one with no items)."""
     losses: tuple[torch.Tensor, ...]
     """s_b = mean_loss_b * n_b / N_t of each micro-batch: exactly what went to backward, detached."""
-    loss: torch.Tensor
-    """Sum of the window's s_b, float64: the objective of this step."""
+    window_loss: WindowLoss
+    """The step's objective, summed when first read (``loss``)."""
     items_total: int
     """Items processed since the run started, including this window."""
     lr: float
     """Learning rate of the first parameter group used by this step."""
     grad_norm: torch.Tensor | None
     skipped: bool
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Sum of the window's s_b, float64, detached, on the device: the objective of this step."""
+        return self.window_loss.resolve()
 
     def scale(self, position: int) -> float:
         """n_b / N_t of the micro-batch at 0-based ``position`` (the same division the step made)."""
@@ -152,7 +215,7 @@ class AccumulatingStep:
         self.precision = precision
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
-        self.totals = Totals(epoch=0, loss_sum=self._zero.clone())
+        self.totals = Totals(0, self._zero.clone())
         self._autocast: AbstractContextManager[Any] | None = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else None
         )
@@ -166,12 +229,10 @@ class AccumulatingStep:
         """The running totals of ``epoch``, started fresh when a new epoch begins."""
         t = self.totals
         if t.epoch != epoch:
-            t = self.totals = Totals(
-                epoch=epoch, loss_sum=self._zero.clone(), run_items=t.run_items, run_steps=t.run_steps
-            )
+            t = self.totals = Totals(epoch, self._zero.clone(), run_items=t.run_items, run_steps=t.run_steps)
         return t
 
-    def __call__(self, engine: Engine, window: Window) -> torch.Tensor:  # noqa: PLR0912, PLR0915
+    def __call__(self, engine: Engine, window: Window) -> torch.Tensor | WindowLoss:  # noqa: PLR0912, PLR0915
         # One function with no helper calls on the default path: next to torch's kernels every
         # Python call here costs microseconds (measured in benchmarks/overhead.py), so the
         # defaults of prepare and count_items are inlined and the optimizer step is spelled out.
@@ -235,7 +296,6 @@ class AccumulatingStep:
         if type(lr) is not float:
             lr = float(lr)
         grad_norm: torch.Tensor | None = None
-        step_loss: torch.Tensor | None = None
         if total:
             if self.grad_clip_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
@@ -249,21 +309,18 @@ class AccumulatingStep:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            for v, n in zip(losses, counts, strict=True):  # float64, left to right: exact terms
-                if n:
-                    step_loss = v.double() if step_loss is None else step_loss + v
 
         epoch = engine.state.epoch
         totals = self.totals if self.totals.epoch == epoch else self.totals_for(epoch)
-        if step_loss is None:
-            step_loss = self._zero
-        else:
-            totals.loss_sum.add_(step_loss, alpha=total)
+        losses_t = tuple(losses)
+        if total:
+            totals.add_window(losses_t, total)
             totals.steps += 1
             totals.run_steps += 1
         totals.items += total
         totals.batches += len(counts)
         totals.run_items += total
+        window_loss = WindowLoss(losses_t, counts, self._zero)
         engine.state.step_output = _new_tuple(  # type: ignore[attr-defined]  # StepOutput without its __new__
             StepOutput,
             (
@@ -273,15 +330,16 @@ class AccumulatingStep:
                 total,
                 counts,
                 tuple(raws),
-                tuple(losses),
-                step_loss,
+                losses_t,
+                window_loss,
                 totals.run_items,
                 lr,
                 grad_norm,
                 total == 0,
             ),
         )
-        return step_loss
+        # Ignite stores this as state.output; a TraintelState sums it only when it is read
+        return window_loss if type(engine.state) is TraintelState else window_loss.resolve()
 
 
 _new_tuple = tuple.__new__

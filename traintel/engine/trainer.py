@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
 from traintel.engine.events import TraintelEvents
+from traintel.engine.state import TraintelState
 from traintel.engine.step import (
     AccumulatingStep,
     CountItems,
@@ -35,6 +37,10 @@ class TraintelEngine(Engine):
 
     _debug = True
     """Whether the logger was at DEBUG when the run or the current epoch started."""
+
+    def __init__(self, process_function: Callable[[Engine, Any], Any]) -> None:
+        super().__init__(process_function)
+        self.state = TraintelState()  # output may be a step loss summed when first read
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
         if event_name is _EPOCH_STARTED or event_name is _STARTED:
@@ -78,7 +84,7 @@ def create_trainer(
     """A real ``ignite.engine.Engine`` (a ``TraintelEngine``) whose data are ``WindowedLoader`` windows.
 
     Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
-    tensor (float64, detached, on the device); ``state.step_output`` holds the full
+    tensor (float64, detached, on the device; summed when first read); ``state.step_output`` holds the full
     ``StepOutput`` and ``state.totals`` the epoch's running ``Totals``;
     ``TraintelEvents`` are registered.
     """

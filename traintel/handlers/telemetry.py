@@ -112,17 +112,17 @@ class TrainTelemetry:
         if not pending:
             return
         self._pending = []
-        values, step_losses = _to_floats(pending)
+        values = _to_floats(pending)
         rss = rss_bytes() if self.diagnostics else None
         records: list[Record] = []
         memory: dict[torch.device, dict[str, int | None]] = {}
         at = 0
-        for (out, when), step_loss in zip(pending, step_losses, strict=True):
-            device = out.loss.device
+        for out, when in pending:
+            device = out.losses[0].device
             mem = memory.get(device)
             if mem is None and self.diagnostics:
                 mem = memory[device] = _memory(rss, device)
-            at = self._build(out, when, step_loss, values=values, at=at, memory=mem, into=records)
+            at = self._build(out, when, values=values, at=at, memory=mem, into=records)
         self._delivered = time.time()
         self.emit_many(records)
 
@@ -130,7 +130,6 @@ class TrainTelemetry:
         self,
         out: StepOutput,
         when: float,
-        step_loss: float,
         *,
         values: list[float],
         at: int,
@@ -177,6 +176,14 @@ class TrainTelemetry:
             into.append(
                 _batch_record(run_id, when, diag, epoch, first + i, batches, before, n, raw, loss, scale, k)
             )
+        # the step loss: the float64 sum, left to right, of the s_b of micro-batches with items,
+        # as WindowLoss sums them on the device (float32 values are exact as Python floats)
+        step_loss = 0.0
+        first_term = True
+        for i in range(k):
+            if out.counts[i]:
+                step_loss = values[at + k + i] if first_term else step_loss + values[at + k + i]
+                first_term = False
         at += 2 * k
         grad_norm = None
         if out.grad_norm is not None:
@@ -232,25 +239,17 @@ def _dtype_facts(dtype: torch.dtype) -> tuple[float, str]:
     return facts
 
 
-def _to_floats(pending: list[tuple[StepOutput, float]]) -> tuple[list[float], list[float]]:
-    """Every waiting step's loss tensors as Python floats, in one device-to-host transfer.
-
-    Returns the raw losses, scaled losses and grad norm (when present) of each step in
-    order, and separately the float64 step losses. The two groups are stacked apart and
-    joined in float64 (exact): stacking 0-d tensors of mixed dtypes is several times
-    slower than stacking each dtype on its own.
-    """
+def _to_floats(pending: list[tuple[StepOutput, float]]) -> list[float]:
+    """Every waiting step's raw losses, scaled losses and grad norm (when present), in order, as
+    Python floats: one stack and one device-to-host transfer for all of them."""
     parts: list[torch.Tensor] = []
-    step_losses: list[torch.Tensor] = []
     for out, _ in pending:
         parts += out.raw_losses
         parts += out.losses
         if out.grad_norm is not None:
             parts.append(out.grad_norm)
-        step_losses.append(out.loss)
-    joined = torch.cat([torch.stack(parts).double(), torch.stack(step_losses)])
-    values = joined.tolist()
-    return values[: len(parts)], values[len(parts) :]
+    values: list[float] = torch.stack(parts).tolist()
+    return values
 
 
 def _state(engine: Engine) -> Any:
