@@ -183,10 +183,11 @@ class AccumulatingStep:
     contributes s_b = mean_loss_b * n_b / N_t to backward, so the accumulated gradient
     is the gradient of the window's item-weighted mean loss, whatever the batch sizes.
 
-    The step runs once per optimizer step on the training thread, so its bookkeeping is
-    kept to a few tensor operations (two detaches per micro-batch, the float64 step sum and
-    the epoch total) and no Python objects beyond one ``StepOutput``; per-micro-batch
-    outputs are built only while something listens to ``MICRO_BATCH_COMPLETED``.
+    The step runs once per optimizer step on the training thread, so its bookkeeping adds
+    no tensor operation beyond two detaches per micro-batch: the step loss is a
+    ``WindowLoss``, summed when first read, and ``Totals`` adds windows to the epoch total in
+    groups. Per-micro-batch outputs are built only while something listens to
+    ``MICRO_BATCH_COMPLETED``.
     """
 
     def __init__(
