@@ -3,16 +3,21 @@
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.optim import build_optimizer, build_scheduler
-from traintel.engine.step import AccumulatingStep, MicroBatchOutput, StepOutput
-from traintel.engine.trainer import create_trainer
+from traintel.engine.state import TraintelState
+from traintel.engine.step import AccumulatingStep, MicroBatchOutput, StepOutput, Totals, WindowLoss
+from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import Window, WindowedLoader
 
 __all__ = [
     "AccumulatingStep",
     "MicroBatchOutput",
     "StepOutput",
+    "Totals",
+    "TraintelEngine",
     "TraintelEvents",
+    "TraintelState",
     "Window",
+    "WindowLoss",
     "WindowedLoader",
     "build_optimizer",
     "build_scheduler",
