@@ -101,11 +101,6 @@ class TrainTelemetry:
         if len(pending) >= MAX_PENDING or now - self._delivered >= self.max_delay:
             self.flush()
 
-    def emit_step(self, engine: Engine) -> None:
-        """Build and deliver the records of the engine's current step at once (with any waiting)."""
-        self._pending.append((_state(engine).step_output, time.time()))
-        self.flush()
-
     def flush(self) -> None:
         """Build the records of the waiting steps and deliver them, in step order."""
         pending = self._pending

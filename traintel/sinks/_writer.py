@@ -95,25 +95,10 @@ class BackgroundWriter:
         if threaded:
             self._thread.start()
 
-    def full(self) -> bool:
-        return len(self._queue) >= self.capacity
-
     def drop(self) -> None:
         """Count one record that was not queued."""
         self.dropped += 1
         self._unreported += 1
-
-    def take_unreported(self) -> int:
-        """Drops not yet reported on a line; the caller puts them on the line it renders next."""
-        n, self._unreported = self._unreported, 0
-        return n
-
-    def offer(self, record: Record, render: Callable[[Record, int], bytes]) -> bool:
-        """Queue ``render(record, dropped)`` under the drop policy; False when the record was dropped.
-
-        ``dropped`` is the number of records dropped since the last line, for the line to carry.
-        """
-        return self.offer_many((record,), render) == 1
 
     def offer_many(self, records: Sequence[Record], render: Callable[[Record, int], bytes]) -> int:
         """Render and queue ``records`` in order under the drop policy, with one wake-up decision
