@@ -40,7 +40,9 @@ class TrainTelemetry:
     The update step keeps the running totals (a float64 loss-sum tensor on the model's
     device, integer counts) and each step's detached loss tensors. An emitted step is
     noted with its wall-clock time; its tensors become Python floats only when its records
-    are built, and that one float goes to every sink.
+    are built, and that one float goes to every sink. The step record's loss is the sum of
+    those s_b floats, left to right in float64: the same value as the step's ``WindowLoss``
+    tensor, without a second transfer.
 
     Records are built and delivered in batches: the steps noted since the last delivery
     are converted with one ``stack().tolist()`` (one device-to-host transfer for all of
