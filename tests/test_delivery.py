@@ -51,6 +51,18 @@ def test_with_no_delay_each_step_reaches_the_sinks_before_the_next_step(tmp_path
     assert seen == [1, 2, 3]
 
 
+def test_steps_slower_than_the_delay_are_delivered_as_each_ends(tmp_path: Path) -> None:
+    import time
+
+    seen: list[int] = []
+    sink, run = _run(tmp_path, 0.05, epochs=1, ITERATION_STARTED=lambda e: time.sleep(0.06))
+    run.trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append(len(sink.of("train.step")))
+    )
+    run.run()
+    assert seen == [1, 2, 3]
+
+
 def test_waiting_steps_arrive_in_order_before_the_epoch_record_with_their_own_times(
     tmp_path: Path,
 ) -> None:
