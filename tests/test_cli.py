@@ -7,11 +7,8 @@ line on stderr, nothing on stdout, no traceback and nothing written to disk.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,35 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.children import HELP_COLUMNS, probe_cli, run_cli
 from traintel.cli import make_parser
-
-# Seconds; a generous ceiling so a hung child fails the test instead of the whole session.
-_CHILD_TIMEOUT = 240
-_HELP_COLUMNS = "80"
-
-
-def _child_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    pythonpath = [str(tmp_path), *filter(None, [env.get("PYTHONPATH")])]
-    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
-    env["COLUMNS"] = _HELP_COLUMNS  # argparse wraps help to the terminal width
-    env.update(extra or {})
-    return env
-
-
-def run_cli(
-    tmp_path: Path, *args: str, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``python -m traintel ARGS`` in ``tmp_path`` with no inherited TRAINTEL__ variables."""
-    return subprocess.run(
-        [sys.executable, "-m", "traintel", *args],
-        cwd=tmp_path,
-        env=_child_env(tmp_path, env),
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT,
-        check=False,
-    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -347,7 +317,7 @@ def test_bad_input_exits_2_with_one_line(
 def test_no_command_prints_help_to_stderr_and_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("COLUMNS", _HELP_COLUMNS)
+    monkeypatch.setenv("COLUMNS", HELP_COLUMNS)
     expected = make_parser().format_help()
 
     proc = run_cli(tmp_path)
@@ -367,7 +337,7 @@ def test_config_without_subcommand_prints_config_help(tmp_path: Path) -> None:
 
 
 def test_help_exits_0_on_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", _HELP_COLUMNS)
+    monkeypatch.setenv("COLUMNS", HELP_COLUMNS)
     expected = make_parser().format_help()
 
     proc = run_cli(tmp_path, "--help")
@@ -511,19 +481,6 @@ def test_config_show_keeps_keys_that_only_contain_a_secret_word(tmp_path: Path) 
 # --------------------------------------------------------------------------- no torch
 
 
-_PROBE = textwrap.dedent(
-    """\
-    import sys
-    from traintel.cli import main
-    try:
-        code = main(sys.argv[1:])
-    except SystemExit as exc:
-        code = exc.code
-    print(code, "torch" in sys.modules, file=sys.stderr)
-    """
-)
-
-
 @pytest.mark.parametrize(
     ("argv", "stderr_head"),
     [
@@ -544,15 +501,7 @@ _PROBE = textwrap.dedent(
     ],
 )
 def test_does_not_import_torch(tmp_path: Path, argv: list[str], stderr_head: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, *argv],
-        cwd=tmp_path,
-        env=_child_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT,
-        check=False,
-    )
+    proc = probe_cli(tmp_path, *argv)
     code = 0 if not stderr_head else 2
     assert proc.returncode == 0
     assert proc.stderr == f"{stderr_head}{code} False\n"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.children import probe_cli, run_child, run_cli
 from traintel.cli import main
 from traintel.report import (
     FIGURE_SIZE_PX,
@@ -38,7 +37,6 @@ from traintel.report import (
 ROOT = Path(__file__).parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_ID = "hand-20251124T160000Z-abcdef"
-_CHILD_TIMEOUT = 240
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -61,10 +59,6 @@ def cli(*argv: str) -> int:
 
 def lines_by_label(fig: Any) -> dict[str, Any]:
     return {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
 
 
 # --------------------------------------------------------------------------- hand-written runs
@@ -497,31 +491,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 # --------------------------------------------------------------------------- subprocess, imports
 
-_PROBE = textwrap.dedent(
-    """\
-    import sys
-    from traintel.cli import main
-    try:
-        code = main(sys.argv[1:])
-    except SystemExit as exc:
-        code = exc.code
-    print(code, "torch" in sys.modules, file=sys.stderr)
-    """
-)
-
 
 def test_import_is_light(tmp_path: Path) -> None:
     code = "import sys, traintel.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT,
-        check=True,
-    )
-    assert proc.stdout == "False False\n"
+    proc = run_child([sys.executable, "-c", code], tmp_path)
+    assert (proc.returncode, proc.stdout) == (0, "False False\n"), proc.stderr
 
 
 def test_report_subprocess_does_not_import_torch(tmp_path: Path) -> None:
@@ -529,22 +503,11 @@ def test_report_subprocess_does_not_import_torch(tmp_path: Path) -> None:
     run.mkdir()
     (run / "diagnostic.jsonl").write_text(jsonl(synthetic_run()), encoding="utf-8")
 
-    def probe(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", _PROBE, *argv],
-            cwd=tmp_path,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=_CHILD_TIMEOUT,
-            check=False,
-        )
-
-    ok = probe("report", "run")
+    ok = probe_cli(tmp_path, "report", "run")
     assert (ok.returncode, ok.stderr) == (0, "0 False\n")
     assert ok.stdout == expected_summary(Path("run/report.png"))
 
-    bad = probe("report", "missing")
+    bad = probe_cli(tmp_path, "report", "missing")
     assert (bad.returncode, bad.stdout) == (0, "")
     assert bad.stderr == "traintel: error: missing: no such directory\n2 False\n"
 
@@ -555,39 +518,12 @@ def test_report_subprocess_does_not_import_torch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_report_of_a_real_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "traintel",
-            "train",
-            "--config",
-            str(ROOT / "configs" / "default.yaml"),
-            "--set",
-            f"run.dir={run}",
-            "--set",
-            "trainer.max_epochs=2",
-            "--set",
-            "sinks.prometheus.port=0",
-        ],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT,
-        check=False,
-    )
+    config = str(ROOT / "configs" / "default.yaml")
+    train = run_cli(tmp_path, "train", "--config", config, "--set", f"run.dir={run}",
+                    "--set", "trainer.max_epochs=2", "--set", "sinks.prometheus.port=0")  # fmt: skip
     assert train.returncode == 0, train.stderr
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "traintel", "report", str(run)],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=_CHILD_TIMEOUT,
-        check=False,
-    )
+    proc = run_cli(tmp_path, "report", str(run))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
 
