@@ -130,7 +130,7 @@ def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
         return None
     if len(more) == 2:  # {}
         return line
-    return line[:-2] + b"," + more[1:] + b"\n"
+    return b"".join((memoryview(line)[:-2], b",", memoryview(more)[1:], b"\n"))  # one allocation
 
 
 def line_bytes(

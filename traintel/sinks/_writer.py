@@ -6,7 +6,7 @@ and a daemon thread writes queued lines in batches, holding the GIL only to take
 from the queue. The writer is woken rarely, because every wake-up makes the training
 thread hand over the GIL: for ``run.end`` and ``sink.error`` lines and routed log lines
 at once, otherwise when ``linger`` seconds have passed since the last wake-up or when
-half the queue (at most 4096 lines) is waiting. When ``capacity`` lines are waiting,
+half the queue (at most 1024 lines) is waiting. When ``capacity`` lines are waiting,
 records of the droppable kind (``train.batch``) are dropped instead of rendered and
 counted, and the count is put on the next line rendered; every other record is still
 queued, so step, epoch and run records are never dropped. ``close`` drains the queue
@@ -90,7 +90,7 @@ class BackgroundWriter:
         self._closing = False
         self.linger = linger
         self._woken = 0.0  # the first line wakes the writer at once
-        self._wake_at = max(1, min(4096, capacity // 2))
+        self._wake_at = max(1, min(_MAX_BATCH, capacity // 2))
         self._thread = threading.Thread(target=self._loop, name=f"traintel-{name}-writer", daemon=True)
         if threaded:
             self._thread.start()
