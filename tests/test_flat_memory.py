@@ -53,18 +53,22 @@ def _drained(*sinks: Any) -> None:
 
 def test_a_million_records_leave_rss_and_the_scrape_flat(tmp_path: Path) -> None:
     with open(os.devnull, "wb") as devnull:
-        prom, diagnostic, json_sink = PrometheusSink(port=0), DiagnosticSink(), JsonSink(devnull)
+        # Lines waiting for a writer are bounded by each sink's queue capacity, and a disk that
+        # stalls on dirty pages fills the queue; 1,000 lines (about 0.5 MB) keeps that bound well
+        # under the 5 MB this test allows, so what it measures is what the process keeps.
+        prom = PrometheusSink(port=0)
+        diagnostic, json_sink = DiagnosticSink(capacity=1_000), JsonSink(devnull, capacity=1_000)
         fan = FanOut([prom, diagnostic, json_sink])
         fan.open(RunContext(run_id="r", name="flat", run_dir=tmp_path / "run"))
         assert prom.url is not None
         emitted = 0
-        samples: list[int] = []  # RSS after every 100,000 records, once the writers have caught up
+        samples: list[int] = []  # RSS after every 50,000 records, once the writers have caught up
         early = ""
         while emitted < RECORDS:
             for r in _records(4, emitted):
                 fan.emit(r)
             emitted += 4
-            if emitted % 100_000 == 0:
+            if emitted % 50_000 == 0:
                 if emitted == 100_000:  # the first 100,000 warm up allocator pools and caches
                     early = _scrape(prom.url)
                 _drained(diagnostic, json_sink)
@@ -73,10 +77,10 @@ def test_a_million_records_leave_rss_and_the_scrape_flat(tmp_path: Path) -> None
                 samples.append(rss)
         late = _scrape(prom.url)
         fan.close()
-    # growth: the last samples against the first (medians of three: the allocator's own ups and
-    # downs of a few MB, from lines waiting in the writers' queues, are not growth)
-    growth = statistics.median(samples[-3:]) - statistics.median(samples[:3])
-    assert len(samples) == 10
+    # growth: the last samples against the first, as medians of five (the allocator's own ups and
+    # downs of a few MB are not growth; a leak of 5 bytes per record would still show)
+    growth = statistics.median(samples[-5:]) - statistics.median(samples[1:6])
+    assert len(samples) == 20
     assert growth < 5 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB: {[s >> 20 for s in samples]} MiB"
     assert fan.errors == {"prometheus": 0, "diagnostic": 0, "json": 0}
     # the exposition has the same series whatever the run length: scraping costs the same
