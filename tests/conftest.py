@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from traintel.schema import parse_line
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 
@@ -23,6 +24,14 @@ def make_batches(
         y = x.sum(dim=1, keepdim=True) * 0.5 + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
         out.append((x, y))
     return out
+
+
+def strict_object(line: str | bytes) -> dict[str, Any]:
+    """One JSON line parsed strictly (``traintel.schema.parse_line``: no NaN/Infinity literals, no
+    duplicate keys), which must be an object."""
+    value = parse_line(line)
+    assert isinstance(value, dict), line
+    return value
 
 
 def make_model(features: int = 3, seed: int = 0) -> torch.nn.Module:

@@ -6,7 +6,6 @@ line on stderr, nothing on stdout, no traceback and nothing written to disk.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import textwrap
@@ -19,16 +18,8 @@ import pytest
 import yaml
 
 from tests.children import HELP_COLUMNS, probe_cli, run_cli
+from tests.conftest import strict_object
 from traintel.cli import make_parser
-
-
-def _reject_constant(name: str) -> Any:
-    msg = f"non-standard JSON constant {name}"
-    raise ValueError(msg)
-
-
-def _strict_json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line, parse_constant=_reject_constant) for line in text.splitlines()]
 
 
 @pytest.fixture
@@ -527,7 +518,7 @@ def test_train_short_run_then_refuse_to_overwrite(tmp_path: Path) -> None:
 
     assert proc.stderr == ""
     assert proc.returncode == 0
-    events = _strict_json_lines(proc.stdout)
+    events = [strict_object(line) for line in proc.stdout.splitlines()]
     assert events, "no JSON lines on stdout"
     first, last = events[0], events[-1]
     assert first["event"] == "run.start"
@@ -547,7 +538,7 @@ def test_train_short_run_then_refuse_to_overwrite(tmp_path: Path) -> None:
     assert diagnostic.is_file()
     assert saved_config.is_file()
     assert not (tmp_path / "runs").exists()
-    diag_events = _strict_json_lines(diagnostic.read_text(encoding="utf-8"))
+    diag_events = [strict_object(line) for line in diagnostic.read_text(encoding="utf-8").splitlines()]
     assert diag_events[0]["event"] == "run.start"
     assert diag_events[-1]["event"] == "run.end"
     assert yaml.safe_load(saved_config.read_text(encoding="utf-8"))["run"]["dir"] == str(run_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,16 +11,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import strict_object
+
 pytestmark = pytest.mark.slow
-
-
-def _strict(line: str) -> dict[str, Any]:
-    def reject(token: str) -> None:
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    value = json.loads(line, parse_constant=reject)
-    assert isinstance(value, dict)
-    return value
 
 
 def _exposition(text: str) -> dict[str, str]:
@@ -56,15 +48,15 @@ def test_stdout_diagnostic_file_and_scrape_hold_identical_values(tmp_path: Path)
     scrape = ""
     for line in proc.stdout:
         lines.append(line)
-        if _strict(line)["event"] == "run.end":
-            url = _strict(lines[0])["metrics_url"]
+        if strict_object(line)["event"] == "run.end":
+            url = strict_object(lines[0])["metrics_url"]
             with urllib.request.urlopen(url, timeout=5) as resp:  # served while lingering
                 scrape = resp.read().decode()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert stderr == ""
 
-    records = [_strict(line) for line in lines]
+    records = [strict_object(line) for line in lines]
     events = [r["event"] for r in records]
     # 200 samples / 32 = 7 micro-batches (the last of 8 items) -> windows 3,3,1 per epoch
     assert events[0] == "run.start" and events[-1] == "run.end"
@@ -72,7 +64,7 @@ def test_stdout_diagnostic_file_and_scrape_hold_identical_values(tmp_path: Path)
     assert events.count("train.epoch") == 2 and events.count("eval.epoch") == 2
 
     # The diagnostic file holds the same records, with the same values, plus diagnostics.
-    diag = [_strict(line) for line in (run_dir / "diagnostic.jsonl").read_text().splitlines()]
+    diag = [strict_object(line) for line in (run_dir / "diagnostic.jsonl").read_text().splitlines()]
     assert len(diag) == len(records)
     for console, full in zip(records, diag, strict=True):
         assert {k: full[k] for k in console} == console

@@ -13,6 +13,7 @@ from types import MappingProxyType
 import pytest
 from prometheus_client import generate_latest
 
+from tests.conftest import strict_object
 from traintel.errors import ConfigError
 from traintel.records import BatchRecord, EpochRecord, Record, RunEndRecord, StepRecord
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink, MemorySink, PrometheusSink, RunContext
@@ -97,10 +98,7 @@ def test_json_sink_writes_non_finite_as_null_and_keeps_the_fact() -> None:
     sink.close()
     line = out.getvalue().decode()
 
-    def reject(token: str) -> None:
-        raise AssertionError(token)
-
-    data = json.loads(line, parse_constant=reject)
+    data = strict_object(line)
     assert (data["raw_loss"], data["loss"], data["nonfinite"]) == (
         None,
         None,

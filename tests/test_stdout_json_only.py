@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.conftest import strict_object
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +38,6 @@ def failing_factory():
 """
 
 
-def _strict(line: str) -> dict[str, Any]:
-    def reject(token: str) -> None:
-        raise ValueError(token)
-
-    value = json.loads(line, parse_constant=reject)
-    assert isinstance(value, dict)
-    return value
-
-
 def _run(tmp_path: Path, factory: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "tasks.py").write_text(textwrap.dedent(_TASKS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
@@ -62,7 +53,7 @@ def _run(tmp_path: Path, factory: str) -> subprocess.CompletedProcess[str]:
 def test_a_torch_warning_becomes_one_json_line(tmp_path: Path) -> None:
     proc = _run(tmp_path, "broadcasting")
     assert (proc.returncode, proc.stderr) == (0, "")
-    lines = [_strict(x) for x in proc.stdout.splitlines()]
+    lines = [strict_object(x) for x in proc.stdout.splitlines()]
     warnings = [x for x in lines if x.get("logger") == "py.warnings"]
     assert len(warnings) == 1
     (w,) = warnings
@@ -75,7 +66,7 @@ def test_a_crash_is_a_structured_exception_not_a_traceback(tmp_path: Path) -> No
     proc = _run(tmp_path, "crashing")
     assert proc.returncode == 1
     assert proc.stderr == "traintel: error: training failed: ValueError: labels out of range\n"
-    lines = [_strict(x) for x in proc.stdout.splitlines()]  # every line is JSON: no raw traceback
+    lines = [strict_object(x) for x in proc.stdout.splitlines()]  # every line is JSON: no raw traceback
     (failure,) = [x for x in lines if x["event"] == "training failed"]
     assert (failure["level"], failure["logger"]) == ("error", "traintel")
     (exc,) = failure["exception"]

@@ -6,7 +6,6 @@ here is exact after rounding the record's float64 value to float32, never approx
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_batches, make_model, quiet_config
+from tests.conftest import make_batches, make_model, quiet_config, strict_object
 from traintel.errors import ConfigError
 from traintel.records import (
     BatchRecord,
@@ -177,15 +176,7 @@ def test_run_via_entry_point_matches_memory_sink_and_diagnostic_file(tmp_path: P
     assert any(_f32(r.loss) != r.loss for r in steps), "float64 losses should not be float32-exact"
     assert scalars == _expected(_as_row(r) for r in mem.records)
 
-    def strict(line: str) -> dict[str, Any]:
-        def reject(token: str) -> None:
-            raise ValueError(token)
-
-        value = json.loads(line, parse_constant=reject)
-        assert isinstance(value, dict)
-        return value
-
-    diag = [strict(line) for line in (tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()]
+    diag = [strict_object(line) for line in (tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()]
     diag_steps = [d for d in diag if d["event"] == "train.step"]
     assert [d["loss"] for d in diag_steps] == [r.loss for r in steps]  # float64, exact
     assert [(d["step"], _f32(d["loss"])) for d in diag_steps] == [
