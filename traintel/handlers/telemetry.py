@@ -19,7 +19,6 @@ Emit = Callable[[Record], None]
 EmitMany = Callable[[Sequence[Record]], None]
 
 _TOLERANCE_ULPS = 4.0
-_isfinite = math.isfinite
 MAX_PENDING = 256
 """Emitted steps held at most before their records are delivered, whatever ``max_delay``."""
 
@@ -151,13 +150,7 @@ class TrainTelemetry:
             scale = n / total if n else 0.0
             diag: Any = _NO_DIAGNOSTICS
             if memory is not None:
-                observed: float | None
-                ok: bool | None
-                if raw != 0.0 and _isfinite(raw) and _isfinite(loss):  # scale_check, inlined
-                    ratio = loss / raw
-                    observed, ok = ratio, abs(ratio - scale) <= _TOLERANCE_ULPS * eps * max(scale, eps)
-                else:
-                    observed, ok = scale_check(raw, loss, scale, eps)
+                observed, ok = scale_check(raw, loss, scale, eps)
                 fields = {
                     "expected_loss_scale": scale,
                     "observed_loss_scale": observed,

@@ -101,11 +101,18 @@ def record_line(line: dict[str, Any], profile: str = "default") -> bytes:
         rest = dict(line)
         return line_bytes(rest.pop("timestamp"), rest.pop("level"), rest.pop("event"), rest, profile) + b"\n"
     out = orjson.dumps(line, default=_default, option=orjson.OPT_APPEND_NEWLINE)
-    # orjson writes a non-finite float as null; only when a line has more nulls than None values
-    # (or a string holds "null") is the slow check needed, to name those fields in ``nonfinite``.
-    if b"null" in out and out.count(b"null") != [*line.values()].count(None):
+    if _may_be_nonfinite(out, line):
         out = orjson.dumps(strict_fields(line), default=_default, option=orjson.OPT_APPEND_NEWLINE)
     return out
+
+
+def _may_be_nonfinite(dumped: bytes, values: Mapping[str, Any]) -> bool:
+    """Whether ``dumped`` (orjson's rendering of ``values``) may hold a non-finite float.
+
+    orjson writes a non-finite float as null, so only a rendering with more nulls than None
+    values (or a string holding "null") needs the field-by-field check of ``strict_fields``.
+    """
+    return b"null" in dumped and dumped.count(b"null") != [*values.values()].count(None)
 
 
 def public_line(record: Record) -> bytes:
@@ -126,7 +133,7 @@ def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
     if b'"nonfinite"' in line:
         return None
     more = orjson.dumps(dict(extras), default=_default)
-    if b"null" in more and more.count(b"null") != [*extras.values()].count(None):
+    if _may_be_nonfinite(more, extras):
         return None
     if len(more) == 2:  # {}
         return line
