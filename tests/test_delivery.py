@@ -4,7 +4,6 @@ trainer's event dispatch."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,13 +14,14 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from tests.conftest import make_batches, make_model, quiet_config
+from tests.conftest import make_batches, make_model, quiet_config, strict_object
 from traintel.api import build
 from traintel.engine.trainer import TraintelEngine
-from traintel.records import BatchRecord, Record, StepRecord, positional
-from traintel.sinks import DiagnosticSink, FanOut, JsonSink, RunContext
+from traintel.records import Record
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
+from traintel.testing import batch_record, run_context, step_record
 
 
 def _run(tmp_path: Path, max_delay: float, *, epochs: int = 2, **handlers: Any) -> tuple[MemorySink, Any]:
@@ -147,17 +147,13 @@ class _Batching(MemorySink):
 
 
 def _step_records(n: int) -> list[Record]:
-    return [
-        StepRecord(run_id="r", time=1.0 + i, epoch=1, step=i + 1, items=4, items_total=4 * (i + 1),
-                   window_size=1, loss=0.5, lr=0.1, grad_norm=None, skipped=False)
-        for i in range(n)
-    ]  # fmt: skip
+    return [step_record(time=1.0 + i, step=i + 1, items=4, items_total=4 * (i + 1)) for i in range(n)]
 
 
 def test_fan_out_hands_batches_to_emit_many_and_falls_back_to_emit(tmp_path: Path) -> None:
     batching, plain = _Batching("batching"), MemorySink("plain")
     fan = FanOut([batching, plain])
-    fan.open(RunContext(run_id="r", name="n", run_dir=tmp_path))
+    fan.open(run_context(tmp_path))
     records = _step_records(5)
     fan.emit_many(records)
     fan.emit_many(records[:2])
@@ -171,7 +167,7 @@ def test_fan_out_hands_batches_to_emit_many_and_falls_back_to_emit(tmp_path: Pat
 def test_a_failing_emit_many_is_reported_once_to_the_other_sinks(tmp_path: Path) -> None:
     plain, broken = MemorySink("plain"), _Batching("broken", fail=True)
     fan = FanOut([broken, plain])
-    fan.open(RunContext(run_id="r", name="n", run_dir=tmp_path))
+    fan.open(run_context(tmp_path))
     fan.emit_many(_step_records(3))
     fan.emit_many(_step_records(3))
     events = [r.event for r in plain.records]
@@ -188,38 +184,26 @@ def test_a_failing_emit_many_is_reported_once_to_the_other_sinks(tmp_path: Path)
     assert fan.errors["broken"] == 2
 
 
-def test_positional_constructor_builds_the_same_record() -> None:
-    diag = MappingProxyType({"scale_ok": True})
-    kw = BatchRecord(run_id="r", time=2.5, diagnostics=diag, epoch=1, batch=2, batches=7, step=0, items=4,
-                     raw_loss=0.5, loss=0.25, loss_scale=0.5, window_size=2)  # fmt: skip
-    fast = positional(BatchRecord)("r", 2.5, diag, 1, 2, 7, 0, 4, 0.5, 0.25, 0.5, 2)
-    assert fast == kw and repr(fast) == repr(kw) and fast.diagnostics is diag and fast._line is None
-    with pytest.raises(ValueError, match="zip"):
-        positional(BatchRecord)("r", 2.5)
-
-
-def _lines(
-    tmp_path: Path, records: list[Record], dropped_before: int = 0
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _lines(tmp_path: Path, records: list[Record]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stdout and diagnostic-file lines of ``records``, the two sinks sharing one renderer."""
     out = io.BytesIO()
-    json_sink, diag = JsonSink(out, capacity=100), DiagnosticSink()
-    fan = FanOut([diag, json_sink])
-    fan.open(RunContext(run_id="r", name="n", run_dir=tmp_path))
+    renderer = LineRenderer()
+    json_sink, diag = JsonSink(out, capacity=100, renderer=renderer), DiagnosticSink(renderer=renderer)
+    fan = FanOut([json_sink, diag])
+    fan.open(run_context(tmp_path))
     fan.emit_many(records)
     fan.close()
-    stdout = [json.loads(line) for line in out.getvalue().splitlines()]
-    file = [json.loads(line) for line in (tmp_path / "diagnostic.jsonl").read_text().splitlines()]
+    stdout = [strict_object(line) for line in out.getvalue().splitlines()]
+    file = [strict_object(line) for line in (tmp_path / "diagnostic.jsonl").read_text().splitlines()]
     return stdout, file
 
 
 def test_stdout_and_diagnostic_lines_share_one_rendering(tmp_path: Path) -> None:
     diag = MappingProxyType({"expected_loss_scale": 0.5, "observed_loss_scale": None, "scale_ok": None,
                              "rss_bytes": 123})  # fmt: skip
-    finite = BatchRecord(run_id="r", time=1.7e9, diagnostics=diag, epoch=1, batch=1, batches=None, step=0,
-                         items=4, raw_loss=0.0, loss=0.0, loss_scale=0.5, window_size=2)  # fmt: skip
-    nan = BatchRecord(run_id="r", time=1.7e9, diagnostics=MappingProxyType({"observed_loss_scale": math.inf}),
-                      epoch=1, batch=2, batches=None, step=0, items=4, raw_loss=math.nan, loss=math.nan,
-                      loss_scale=0.5, window_size=2)  # fmt: skip
+    finite = batch_record(diagnostics=diag, batch=1, raw_loss=0.0, loss=0.0)
+    nan = batch_record(diagnostics=MappingProxyType({"observed_loss_scale": math.inf}), raw_loss=math.nan,
+                       loss=math.nan)  # fmt: skip
     stdout, file = _lines(tmp_path, [finite, nan])
     public = {k: v for k, v in file[0].items() if k not in diag}
     assert stdout[0] == public

@@ -11,21 +11,16 @@ import torch
 
 from tests.conftest import make_batches, make_model, quiet_config
 from traintel.api import build
-from traintel.records import BatchRecord
-from traintel.sinks import DiagnosticSink, JsonSink, MemorySink, RunContext
+from traintel.sinks import DiagnosticSink, JsonSink, MemorySink
 from traintel.task import Task
-
-
-def _batch(i: int) -> BatchRecord:
-    return BatchRecord(run_id="r", time=1.7e9, epoch=1, batch=i, batches=None, step=0, items=4,
-                       raw_loss=0.5, loss=0.25, loss_scale=0.5, window_size=2)  # fmt: skip
+from traintel.testing import batch_record, run_context
 
 
 def test_rotation_keeps_whole_lines_and_the_newest_backups(tmp_path: Path) -> None:
     sink = DiagnosticSink(max_bytes=1000, backups=2)
-    sink.open(RunContext(run_id="r", name="n", run_dir=tmp_path))
+    sink.open(run_context(tmp_path))
     for i in range(1, 61):
-        sink.emit(_batch(i))
+        sink.emit(batch_record(batch=i, batches=None))
     sink.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["diagnostic.jsonl", "diagnostic.jsonl.1", "diagnostic.jsonl.2"]

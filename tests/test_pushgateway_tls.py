@@ -21,7 +21,8 @@ import pytest
 
 from tests.servers import free_port, need_tool, wait_ready
 from traintel.records import RunEndRecord
-from traintel.sinks import PrometheusSink, RunContext
+from traintel.sinks import FanOut, MemorySink, PrometheusSink, Pushgateway
+from traintel.testing import end_record, run_context
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
@@ -30,9 +31,8 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
 
 
-def _end(run_id: str = "r1") -> RunEndRecord:
-    return RunEndRecord(run_id=run_id, time=1.7e9, status="completed", reason="max_epochs", epoch=1, step=3,
-                        items_total=12, duration_seconds=1.0)  # fmt: skip
+def _end() -> RunEndRecord:
+    return end_record(time=1.7e9, step=3, duration_seconds=1.0)
 
 
 @pytest.mark.slow
@@ -69,9 +69,10 @@ def test_final_values_are_pushed_to_a_real_pushgateway(tmp_path: Path) -> None:
 
 class _Capture(http.server.BaseHTTPRequestHandler):
     seen: ClassVar[list[tuple[str, str, str | None]]] = []
+    bodies: ClassVar[list[bytes]] = []
 
     def do_PUT(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Capture.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         _Capture.seen.append(("PUT", self.path, self.headers.get("Authorization")))
         self.send_response(200)
         self.end_headers()
@@ -80,16 +81,19 @@ class _Capture(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_pushgateway_basic_auth_and_grouping_key(tmp_path: Path) -> None:
-    from traintel.config import PushgatewayConfig
-
+def test_pushgateway_basic_auth_grouping_key_and_sink_health(tmp_path: Path) -> None:
+    _Capture.seen.clear()
+    _Capture.bodies.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        pg = PushgatewayConfig(url=f"http://127.0.0.1:{server.server_port}", job="nightly", username="ci",
-                               password="s3cret")  # fmt: skip
+        pg = Pushgateway(url=f"http://127.0.0.1:{server.server_port}", job="nightly", username="ci",
+                         password="s3cret")  # fmt: skip
         sink = PrometheusSink(port=0, pushgateway=pg)
-        sink.open(RunContext(run_id="r1", name="demo", run_dir=tmp_path))
+        fan = FanOut([sink, MemorySink("json")])
+        fan.errors["json"] = 4
+        sink.register(fan.health_collector())
+        sink.open(run_context(tmp_path))
         sink.emit(_end())
         sink.close()
     finally:
@@ -97,13 +101,24 @@ def test_pushgateway_basic_auth_and_grouping_key(tmp_path: Path) -> None:
         server.server_close()
     token = base64.b64encode(b"ci:s3cret").decode()
     assert _Capture.seen == [("PUT", "/metrics/job/nightly/run_id/r1", f"Basic {token}")]
+    (body,) = _Capture.bodies
+    pushed = [line for line in body.decode().splitlines() if line.startswith("traintel_")]
+    assert pushed == [
+        'traintel_run_info{name="demo",run_id="r1"} 1.0',
+        "traintel_epoch 1.0",
+        "traintel_optimizer_step 3.0",
+        "traintel_run_success 1.0",
+        "traintel_run_end_timestamp_seconds 1.7e+09",
+        "traintel_items_total 12.0",
+        'traintel_sink_errors_total{sink="json"} 4.0',
+        'traintel_sink_errors_total{sink="prometheus"} 0.0',
+    ]
+    assert "s3cret" not in repr(pg)
 
 
 def test_a_failed_push_is_a_sink_error_not_a_crash(tmp_path: Path) -> None:
-    from traintel.config import PushgatewayConfig
-
-    sink = PrometheusSink(port=0, pushgateway=PushgatewayConfig(url=f"http://127.0.0.1:{free_port()}"))
-    sink.open(RunContext(run_id="r1", name="demo", run_dir=tmp_path))
+    sink = PrometheusSink(port=0, pushgateway=Pushgateway(url=f"http://127.0.0.1:{free_port()}"))
+    sink.open(run_context(tmp_path))
     with pytest.raises(
         OSError,
         match=r"^push to http://127\.0\.0\.1:\d+ failed: URLError: <urlopen error \[Errno 111\] Connection refused>$",
@@ -163,7 +178,7 @@ def _scrape(url: str, context: ssl.SSLContext) -> str:
 def test_tls_and_client_certificates(tmp_path: Path, certs: dict[str, Path]) -> None:
     sink = PrometheusSink(port=0, certfile=str(certs["cert"]), keyfile=str(certs["key"]),
                           client_cafile=str(certs["client_cert"]))  # fmt: skip
-    sink.open(RunContext(run_id="r1", name="demo", run_dir=tmp_path))
+    sink.open(run_context(tmp_path))
     try:
         url = sink.url
         assert url is not None and url.startswith("https://127.0.0.1:")
@@ -183,4 +198,4 @@ def test_tls_files_that_do_not_exist_are_bad_input(tmp_path: Path) -> None:
 
     sink = PrometheusSink(port=0, certfile=str(tmp_path / "nope.pem"), keyfile=str(tmp_path / "nope.key"))
     with pytest.raises(ConfigError, match=r"^sinks\.prometheus\.certfile: no such file: .*nope\.pem$"):
-        sink.open(RunContext(run_id="r1", name="demo", run_dir=tmp_path))
+        sink.open(run_context(tmp_path))

@@ -15,63 +15,26 @@ from prometheus_client import generate_latest
 
 from tests.conftest import strict_object
 from traintel.errors import ConfigError
-from traintel.records import BatchRecord, EpochRecord, Record, RunEndRecord, StepRecord
+from traintel.records import Record
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink, MemorySink, PrometheusSink, RunContext
-
-T0 = 1_764_000_000.25  # 2025-11-24T16:00:00.25Z
+from traintel.testing import batch_record, end_record, epoch_record, run_context, step_record
 
 
 def _ctx(tmp_path: Path) -> RunContext:
-    return RunContext(run_id="r1", name="demo", run_dir=tmp_path / "run")
-
-
-def _batch(**over: object) -> BatchRecord:
-    fields: dict[str, object] = {
-        "run_id": "r1",
-        "time": T0,
-        "epoch": 1,
-        "batch": 2,
-        "batches": 10,
-        "step": 0,
-        "items": 4,
-        "raw_loss": 0.75,
-        "loss": 0.25,
-        "loss_scale": 1 / 3,
-        "window_size": 3,
-    }
-    fields.update(over)
-    return BatchRecord(**fields)  # type: ignore[arg-type]
-
-
-def _step(**over: object) -> StepRecord:
-    fields: dict[str, object] = {
-        "run_id": "r1",
-        "time": T0 + 1,
-        "epoch": 1,
-        "step": 1,
-        "items": 12,
-        "items_total": 12,
-        "window_size": 3,
-        "loss": 0.6875,
-        "lr": 0.001,
-        "grad_norm": None,
-        "skipped": False,
-    }
-    fields.update(over)
-    return StepRecord(**fields)  # type: ignore[arg-type]
+    return run_context(tmp_path / "run")
 
 
 def test_records_are_immutable() -> None:
-    rec = _batch()
+    rec = batch_record()
     with pytest.raises(dataclasses.FrozenInstanceError):
         rec.loss = 1.0  # type: ignore[misc]
-    with_diag = _batch(diagnostics=MappingProxyType({"scale_ok": True}))
+    with_diag = batch_record(diagnostics=MappingProxyType({"scale_ok": True}))
     with pytest.raises(TypeError):
         with_diag.diagnostics["scale_ok"] = False  # type: ignore[index]
 
 
 def test_fields_are_ordered_and_carry_schema_version() -> None:
-    assert list(_batch().fields()) == [
+    assert list(batch_record().fields()) == [
         "run_id", "schema_version", "epoch", "batch", "batches", "step", "items",
         "raw_loss", "loss", "loss_scale", "window_size",
     ]  # fmt: skip
@@ -80,8 +43,8 @@ def test_fields_are_ordered_and_carry_schema_version() -> None:
 def test_json_sink_renders_one_exact_line() -> None:
     out = io.BytesIO()
     sink = JsonSink(out)
-    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
-    sink.emit(_batch())
+    sink.open(run_context(Path("unused")))
+    sink.emit(batch_record())
     sink.close()
     assert out.getvalue() == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
@@ -93,8 +56,8 @@ def test_json_sink_renders_one_exact_line() -> None:
 def test_json_sink_writes_non_finite_as_null_and_keeps_the_fact() -> None:
     out = io.BytesIO()
     sink = JsonSink(out)
-    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
-    sink.emit(_batch(raw_loss=math.nan, loss=math.inf))
+    sink.open(run_context(Path("unused")))
+    sink.emit(batch_record(raw_loss=math.nan, loss=math.inf))
     sink.close()
     line = out.getvalue().decode()
 
@@ -109,12 +72,8 @@ def test_json_sink_writes_non_finite_as_null_and_keeps_the_fact() -> None:
 def test_run_end_failed_is_logged_as_error() -> None:
     out = io.BytesIO()
     sink = JsonSink(out)
-    sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
-    end = RunEndRecord(
-        run_id="r1", time=T0, status="failed", reason="ValueError: boom", epoch=1, step=3,
-        items_total=9, duration_seconds=0.5,
-    )  # fmt: skip
-    sink.emit(end)
+    sink.open(run_context(Path("unused")))
+    sink.emit(end_record(status="failed", reason="ValueError: boom"))
     sink.close()
     assert json.loads(out.getvalue())["level"] == "error"
 
@@ -122,7 +81,7 @@ def test_run_end_failed_is_logged_as_error() -> None:
 def test_diagnostic_sink_adds_diagnostics_and_never_overwrites(tmp_path: Path) -> None:
     sink = DiagnosticSink()
     sink.open(_ctx(tmp_path))
-    sink.emit(_batch(diagnostics=MappingProxyType({"expected_loss_scale": 1 / 3, "scale_ok": True})))
+    sink.emit(batch_record(diagnostics=MappingProxyType({"expected_loss_scale": 1 / 3, "scale_ok": True})))
     sink.close()
     sink.close()  # idempotent
     path = tmp_path / "run" / "diagnostic.jsonl"
@@ -161,7 +120,7 @@ def test_fanout_isolates_a_failing_sink_and_reports_once(tmp_path: Path) -> None
     boom, mem = _Boom(), MemorySink()
     fan = FanOut([boom, mem])
     fan.open(_ctx(tmp_path))
-    records = [_batch(batch=i) for i in range(1, 4)]
+    records = [batch_record(batch=i) for i in range(1, 4)]
     for r in records:
         fan.emit(r)
     fan.close()
@@ -194,21 +153,21 @@ def test_fanout_rejects_duplicate_names() -> None:
 
 
 def test_prometheus_exposition_is_exact(tmp_path: Path) -> None:
-    sink = PrometheusSink(port=0, sink_errors={"json": 0, "diagnostic": 2})
-    sink.collector.sink_dropped = lambda: {"json": 3}
+    class Dropping(MemorySink):
+        dropped = 3
+
+    sink = PrometheusSink(port=0)
+    fan = FanOut([sink, Dropping("json"), MemorySink("diagnostic")])
+    fan.errors["diagnostic"] = 2
+    sink.register(fan.health_collector())
     sink.collector.run_id, sink.collector.run_name = "r1", "demo"
-    sink.emit(_batch())
-    sink.emit(_step(grad_norm=2.5))
-    sink.emit(
-        EpochRecord(
-            run_id="r1", time=T0 + 2, epoch=1, step=1, loss=0.5, items=12, items_total=12, batches=3,
-            steps=1, duration_seconds=2.0, items_per_second=6.0,
-        )
-    )  # fmt: skip
-    text, _, process = generate_latest(sink.registry).decode().partition("# HELP process_")
-    names = [
-        line.split()[2] for line in ("# HELP process_" + process).splitlines() if line.startswith("# TYPE")
-    ]
+    sink.emit(batch_record())
+    sink.emit(step_record(grad_norm=2.5))
+    sink.emit(epoch_record())
+    lines = generate_latest(sink.registry).decode().splitlines(keepends=True)
+    process = [line for line in lines if line.startswith(("process_", "# HELP process_", "# TYPE process_"))]
+    text = "".join(line for line in lines if line not in process)
+    names = [line.split()[2] for line in process if line.startswith("# TYPE")]
     assert names == [
         "process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
         "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
@@ -257,6 +216,7 @@ def test_prometheus_exposition_is_exact(tmp_path: Path) -> None:
         "# TYPE traintel_sink_errors_total counter\n"
         'traintel_sink_errors_total{sink="diagnostic"} 2.0\n'
         'traintel_sink_errors_total{sink="json"} 0.0\n'
+        'traintel_sink_errors_total{sink="prometheus"} 0.0\n'
         "# HELP traintel_sink_dropped_records_total Records a sink dropped because its consumer fell behind.\n"
         "# TYPE traintel_sink_dropped_records_total counter\n"
         'traintel_sink_dropped_records_total{sink="json"} 3.0\n'
@@ -284,7 +244,7 @@ def test_prometheus_serves_over_http_and_stops(tmp_path: Path) -> None:
     sink.open(_ctx(tmp_path))
     url = sink.url
     assert url is not None and url.startswith("http://127.0.0.1:")
-    sink.emit(_step())
+    sink.emit(step_record())
     with urllib.request.urlopen(url, timeout=5) as resp:
         body = resp.read().decode()
     assert "traintel_step_loss 0.6875\n" in body
@@ -300,8 +260,8 @@ def test_ecs_profile_renames_the_head_and_keeps_every_value() -> None:
     for profile in ("default", "ecs"):
         out = io.BytesIO()
         sink = JsonSink(out, profile=profile)
-        sink.open(RunContext(run_id="r1", name="demo", run_dir=Path("unused")))
-        sink.emit(_batch(loss=math.nan))
+        sink.open(run_context(Path("unused")))
+        sink.emit(batch_record(loss=math.nan))
         sink.close()
         lines[profile] = out.getvalue()
     assert lines["ecs"] == (
@@ -317,3 +277,21 @@ def test_ecs_profile_renames_the_head_and_keeps_every_value() -> None:
     }
     with pytest.raises(ValueError, match="profile must be 'default' or 'ecs', got 'gelf'"):
         JsonSink(profile="gelf")
+
+
+def test_the_exporter_keeps_the_newest_record_of_each_kind_from_a_batch() -> None:
+    sink = PrometheusSink(port=0)
+    first_step, last_step = step_record(step=1, items_total=12), step_record(step=2, items_total=24)
+    last_batch = batch_record(step=2, batch=7)
+    sink.emit_many([first_step, batch_record(step=1), last_step, last_batch])
+    latest = sink.collector.latest
+    assert (latest.step, latest.batch, latest.progress, latest.items_total) == (
+        last_step,
+        last_batch,
+        last_batch,
+        24,
+    )
+    assert latest.step is last_step and latest.batch is last_batch
+    end = end_record(step=2, items_total=24)
+    sink.emit_many([epoch_record(step=2, items_total=24), end])
+    assert (sink.collector.latest.progress, sink.collector.latest.end) == (end, end)

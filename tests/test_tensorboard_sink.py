@@ -19,21 +19,20 @@ import torch
 
 from tests.conftest import make_batches, make_model, quiet_config, strict_object
 from traintel.errors import ConfigError
-from traintel.records import (
-    BatchRecord,
-    EpochRecord,
-    EvalRecord,
-    Record,
-    RunEndRecord,
-    RunStartRecord,
-    SinkErrorRecord,
-    StepRecord,
-)
+from traintel.records import Record, RunStartRecord, SinkErrorRecord
 from traintel.sinks.base import RunContext
 from traintel.sinks.memory import MemorySink
 from traintel.sinks.tensorboard import TensorBoardSink
 from traintel.task import Task
-from traintel.testing import check_sink
+from traintel.testing import (
+    batch_record,
+    check_sink,
+    end_record,
+    epoch_record,
+    eval_record,
+    run_context,
+    step_record,
+)
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -189,41 +188,22 @@ def test_run_via_entry_point_matches_memory_sink_and_diagnostic_file(tmp_path: P
 
 
 def _context(tmp_path: Path) -> RunContext:
-    return RunContext(run_id="r", name="n", run_dir=tmp_path / "run")
+    return run_context(tmp_path / "run")
 
 
 def test_non_finite_values_and_skipped_records(tmp_path: Path) -> None:
-    common: dict[str, Any] = {"run_id": "r", "epoch": 1}
     records: list[Record] = [
         RunStartRecord(
-            run_id="r", time=1.0, name="n", run_dir="d", device="cpu", config={}, metrics_url=None
+            run_id="r1", time=1.0, name="n", run_dir="d", device="cpu", config={}, metrics_url=None
         ),
-        BatchRecord(
-            **common, time=2.25, batch=1, batches=2, step=0, items=3, raw_loss=math.nan,
-            loss=math.inf, loss_scale=0.1, window_size=2,
-        ),
-        BatchRecord(
-            **common, time=2.5, batch=2, batches=2, step=0, items=3, raw_loss=-math.inf,
-            loss=0.1, loss_scale=0.5, window_size=2,
-        ),
-        SinkErrorRecord(run_id="r", time=2.75, sink="x", error="boom"),
-        StepRecord(
-            **common, time=3.125, step=1, items=6, items_total=6, window_size=2, loss=math.nan,
-            lr=1e-3, grad_norm=None, skipped=False,
-        ),
-        EpochRecord(
-            **common, time=4.0, step=1, loss=math.inf, items=6, items_total=6, batches=2, steps=1,
-            duration_seconds=1.0, items_per_second=6.0,
-        ),
-        EvalRecord(
-            **common, time=5.0, step=1, loss=-math.inf, items=3, batches=1, duration_seconds=1.0,
-            items_per_second=3.0,
-        ),
-        RunEndRecord(
-            run_id="r", time=6.0, status="completed", reason="max_epochs", epoch=1, step=1,
-            items_total=6, duration_seconds=5.0,
-        ),
-    ]  # fmt: skip
+        batch_record(time=2.25, batch=1, raw_loss=math.nan, loss=math.inf, loss_scale=0.1),
+        batch_record(time=2.5, batch=2, raw_loss=-math.inf, loss=0.1, loss_scale=0.5),
+        SinkErrorRecord(run_id="r1", time=2.75, sink="x", error="boom"),
+        step_record(time=3.125, loss=math.nan),
+        epoch_record(time=4.0, loss=math.inf),
+        eval_record(time=5.0, loss=-math.inf),
+        end_record(time=6.0),
+    ]
     sink = TensorBoardSink()
     sink.open(_context(tmp_path))
     for record in records:
@@ -248,10 +228,7 @@ def test_lifecycle_errors_and_idempotent_close(tmp_path: Path) -> None:
     sink = TensorBoardSink(log_dir=str(tmp_path / "tb"), flush_secs=0.5)
     assert sink.name == "tensorboard"
     sink.close()  # before open: harmless
-    record = EvalRecord(
-        run_id="r", time=1.0, epoch=1, step=1, loss=0.5, items=1, batches=1,
-        duration_seconds=1.0, items_per_second=1.0,
-    )  # fmt: skip
+    record = eval_record(time=1.0, loss=0.5)
     with pytest.raises(RuntimeError, match="before open"):
         sink.emit(record)
     sink.open(_context(tmp_path))

@@ -18,7 +18,7 @@ import structlog
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
-from traintel.sinks._jsonline import iso_utc, line_bytes
+from traintel.sinks._jsonline import ecs_layout, iso_utc
 from traintel.sinks.json_stdout import JsonSink
 
 _exception_dict = ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
@@ -32,39 +32,42 @@ def level_name(levelno: int) -> str:
     return "debug"
 
 
-def _stdlib_fields(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def _stdlib_fields(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The line's fields in order: timestamp (when the log record was made), level, event (the
+    message), logger, then the rest (``exc_info``, which the next processor renders)."""
     record: logging.LogRecord = event_dict.pop("_record")
     event_dict.pop("_from_structlog", None)
-    event_dict["_level"] = level_name(record.levelno)
-    event_dict["event"] = str(event_dict["event"]).rstrip("\n")  # warnings end their text with a newline
-    event_dict["timestamp"] = iso_utc(record.created)
-    event_dict["logger"] = record.name
-    return event_dict
+    out = {
+        "timestamp": iso_utc(record.created),
+        "level": level_name(record.levelno),
+        "event": str(event_dict.pop("event")).rstrip("\n"),  # warnings end their text with a newline
+        "logger": record.name,
+    }
+    out.update(event_dict)
+    return out
 
 
-def _renderer(profile: str) -> Callable[[Any, str, MutableMapping[str, Any]], str]:
-    def render(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
-        timestamp, event, level = (
-            event_dict.pop("timestamp"),
-            str(event_dict.pop("event")),
-            event_dict.pop("_level"),
-        )
-        return line_bytes(timestamp, level, event, dict(event_dict), profile).decode()
-
-    return render
+def _text(_logger: Any, _method: str, line: Any) -> str:
+    """A logging formatter returns text: the rendered line's bytes, decoded, without the newline
+    (the handler adds it back)."""
+    text: str = line.decode()
+    return text.removesuffix("\n")
 
 
 class JsonLogHandler(logging.Handler):
-    """A logging handler that writes each record as a JSON line through a JsonSink's writer."""
+    """A logging handler that writes each record as a JSON line through a JsonSink's writer.
+
+    The line is made by the sink's strict JSON renderer, in the sink's profile; the processors
+    given to the sink are for records and do not run here.
+    """
 
     def __init__(self, sink: JsonSink, level: int = logging.WARNING) -> None:
         super().__init__(level)
         self.sink = sink
+        layout = [ecs_layout] if sink.profile == "ecs" else []
         self.setFormatter(
             structlog.stdlib.ProcessorFormatter(
-                processors=[_stdlib_fields, _exception_dict, _renderer(sink.profile)]
+                processors=[_stdlib_fields, _exception_dict, *layout, sink.renderer, _text]
             )
         )
 

@@ -14,13 +14,12 @@ import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 SCHEMA_VERSION = "1.0.0"
 """Semantic version of the record fields; a field's meaning or type never changes within a major."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-R = TypeVar("R", bound="Record")
 
 
 def freeze(value: Any) -> Any:
@@ -46,9 +45,6 @@ class Record:
     otherwise when the record was built."""
     diagnostics: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, compare=False)
     """Extras for the diagnostic file only (self-checks, memory)."""
-    _line: bytes | None = field(default=None, init=False, repr=False, compare=False)
-    """The record's JSON line once rendered (``traintel.sinks._jsonline.public_line``): a cache of
-    the formatting, so the JSON sinks share one rendering; never part of the record's values."""
 
     @property
     def schema_version(self) -> str:
@@ -77,29 +73,6 @@ def layout(cls: type[Record]) -> tuple[tuple[str, ...], Callable[[Any], tuple[An
     getter = operator.attrgetter(*names) if len(names) > 1 else _single(names)
     found = _LAYOUTS[cls] = (names, getter)
     return found
-
-
-def positional(cls: type[R]) -> Callable[..., R]:
-    """A constructor of ``cls`` taking every init field positionally, in declaration order.
-
-    It fills the slots directly instead of going through the frozen dataclass ``__init__``
-    (about 40% cheaper), for the per-step records built in bulk; fields not in ``__init__``
-    get their defaults.
-    """
-    fields = dataclasses.fields(cls)
-    setters = tuple(getattr(cls, f.name).__set__ for f in fields if f.init)
-    defaults = tuple((getattr(cls, f.name).__set__, f.default) for f in fields if not f.init)
-    new = object.__new__
-
-    def make(*values: Any) -> R:
-        record = new(cls)
-        for set_value, value in zip(setters, values, strict=True):
-            set_value(record, value)
-        for set_value, value in defaults:
-            set_value(record, value)
-        return record
-
-    return make
 
 
 def _single(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:

@@ -1,11 +1,15 @@
-"""Strict JSON rendering shared by the JSON-lines sinks (RFC 8259: no NaN or Infinity)."""
+"""Strict JSON lines (RFC 8259: no NaN or Infinity) for the JSON sink and the diagnostic file.
+
+A record's line is its event dict (``LineRenderer.event_dict``: timestamp, level, event, run_id,
+schema_version, then the record's public fields) rendered by ``LineRenderer``, a structlog
+processor: non-finite floats become null and are named in ``nonfinite``, and orjson writes the
+keys in order, newline included.
+"""
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -14,38 +18,22 @@ import orjson
 from traintel.records import SCHEMA_VERSION, Record, layout
 
 _NONFINITE_NAMES = {math.inf: "inf", -math.inf: "-inf"}
-_isfinite = math.isfinite
 
 
-@functools.lru_cache(maxsize=8)
 def iso_utc(unix_seconds: float) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z`` suffix, exactly as ``datetime.fromtimestamp``
-    rounds (half to even). Cached, as records of one step share a time, and the whole-second
-    part is cached apart, as consecutive steps share their second."""
-    if not unix_seconds >= 0:
-        stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
-        return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    fraction, whole = math.modf(unix_seconds)
-    micros = round(fraction * 1e6)
-    second = int(whole)
-    if micros >= 1_000_000:
-        second, micros = second + 1, micros - 1_000_000
-    return f"{_utc_second(second)}.{micros:06d}Z"
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix, rounded as ``datetime.fromtimestamp`` rounds."""
+    stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
+    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-@functools.lru_cache(maxsize=4)
-def _utc_second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
+def strict_fields(fields: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace non-finite floats by null, recording each in ``nonfinite`` (field -> nan/inf/-inf).
 
     A field thus keeps one JSON type (number, or null when not finite) and the fact is kept.
     """
     bad: dict[str, str] | None = None
     for key, value in fields.items():
-        if isinstance(value, float) and not _isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             if bad is None:
                 bad = {}
             bad[key] = _NONFINITE_NAMES.get(value, "nan")
@@ -59,95 +47,23 @@ def strict_fields(fields: dict[str, Any]) -> dict[str, Any]:
 ECS_VERSION = "8.11.0"
 """Elastic Common Schema version the ``ecs`` profile follows."""
 
-_ECS_KEYS = {"timestamp": "@timestamp", "level": "log.level", "event": "message", "logger": "log.logger"}
+_ECS_HEAD = {"timestamp": "@timestamp", "level": "log.level", "event": "message"}
+_ECS_KEYS = {**_ECS_HEAD, "logger": "log.logger"}
 
 
-def head(timestamp: str | None, level: str, event: str, rest: dict[str, Any], profile: str) -> dict[str, Any]:
-    """One line's fields in order: timestamp, level, event, then ``rest``; the ``ecs`` profile
-    renames them to ``@timestamp``, ``log.level``, ``message`` (``logger`` to ``log.logger``) and
-    adds ``ecs.version``. Values are the same in both profiles."""
-    line = {"timestamp": timestamp, "level": level, "event": event}
-    line.update(rest)
-    if profile != "ecs":
-        return line
-    out: dict[str, Any] = {
-        "@timestamp": timestamp,
-        "log.level": level,
-        "message": event,
-        "ecs.version": ECS_VERSION,
-    }
-    out.update((_ECS_KEYS.get(k, k), v) for k, v in line.items() if k not in ("timestamp", "level", "event"))
+def ecs_layout(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    """A structlog processor for the ``ecs`` profile: the event dict (timestamp, level and event
+    first) with ``@timestamp``, ``log.level``, ``message``, then ``ecs.version``, then the rest
+    (``logger`` as ``log.logger``). Values are unchanged."""
+    out: dict[str, Any] = {_ECS_HEAD[key]: event_dict.get(key) for key in _ECS_HEAD}
+    out["ecs.version"] = ECS_VERSION
+    out.update((_ECS_KEYS.get(k, k), v) for k, v in event_dict.items() if k not in _ECS_HEAD)
     return out
-
-
-def record_dict(record: Record) -> dict[str, Any]:
-    """A record's line fields in order: timestamp (from the record's time), level, event, run_id,
-    schema_version, then its public fields."""
-    names, values = layout(type(record))
-    line: dict[str, Any] = {
-        "timestamp": iso_utc(record.time),
-        "level": record.level,
-        "event": record.event,
-        "run_id": record.run_id,
-        "schema_version": SCHEMA_VERSION,
-    }
-    line.update(zip(names, values(record), strict=True))
-    return line
-
-
-def record_line(line: dict[str, Any], profile: str = "default") -> bytes:
-    """One strict JSON line with its newline, from ``record_dict`` output (plus any extra keys)."""
-    if profile != "default":
-        rest = dict(line)
-        return line_bytes(rest.pop("timestamp"), rest.pop("level"), rest.pop("event"), rest, profile) + b"\n"
-    out = orjson.dumps(line, default=_default, option=orjson.OPT_APPEND_NEWLINE)
-    if _may_be_nonfinite(out, line):
-        out = orjson.dumps(strict_fields(line), default=_default, option=orjson.OPT_APPEND_NEWLINE)
-    return out
-
-
-def _may_be_nonfinite(dumped: bytes, values: Mapping[str, Any]) -> bool:
-    """Whether ``dumped`` (orjson's rendering of ``values``) may hold a non-finite float.
-
-    orjson writes a non-finite float as null, so only a rendering with more nulls than None
-    values (or a string holding "null") needs the field-by-field check of ``strict_fields``.
-    """
-    return b"null" in dumped and dumped.count(b"null") != [*values.values()].count(None)
-
-
-def public_line(record: Record) -> bytes:
-    """``record_line(record_dict(record))``, rendered once per record and kept on it: the JSON
-    sink and the diagnostic file write these same bytes (the latter with its extras appended)."""
-    line = record._line
-    if line is None:
-        line = record_line(record_dict(record))
-        object.__setattr__(record, "_line", line)  # a formatting cache on the frozen record
-    return line
-
-
-def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
-    """``line`` with ``extras`` appended as further keys, or None when that cannot be done by
-    splicing (a non-finite value on either side needs the full ``nonfinite`` rendering)."""
-    if not extras:
-        return line
-    if b'"nonfinite"' in line:
-        return None
-    more = orjson.dumps(dict(extras), default=_default)
-    if _may_be_nonfinite(more, extras):
-        return None
-    if len(more) == 2:  # {}
-        return line
-    return b"".join((memoryview(line)[:-2], b",", memoryview(more)[1:], b"\n"))  # one allocation
-
-
-def line_bytes(
-    timestamp: str | None, level: str, event: str, rest: dict[str, Any], profile: str = "default"
-) -> bytes:
-    """One strict JSON line (no newline): ``head`` order and names, non-finite floats as null."""
-    return dumps(strict_fields(head(timestamp, level, event, rest, profile)))
 
 
 def _default(value: Any) -> Any:
+    """orjson's fallback for types it does not know: float-likes as floats, mappings as objects,
+    anything else as its string."""
     if isinstance(value, float):  # numpy floats and the like
         return float(value)
     if hasattr(value, "items"):
@@ -155,6 +71,64 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def dumps(data: dict[str, Any]) -> bytes:
-    """One JSON object as bytes, no trailing newline; unknown types become strings."""
-    return orjson.dumps(data, default=_default)
+class LineRenderer:
+    """Render event dicts as strict JSON lines; one instance serves the JSON sink and the diagnostic file.
+
+    Called as a structlog processor (the last of the JSON sink's chain) it returns the line's
+    bytes, newline included. It keeps the lines the JSON sink wrote for the records of the current
+    delivery (``remember``; each sink builds its own renderer when built alone, and ``build_sinks``
+    gives both the same one), so the diagnostic file can append its extras to those very bytes
+    rather than render the record again. The memo holds one delivery: each ``remember`` after a
+    ``forget`` starts afresh, and an entry is used only for the very record object it was made
+    from.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Record, bytes]] = {}
+
+    @staticmethod
+    def event_dict(record: Record) -> dict[str, Any]:
+        """A record's line fields in order: timestamp (from the record's time), level, event, run_id,
+        schema_version, then its public fields. A new dict, which the caller may change."""
+        names, values = layout(type(record))
+        line: dict[str, Any] = {
+            "timestamp": iso_utc(record.time),
+            "level": record.level,
+            "event": record.event,
+            "run_id": record.run_id,
+            "schema_version": SCHEMA_VERSION,
+        }
+        line.update(zip(names, values(record), strict=True))
+        return line
+
+    def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        """One strict JSON line with its newline, keys in the event dict's order (``nonfinite`` last);
+        values orjson does not know go through ``_default``."""
+        return orjson.dumps(strict_fields(event_dict), default=_default, option=orjson.OPT_APPEND_NEWLINE)
+
+    def remember(self, record: Record, line: bytes) -> None:
+        """Keep ``line`` as ``record``'s public line until the next ``forget``."""
+        self._memo[id(record)] = (record, line)
+
+    def remembered(self, record: Record) -> bytes | None:
+        """The public line kept for this very record in the current delivery, if any."""
+        kept = self._memo.get(id(record))
+        return kept[1] if kept is not None and kept[0] is record else None
+
+    def forget(self) -> None:
+        """Drop the kept lines (a new delivery begins)."""
+        self._memo.clear()
+
+
+def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
+    """``line`` (a rendered object and its newline) with ``extras`` appended as further keys, or
+    None when a non-finite value on either side needs the full rendering (one ``nonfinite``)."""
+    if not extras:
+        return line
+    if b'"nonfinite"' in line:
+        return None
+    more = strict_fields(dict(extras))
+    if "nonfinite" in more:
+        return None
+    tail = orjson.dumps(more, default=_default)
+    return b"".join((line[:-2], b",", tail[1:], b"\n"))

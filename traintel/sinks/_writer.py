@@ -1,16 +1,16 @@
 """A background writer behind a bounded queue, so a slow consumer never blocks training.
 
-A sink hands records to ``offer_many`` with its render function: lines are rendered on
-the training thread (rendering on another thread would make training wait for the GIL)
-and a daemon thread writes queued lines in batches, holding the GIL only to take them
-from the queue. The writer is woken rarely, because every wake-up makes the training
-thread hand over the GIL: for ``run.end`` and ``sink.error`` lines and routed log lines
-at once, otherwise when ``linger`` seconds have passed since the last wake-up or when
-half the queue (at most 1024 lines) is waiting. When ``capacity`` lines are waiting,
-records of the droppable kind (``train.batch``) are dropped instead of rendered and
-counted, and the count is put on the next line rendered; every other record is still
-queued, so step, epoch and run records are never dropped. ``close`` drains the queue
-within ``close_timeout`` seconds.
+A sink hands items (records) to ``offer_many`` with its render function: lines are
+rendered on the training thread (rendering on another thread would make training wait for
+the GIL) and a daemon thread writes queued lines in batches, holding the GIL only to take
+them from the queue. The writer is woken rarely, because every wake-up makes the training
+thread hand over the GIL: at once for an item the sink's ``urgent`` policy names and for
+routed log lines, otherwise when ``linger`` seconds have passed since the last wake-up or
+when half the queue (at most 1024 lines) is waiting. When ``capacity`` lines are waiting,
+items the sink's ``droppable`` policy names are dropped instead of rendered and counted,
+and the count is put on the next line rendered; every other item is still queued. The
+writer knows nothing of records: the sink gives it both policies. ``close`` drains the
+queue within ``close_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, Protocol
-
-from traintel.records import BatchRecord, Record, RunEndRecord, SinkErrorRecord, StepRecord
+from typing import BinaryIO, Generic, Protocol, TypeVar
 
 _MAX_BATCH = 1024  # lines joined into one write
 
-ROUTINE = (BatchRecord, StepRecord)
-"""The per-step records (a terminal's console view leaves them to the progress bar)."""
-URGENT = (RunEndRecord, SinkErrorRecord)
-"""Records whose lines wake the writer at once; the others wait up to the linger time."""
+T = TypeVar("T")
+
+
+def never(_item: object) -> bool:
+    """The default policy: no item is droppable, none is urgent."""
+    return False
 
 
 class Stream(Protocol):
@@ -60,7 +60,7 @@ class FdStream:
         os.close(self.fd)
 
 
-class BackgroundWriter:
+class BackgroundWriter(Generic[T]):
     """Write queued lines on a daemon thread; see the module docstring for the policy."""
 
     def __init__(
@@ -68,6 +68,8 @@ class BackgroundWriter:
         name: str,
         stream: Stream | BinaryIO,
         *,
+        droppable: Callable[[T], bool] = never,
+        urgent: Callable[[T], bool] = never,
         capacity: int = 10_000,
         close_timeout: float = 5.0,
         linger: float = 0.25,
@@ -80,6 +82,10 @@ class BackgroundWriter:
         self.threaded = threaded
         """False: write each line at once on the caller's thread (a terminal, where lines must
         interleave in order with a progress bar, and blocking on a person's screen is fine)."""
+        self.droppable = droppable
+        """Whether an item may be dropped (and counted) when ``capacity`` lines are waiting."""
+        self.urgent = urgent
+        """Whether an item's line wakes the writer at once."""
         self.dropped = 0
         """Records dropped so far because the consumer fell behind (or the stream failed)."""
         self.failed: BaseException | None = None
@@ -95,30 +101,21 @@ class BackgroundWriter:
         if threaded:
             self._thread.start()
 
-    def drop(self) -> None:
-        """Count one record that was not queued."""
-        self.dropped += 1
-        self._unreported += 1
-
-    def offer_many(self, records: Sequence[Record], render: Callable[[Record, int], bytes]) -> int:
-        """Render and queue ``records`` in order under the drop policy, with one wake-up decision
-        for all of them; returns how many were queued."""
+    def offer_many(self, items: Sequence[T], render: Callable[[T, int], bytes]) -> int:
+        """Render and queue ``items`` in order under the drop policy, with one wake-up decision
+        for all of them; returns how many were queued. ``render(item, dropped)`` makes an item's
+        line, given how many items were dropped since the last line (0 when none)."""
         room = self.capacity - len(self._queue)
-        urgent = any(isinstance(r, URGENT) for r in records)
-        if room >= len(records) and not self._unreported:  # the usual case: nothing to drop or report
-            lines = [render(r, 0) for r in records]
-        else:
-            lines = []
-            for record in records:
-                if room <= len(lines) and isinstance(record, BatchRecord):
-                    self.drop()
-                    continue
-                dropped = self._unreported
-                if dropped:
-                    self._unreported = 0
-                lines.append(render(record, dropped))
+        lines: list[bytes] = []
+        for item in items:
+            if room <= len(lines) and self.droppable(item):
+                self.dropped += 1
+                self._unreported += 1
+                continue
+            dropped, self._unreported = self._unreported, 0
+            lines.append(render(item, dropped))
         if lines:
-            self.submit_many(lines, urgent=urgent)
+            self.submit_many(lines, urgent=any(self.urgent(item) for item in items))
         return len(lines)
 
     def submit(self, line: bytes, *, urgent: bool = False) -> None:

@@ -11,22 +11,10 @@ from typing import BinaryIO
 from traintel._dirs import missing_dirs, remove_empty
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record
-from traintel.sinks._jsonline import public_line, record_dict, record_line, with_extras
+from traintel.sinks._jsonline import LineRenderer, with_extras
+from traintel.sinks._policy import droppable, urgent
 from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
-
-
-def _render(record: Record, dropped: int) -> bytes:
-    """The record's line: its fields, then its diagnostics, then ``dropped`` when records were lost."""
-    if not dropped:
-        spliced = with_extras(public_line(record), record.diagnostics)
-        if spliced is not None:
-            return spliced
-    line = record_dict(record)
-    line.update(record.diagnostics)
-    if dropped:
-        line["dropped"] = dropped
-    return record_line(line)
 
 
 class RotatingFile:
@@ -95,6 +83,11 @@ class DiagnosticSink:
     file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``. A write error (a full disk)
     is raised once from ``emit`` (the fan-out reports it once) and later records are
     counted as dropped; training goes on.
+
+    Lines are rendered by ``renderer``, which ``build_sinks`` shares with the JSON sink: a
+    record whose public line the JSON sink has just written gets those bytes with the
+    diagnostics appended (the same line as a full rendering). Built alone, the sink makes its
+    own renderer.
     """
 
     name = "diagnostic"
@@ -107,15 +100,17 @@ class DiagnosticSink:
         backups: int = 3,
         capacity: int = 10_000,
         close_timeout: float = 10.0,
+        renderer: LineRenderer | None = None,
     ) -> None:
         self.filename = filename
+        self.renderer = renderer if renderer is not None else LineRenderer()
         self.max_bytes = max_bytes
         self.backups = backups
         self.capacity = capacity
         self.close_timeout = close_timeout
         self.path: Path | None = None
         self._file: RotatingFile | None = None
-        self._writer: BackgroundWriter | None = None
+        self._writer: BackgroundWriter[Record] | None = None
         self._written = 0
         self._dropped = 0
         self._reported: BaseException | None = None
@@ -145,8 +140,27 @@ class DiagnosticSink:
         self.path = path
         self._file = RotatingFile(path, file, self.max_bytes, self.backups)
         self._writer = BackgroundWriter(
-            self.name, self._file, capacity=self.capacity, close_timeout=self.close_timeout
+            self.name,
+            self._file,
+            droppable=droppable,
+            urgent=urgent,
+            capacity=self.capacity,
+            close_timeout=self.close_timeout,
         )
+
+    def render(self, record: Record, dropped: int = 0) -> bytes:
+        """The record's line: its fields, then its diagnostics, then ``dropped`` when records were lost."""
+        if not dropped:
+            public = self.renderer.remembered(record)
+            if public is not None:
+                spliced = with_extras(public, record.diagnostics)
+                if spliced is not None:
+                    return spliced
+        line = self.renderer.event_dict(record)
+        line.update(record.diagnostics)
+        if dropped:
+            line["dropped"] = dropped
+        return self.renderer(None, record.level, line)
 
     def emit(self, record: Record) -> None:
         self.emit_many((record,))
@@ -161,7 +175,7 @@ class DiagnosticSink:
             self._reported = writer.failed
             msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
             raise OSError(msg)
-        self._written += writer.offer_many(records, _render)
+        self._written += writer.offer_many(records, self.render)
 
     def close(self) -> None:
         """Drain the writer, fsync and close; a file that never received a record is removed with

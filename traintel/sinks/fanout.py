@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record, SinkErrorRecord
 from traintel.sinks.base import RunContext, Sink
+
+if TYPE_CHECKING:
+    from traintel.sinks.health import SinkHealthCollector
 
 
 class FanOut:
@@ -18,7 +22,8 @@ class FanOut:
     reported to the other sinks as one ``sink.error`` record, and delivery and training
     go on. ``open`` is all-or-nothing: if one sink fails to open, those already opened
     are closed and a ConfigError naming the sink propagates. ``close`` closes every
-    sink once, in reverse order, even if some raise.
+    sink once, in reverse order, even if some raise. ``health_collector()`` exports the error
+    counts and the sinks' drop counts to Prometheus.
     """
 
     def __init__(self, sinks: Iterable[Sink]) -> None:
@@ -100,6 +105,12 @@ class FanOut:
                 counts[sink.name] = value
         return counts
 
+    def health_collector(self) -> SinkHealthCollector:
+        """A prometheus_client collector over ``errors`` and ``dropped()``, read at scrape time."""
+        from traintel.sinks.health import SinkHealthCollector
+
+        return SinkHealthCollector(self.errors, self.dropped)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -109,9 +120,3 @@ class FanOut:
                 sink.close()
             except Exception as exc:
                 self._failed(sink, exc, report=False)
-
-    def __enter__(self) -> FanOut:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

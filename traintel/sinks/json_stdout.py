@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any, BinaryIO
 
 import structlog
+from structlog.typing import Processor
 
-from traintel.records import Record
-from traintel.sinks._jsonline import public_line, record_dict, record_line
-from traintel.sinks._writer import ROUTINE, BackgroundWriter, FdStream
+from traintel.records import BatchRecord, Record, StepRecord
+from traintel.sinks._jsonline import LineRenderer, ecs_layout
+from traintel.sinks._policy import droppable, urgent
+from traintel.sinks._writer import BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
-Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
-"""A structlog processor: ``(logger, method, event dict)`` to the next event dict (the last: the line)."""
-
-
-def renderer(profile: str = "default") -> Processor:
-    """structlog's last processor: one compact JSON object and its newline, from an event dict that
-    starts with timestamp, level and event (renamed to ECS names under the ``ecs`` profile);
-    non-finite floats become null and are named in ``nonfinite``."""
-
-    def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        return record_line(event_dict if type(event_dict) is dict else dict(event_dict), profile)
-
-    return render
-
+ROUTINE = (BatchRecord, StepRecord)
+"""The per-step records (a terminal's console view leaves them to the progress bar)."""
 
 _CONSOLE_HIDDEN = ("run_id", "schema_version", "config", "timestamp")
 
@@ -44,24 +34,46 @@ def _console_view(
     return event_dict
 
 
-def _console_renderer() -> Processor:
-    console = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
+class _ConsoleLine:
+    """structlog's ConsoleRenderer, as bytes with a newline."""
 
-    def render(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        return str(console(logger, method, event_dict)).encode() + b"\n"
+    def __init__(self) -> None:
+        self._console = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
 
-    return render
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        return str(self._console(logger, method, event_dict)).encode() + b"\n"
+
+
+class _RecordLogger(structlog.BoundLoggerBase):
+    """A structlog bound logger (a custom wrapper class) that logs an event dict already in line order.
+
+    ``line(method, event_dict)`` runs the processor chain on a copy of the bound context updated
+    with ``event_dict`` (empty context: the dict's own order) and hands the result to the wrapped
+    ``ReturnLogger``, which returns it: the line. A processor that raises ``DropEvent`` drops it.
+    """
+
+    def line(self, method: str, event_dict: dict[str, Any]) -> bytes:
+        try:
+            args, kw = self._process_event(method, None, event_dict)
+        except structlog.DropEvent:
+            return b""
+        line: bytes = getattr(self._logger, method)(*args, **kw)
+        return line
 
 
 class JsonSink:
-    """Render each record as one JSON line through structlog.
+    """Render each record as one JSON line through a structlog processor chain.
 
     Fields: ``timestamp`` (ISO-8601 UTC, from the record), ``level``, ``event`` (the
     record's event name), then the record's fields, and ``dropped`` when ``train.batch``
-    records were dropped before this one. Lines go to ``stream`` (a duplicate of the
-    stdout file descriptor by default) from a background writer behind a bounded queue
-    of ``capacity`` records: a stalled reader never blocks training (see
-    ``traintel.sinks._writer``). ``dropped`` counts the records lost so far.
+    records were dropped before this one. Every record's event dict goes through
+    ``processors`` (structlog processors, run in order, e.g. one that adds a field), then the
+    profile's layout and the strict JSON renderer, or, for ``console``, structlog's console
+    renderer. Lines go to ``stream`` (a duplicate of the stdout file descriptor by default)
+    from a background writer behind a bounded queue of ``capacity`` records: a stalled
+    reader never blocks training (see ``traintel.sinks._writer``). ``dropped`` counts the
+    records lost so far. ``renderer`` is the strict JSON renderer, which ``build_sinks``
+    shares with the diagnostic file (a sink built alone makes its own).
     """
 
     name = "json"
@@ -74,6 +86,8 @@ class JsonSink:
         close_timeout: float = 5.0,
         profile: str = "default",
         console: bool = False,
+        processors: Sequence[Processor] = (),
+        renderer: LineRenderer | None = None,
     ) -> None:
         if profile not in ("default", "ecs"):
             msg = f"profile must be 'default' or 'ecs', got {profile!r}"
@@ -85,37 +99,40 @@ class JsonSink:
         self._stream = stream
         self.capacity = capacity
         self.close_timeout = close_timeout
-        self._writer: BackgroundWriter | None = None
+        self._writer: BackgroundWriter[Record] | None = None
         self._owned: FdStream | None = None
         self._closed_dropped = 0
-        self.processors: list[Processor] = (
-            [_console_view, _console_renderer()] if console else [renderer(profile)]
-        )
-        self._shared = not console and profile == "default"
-        """The structlog processor chain a record's event dict goes through; the last one returns
-        the line. A record already is a complete event dict, so the chain is called directly
-        rather than through a bound logger, which would copy a context and re-pack the fields."""
+        self.renderer = renderer if renderer is not None else LineRenderer()
+        layout: list[Processor] = [ecs_layout] if profile == "ecs" else []
+        ending: list[Processor] = [_console_view, _ConsoleLine()] if console else [*layout, self.renderer]
+        self.processors: list[Processor] = [*processors, *ending]
+        """The structlog processor chain every record's event dict goes through; the last one
+        returns the line."""
+        self._logger = _RecordLogger(structlog.ReturnLogger(), processors=self.processors, context={})
+        """Built once: each record costs one pass through the chain, not a logger's assembly."""
 
     @property
     def dropped(self) -> int:
         """``train.batch`` records dropped because stdout's reader fell behind."""
         return self._closed_dropped if self._writer is None else self._writer.dropped
 
-    def render(self, record: Record, dropped: int = 0) -> bytes:
-        """The record's line, newline included.
+    @property
+    def shares_lines(self) -> bool:
+        """Whether the chain is the renderer alone, so a record's line (without ``dropped``) is
+        its public line, which the diagnostic file can reuse."""
+        return len(self.processors) == 1 and self.processors[0] is self.renderer
 
-        With the default JSON renderer alone in the chain, that is the record's shared line
-        (``public_line``: rendered once for every JSON sink) unless ``dropped`` must be added.
-        """
-        if self._shared and not dropped:
-            return public_line(record)
-        event_dict: Any = record_dict(record)
+    def render(self, record: Record, dropped: int = 0) -> bytes:
+        """The record's line, newline included: its event dict (plus ``dropped``) through the chain."""
+        event_dict = self.renderer.event_dict(record)
         if dropped:
             event_dict["dropped"] = dropped
-        level = record.level
-        for processor in self.processors:
-            event_dict = processor(None, level, event_dict)
-        line: bytes = event_dict
+        return self._logger.line(record.level, event_dict)
+
+    def _render_shared(self, record: Record, dropped: int) -> bytes:
+        line = self.render(record, dropped)
+        if not dropped:
+            self.renderer.remember(record, line)
         return line
 
     def open(self, context: RunContext) -> None:
@@ -128,6 +145,8 @@ class JsonSink:
         self._writer = BackgroundWriter(
             self.name,
             stream,
+            droppable=droppable,
+            urgent=urgent,
             capacity=self.capacity,
             close_timeout=self.close_timeout,
             threaded=not self.console,
@@ -147,7 +166,11 @@ class JsonSink:
             raise OSError(msg)
         if self.console:
             records = [r for r in records if not isinstance(r, ROUTINE)]
-        writer.offer_many(records, self.render)
+        if self.shares_lines:
+            self.renderer.forget()
+            writer.offer_many(records, self._render_shared)
+        else:
+            writer.offer_many(records, self.render)
 
     def write_line(self, line: bytes) -> None:
         """Queue an already rendered line (a routed stdlib log record); dropped after close."""

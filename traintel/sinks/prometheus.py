@@ -9,14 +9,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import basic_auth_handler, default_handler
+from prometheus_client.registry import Collector
 
-from traintel.config import PushgatewayConfig
 from traintel.errors import ConfigError, one_line
 from traintel.records import (
     BatchRecord,
@@ -59,40 +60,40 @@ def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(name, doc, value=value)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pushgateway:
+    """Where and how the final values are pushed at run end."""
+
+    url: str
+    """Pushgateway address, e.g. ``http://pushgateway:9091``."""
+    job: str = "traintel"
+    """The ``job`` grouping label; ``run_id`` is the other grouping label."""
+    username: str | None = None
+    """Basic-auth user name (with ``password``)."""
+    password: str | None = field(default=None, repr=False)
+    timeout_seconds: float = 10.0
+
+
 class RecordCollector:
     """A prometheus_client collector over the latest records (no history is kept)."""
 
-    def __init__(self, sink_errors: Mapping[str, int] | None = None) -> None:
+    def __init__(self) -> None:
         self.latest = _Latest()
         self.run_id = ""
         self.run_name = ""
-        self.sink_errors: Mapping[str, int] = sink_errors if sink_errors is not None else {}
-        self.sink_dropped: Callable[[], Mapping[str, int]] = dict
-
-    def update(self, record: Record) -> None:
-        self.update_many((record,))
 
     def update_many(self, records: Sequence[Record]) -> None:
-        """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``.
-
-        Read newest first, looking at one record per type: an older one of the same type can be
-        the newest of nothing.
-        """
+        """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``."""
         changes: dict[str, Any] = {}
-        seen: set[type[Record]] = set()
-        for record in reversed(records):
-            kind = type(record)
-            if kind in seen:
-                continue
-            seen.add(kind)
-            slot = _SLOT.get(kind)
+        for record in records:
+            slot = _SLOT.get(type(record))
             if slot is None:
                 continue
             changes[slot] = record
-            if "progress" not in changes and hasattr(record, "step"):
+            if hasattr(record, "step"):
                 changes["progress"] = record
             items_total = getattr(record, "items_total", None)
-            if items_total is not None and "items_total" not in changes:
+            if items_total is not None:
                 changes["items_total"] = items_total
         if changes:
             self.latest = self.latest._replace(**changes)
@@ -148,20 +149,6 @@ class RecordCollector:
             yield CounterMetricFamily(
                 "traintel_items", "Training items processed.", value=float(s.items_total)
             )
-        errors = CounterMetricFamily(
-            "traintel_sink_errors", "Records a sink failed to take.", labels=["sink"]
-        )
-        for sink, count in sorted(self.sink_errors.items()):
-            errors.add_metric([sink], float(count))
-        yield errors
-        dropped = CounterMetricFamily(
-            "traintel_sink_dropped_records",
-            "Records a sink dropped because its consumer fell behind.",
-            labels=["sink"],
-        )
-        for sink, count in sorted(self.sink_dropped().items()):
-            dropped.add_metric([sink], float(count))
-        yield dropped
 
 
 class PrometheusSink:
@@ -169,7 +156,9 @@ class PrometheusSink:
 
     The port is bound in ``open`` (so a port in use fails before training starts);
     ``close`` keeps serving for ``linger_seconds`` so a scraper can read the final
-    values, then stops the server.
+    values, then stops the server. ``register(collector)`` adds another collector (the
+    fan-out's sink health) to what is served and pushed. With ``pushgateway``, the values are
+    pushed when ``run.end`` arrives.
     """
 
     name = "prometheus"
@@ -179,12 +168,11 @@ class PrometheusSink:
         host: str = "127.0.0.1",
         port: int = 9400,
         linger_seconds: float = 0.0,
-        sink_errors: Mapping[str, int] | None = None,
         *,
         certfile: str | None = None,
         keyfile: str | None = None,
         client_cafile: str | None = None,
-        pushgateway: PushgatewayConfig | None = None,
+        pushgateway: Pushgateway | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -193,14 +181,20 @@ class PrometheusSink:
         self.keyfile = keyfile
         self.client_cafile = client_cafile
         self.pushgateway = pushgateway
-        self.collector = RecordCollector(sink_errors)
+        self.collector = RecordCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: read from /proc at scrape time
         ProcessCollector(registry=self.registry)
+        self._pushed: list[Collector] = [self.collector]
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._linger_cancelled = threading.Event()
+
+    def register(self, collector: Collector) -> None:
+        """Serve ``collector``'s metrics too, and push them with the traintel metrics."""
+        self.registry.register(collector)
+        self._pushed.append(collector)
 
     @property
     def url(self) -> str | None:
@@ -253,12 +247,14 @@ class PrometheusSink:
             self.push()
 
     def push(self) -> None:
-        """Push the traintel metrics (grouped by job and run_id) to the configured Pushgateway."""
+        """Push the traintel metrics and the registered collectors' (grouped by job and run_id) to the
+        configured Pushgateway."""
         pg = self.pushgateway
-        if pg is None or pg.url is None:
+        if pg is None:
             return
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector)
+        for collector in self._pushed:
+            registry.register(collector)
         handler: Callable[..., Callable[[], None]] = default_handler
         if pg.username is not None:
             user, password = pg.username, pg.password or ""

@@ -1,0 +1,188 @@
+"""The JSON sink's structlog chain (user processors run on every record line), the renderer shared
+with the diagnostic file, and routed stdlib log lines."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import structlog
+
+from traintel.logs import JsonLogHandler
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
+from traintel.testing import batch_record, end_record, run_context, step_record
+
+BATCH_LINE = (
+    b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
+    b'"run_id":"r1","schema_version":"1.0.0","epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
+    b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3'
+)
+"""``batch_record()``'s line without its closing brace."""
+STEP_LINE = (
+    b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step",'
+    b'"run_id":"r1","schema_version":"1.0.0","epoch":1,"step":1,"items":12,"items_total":12,'
+    b'"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false'
+)
+"""``step_record()``'s line without its closing brace."""
+
+
+class _AddHost:
+    """A user's processor: adds ``host`` and the method name it was called with."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        self.calls += 1
+        event_dict["host"] = "node-7"
+        event_dict["method"] = method
+        return event_dict
+
+
+def _json_lines(sink: JsonSink, *batches: list[Any]) -> list[bytes]:
+    out = io.BytesIO()
+    sink._stream = out  # the sink writes to this stream once opened
+    sink.open(run_context(Path("unused")))
+    for records in batches:
+        sink.emit_many(records)
+    sink.close()
+    return out.getvalue().splitlines(keepends=True)
+
+
+def test_a_processor_added_to_the_json_sink_runs_on_every_record_line() -> None:
+    host = _AddHost()
+    records = [batch_record(), batch_record(batch=3), step_record(), end_record(status="failed", reason="x")]
+    lines = _json_lines(JsonSink(processors=[host]), records[:3], records[3:])
+    assert host.calls == 4
+    assert lines == [
+        BATCH_LINE + b',"host":"node-7","method":"info"}\n',
+        BATCH_LINE.replace(b'"batch":2', b'"batch":3') + b',"host":"node-7","method":"info"}\n',
+        STEP_LINE + b',"host":"node-7","method":"info"}\n',
+        b'{"timestamp":"2025-11-24T16:00:03.250000Z","level":"error","event":"run.end","run_id":"r1",'
+        b'"schema_version":"1.0.0","status":"failed","reason":"x","epoch":1,"step":1,"items_total":12,'
+        b'"duration_seconds":3.0,"host":"node-7","method":"error"}\n',
+    ]
+
+
+def test_processors_run_before_the_ecs_layout_and_the_strict_renderer() -> None:
+    def halve(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict["half_loss"] = event_dict["loss"] / 2 if "loss" in event_dict else math.nan
+        return event_dict
+
+    (line,) = _json_lines(JsonSink(profile="ecs", processors=[halve]), [batch_record(loss=math.inf)])
+    assert line == (
+        b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
+        b'"ecs.version":"8.11.0","run_id":"r1","schema_version":"1.0.0","epoch":1,"batch":2,"batches":10,'
+        b'"step":0,"items":4,"raw_loss":0.75,"loss":null,"loss_scale":0.3333333333333333,"window_size":3,'
+        b'"half_loss":null,"nonfinite":{"loss":"inf","half_loss":"inf"}}\n'
+    )
+
+
+def test_a_processor_can_drop_a_record_line() -> None:
+    def no_batches(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        if event_dict["event"] == "train.batch":
+            raise structlog.DropEvent
+        return event_dict
+
+    lines = _json_lines(JsonSink(processors=[no_batches]), [batch_record(), step_record()])
+    assert lines == [STEP_LINE + b"}\n"]
+
+
+def test_the_diagnostic_file_appends_its_extras_to_the_bytes_the_json_sink_wrote(tmp_path: Path) -> None:
+    renderer = LineRenderer()
+    out = io.BytesIO()
+    json_sink, diagnostic = JsonSink(out, renderer=renderer), DiagnosticSink(renderer=renderer)
+    fan = FanOut([json_sink, diagnostic])
+    fan.open(run_context(tmp_path))
+    written: list[bytes] = []
+    real = renderer.remember
+
+    def spy(record: Any, line: bytes) -> None:
+        written.append(line)
+        real(record, line)
+
+    renderer.remember = spy  # type: ignore[method-assign]
+    diag = MappingProxyType({"scale_ok": True, "rss_bytes": 7})
+    first, second = batch_record(diagnostics=diag), step_record()
+    fan.emit_many([first, second])
+    assert renderer.remembered(first) is written[0] and renderer.remembered(second) is written[1]
+    fan.emit(end_record())  # a new delivery: the kept lines are of this one only
+    assert renderer.remembered(first) is None and renderer.remembered(second) is None
+    fan.close()
+    stdout = out.getvalue().splitlines(keepends=True)
+    file = (tmp_path / "diagnostic.jsonl").read_bytes().splitlines(keepends=True)
+    assert stdout[0] == written[0] == BATCH_LINE + b"}\n"
+    assert file[0] == BATCH_LINE + b',"scale_ok":true,"rss_bytes":7}\n'
+    assert file[1:] == stdout[1:]
+
+
+def test_a_kept_line_serves_only_the_very_record_it_was_made_from() -> None:
+    renderer = LineRenderer()
+    record = batch_record()
+    renderer.remember(record, b"{}\n")
+    assert renderer.remembered(record) == b"{}\n"
+    assert renderer.remembered(batch_record()) is None  # equal values, another object
+    renderer.forget()
+    assert renderer.remembered(record) is None
+
+
+def test_the_diagnostic_file_does_not_take_lines_a_processor_changed(tmp_path: Path) -> None:
+    renderer = LineRenderer()
+    json_sink = JsonSink(io.BytesIO(), renderer=renderer, processors=[_AddHost()])
+    diagnostic = DiagnosticSink(renderer=renderer)
+    fan = FanOut([json_sink, diagnostic])
+    fan.open(run_context(tmp_path))
+    record = batch_record(diagnostics=MappingProxyType({"scale_ok": True}))
+    fan.emit_many([record])
+    assert renderer.remembered(record) is None
+    fan.close()
+    assert (tmp_path / "diagnostic.jsonl").read_bytes() == BATCH_LINE + b',"scale_ok":true}\n'
+
+
+def _log_lines(profile: str) -> list[bytes]:
+    out = io.BytesIO()
+    sink = JsonSink(out, profile=profile, processors=[_AddHost()])
+    sink.open(run_context(Path("unused")))
+    handler = JsonLogHandler(sink)
+    warning = logging.LogRecord("py.warnings", logging.WARNING, "f.py", 3, "slow %s\n", ("loader",), None)
+    warning.created = 1_764_000_000.5
+    handler.emit(warning)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = logging.LogRecord(
+            "traintel", logging.ERROR, "f.py", 3, "training failed", (), sys.exc_info()
+        )
+    failure.created = 1_764_000_001.0
+    handler.emit(failure)
+    sink.close()
+    return out.getvalue().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("profile", ["default", "ecs"])
+def test_stdlib_log_lines_are_strict_json_in_the_sinks_profile(profile: str) -> None:
+    warning, failure = _log_lines(profile)
+    if profile == "default":
+        assert warning == (
+            b'{"timestamp":"2025-11-24T16:00:00.500000Z","level":"warning","event":"slow loader",'
+            b'"logger":"py.warnings"}\n'
+        )
+        head = b'{"timestamp":"2025-11-24T16:00:01.000000Z","level":"error","event":"training failed",'
+        head += b'"logger":"traintel","exception":[{"exc_type":"ValueError","exc_value":"boom",'
+    else:
+        assert warning == (
+            b'{"@timestamp":"2025-11-24T16:00:00.500000Z","log.level":"warning","message":"slow loader",'
+            b'"ecs.version":"8.11.0","log.logger":"py.warnings"}\n'
+        )
+        head = b'{"@timestamp":"2025-11-24T16:00:01.000000Z","log.level":"error","message":"training failed",'
+        head += b'"ecs.version":"8.11.0","log.logger":"traintel","exception":[{"exc_type":"ValueError",'
+        head += b'"exc_value":"boom",'
+    assert failure.startswith(head)
+    assert b"node-7" not in warning + failure  # the sink's processors are for records

@@ -1,0 +1,106 @@
+"""Build a run's sinks from the ``sinks`` config section: the built-in ones, then plugins, then extras.
+
+This is where config meets the sinks (which never see config types): it converts each
+section to plain parameters, gives the JSON sink and the diagnostic file one shared
+``LineRenderer``, and registers the fan-out's sink health on the exporter's registry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from traintel.config import PushgatewayConfig, SinksConfig
+from traintel.errors import ConfigError
+from traintel.plugins import make_sink
+from traintel.sinks._jsonline import LineRenderer
+from traintel.sinks.base import Sink
+from traintel.sinks.diagnostic import DiagnosticSink
+from traintel.sinks.fanout import FanOut
+from traintel.sinks.json_stdout import JsonSink
+from traintel.sinks.prometheus import PrometheusSink, Pushgateway
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSet:
+    """The fan-out over every enabled sink, and the built-in sinks the run talks to directly."""
+
+    fanout: FanOut
+    json: JsonSink | None
+    """The stdout sink (stdlib logging is routed into it), when enabled."""
+    prometheus: PrometheusSink | None
+    """The exporter (its URL goes into ``run.start``; a signal after the end cuts its linger)."""
+
+
+def stdout_is_tty() -> bool:
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _pushgateway(cfg: PushgatewayConfig) -> Pushgateway | None:
+    if cfg.url is None:
+        return None
+    return Pushgateway(
+        url=cfg.url,
+        job=cfg.job,
+        username=cfg.username,
+        password=cfg.password,
+        timeout_seconds=cfg.timeout_seconds,
+    )
+
+
+def build_sinks(
+    cfg: SinksConfig, *, extra: Sequence[Sink] = (), json_stream: BinaryIO | None = None
+) -> SinkSet:
+    """The configured sinks in delivery order (prometheus, json, diagnostic, ``sinks.extra``, ``extra``).
+
+    The JSON sink comes before the diagnostic file, so the file reuses the lines it just wrote.
+    """
+    sinks: list[Sink] = []
+    renderer = LineRenderer()
+    prometheus: PrometheusSink | None = None
+    if cfg.prometheus.enabled:
+        p = cfg.prometheus
+        prometheus = PrometheusSink(
+            p.host,
+            p.port,
+            p.linger_seconds,
+            certfile=p.certfile,
+            keyfile=p.keyfile,
+            client_cafile=p.client_cafile,
+            pushgateway=_pushgateway(p.pushgateway),
+        )
+        sinks.append(prometheus)
+    json_sink: JsonSink | None = None
+    if cfg.json_.enabled:
+        j = cfg.json_
+        console = j.format == "console" or (j.format == "auto" and json_stream is None and stdout_is_tty())
+        json_sink = JsonSink(
+            json_stream,
+            capacity=j.queue_capacity,
+            close_timeout=j.close_timeout_seconds,
+            profile=j.profile,
+            console=console,
+            renderer=renderer,
+        )
+        sinks.append(json_sink)
+    if cfg.diagnostic.enabled:
+        d = cfg.diagnostic
+        sinks.append(DiagnosticSink(d.filename, max_bytes=d.max_bytes, backups=d.backups, renderer=renderer))
+    for index, spec in enumerate(cfg.extra):
+        if spec.enabled:
+            sinks.append(make_sink(spec, index))
+    sinks.extend(extra)
+    names = [s.name for s in sinks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError("sinks.extra", f"sink names must be unique; {dupes} appear more than once")
+    fanout = FanOut(sinks)
+    if prometheus is not None:
+        prometheus.register(fanout.health_collector())
+    return SinkSet(fanout, json_sink, prometheus)
