@@ -1,14 +1,17 @@
 """``traintel report RUN_DIR``: a PNG of fixed size and a stable summary from the diagnostic file.
 
-A real short run is reported through the CLI; hand-written diagnostic files cover rotated
-parts (oldest first), a truncated last line, scale-check failures, non-finite values and
-the bad-input table (exit 2, one exact stderr line, nothing written).
+Real short runs are reported through the CLI (one with a renamed, rotated diagnostic file
+found through its config.yaml); hand-written diagnostic files cover rotated parts (oldest
+first), the file name read from config.yaml, a truncated last line, scale-check failures,
+non-finite values and the bad-input table (exit 2, one exact stderr line, nothing written).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 import sys
 import textwrap
@@ -18,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.children import probe_cli, run_child, run_cli
 from traintel.cli import main
+from traintel.config import load_config
 from traintel.report import (
     FIGURE_SIZE_PX,
     LABEL_BATCH_LOSS,
@@ -339,6 +344,98 @@ def test_existing_report_is_replaced_and_no_temporary_file_is_left(
     assert sorted(p.name for p in run.iterdir()) == ["diagnostic.jsonl", "report.png"]
 
 
+def resolved_config(*overrides: str) -> str:
+    """``config.yaml`` as a run writes it: the resolved config, redacted, as YAML."""
+    config = load_config(None, overrides, environ={})
+    return yaml.safe_dump(config.to_dict(redact=True), sort_keys=False)
+
+
+def test_config_yaml_names_the_diagnostic_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(resolved_config("sinks.diagnostic.filename=diag.jsonl"))
+    records = synthetic_run()
+    names = ["diag.jsonl.2", "diag.jsonl.1", "diag.jsonl"]
+    for name, chunk in zip(names, [records[:8], records[8:16], records[16:]], strict=True):
+        (run / name).write_text(jsonl(chunk), encoding="utf-8")
+    # The default name and its parts are not this run's files: never read.
+    for decoy in ("diagnostic.jsonl", "diagnostic.jsonl.1", "diag.jsonl.bak"):
+        (run / decoy).write_text("garbage\n", encoding="utf-8")
+
+    assert [p.name for p in load_run(run).parts] == names
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert (out, err) == (expected_summary(run / "report.png", files=3), "")
+    assert png_size(run / "report.png") == FIGURE_SIZE_PX
+
+
+@pytest.mark.parametrize(
+    "config_yaml",
+    [
+        "",
+        "run:\n  name: other\n",
+        "sinks: null\n",
+        "sinks:\n  diagnostic: null\n",
+        "sinks:\n  diagnostic:\n    enabled: true\n",
+        "__resolved__",
+    ],
+    ids=["empty", "no-sinks", "null-sinks", "null-diagnostic", "no-filename-key", "resolved-default"],
+)
+def test_without_the_key_the_default_name_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config_yaml: str
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    text = resolved_config() if config_yaml == "__resolved__" else config_yaml
+    (run / "config.yaml").write_text(text, encoding="utf-8")
+    (run / "diagnostic.jsonl.1").write_text(jsonl(synthetic_run()[:5]), encoding="utf-8")
+    (run / "diagnostic.jsonl").write_text(jsonl(synthetic_run()[5:]), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+    assert capsys.readouterr() == (expected_summary(run / "report.png", files=2), "")
+
+
+def test_a_failed_write_is_a_one_line_error_and_keeps_the_old_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(synthetic_run()), encoding="utf-8")
+    (run / "report.png").write_bytes(b"old")
+
+    def replace(*_args: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("traintel.atomic.os.replace", replace)
+    code = cli("report", str(run))
+    monkeypatch.undo()
+
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (
+        2,
+        "",
+        f"traintel: error: {run / 'report.png'}: cannot write: Invalid cross-device link\n",
+    )
+    assert (run / "report.png").read_bytes() == b"old"
+    assert sorted(p.name for p in run.iterdir()) == ["diagnostic.jsonl", "report.png"]
+
+
+def test_the_report_has_the_mode_of_the_run_s_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(synthetic_run()), encoding="utf-8")
+    old = os.umask(0o027)
+    try:
+        assert cli("report", str(run)) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert stat.S_IMODE((run / "report.png").stat().st_mode) == 0o640  # not mkstemp's 0o600
+
+
 # --------------------------------------------------------------------------- bad input
 
 GOOD = jsonl(synthetic_run()[:3])
@@ -453,6 +550,87 @@ BAD_INPUT = [
             {"run/diagnostic.jsonl": GOOD, "out/keep": ""},
         ),
         id="output-is-a-directory",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: is not valid YAML at line 3 (read for sinks.diagnostic.filename)",
+            {
+                "run/config.yaml": "sinks:\n  diagnostic: {filename: diag.jsonl\nrun: x\n",
+                "run/diagnostic.jsonl": GOOD,
+            },
+        ),
+        id="config-yaml-not-yaml",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: is not UTF-8 text (read for sinks.diagnostic.filename)",
+            {"run/config.yaml": b"sinks: \xff\n", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="config-yaml-not-utf8",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: is a list, not a mapping (read for sinks.diagnostic.filename)",
+            {"run/config.yaml": "- sinks\n", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="config-yaml-a-list",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: sinks.diagnostic is a string, not a mapping (read for sinks.diagnostic.filename)",
+            {"run/config.yaml": "sinks:\n  diagnostic: diag.jsonl\n", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="config-yaml-section-not-a-mapping",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: sinks.diagnostic.filename must be a file name"
+            " (a non-empty string without / or \\), got 3",
+            {"run/config.yaml": "sinks:\n  diagnostic:\n    filename: 3\n", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="filename-a-number",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: sinks.diagnostic.filename must be a file name"
+            " (a non-empty string without / or \\), got null",
+            {"run/config.yaml": "sinks:\n  diagnostic:\n    filename: null\n", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="filename-null",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: sinks.diagnostic.filename must be a file name"
+            ' (a non-empty string without / or \\), got "../diag.jsonl"',
+            {"run/config.yaml": "sinks:\n  diagnostic:\n    filename: ../diag.jsonl\n", "diag.jsonl": GOOD},
+        ),
+        id="filename-a-path",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/config.yaml: cannot read: Is a directory",
+            {"run/config.yaml/x": "", "run/diagnostic.jsonl": GOOD},
+        ),
+        id="config-yaml-a-directory",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/diag.jsonl: no such file",
+            {
+                "run/config.yaml": resolved_config("sinks.diagnostic.filename=diag.jsonl"),
+                "run/diagnostic.jsonl": GOOD,
+            },
+        ),
+        id="named-file-missing",
     ),
     pytest.param(BadInput(["report"], "the following arguments are required: RUN_DIR"), id="no-run-dir"),
     pytest.param(
@@ -596,3 +774,52 @@ def test_report_of_a_real_run(tmp_path: Path) -> None:
         assert list(lines[label].get_ydata()) == ys, label
     assert list(lines[LABEL_STEP_LOSS].get_xdata()) == list(range(1, 23))
     assert not any(label.startswith(LABEL_SCALE_FAILED) for label in lines)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_with_a_renamed_rotated_diagnostic_file(tmp_path: Path) -> None:
+    """``sinks.diagnostic.filename=diag.jsonl``, rotated past 4000 bytes: report finds it through
+    the run's config.yaml, reads every part oldest first and ignores a stray diagnostic.jsonl."""
+    run = tmp_path / "run"
+    config = str(ROOT / "configs" / "default.yaml")
+    train = run_cli(tmp_path, "train", "--config", config, "--set", f"run.dir={run}",
+                    "--set", "trainer.max_epochs=1", "--set", "sinks.prometheus.port=0",
+                    "--set", "sinks.diagnostic.filename=diag.jsonl",
+                    "--set", "sinks.diagnostic.max_bytes=4000", "--set", "sinks.diagnostic.backups=100")  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert (
+        yaml.safe_load((run / "config.yaml").read_text())["sinks"]["diagnostic"]["filename"] == "diag.jsonl"
+    )
+    assert not (run / "diagnostic.jsonl").exists()
+    (run / "diagnostic.jsonl").write_text("not this run's file\n", encoding="utf-8")
+
+    proc = run_cli(tmp_path, "report", str(run))
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+    parts = sorted(
+        (p for p in run.iterdir() if p.name.startswith("diag.jsonl.")), key=lambda p: -int(p.suffix[1:])
+    )
+    parts.append(run / "diag.jsonl")
+    assert len(parts) >= 3  # 1 epoch writes about 21 kB
+    records = [json.loads(line) for part in parts for line in part.read_text(encoding="utf-8").splitlines()]
+    events = [r["event"] for r in records]
+    # The demo config, 1 epoch: 32 micro-batches (the last of 8 items), k=3 -> 11 steps; every=1.
+    assert events == ["run.start", *(["train.batch"] * 3 + ["train.step"]) * 10, "train.batch", "train.batch",
+                      "train.step", "train.epoch", "eval.epoch", "run.end"]  # fmt: skip
+    last_step, epoch, evaluation = records[-4], records[-3], records[-2]
+    assert proc.stdout.splitlines() == [
+        f"run: {records[0]['run_id']}",
+        "status: completed (max_epochs)",
+        "epochs: 1  steps: 11  items: 1000",
+        f"final: step loss {last_step['loss']:.6g}  epoch loss {epoch['loss']:.6g}"
+        f"  eval loss {evaluation['loss']:.6g}",
+        "scale check: 0 failed  0 unchecked  32 batch records",
+        f"records: 47  files: {len(parts)}",
+        "sink errors: 0",
+        "dropped records: 0",
+        "truncated lines: 0",
+        f"report: {run / 'report.png'}",
+    ]
+    assert png_size(run / "report.png") == FIGURE_SIZE_PX
+    data = load_run(run)
+    assert (data.parts, list(data.step_loss.x)) == (parts, list(range(1, 12)))

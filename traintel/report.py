@@ -1,18 +1,21 @@
 """``traintel report RUN_DIR``: plot a run's diagnostic file and print a short summary.
 
-Input: ``RUN_DIR/diagnostic.jsonl`` and its rotated parts ``diagnostic.jsonl.1``,
-``diagnostic.jsonl.2``, ... (a higher number is older), read oldest first. Only names
-ending in a canonical decimal number count as parts (``diagnostic.jsonl.01`` and
-``diagnostic.jsonl.bak`` are ignored); a gap in the numbering is tolerated. The last
-line of the newest part may be incomplete (a run killed with ``kill -9`` can leave half
-a line): when it does not parse it is skipped and counted as truncated. Any other line
-that is not a JSON object with an ``event`` string, or a record whose plotted fields
-have the wrong type, is bad input. A non-finite value is ``null`` in the file, named in
-the line's ``nonfinite`` object; it is read back as nan/inf/-inf.
+Input: the diagnostic file ``RUN_DIR/<filename>`` and its rotated parts ``<filename>.1``,
+``<filename>.2``, ... (a higher number is older), read oldest first. ``<filename>`` is
+``sinks.diagnostic.filename`` of ``RUN_DIR/config.yaml`` (the resolved config the run
+wrote), or ``diagnostic.jsonl`` when there is no config.yaml or it has no such key (a
+null section counts as absent). Only names ending in a canonical decimal number count as
+parts (``<filename>.01`` and ``<filename>.bak`` are ignored); a gap in the numbering is
+tolerated. The last line of the newest part may be incomplete (a run killed with
+``kill -9`` can leave half a line): when it does not parse it is skipped and counted as
+truncated. Any other line that is not a JSON object with an ``event`` string, or a record
+whose plotted fields have the wrong type, is bad input. A non-finite value is ``null`` in
+the file, named in the line's ``nonfinite`` object; it is read back as nan/inf/-inf.
 
 Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
-unless ``--output`` says otherwise, written atomically (a temporary file in the same
-directory, then ``os.replace``; an existing report is replaced). Two panels share the
+unless ``--output`` says otherwise, written atomically with
+``traintel.atomic.write_atomic`` (a temporary file in the same directory, fsynced, then
+``os.replace``; an existing report is replaced). Two panels share the
 optimizer-step x axis:
 
 1. losses: ``train.batch`` ``loss`` (the value given to backward) and ``raw_loss`` at
@@ -53,20 +56,24 @@ writes) and ``T`` the truncated lines skipped (0 or 1). A value not known is ``n
 
 Errors (exit status 2 through ``ConfigError``, the key being the path at fault, nothing
 written): ``RUN_DIR: no such directory``, ``RUN_DIR: not a directory``,
-``RUN_DIR/diagnostic.jsonl: no such file``, ``<part>: cannot read: <reason>``,
-``<newest part>: no records``, ``<part>: line <n> is not valid JSON``, ``<part>: line <n>
-is not a record (a JSON object with an "event" string)``, ``<part>: line <n>: <event>
-field "<name>" is not a number`` (or ``... is not an integer``), ``<output>: is a
-directory``, ``<output>: its directory does not exist``, ``<output>: cannot write:
-<reason>``.
+``RUN_DIR/config.yaml: cannot read: <reason>``, ``RUN_DIR/config.yaml: is not valid YAML
+at line <n> (read for sinks.diagnostic.filename)`` (or ``is not UTF-8 text (...)``),
+``RUN_DIR/config.yaml: [<section> ]is a <type>, not a mapping (read for
+sinks.diagnostic.filename)``, ``RUN_DIR/config.yaml: sinks.diagnostic.filename must be a
+file name (a non-empty string without / or \\), got <value>``, ``RUN_DIR/<filename>: no
+such file``, ``<part>: cannot read: <reason>``, ``<newest part>: no records``, ``<part>:
+line <n> is not valid JSON``, ``<part>: line <n> is not a record (a JSON object with an
+"event" string)``, ``<part>: line <n>: <event> field "<name>" is not a number`` (or
+``... is not an integer``), ``<output>: is a directory``, ``<output>: its directory does
+not exist``, ``<output>: cannot write: <reason>``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import secrets
 import sys
 from array import array
 from collections.abc import Mapping
@@ -74,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from traintel.atomic import write_atomic
 from traintel.errors import EXIT_OK, ConfigError
 
 if TYPE_CHECKING:
@@ -81,6 +89,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DIAGNOSTIC_FILENAME = "diagnostic.jsonl"
+"""The diagnostic file's name when the run directory has no config.yaml naming another."""
+CONFIG_FILENAME = "config.yaml"
+"""The resolved config a run writes into its directory."""
+FILENAME_KEY = ("sinks", "diagnostic", "filename")
+"""Where ``CONFIG_FILENAME`` names the diagnostic file."""
 REPORT_FILENAME = "report.png"
 FIGURE_SIZE_INCHES = (10.0, 8.0)
 FIGURE_DPI = 100
@@ -96,6 +109,7 @@ LABEL_SCALE_FAILED = "scale check failed"
 LABEL_LR = "learning rate"
 
 _BAD_RECORD = 'is not a record (a JSON object with an "event" string)'
+_READ_FOR = f"(read for {'.'.join(FILENAME_KEY)})"
 
 
 @dataclass
@@ -162,31 +176,90 @@ class RunData:
 # --------------------------------------------------------------------------- reading
 
 
-def diagnostic_parts(run_dir: Path) -> list[Path]:
-    """The diagnostic file and its rotated parts, oldest first; ConfigError when there are none."""
+def diagnostic_filename(run_dir: Path) -> str:
+    """``sinks.diagnostic.filename`` from ``run_dir/config.yaml``; ``DIAGNOSTIC_FILENAME`` when the
+    file or the key is absent. ConfigError when the file cannot be read, is not valid YAML, or
+    holds something other than a file name there."""
+    path = run_dir / CONFIG_FILENAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return DIAGNOSTIC_FILENAME
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), f"is not UTF-8 text {_READ_FOR}") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+
+    import yaml  # only when there is a config to read
+
+    try:
+        node: object = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(str(path), f"is not valid YAML{where} {_READ_FOR}") from None
+    key: list[str] = []
+    for name in FILENAME_KEY:
+        if node is None:
+            return DIAGNOSTIC_FILENAME
+        if not isinstance(node, dict):
+            what = f"{'.'.join(key)} is" if key else "is"
+            raise ConfigError(str(path), f"{what} a {_type_name(node)}, not a mapping {_READ_FOR}")
+        if name not in node:
+            return DIAGNOSTIC_FILENAME
+        node = node[name]
+        key.append(name)
+    if not isinstance(node, str) or not node or "/" in node or "\\" in node:
+        raise ConfigError(
+            str(path),
+            f"{'.'.join(FILENAME_KEY)} must be a file name (a non-empty string without / or \\), "
+            f"got {json.dumps(node, default=str)}",  # as JSON: null, 3, "a/b"
+        )
+    return node
+
+
+def _type_name(value: object) -> str:
+    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
+
+
+def list_names(run_dir: Path) -> frozenset[str]:
+    """The names of the entries of ``run_dir``, read once; ConfigError when it is not a directory."""
     if not run_dir.exists():
         raise ConfigError(str(run_dir), "no such directory")
     if not run_dir.is_dir():
         raise ConfigError(str(run_dir), "not a directory")
-    newest = run_dir / DIAGNOSTIC_FILENAME
-    numbered: list[tuple[int, Path]] = []
     try:
-        for entry in run_dir.iterdir():
-            suffix = entry.name.removeprefix(DIAGNOSTIC_FILENAME + ".")
-            if (
-                suffix != entry.name
-                and suffix.isdecimal()
-                and suffix.isascii()
-                and str(int(suffix)) == suffix
-            ):
-                numbered.append((int(suffix), entry))
+        return frozenset(entry.name for entry in run_dir.iterdir())
     except OSError as exc:
         raise ConfigError(str(run_dir), f"cannot read: {exc.strerror}") from None
-    parts = [path for _, path in sorted(numbered, reverse=True)]
-    if newest.exists():
-        parts.append(newest)
+
+
+def rotated_parts(run_dir: Path, filename: str, names: frozenset[str]) -> list[Path]:
+    """One stream's files among ``names``, oldest first: ``<filename>.<n>`` by decreasing n (a
+    canonical decimal n only), then ``<filename>`` itself when present; empty when none."""
+    numbered: list[tuple[int, str]] = []
+    for name in names:
+        suffix = name.removeprefix(filename + ".")
+        if suffix != name and suffix.isdecimal() and suffix.isascii() and str(int(suffix)) == suffix:
+            numbered.append((int(suffix), name))
+    parts = [run_dir / name for _, name in sorted(numbered, reverse=True)]
+    if filename in names:
+        parts.append(run_dir / filename)
+    return parts
+
+
+def diagnostic_parts(run_dir: Path) -> list[Path]:
+    """The diagnostic file and its rotated parts, oldest first; ConfigError when there are none.
+
+    The one stream read today is the file ``sinks.diagnostic.filename`` names. Per-rank streams
+    (``diagnostic.rank<r>.jsonl`` beside it) will be more ``rotated_parts`` of the same listing.
+    """
+    names = list_names(run_dir)
+    filename = diagnostic_filename(run_dir)
+    parts = rotated_parts(run_dir, filename, names)
     if not parts:
-        raise ConfigError(str(newest), "no such file")
+        raise ConfigError(str(run_dir / filename), "no such file")
     return parts
 
 
@@ -409,28 +482,17 @@ def check_output(output: Path) -> None:
 
 
 def write_png(fig: Figure, output: Path) -> None:
-    """Render ``fig`` to ``output`` atomically: a temporary file beside it, then ``os.replace``."""
+    """Render ``fig`` to PNG bytes, then write them to ``output`` with ``write_atomic``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(6)}.tmp")
+    png = io.BytesIO()
+    # print_png renders at the figure's own size and dpi, whatever savefig.* rcParams say.
+    canvas.print_png(png)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        write_atomic(output, png.getvalue())
     except OSError as exc:
         raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # print_png renders at the figure's own size and dpi, whatever savefig.* rcParams say.
-            canvas.print_png(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def report(
