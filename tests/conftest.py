@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,10 @@ def train_in_memory(
     *,
     model: torch.nn.Module | None = None,
     every: int = 1,
+    attach: Callable[[Any], None] | None = None,
     **trainer: Any,
 ) -> tuple[MemorySink, Any]:
+    """Train ``batches`` with only a MemorySink; ``attach(run)`` may add handlers before the run."""
     from traintel.api import build
 
     cfg = quiet_config(tmp_path, **trainer)
@@ -68,6 +71,8 @@ def train_in_memory(
     sink = MemorySink()
     task = Task(model=model or make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=batches)
     run = build(cfg, task, sinks=[sink])
+    if attach is not None:
+        attach(run)
     run.run()
     return sink, run
 

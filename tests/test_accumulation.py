@@ -162,7 +162,19 @@ def test_the_original_bug_is_not_possible(tmp_path: Path) -> None:
         assert isinstance(b, BatchRecord)
         assert b.loss_scale == 1 / 3
         assert b.loss == pytest.approx(b.raw_loss / 3, rel=1e-15)
-        assert b.diagnostics == {}  # the diagnostic sink is off, so no diagnostics are computed
+    # the self-checks are part of the record whichever sinks are on (here: only the memory sink)
+    checks = [{k: v for k, v in b.diagnostics.items() if k != "rss_bytes"} for b in sink.of("train.batch")]
+    assert checks == [
+        {
+            "expected_loss_scale": 1 / 3,
+            "observed_loss_scale": 1 / 3,
+            "scale_ok": True,
+            "accumulation_position": position,
+            "window_items": 18,
+            "loss_dtype": "float64",
+        }
+        for position in (1, 2, 3)
+    ]
 
 
 def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
@@ -175,6 +187,10 @@ def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
     weights = [1, 1, 0, 0]  # the second window holds no items
     counted = [(x, y, w) for (x, y), w in zip(batches, weights, strict=True)]
     model = make_model()
+    with torch.no_grad():  # the first window's objective before any step: s_1 + s_2, as the step sums it
+        (x1, y1), (x2, y2) = batches[:2]
+        mse = torch.nn.functional.mse_loss
+        first_loss = float((mse(model(x1), y1) * 0.5).double() + mse(model(x2), y2) * 0.5)
     sink = MemorySink()
     run = build(
         quiet_config(tmp_path, accumulation_steps=2),
@@ -190,7 +206,7 @@ def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
     end = run.run()
     steps = sink.of("train.step")
     assert [(s.step, s.items, s.skipped, s.loss) for s in steps] == [
-        (1, 8, False, steps[0].loss),
+        (1, 8, False, first_loss),
         (1, 0, True, 0.0),
     ]
     assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
@@ -238,9 +254,9 @@ def test_custom_item_counter_weights_by_items(tmp_path: Path) -> None:
 
 
 def test_epoch_totals_fold_many_windows_of_different_sizes(tmp_path: Path) -> None:
-    """More windows than one fold takes (Totals.FOLD_EVERY), with two window sizes: the epoch loss is
-    still the sum of per-item losses over the items."""
-    from traintel.engine.step import Totals
+    """More windows than one fold takes (EpochLoss.FOLD_EVERY), with two window sizes: the epoch loss
+    is still the sum of per-item losses over the items."""
+    from traintel.engine.progress import EpochLoss
 
     sizes = [3, 1] * 80  # k=2: 80 windows of 4 items... and batches of 1 and 3 items
     sizes += [5]  # a last window of one micro-batch, 5 items
@@ -249,7 +265,7 @@ def test_epoch_totals_fold_many_windows_of_different_sizes(tmp_path: Path) -> No
     sink, _ = train_in_memory(
         tmp_path, batches, model=model, accumulation_steps=2, optimizer={"name": "sgd", "lr": 1e-300}
     )
-    assert len(sink.of("train.step")) == 81 > Totals.FOLD_EVERY
+    assert len(sink.of("train.step")) == 81 > EpochLoss.FOLD_EVERY
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     with torch.no_grad():
@@ -260,7 +276,7 @@ def test_epoch_totals_fold_many_windows_of_different_sizes(tmp_path: Path) -> No
 
 
 def test_the_step_loss_is_summed_only_when_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from traintel.engine.step import WindowLoss
+    from traintel.engine.loss import WindowLoss
 
     sums: list[int] = []
     original = WindowLoss.resolve

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
-import signal
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, BinaryIO
 
 import torch
@@ -21,34 +16,23 @@ import yaml
 from ignite.engine import Engine, Events
 
 from traintel._dirs import missing_dirs, remove_empty
+from traintel.assembly import build_sinks
+from traintel.atomic import write_atomic
 from traintel.config import Config, coerce_config
 from traintel.engine.evaluator import create_evaluator
-from traintel.engine.optim import build_optimizer, build_scheduler
 from traintel.engine.step import default_count_items, default_prepare
-from traintel.engine.trainer import create_trainer
+from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import WindowedLoader
-from traintel.errors import ConfigError
+from traintel.errors import ConfigError, one_line
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
 from traintel.logs import route_stdlib_logging
-from traintel.plugins import make_sink
+from traintel.optim import build_optimizer, build_scheduler
 from traintel.records import RunEndRecord, RunStartRecord, freeze
+from traintel.signals import handled
 from traintel.sinks.base import RunContext, Sink
-from traintel.sinks.diagnostic import DiagnosticSink
-from traintel.sinks.fanout import FanOut
-from traintel.sinks.json_stdout import JsonSink
-from traintel.sinks.prometheus import PrometheusSink
 from traintel.task import Task, check_task, make_task
-
-_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
-
-
-def _stdout_is_tty() -> bool:
-    try:
-        return os.isatty(sys.stdout.fileno())
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def new_run_id(name: str) -> str:
@@ -65,21 +49,6 @@ def resolve_device(choice: str) -> torch.device:
             "trainer.device", "cuda was asked for but no CUDA device is available; use auto or cpu"
         )
     return torch.device(choice)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match the other files of the run
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Run:
@@ -114,7 +83,7 @@ class Run:
         self.scheduler = build_scheduler(tc.scheduler, self.optimizer, total)
         prepare = task.prepare or default_prepare
         count_items = task.count_items or default_count_items
-        self.trainer: Engine = create_trainer(
+        self.trainer: TraintelEngine = create_trainer(
             model,
             task.loss_fn,
             self.optimizer,
@@ -137,7 +106,8 @@ class Run:
                 precision=tc.precision,
             )
 
-        self.fanout = self._make_sinks(extra_sinks, json_stream)
+        built = build_sinks(config.sinks, extra=extra_sinks, json_stream=json_stream)
+        self.fanout, self.json_sink, self.prometheus = built.fanout, built.json, built.prometheus
         if self.json_sink is not None and self.json_sink.console:
             self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
         emit = self.fanout.emit
@@ -145,14 +115,10 @@ class Run:
             emit,
             self.run_id,
             every=config.telemetry.every,
-            diagnostics=config.sinks.diagnostic.enabled,
             max_delay=config.telemetry.max_delay_seconds,
             emit_many=self.fanout.emit_many,
         )
-        self.lifecycle = RunLifecycle(
-            self.fanout, self._start_record, self.run_id, before_end=self.telemetry.flush
-        )
-        self.lifecycle.attach(self.trainer)
+        self.lifecycle = RunLifecycle(emit, self._start_record, self.run_id)
         self.telemetry.attach(self.trainer)
         if self.evaluator is not None and task.val_loader is not None:
             EvaluateEachEpoch(self.evaluator, task.val_loader, emit, self.run_id).attach(self.trainer)
@@ -178,55 +144,6 @@ class Run:
         self._unroute: Callable[[], None] | None = None
         if self.json_sink is not None:
             self._unroute = route_stdlib_logging(self.json_sink)
-        if config.sinks.diagnostic.enabled:
-            self.trainer.add_event_handler(Events.STARTED, self._save_config)
-
-    def _make_sinks(self, extra: Sequence[Sink], json_stream: BinaryIO | None) -> FanOut:
-        cfg = self.config.sinks
-        sinks: list[Sink] = []
-        self.prometheus: PrometheusSink | None = None
-        if cfg.prometheus.enabled:
-            p = cfg.prometheus
-            self.prometheus = PrometheusSink(
-                p.host,
-                p.port,
-                p.linger_seconds,
-                certfile=p.certfile,
-                keyfile=p.keyfile,
-                client_cafile=p.client_cafile,
-                pushgateway=p.pushgateway,
-            )
-            sinks.append(self.prometheus)
-        if cfg.diagnostic.enabled:
-            d = cfg.diagnostic
-            sinks.append(DiagnosticSink(d.filename, max_bytes=d.max_bytes, backups=d.backups))
-        self.json_sink: JsonSink | None = None
-        if cfg.json_.enabled:
-            j = cfg.json_
-            console = j.format == "console" or (
-                j.format == "auto" and json_stream is None and _stdout_is_tty()
-            )
-            self.json_sink = JsonSink(
-                json_stream,
-                capacity=j.queue_capacity,
-                close_timeout=j.close_timeout_seconds,
-                profile=j.profile,
-                console=console,
-            )
-            sinks.append(self.json_sink)
-        for index, spec in enumerate(cfg.extra):
-            if spec.enabled:
-                sinks.append(make_sink(spec, index))
-        sinks.extend(extra)
-        names = [s.name for s in sinks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError("sinks.extra", f"sink names must be unique; {dupes} appear more than once")
-        fanout = FanOut(sinks)
-        if self.prometheus is not None:
-            self.prometheus.collector.sink_errors = fanout.errors
-            self.prometheus.collector.sink_dropped = fanout.dropped
-        return fanout
 
     def _attach_progress_bar(self) -> None:
         """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry
@@ -240,10 +157,10 @@ class Run:
             event_name=Events.ITERATION_COMPLETED(every=every),
         )
 
-    def _save_config(self, _: Engine) -> None:
+    def _save_config(self) -> None:
         """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically."""
         text = yaml.safe_dump(self.config.to_dict(redact=True), sort_keys=False)
-        _write_atomic(self.run_dir / "config.yaml", text)
+        write_atomic(self.run_dir / "config.yaml", text)
 
     def _start_record(self) -> RunStartRecord:
         return RunStartRecord(
@@ -257,54 +174,74 @@ class Run:
         )
 
     def stop(self, reason: str) -> None:
-        """Finish the current optimizer step, then end the run as ``terminated``."""
-        state: Any = self.trainer.state  # Ignite's State takes extra attributes
-        state.stop_reason = reason
+        """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``."""
+        self.trainer.state.stop_reason = reason
         self.trainer.terminate()
         if self.evaluator is not None:
             self.evaluator.terminate()
 
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handle(signum: int, _frame: FrameType | None) -> None:
-            if self.lifecycle.ended is None:
-                self.stop_signal = _SIGNALS[signal.Signals(signum)]
-                self.stop(self.stop_signal)
-            elif self.prometheus is not None:
-                self.prometheus.cancel_linger()  # the run already ended: stop serving and exit
-
-        previous = {s: signal.signal(s, handle) for s in _SIGNALS}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+    def _on_signal(self, name: str) -> None:
+        if self.lifecycle.ended is None:
+            self.stop_signal = name
+            self.stop(name)
+        elif self.prometheus is not None:
+            self.prometheus.cancel_linger()  # the run already ended: stop serving and exit
 
     def run(self, stop_signal: str | None = None) -> RunEndRecord:
         """Train for ``trainer.max_epochs``; returns the ``run.end`` record.
 
+        In this order: ``run.start``; ``trainer.run()``, whose handlers (yours included, for
+        COMPLETED, TERMINATE and EXCEPTION_RAISED too) all run inside it; the waiting step
+        records; exactly one ``run.end``; then the sinks close (the exporter's linger starts
+        only then). An exception from training ends the run as ``failed`` and is re-raised
+        after that (an EXCEPTION_RAISED handler that does not re-raise it has handled it, as
+        in Ignite, and the run goes on as that handler decided).
+
         ``stop_signal`` names a signal that arrived before the run (while starting up): the
         run then starts, writes ``run.start`` and ends at once as ``terminated``.
         """
+        if self.lifecycle.ended is not None:
+            msg = "a Run runs once; build a new one"
+            raise RuntimeError(msg)
         if stop_signal is not None:
             self.stop_signal = stop_signal
             self.trainer.add_event_handler(Events.STARTED, lambda _: self.stop(stop_signal))
-        try:
-            with self._signals():
-                self.trainer.run(
-                    self.data, max_epochs=self.config.trainer.max_epochs, epoch_length=self.epoch_length
-                )
-        finally:
-            self.close()
-        ended = self.lifecycle.ended
-        if ended is None:  # pragma: no cover - the lifecycle handler always ends a started run
-            msg = "the run ended without a run.end record"
-            raise RuntimeError(msg)
+        raised: BaseException | None = None
+        with handled(self._on_signal):  # a signal during the linger below cuts it short
+            try:
+                try:
+                    if self.config.sinks.diagnostic.enabled:
+                        self._save_config()
+                    self.lifecycle.start()
+                    self.trainer.run(
+                        self.data, max_epochs=self.config.trainer.max_epochs, epoch_length=self.epoch_length
+                    )
+                except BaseException as exc:
+                    raised = exc
+                ended = self._end(raised)
+            finally:
+                self.close()
+        if raised is not None:
+            raise raised
         return ended
+
+    def _end(self, raised: BaseException | None) -> RunEndRecord:
+        """Deliver the waiting records, then emit ``run.end`` for how ``trainer.run()`` ended."""
+        state = self.trainer.state
+        if raised is not None:
+            # the traceback as a structured log record (a JSON line with an ``exception`` object)
+            logging.getLogger("traintel").error("training failed", exc_info=raised)
+        try:
+            self.telemetry.flush()
+        except Exception:  # the run still gets its run.end; the failure is logged, not raised
+            logging.getLogger("traintel").exception("delivering the last records failed")
+        if raised is not None:
+            status, reason = "failed", one_line(raised)
+        elif self.trainer.should_terminate:
+            status, reason = "terminated", state.stop_reason or "terminate() called by a handler"
+        else:
+            status, reason = "completed", "max_epochs"
+        return self.lifecycle.end(status, reason, state.progress)
 
     def close(self) -> None:
         """Close the sinks (idempotent); a run directory left empty is removed."""

@@ -68,7 +68,9 @@ def make_parser() -> argparse.ArgumentParser:
         "list", help="built-in sinks and those installed through the traintel.sinks entry points"
     )
     report = sub.add_parser("report", help="plot a run's diagnostic file to a PNG and print a summary")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding diagnostic.jsonl")
+    report.add_argument(
+        "run_dir", metavar="RUN_DIR", help="run directory (its diagnostic file is named in its config.yaml)"
+    )
     report.add_argument("--output", "-o", metavar="PATH", help="PNG to write (default: RUN_DIR/report.png)")
     return parser
 
@@ -116,10 +118,10 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from traintel.api import build
+    from traintel.signals import early_signal
 
     run = build(cfg)
-    early = _early_signal[0] if _early_signal else None
-    end = run.run(stop_signal=early)
+    end = run.run(stop_signal=early_signal())
     if run.stop_signal == "SIGTERM":
         return EXIT_SIGTERM
     if run.stop_signal == "SIGINT":
@@ -127,26 +129,13 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_FAILED if end.status == "failed" else EXIT_OK
 
 
-_early_signal: list[str] = []
-
-
-def _remember_signal(signum: int, _frame: object) -> None:
-    """Until the run installs its own handlers: remember SIGTERM/SIGINT (start-up takes seconds:
-    importing torch, building the task), so the run ends as terminated instead of vanishing."""
-    import signal
-
-    if not _early_signal:
-        _early_signal.append(signal.Signals(signum).name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        import signal
+        from traintel.signals import remember_early
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _remember_signal)
+        remember_early()
     sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
     commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
         ("train", None): lambda: _train(args),

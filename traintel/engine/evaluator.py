@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.engine.events import State
 
 from traintel.engine.step import CountItems, LossFn, Prepare, default_count_items, default_prepare
 
@@ -24,6 +25,24 @@ class EvalAccumulator:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items = 0
         self.batches = 0
+
+
+class EvalState(State):
+    """The evaluator's Ignite ``State``, with the pass's accumulator declared."""
+
+    def __init__(self, acc: EvalAccumulator, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.eval = acc
+        """The loss sum and item count of the current (or last) pass."""
+
+
+def eval_state(engine: Engine) -> EvalState:
+    """The evaluator's ``EvalState``; a TypeError for an engine not made by ``create_evaluator``."""
+    state = engine.state
+    if not isinstance(state, EvalState):
+        msg = f"expected an evaluator made by create_evaluator, got a {type(state).__name__}"
+        raise TypeError(msg)
+    return state
 
 
 def create_evaluator(
@@ -57,7 +76,6 @@ def create_evaluator(
         return raw
 
     evaluator = Engine(evaluate)
-    state: Any = evaluator.state  # Ignite's State takes extra attributes; mypy cannot see them
-    state.eval = acc
+    evaluator.state = EvalState(acc)
     evaluator.add_event_handler(Events.STARTED, lambda _: acc.reset())
     return evaluator

@@ -1,23 +1,21 @@
-"""The trainer's Ignite ``State``: ``output`` may be computed when first read."""
+"""The trainer's Ignite ``State``: traintel's attributes declared, ``output`` computed when first read."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ignite.engine import Engine
 from ignite.engine.events import State
 
+from traintel.engine.loss import WindowLoss
+from traintel.engine.progress import Progress
 
-class Deferred:
-    """A value computed on first use; ``resolve()`` computes (once) and returns it."""
-
-    __slots__ = ()
-
-    def resolve(self) -> Any:
-        raise NotImplementedError
+if TYPE_CHECKING:
+    from traintel.engine.step import MicroBatchOutput, StepOutput
 
 
 class TraintelState(State):
-    """Ignite's ``State`` whose ``output`` may be set to a ``Deferred`` value.
+    """Ignite's ``State`` with traintel's attributes, whose ``output`` may be a ``WindowLoss``.
 
     The update step hands Ignite its step loss as a ``WindowLoss``: reading ``output`` (a
     handler, a metric, a progress bar) sums it then, once, into the float64 tensor, so a
@@ -26,13 +24,33 @@ class TraintelState(State):
 
     _output: Any = None
 
+    def __init__(self, progress: Progress | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.progress: Progress = progress if progress is not None else Progress()
+        """The run's position: epoch counts and loss sum, run totals (``state_dict`` round-trips)."""
+        self.step_output: StepOutput | None = None
+        """The last optimizer step, from ITERATION_COMPLETED on."""
+        self.micro_batch: MicroBatchOutput | None = None
+        """The micro-batch just run, during MICRO_BATCH_COMPLETED."""
+        self.stop_reason: str | None = None
+        """Why the run is being stopped (a signal's name), when something stops it."""
+
     @property
     def output(self) -> Any:
         value = self._output
-        if isinstance(value, Deferred):
+        if isinstance(value, WindowLoss):
             value = self._output = value.resolve()
         return value
 
     @output.setter
     def output(self, value: Any) -> None:
         self._output = value
+
+
+def traintel_state(engine: Engine) -> TraintelState:
+    """The engine's ``TraintelState``; a TypeError for an engine not made by ``create_trainer``."""
+    state = engine.state
+    if not isinstance(state, TraintelState):
+        msg = f"traintel's handlers need a trainer made by create_trainer, got a {type(state).__name__}"
+        raise TypeError(msg)
+    return state

@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from traintel.engine.events import TraintelEvents
+from traintel.engine.progress import Progress
 from traintel.engine.state import TraintelState
 from traintel.engine.step import (
     AccumulatingStep,
@@ -20,8 +21,6 @@ from traintel.engine.step import (
     default_count_items,
     default_prepare,
 )
-
-_STARTED, _EPOCH_STARTED = Events.STARTED, Events.EPOCH_STARTED  # enum lookups are not free
 
 
 class TraintelEngine(Engine):
@@ -38,12 +37,16 @@ class TraintelEngine(Engine):
     _debug = True
     """Whether the logger was at DEBUG when the run or the current epoch started."""
 
-    def __init__(self, process_function: Callable[[Engine, Any], Any]) -> None:
+    state: TraintelState
+
+    def __init__(
+        self, process_function: Callable[[Engine, Any], Any], progress: Progress | None = None
+    ) -> None:
         super().__init__(process_function)
-        self.state = TraintelState()  # output may be a step loss summed when first read
+        self.state = TraintelState(progress)  # output may be a step loss summed when first read
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if event_name is _EPOCH_STARTED or event_name is _STARTED:
+        if event_name is Events.EPOCH_STARTED or event_name is Events.STARTED:
             self._debug = self.logger.isEnabledFor(logging.DEBUG)
         if self._debug:
             super()._fire_event(event_name, *event_args, **event_kwargs)
@@ -80,12 +83,12 @@ def create_trainer(
     grad_clip_norm: float | None = None,
     report_grad_norm: bool = False,
     precision: str = "fp32",
-) -> Engine:
+) -> TraintelEngine:
     """A real ``ignite.engine.Engine`` (a ``TraintelEngine``) whose data are ``WindowedLoader`` windows.
 
     Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
-    tensor (float64, detached, on the device; summed when first read); ``state.step_output`` holds the full
-    ``StepOutput`` and ``state.totals`` the epoch's running ``Totals``;
+    tensor (float64, detached, on the device; summed when first read); ``state.step_output``
+    holds the full ``StepOutput`` and ``state.progress`` the run's ``Progress``;
     ``TraintelEvents`` are registered.
     """
     step = AccumulatingStep(
@@ -100,17 +103,13 @@ def create_trainer(
         report_grad_norm=report_grad_norm,
         precision=precision,
     )
-    engine = TraintelEngine(step)
+    engine = TraintelEngine(step, step.progress)
     engine.register_events(*TraintelEvents)
-    state: Any = engine.state  # Ignite's State takes extra attributes; mypy cannot see them
-    state.step_output = None
-    state.micro_batch = None
-    state.totals = step.totals
-    engine.add_event_handler(Events.EPOCH_STARTED, _start_epoch, step)
+    engine.add_event_handler(Events.EPOCH_STARTED, _start_epoch)
     return engine
 
 
-def _start_epoch(engine: Engine, step: AccumulatingStep) -> None:
-    """Fresh epoch totals, visible as ``state.totals`` from EPOCH_STARTED on."""
-    state: Any = engine.state
-    state.totals = step.totals_for(engine.state.epoch)
+def _start_epoch(engine: TraintelEngine) -> None:
+    """The epoch's counts start at zero, visible in ``state.progress`` from EPOCH_STARTED on (an epoch
+    restored part-way keeps its counts)."""
+    engine.state.progress.start_epoch(engine.state.epoch)

@@ -55,11 +55,8 @@ class WindowedLoader:
         for index, batch in enumerate(self.loader, start=1):
             pending.append(batch)
             if len(pending) == self.k:
-                yield _new_window(Window, (tuple(pending), first, total))
+                yield Window(tuple(pending), first, total)
                 pending = []
                 first = index + 1
         if pending:
-            yield _new_window(Window, (tuple(pending), first, total))
-
-
-_new_window = tuple.__new__
+            yield Window(tuple(pending), first, total)

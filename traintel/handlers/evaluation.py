@@ -9,7 +9,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from traintel.engine.evaluator import EvalAccumulator
+from traintel.engine.evaluator import eval_state
+from traintel.engine.state import traintel_state
 from traintel.records import EvalRecord, Record
 
 
@@ -33,16 +34,14 @@ class EvaluateEachEpoch:
         if self.evaluator.should_terminate:
             return  # stopped by a signal mid-pass: a partial mean would be misleading
         duration = time.perf_counter() - t0
-        state: Any = self.evaluator.state
-        acc: EvalAccumulator = state.eval
+        acc = eval_state(self.evaluator).eval
         items = acc.items
-        totals = getattr(trainer.state, "totals", None)
         self.emit(
             EvalRecord(
                 run_id=self.run_id,
                 time=time.time(),
                 epoch=trainer.state.epoch,
-                step=0 if totals is None else totals.run_steps,
+                step=traintel_state(trainer).progress.run_steps,
                 loss=float(acc.loss_sum) / items if items else math.nan,
                 items=items,
                 batches=acc.batches,

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from traintel.engine.step import StepOutput, Totals
-from traintel.handlers.memory import rss_bytes
-from traintel.records import BatchRecord, EpochRecord, Record, StepRecord, positional
+from traintel.engine.loss import loss_scale
+from traintel.engine.state import traintel_state
+from traintel.engine.step import StepOutput
+from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
+from traintel.rss import rss_bytes
 
 Emit = Callable[[Record], None]
 EmitMany = Callable[[Sequence[Record]], None]
@@ -59,7 +61,6 @@ class TrainTelemetry:
         run_id: str,
         *,
         every: int = 1,
-        diagnostics: bool = True,
         max_delay: float = 0.05,
         emit_many: EmitMany | None = None,
     ) -> None:
@@ -73,7 +74,6 @@ class TrainTelemetry:
         self.emit_many: EmitMany = emit_many if emit_many is not None else self._emit_each
         self.run_id = run_id
         self.every = every
-        self.diagnostics = diagnostics
         self.max_delay = max_delay
         self._pending: list[tuple[StepOutput, float]] = []
         self._delivered = 0.0
@@ -83,14 +83,13 @@ class TrainTelemetry:
             self.emit(record)
 
     def attach(self, engine: Engine) -> None:
-        """Note every Nth step; deliver at epoch end (before the epoch record) and at COMPLETED.
+        """Note every Nth step; deliver at epoch end, before the epoch record.
 
-        A run that ends otherwise (terminated mid-epoch, failed) is delivered by ``flush``
-        from whatever ends it: ``RunLifecycle`` calls it before ``run.end``.
+        Whatever ends the run calls ``flush`` before ``run.end`` (``Run.run`` does), so the
+        steps of a run that ends mid-epoch are delivered too.
         """
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.note_step)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.emit_epoch)
-        engine.add_event_handler(Events.COMPLETED, self._flush_on_stop)
 
     def note_step(self, engine: Engine) -> None:
         """ITERATION_COMPLETED: keep every Nth step's output; deliver when due."""
@@ -98,7 +97,11 @@ class TrainTelemetry:
             return
         now = time.time()
         pending = self._pending
-        pending.append((_state(engine).step_output, now))
+        out = traintel_state(engine).step_output
+        if out is None:
+            msg = "ITERATION_COMPLETED without a step output: the trainer's update step is not traintel's"
+            raise RuntimeError(msg)
+        pending.append((out, now))
         if len(pending) >= MAX_PENDING or now - self._delivered >= self.max_delay:
             self.flush()
 
@@ -109,14 +112,14 @@ class TrainTelemetry:
             return
         self._pending = []
         values = _to_floats(pending)
-        rss = rss_bytes() if self.diagnostics else None
+        rss = rss_bytes()
         records: list[Record] = []
         memory: dict[torch.device, dict[str, int | None]] = {}
         at = 0
         for out, when in pending:
             device = out.losses[0].device
             mem = memory.get(device)
-            if mem is None and self.diagnostics:
+            if mem is None:
                 mem = memory[device] = _memory(rss, device)
             at = self._build(out, when, values=values, at=at, memory=mem, into=records)
         self._delivered = time.time()
@@ -129,7 +132,7 @@ class TrainTelemetry:
         *,
         values: list[float],
         at: int,
-        memory: dict[str, int | None] | None,
+        memory: dict[str, int | None],
         into: list[Record],
     ) -> int:
         """Append the step's batch records and step record; returns the index of the next step's values.
@@ -147,25 +150,25 @@ class TrainTelemetry:
         for i in range(k):
             raw, loss = values[at + i], values[at + k + i]
             n = out.counts[i]
-            scale = n / total if n else 0.0
-            diag: Any = _NO_DIAGNOSTICS
-            if memory is not None:
-                observed, ok = scale_check(raw, loss, scale, eps)
-                fields = {
-                    "expected_loss_scale": scale,
-                    "observed_loss_scale": observed,
-                    "scale_ok": ok,
-                    "accumulation_position": i + 1,
-                    "window_items": total,
-                    "loss_dtype": dtype_name,
-                }
-                fields.update(memory)
-                diag = MappingProxyType(fields)
-            # BatchRecord's fields in declaration order: run_id, time, diagnostics, epoch, batch,
-            # batches, step, items, raw_loss, loss, loss_scale, window_size
+            scale = loss_scale(n, total)
+            observed, ok = scale_check(raw, loss, scale, eps)
+            fields: dict[str, Any] = {
+                "expected_loss_scale": scale,
+                "observed_loss_scale": observed,
+                "scale_ok": ok,
+                "accumulation_position": i + 1,
+                "window_items": total,
+                "loss_dtype": dtype_name,
+            }
+            fields.update(memory)
+            diag = MappingProxyType(fields)
             into.append(
-                _batch_record(run_id, when, diag, epoch, first + i, batches, before, n, raw, loss, scale, k)
-            )
+                BatchRecord(
+                    run_id=run_id, time=when, diagnostics=diag, epoch=epoch, batch=first + i,
+                    batches=batches, step=before, items=n, raw_loss=raw, loss=loss, loss_scale=scale,
+                    window_size=k,
+                )
+            )  # fmt: skip
         # the step loss: the float64 sum, left to right, of the s_b of micro-batches with items,
         # as WindowLoss sums them on the device (float32 values are exact as Python floats)
         step_loss = 0.0
@@ -179,12 +182,11 @@ class TrainTelemetry:
         if out.grad_norm is not None:
             grad_norm = values[at]
             at += 1
-        # StepRecord's: run_id, time, diagnostics, epoch, step, items, items_total, window_size,
-        # loss, lr, grad_norm, skipped
         into.append(
-            _step_record(
-                run_id, when, _NO_DIAGNOSTICS, epoch, out.step, total, out.items_total, k, step_loss, out.lr,
-                grad_norm, out.skipped,
+            StepRecord(
+                run_id=run_id, time=when, epoch=epoch, step=out.step, items=total,
+                items_total=out.items_total, window_size=k, loss=step_loss, lr=out.lr,
+                grad_norm=grad_norm, skipped=out.skipped,
             )
         )  # fmt: skip
         return at
@@ -192,32 +194,26 @@ class TrainTelemetry:
     def emit_epoch(self, engine: Engine) -> None:
         """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record."""
         self.flush()
-        totals: Totals = _state(engine).totals
+        progress = traintel_state(engine).progress
         duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
-        items = totals.items
+        items = progress.items
         self.emit(
             EpochRecord(
                 run_id=self.run_id,
                 time=time.time(),
                 epoch=engine.state.epoch,
-                step=totals.run_steps,
-                loss=float(totals.loss_sum) / items if items else math.nan,
+                step=progress.run_steps,
+                loss=float(progress.loss_sum) / items if items else math.nan,
                 items=items,
-                items_total=totals.run_items,
-                batches=totals.batches,
-                steps=totals.steps,
+                items_total=progress.run_items,
+                batches=progress.batches,
+                steps=progress.steps,
                 duration_seconds=duration,
                 items_per_second=items / duration if duration > 0 else 0.0,
             )
         )
 
-    def _flush_on_stop(self, _engine: Engine) -> None:
-        self.flush()
 
-
-_NO_DIAGNOSTICS: Any = MappingProxyType({})
-_batch_record = positional(BatchRecord)
-_step_record = positional(StepRecord)
 _DTYPES: dict[torch.dtype, tuple[float, str]] = {}
 
 
@@ -240,11 +236,6 @@ def _to_floats(pending: list[tuple[StepOutput, float]]) -> list[float]:
             parts.append(out.grad_norm)
     values: list[float] = torch.stack(parts).tolist()
     return values
-
-
-def _state(engine: Engine) -> Any:
-    """Ignite's State with traintel's extra attributes (``step_output``, ``micro_batch``)."""
-    return engine.state
 
 
 def _memory(rss: int | None, device: torch.device) -> dict[str, int | None]:
