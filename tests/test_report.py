@@ -3,7 +3,11 @@
 Real short runs are reported through the CLI (one with a renamed, rotated diagnostic file
 found through its config.yaml); hand-written diagnostic files cover rotated parts (oldest
 first), the file name read from config.yaml, a truncated last line, scale-check failures,
-non-finite values and the bad-input table (exit 2, one exact stderr line, nothing written).
+non-finite values, the per-rank files of a torchrun job (``diagnostic.rank<r>.jsonl``: batch
+records, scale checks, sink errors and drops from every rank, global values from rank 0's,
+a gap in the ranks reported) and the bad-input table (exit 2, one exact stderr line, nothing
+written). The hand-written single-rank files are schema 1.0.0 lines (no rank, no world_size):
+files of older runs stay readable.
 """
 
 from __future__ import annotations
@@ -157,6 +161,9 @@ def expected_summary(
     scale: str = "0 failed  0 unchecked  12 batch records",
     status: str = "completed (max_epochs)",
     step_loss: str = "0.171667",
+    ranks: str = "1 of 1 (0)",
+    sink_errors: int = 0,
+    dropped: int = 0,
 ) -> str:
     """The summary of ``synthetic_run()``: 6 steps, 2 epochs, 12 batches, 48 items."""
     return textwrap.dedent(
@@ -167,8 +174,9 @@ def expected_summary(
         final: step loss {step_loss}  epoch loss 0.25  eval loss 0.125
         scale check: {scale}
         records: {records}  files: {files}
-        sink errors: 0
-        dropped records: 0
+        ranks: {ranks}
+        sink errors: {sink_errors}
+        dropped records: {dropped}
         truncated lines: {truncated}
         report: {report}
         """
@@ -436,9 +444,194 @@ def test_the_report_has_the_mode_of_the_run_s_other_files(
     assert stat.S_IMODE((run / "report.png").stat().st_mode) == 0o640  # not mkstemp's 0o600
 
 
+# --------------------------------------------------------------------------- ranks (torchrun)
+
+
+def ranked(records: Sequence[Mapping[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """``records`` as schema 1.1.0 lines of ``rank`` in a job of ``world_size`` (rank and
+    world_size right after schema_version, as traintel writes them)."""
+    out = []
+    for r in records:
+        head = {key: r[key] for key in ("timestamp", "level", "event", "run_id")}
+        rest = {key: value for key, value in r.items() if key not in head and key != "schema_version"}
+        out.append({**head, "schema_version": "1.1.0", "rank": rank, "world_size": world_size, **rest})
+    return out
+
+
+def worker_run(rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Rank ``rank``'s file: its own micro-batches (twice rank 0's losses) and other events whose
+    values disagree with rank 0's (a failed run.end, step/epoch/eval losses of 99, a step's lr
+    that is not a number): the report must read only the batch records from it."""
+    out = ranked(synthetic_run(), rank, world_size)
+    for r in out:
+        if r["event"] == "train.batch":
+            r.update(raw_loss=2 * r["raw_loss"], loss=2 * r["loss"])
+        elif r["event"] in ("train.step", "train.epoch", "eval.epoch"):
+            r.update(loss=99.0, step=r["step"] + 100, epoch=7)
+        elif r["event"] == "run.end":
+            r.update(level="error", status="failed", reason="RuntimeError: rank 1", step=1, items_total=3)
+    next(r for r in out if r["event"] == "train.step").update(lr="fast")
+    return out
+
+
+def test_every_rank_s_file_is_read_global_values_from_rank_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(ranked(synthetic_run(), 0, 2)), encoding="utf-8")
+    worker = worker_run(1, 2)
+    batches = [r for r in worker if r["event"] == "train.batch"]
+    failed = batches[4]  # step 2 -> its gradient goes into step 3
+    failed.update(loss=failed["raw_loss"], observed_loss_scale=1.0, scale_ok=False)
+    batches[9]["dropped"] = 2
+    error = ranked([rec("sink.error", level="warning", sink="flaky", error="OSError: x")], 1, 2)
+    (run / "diagnostic.rank1.jsonl.1").write_text(jsonl(worker[:10]), encoding="utf-8")
+    (run / "diagnostic.rank1.jsonl").write_text(jsonl(worker[10:] + error), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == expected_summary(
+        run / "report.png",
+        records=49,
+        files=3,
+        scale="1 failed  0 unchecked  24 batch records",
+        ranks="2 of 2 (0, 1)",
+        sink_errors=1,
+        dropped=2,
+    )
+    assert png_size(run / "report.png") == FIGURE_SIZE_PX
+
+    data = load_run(run)
+    assert [p.name for p in data.parts] == [
+        "diagnostic.jsonl",
+        "diagnostic.rank1.jsonl.1",
+        "diagnostic.rank1.jsonl",
+    ]
+    assert (data.ranks, data.world_size, data.run_id) == ([0, 1], 2, RUN_ID)
+    steps = [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert list(data.batch_loss.x) == steps + steps
+    assert list(data.batch_loss.y[12:]) == [b["loss"] for b in batches]
+    assert list(data.step_loss.x) == [1, 2, 3, 4, 5, 6]
+    assert (list(data.epoch_loss.y), list(data.eval_loss.y)) == ([0.5, 0.25], [0.25, 0.125])
+    lines = lines_by_label(build_figure(data))
+    assert len(lines[LABEL_BATCH_LOSS].get_xdata()) == 24
+    marks = lines[f"{LABEL_SCALE_FAILED} (1)"]
+    assert (list(marks.get_xdata()), list(marks.get_ydata())) == ([3], [failed["raw_loss"]])
+
+
+def test_a_torn_last_line_is_tolerated_in_every_rank_s_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 of a two-rank job: each process may leave half a line at the end of its newest part."""
+    run = tmp_path / "run"
+    run.mkdir()
+    half = json.dumps(ranked([rec("train.batch", epoch=3, batch=1, step=6, raw_loss=0.5)], 0, 2)[0])[:37]
+    (run / "diagnostic.jsonl").write_text(
+        jsonl(ranked(synthetic_run(end=False), 0, 2)) + half, encoding="utf-8"
+    )
+    worker = worker_run(1, 2)[:-1]  # no run.end either
+    (run / "diagnostic.rank1.jsonl.1").write_text(jsonl(worker[:10]), encoding="utf-8")
+    (run / "diagnostic.rank1.jsonl").write_text(
+        jsonl(worker[10:]) + half.replace('"rank": 0', '"rank": 1'), encoding="utf-8"
+    )
+
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == expected_summary(
+        run / "report.png",
+        records=46,
+        files=3,
+        truncated=2,
+        status="unfinished (no run.end record)",
+        scale="0 failed  0 unchecked  24 batch records",
+        ranks="2 of 2 (0, 1)",
+    )
+
+
+def test_a_missing_rank_is_reported_not_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ranks 0 and 2 of 3: what is there is read, the summary names the rank missing. Names that
+    are no rank's file (rank 0 spelled out, a non-canonical rank or part number) are ignored."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(ranked(synthetic_run(), 0, 3)), encoding="utf-8")
+    (run / "diagnostic.rank2.jsonl").write_text(jsonl(worker_run(2, 3)), encoding="utf-8")
+    for decoy in (
+        "diagnostic.rank0.jsonl",
+        "diagnostic.rank01.jsonl",
+        "diagnostic.rank1.jsonl.01",
+        "diagnostic.rank1.jsonl.bak",
+        "diagnostic.rank1.json",
+        "diagnostic.rankx.jsonl",
+        "diagnostic.jsonl.rank1",
+    ):
+        (run / decoy).write_text("garbage\n", encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == expected_summary(
+        run / "report.png",
+        records=48,
+        files=2,
+        scale="0 failed  0 unchecked  24 batch records",
+        ranks="2 of 3 (0, 2; missing 1)",
+    )
+    assert [p.name for p in load_run(run).parts] == ["diagnostic.jsonl", "diagnostic.rank2.jsonl"]
+
+
+def test_rank_files_of_a_renamed_diagnostic_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sinks.diagnostic.filename=diag.jsonl``: rank 1 writes diag.rank1.jsonl; the default name's
+    rank files are not this run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(resolved_config("sinks.diagnostic.filename=diag.jsonl"))
+    (run / "diag.jsonl").write_text(jsonl(ranked(synthetic_run(), 0, 2)), encoding="utf-8")
+    (run / "diag.rank1.jsonl").write_text(jsonl(worker_run(1, 2)), encoding="utf-8")
+    for decoy in ("diagnostic.jsonl", "diagnostic.rank1.jsonl", "diag.jsonl.rank1"):
+        (run / decoy).write_text("garbage\n", encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    assert capsys.readouterr() == (
+        expected_summary(
+            run / "report.png",
+            records=48,
+            files=2,
+            scale="0 failed  0 unchecked  24 batch records",
+            ranks="2 of 2 (0, 1)",
+        ),
+        "",
+    )
+
+
+def test_many_ranks_are_listed_as_spans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(ranked(synthetic_run(), 0, 12)), encoding="utf-8")
+    for rank in (1, 2, 3, 5, 6, 9):
+        batch = [r for r in worker_run(rank, 12) if r["event"] == "train.batch"][:1]
+        (run / f"diagnostic.rank{rank}.jsonl").write_text(jsonl(batch), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+    assert capsys.readouterr().out == expected_summary(
+        run / "report.png",
+        records=30,
+        files=7,
+        scale="0 failed  0 unchecked  18 batch records",
+        ranks="7 of 12 (0-3, 5, 6, 9; missing 4, 7, 8, 10, 11)",
+    )
+
+
 # --------------------------------------------------------------------------- bad input
 
 GOOD = jsonl(synthetic_run()[:3])
+GOOD_RANK1 = jsonl(ranked(synthetic_run()[:3], 1, 2))
 _STEP = rec("train.step", epoch=1, step=1, items=8, items_total=8, window_size=2, loss=0.5, lr=0.1)
 
 
@@ -632,6 +825,56 @@ BAD_INPUT = [
         ),
         id="named-file-missing",
     ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/diagnostic.jsonl: no such file",
+            {"run/diagnostic.rank1.jsonl": GOOD_RANK1},
+        ),
+        id="rank-0-file-missing",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/diagnostic.jsonl: no records",
+            {"run/diagnostic.jsonl": "", "run/diagnostic.rank1.jsonl": GOOD_RANK1},
+        ),
+        id="rank-0-file-empty",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/diagnostic.rank1.jsonl: line 4 is not valid JSON",
+            {
+                "run/diagnostic.jsonl": GOOD,
+                "run/diagnostic.rank1.jsonl": GOOD_RANK1 + "not json\n" + GOOD_RANK1,
+            },
+        ),
+        id="bad-json-in-a-rank-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            "run/diagnostic.rank1.jsonl.1: line 4 is not valid JSON",
+            {
+                "run/diagnostic.jsonl": GOOD,
+                "run/diagnostic.rank1.jsonl.1": GOOD_RANK1 + '{"event": "train.ba',
+                "run/diagnostic.rank1.jsonl": GOOD_RANK1,
+            },
+        ),
+        id="half-line-at-the-end-of-an-older-rank-part",
+    ),
+    pytest.param(
+        BadInput(
+            ["report", "run"],
+            'run/diagnostic.rank1.jsonl: line 2: train.batch field "loss" is not a number',
+            {
+                "run/diagnostic.jsonl": GOOD,
+                "run/diagnostic.rank1.jsonl": GOOD_RANK1.replace('"loss": 0.5', '"loss": "0.5"'),
+            },
+        ),
+        id="rank-file-batch-field-not-a-number",
+    ),
     pytest.param(BadInput(["report"], "the following arguments are required: RUN_DIR"), id="no-run-dir"),
     pytest.param(
         BadInput(["report", "run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -735,6 +978,7 @@ def test_report_of_a_real_run(tmp_path: Path) -> None:
         f"  eval loss {evals[-1]['loss']:.6g}",
         f"scale check: {failed} failed  {unchecked} unchecked  {len(batches)} batch records",
         f"records: {len(records)}  files: 1",
+        "ranks: 1 of 1 (0)",
         f"sink errors: {len(by_event.get('sink.error', []))}",
         "dropped records: 0",
         "truncated lines: 0",
@@ -815,6 +1059,7 @@ def test_report_of_a_real_run_with_a_renamed_rotated_diagnostic_file(tmp_path: P
         f"  eval loss {evaluation['loss']:.6g}",
         "scale check: 0 failed  0 unchecked  32 batch records",
         f"records: 47  files: {len(parts)}",
+        "ranks: 1 of 1 (0)",
         "sink errors: 0",
         "dropped records: 0",
         "truncated lines: 0",

@@ -15,7 +15,10 @@ Decisions the table pins down:
 * the diagnostic extras of ``train.batch`` are optional in the schema (one schema for both files)
   but all-or-nothing; stdout lines are checked here not to carry them;
 * any event other than the seven record events is a routed log line: permissive, but
-  ``timestamp``, ``level`` and ``event`` are required and typed.
+  ``timestamp``, ``level`` and ``event`` are required and typed;
+* ``rank`` (integer >= 0) and ``world_size`` (integer >= 1), added in 1.1.0, are required on every
+  record line except a 1.0.0 one: lines written by traintel 1.0.0 still validate. Routed log lines
+  carry neither.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ jsonschema = pytest.importorskip("jsonschema")
 REPO = Path(__file__).resolve().parent.parent
 RECORD_EVENTS = [cls.event for cls in RECORD_TYPES]
 ENVELOPE = {"timestamp", "level", "event", "run_id", "schema_version"}
+SINCE_1_1 = {"rank", "world_size"}
+RUN_START_SINCE_1_1 = {"backend", "restart_count"}
+"""run.start's fields added in 1.1.0 (required from 1.1.0 on, absent from 1.0.0 lines)."""
+"""Record fields required unless the line's schema_version is 1.0.0 (``$defs/record``)."""
 _CHILD_TIMEOUT = 240
 
 
@@ -76,7 +83,8 @@ def test_schema_is_a_valid_draft_2020_12_schema_of_this_version() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA_PATH.is_file() and SCHEMA_PATH.parent.name == "schemas"
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert schema["$defs"]["schema_version"]["const"] == SCHEMA_VERSION == "1.0.0"
+    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", SCHEMA_VERSION]
+    assert SCHEMA_VERSION == "1.1.0"
     assert set(RECORD_EVENTS) <= set(schema["$defs"]), "every record event has a definition"
     assert load_schema() is not load_schema(), "callers get their own copy"
 
@@ -129,7 +137,12 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     extras = _diagnostic_only() if cls.event == "train.batch" else set()
 
     assert definition["additionalProperties"] is False
-    assert set(definition["required"]) == ENVELOPE | set(names)
+    assert names[:2] == ["rank", "world_size"], "base fields first: right after schema_version in a line"
+    since = SINCE_1_1 | RUN_START_SINCE_1_1 if cls.event == "run.start" else SINCE_1_1
+    assert set(definition["required"]) == ENVELOPE | set(names) - since
+    if cls.event == "run.start":
+        assert definition["else"] == {"required": sorted(RUN_START_SINCE_1_1)}
+    assert defs["record"]["else"] == {"required": sorted(SINCE_1_1)}
     optional = {"dropped"} | extras | ({"nonfinite"} if "nonfinite" in props else set())
     assert set(props) == ENVELOPE | set(names) | optional
     assert props["event"] == {"const": cls.event}
@@ -211,7 +224,7 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
 
 TS = "2025-11-24T16:00:00.250000Z"
 _HEAD = {"timestamp": TS, "level": "info"}
-_RUN = {"run_id": "r1", "schema_version": "1.0.0"}
+_RUN = {"run_id": "r1", "schema_version": "1.1.0", "rank": 0, "world_size": 1}
 VALID: dict[str, dict[str, Any]] = {
     "train.batch": {**_HEAD, "event": "train.batch", **_RUN, "epoch": 1, "batch": 2, "batches": 10,
                     "step": 0, "items": 4, "raw_loss": 0.75, "loss": 0.25, "loss_scale": 0.3333333333333333,
@@ -225,7 +238,7 @@ VALID: dict[str, dict[str, Any]] = {
     "eval.epoch": {**_HEAD, "event": "eval.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.52,
                    "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
-                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None},
+                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0},
     "run.end": {**_HEAD, "event": "run.end", **_RUN, "status": "completed", "reason": "max_epochs",
                 "epoch": 2, "step": 22, "items_total": 2000, "duration_seconds": 0.07},
     "sink.error": {**_HEAD, "level": "warning", "event": "sink.error", **_RUN, "sink": "flaky",
@@ -284,7 +297,35 @@ CASES = [
     Case("epoch-is-1-based", "train.batch", {"epoch": 0}, "0 is less than the minimum of 1"),
     Case("missing-required-field", "train.step", {"items": DROP}, "'items' is a required property"),
     Case("missing-schema-version", "run.end", {"schema_version": DROP}, "'schema_version' is a required"),
-    Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"}, "'1.0.0' was expected"),
+    Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"},
+         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0']"),
+    Case("future-minor-version", "train.step", {"schema_version": "1.2.0"},
+         "train.step $.schema_version: '1.2.0' is not one of ['1.0.0', '1.1.0']"),
+    *(Case(f"version-1.0.0-without-rank-{event}", event,
+           {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP})
+      for event in RECORD_EVENTS),
+    Case("version-1.0.0-with-rank", "train.batch", {"schema_version": "1.0.0"}),
+    Case("version-1.0.0-rank-still-typed", "train.batch", {"schema_version": "1.0.0", "rank": -1},
+         "train.batch $.rank: -1 is less than the minimum of 0"),
+    Case("rank-of-a-worker", "train.batch", {"rank": 3, "world_size": 4}),
+    Case("rank-negative", "train.batch", {"rank": -1}, "train.batch $.rank: -1 is less than the minimum of 0"),
+    Case("world-size-zero", "train.step", {"world_size": 0},
+         "train.step $.world_size: 0 is less than the minimum of 1"),
+    Case("rank-a-string", "run.end", {"rank": "0"}, "run.end $.rank: '0' is not of type 'integer'"),
+    Case("rank-a-float", "train.epoch", {"rank": 1.0}, "train.epoch $.rank: 1.0 is not of type 'integer'"),
+    Case("world-size-a-bool", "eval.epoch", {"world_size": True},
+         "eval.epoch $.world_size: True is not of type 'integer'"),
+    Case("rank-null", "sink.error", {"rank": None}, "sink.error $.rank: None is not of type 'integer'"),
+    *(Case(f"missing-rank-{event}", event, {"rank": DROP}, f"{event} $: 'rank' is a required property")
+      for event in RECORD_EVENTS),
+    Case("missing-backend", "run.start", {"backend": DROP}, "run.start $: 'backend' is a required property"),
+    Case("missing-restart-count", "run.start", {"restart_count": DROP},
+         "run.start $: 'restart_count' is a required property"),
+    Case("negative-restart-count", "run.start", {"restart_count": -1},
+         "run.start $.restart_count: -1 is less than the minimum of 0"),
+    Case("missing-world-size", "run.start", {"world_size": DROP},
+         "run.start $: 'world_size' is a required property"),
+    Case("log-line-needs-no-rank", "log", {"schema_version": "1.1.0"}),
     Case("unknown-field-on-step", "train.step", {"momentum": 0.9}, "('momentum' was unexpected)"),
     Case("diagnostic-extras-only-on-batch", "train.step", {"rss_bytes": 1}, "('rss_bytes' was unexpected)"),
     Case("time-is-not-a-field", "run.end", {"time": 1.5}, "('time' was unexpected)"),

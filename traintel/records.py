@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = "1.0.0"
-"""Semantic version of the record fields; a field's meaning or type never changes within a major."""
+SCHEMA_VERSION = "1.1.0"
+"""Semantic version of the record fields; a field's meaning or type never changes within a major.
+
+1.1.0 added ``rank`` and ``world_size`` to every record (a 1.0.0 line has neither and comes
+from rank 0 of a one-process job)."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -45,13 +48,18 @@ class Record:
     otherwise when the record was built."""
     diagnostics: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, compare=False)
     """Extras for the diagnostic file only (self-checks, memory)."""
+    rank: int = 0
+    """This process's rank in the job, 0 without torch.distributed."""
+    world_size: int = 1
+    """Processes in the job."""
 
     @property
     def schema_version(self) -> str:
         return SCHEMA_VERSION
 
     def fields(self) -> dict[str, Any]:
-        """The record's public fields in declaration order, without ``time`` and ``diagnostics``."""
+        """The record's public fields: ``run_id``, ``schema_version``, ``rank``, ``world_size``, then
+        the event's own fields in declaration order; without ``time`` and ``diagnostics``."""
         names, values = layout(type(self))
         out: dict[str, Any] = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION}
         out.update(zip(names, values(self), strict=True))
@@ -62,7 +70,11 @@ _LAYOUTS: dict[type[Record], tuple[tuple[str, ...], Callable[[Any], tuple[Any, .
 
 
 def layout(cls: type[Record]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]:
-    """The public field names of ``cls`` after ``run_id`` and a getter of their values as one tuple."""
+    """The public field names of ``cls`` after ``run_id`` and a getter of their values as one tuple.
+
+    The names are in dataclass field order, so the base fields ``rank`` and ``world_size`` come
+    first, then the event's own fields (a line's order: ..., schema_version, rank, world_size, ...).
+    """
     found = _LAYOUTS.get(cls)
     if found is not None:
         return found
@@ -179,6 +191,10 @@ class RunStartRecord(Record):
     """Resolved config, secrets redacted."""
     metrics_url: str | None
     """Where the Prometheus exporter serves, when enabled."""
+    backend: str | None = None
+    """The torch.distributed backend (``gloo``, ``nccl``); None in a single process."""
+    restart_count: int = 0
+    """``TORCHELASTIC_RESTART_COUNT``: how often torchrun restarted the workers."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +227,50 @@ class SinkErrorRecord(Record):
     sink: str
     error: str
     """The first exception's type and message."""
+
+
+def rank_filename(filename: str, rank: int) -> str:
+    """The name of rank ``rank``'s diagnostic file when rank 0's is ``filename``.
+
+    Rank 0 keeps ``filename``; rank r > 0 inserts ``.rank<r>`` before the last suffix
+    (``diagnostic.jsonl`` -> ``diagnostic.rank1.jsonl``, ``a.b.jsonl`` -> ``a.b.rank1.jsonl``),
+    and a name without one gets it appended (``diag`` -> ``diag.rank1``). The last suffix is the
+    text from the last dot when that dot is neither the first nor the last character, as a leading
+    dot (``.diag``) or a trailing one (``diag.``) does not start a suffix. Rotated parts of rank
+    r's file are ``rank_filename(filename, r) + ".<n>"``. ValueError when ``rank`` is negative
+    or not an int.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        msg = f"rank must be an int >= 0, got {rank!r}"
+        raise ValueError(msg)
+    if rank == 0:
+        return filename
+    head, tail = _split_suffix(filename)
+    return f"{head}.rank{rank}{tail}"
+
+
+def rank_of_filename(name: str, filename: str) -> int | None:
+    """The rank r > 0 whose file is ``name`` (``rank_filename(filename, r) == name``), else None.
+
+    Only a canonical decimal r counts (``diagnostic.rank01.jsonl`` and ``diagnostic.rank0.jsonl``
+    are no rank's file); rotated parts (``<rank file>.<n>``) are not rank files themselves.
+    """
+    head, tail = _split_suffix(filename)
+    if not (name.startswith(head + ".rank") and name.endswith(tail)):
+        return None
+    digits = name[len(head) + len(".rank") : len(name) - len(tail)]
+    if not (digits.isascii() and digits.isdecimal()) or digits.startswith("0"):
+        return None
+    rank = int(digits)
+    return rank if rank_filename(filename, rank) == name else None
+
+
+def _split_suffix(filename: str) -> tuple[str, str]:
+    """``filename`` cut before its last suffix (a dot neither first nor last, and what follows)."""
+    dot = filename.rfind(".")
+    if 0 < dot < len(filename) - 1:
+        return filename[:dot], filename[dot:]
+    return filename, ""
 
 
 RECORD_TYPES: tuple[type[Record], ...] = (

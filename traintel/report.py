@@ -6,11 +6,24 @@ Input: the diagnostic file ``RUN_DIR/<filename>`` and its rotated parts ``<filen
 wrote), or ``diagnostic.jsonl`` when there is no config.yaml or it has no such key (a
 null section counts as absent). Only names ending in a canonical decimal number count as
 parts (``<filename>.01`` and ``<filename>.bak`` are ignored); a gap in the numbering is
-tolerated. The last line of the newest part may be incomplete (a run killed with
-``kill -9`` can leave half a line): when it does not parse it is skipped and counted as
-truncated. Any other line that is not a JSON object with an ``event`` string, or a record
-whose plotted fields have the wrong type, is bad input. A non-finite value is ``null`` in
-the file, named in the line's ``nonfinite`` object; it is read back as nan/inf/-inf.
+tolerated. That is rank 0's stream; under torchrun each rank r > 0 writes its own,
+``traintel.records.rank_filename(<filename>, r)`` (``diagnostic.rank1.jsonl``, with parts
+``diagnostic.rank1.jsonl.1``, ...), and every rank stream in RUN_DIR is read too, by
+increasing rank, each oldest part first (only a canonical decimal r > 0 counts:
+``diagnostic.rank01.jsonl`` is ignored). Rank 0's stream must exist; a missing rank r > 0 is
+no error (the summary names the ranks read and those missing). The last line of each
+stream's newest part may be incomplete (a run killed with ``kill -9`` can leave half a
+line): when it does not parse it is skipped and counted as truncated. Any other line that
+is not a JSON object with an ``event`` string, or a record whose plotted fields have the
+wrong type, is bad input. A non-finite value is ``null`` in the file, named in the line's
+``nonfinite`` object; it is read back as nan/inf/-inf.
+
+What is read from where: ``train.batch`` records (the losses, the scale checks),
+``sink.error`` records and ``dropped`` counts come from every rank (each process has its
+own micro-batches and its own sinks); ``train.step``, ``train.epoch``, ``eval.epoch``,
+``run.start`` and ``run.end`` hold the job's global values and are read from rank 0's stream
+only (a rank r > 0 stream's other records are counted in ``R`` but not otherwise read, nor
+their fields checked). The run id is that of rank 0's first record.
 
 Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
 unless ``--output`` says otherwise, written atomically with
@@ -21,8 +34,10 @@ optimizer-step x axis:
 1. losses: ``train.batch`` ``loss`` (the value given to backward) and ``raw_loss`` at
    ``step + 1`` (the step the micro-batch's gradient goes into), ``train.step`` ``loss``
    at ``step``, ``train.epoch`` and ``eval.epoch`` ``loss`` at their ``step``; a
-   ``train.batch`` whose ``scale_ok`` is false is marked with a large red x. The y axis
-   is logarithmic when every plotted loss is positive, linear otherwise.
+   ``train.batch`` whose ``scale_ok`` is false is marked with a large red x. The batch
+   points of every rank are plotted alike (a rank's micro-batches go into the same
+   optimizer step as rank 0's). The y axis is logarithmic when every plotted loss is
+   positive, linear otherwise.
 2. learning rate: ``train.step`` ``lr`` at ``step``.
 
 Gray vertical lines mark the ends of epochs. The figure is drawn with matplotlib's Agg
@@ -38,6 +53,7 @@ this order::
     final: step loss <L>  epoch loss <L>  eval loss <L>
     scale check: <F> failed  <U> unchecked  <B> batch records
     records: <R>  files: <P>
+    ranks: <n> of <W> (<ranks read>[; missing <ranks missing>])
     sink errors: <K>
     dropped records: <D>
     truncated lines: <T>
@@ -48,11 +64,16 @@ one, the largest seen (``epoch`` of any record, ``step`` of train.step/train.epo
 eval.epoch, ``items_total`` of train.step/train.epoch). Each final loss is the ``loss`` of
 the last record of that event, formatted with ``format(value, ".6g")`` (``nan``/``inf``
 for non-finite values). ``F`` counts ``train.batch`` records whose ``scale_ok`` is false,
-``U`` those where it is null or absent, ``B`` all of them. ``R`` is the number of records
-read from ``P`` files, ``K`` the number of ``sink.error`` records, ``D`` the sum of the
-``dropped`` counts carried by the lines (a sink that drops ``train.batch`` records under
-back-pressure puts the number dropped since its previous line on the next line it
-writes) and ``T`` the truncated lines skipped (0 or 1). A value not known is ``n/a``.
+``U`` those where it is null or absent, ``B`` all of them (every rank's). ``R`` is the
+number of records read from ``P`` files (every rank's), ``n`` the number of ranks whose
+stream was read, ``W`` the job's size (the largest ``world_size`` of any record; 1 when no
+record carries one, as in files of schema 1.0.0), the ranks read and those below ``W`` not
+found as comma-separated lists, three or more consecutive ranks as first-last (``ranks: 2 of
+3 (0, 2; missing 1)``, ``ranks: 62 of 64 (0-5, 7-62; missing 6, 63)``), ``K`` the number of
+``sink.error`` records, ``D`` the sum of the ``dropped`` counts carried by the lines (a sink
+that drops ``train.batch`` records under back-pressure puts the number dropped since its
+previous line on the next line it writes) and ``T`` the truncated lines skipped (at most
+one per rank). A value not known is ``n/a``.
 
 Errors (exit status 2 through ``ConfigError``, the key being the path at fault, nothing
 written): ``RUN_DIR: no such directory``, ``RUN_DIR: not a directory``,
@@ -61,7 +82,8 @@ at line <n> (read for sinks.diagnostic.filename)`` (or ``is not UTF-8 text (...)
 ``RUN_DIR/config.yaml: [<section> ]is a <type>, not a mapping (read for
 sinks.diagnostic.filename)``, ``RUN_DIR/config.yaml: sinks.diagnostic.filename must be a
 file name (a non-empty string without / or \\), got <value>``, ``RUN_DIR/<filename>: no
-such file``, ``<part>: cannot read: <reason>``, ``<newest part>: no records``, ``<part>:
+such file`` (rank 0's), ``<part>: cannot read: <reason>``, ``<rank 0's newest part>: no
+records``, ``<part>:
 line <n> is not valid JSON``, ``<part>: line <n> is not a record (a JSON object with an
 "event" string)``, ``<part>: line <n>: <event> field "<name>" is not a number`` (or
 ``... is not an integer``), ``<output>: is a directory``, ``<output>: its directory does
@@ -83,6 +105,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from traintel.atomic import write_atomic
 from traintel.errors import EXIT_OK, ConfigError
+from traintel.records import rank_filename, rank_of_filename
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -132,7 +155,11 @@ class RunData:
     """What the report needs from a diagnostic file, gathered in one pass (no record kept whole)."""
 
     parts: list[Path] = field(default_factory=list)
-    """The files read, oldest first."""
+    """The files read: rank 0's oldest first, then each other rank's by increasing rank."""
+    ranks: list[int] = field(default_factory=list)
+    """The ranks whose stream was read, increasing (rank 0 first)."""
+    world_size: int = 1
+    """The largest ``world_size`` of any record read (1 when none carries one)."""
     records: int = 0
     truncated: int = 0
     run_id: str | None = None
@@ -159,6 +186,19 @@ class RunData:
     @property
     def batch_records(self) -> int:
         return len(self.batch_loss)
+
+    @property
+    def missing_ranks(self) -> list[tuple[int, int]]:
+        """Ranks below ``world_size`` whose stream was not found, as (first, last) spans."""
+        spans: list[tuple[int, int]] = []
+        after = 0
+        for rank in (*sorted(self.ranks), self.world_size):
+            if rank > after:
+                spans.append((after, min(rank, self.world_size) - 1))
+            after = max(after, rank + 1)
+            if after >= self.world_size:
+                break
+        return spans
 
     @property
     def epoch(self) -> int | None:
@@ -249,32 +289,56 @@ def rotated_parts(run_dir: Path, filename: str, names: frozenset[str]) -> list[P
     return parts
 
 
-def diagnostic_parts(run_dir: Path) -> list[Path]:
-    """The diagnostic file and its rotated parts, oldest first; ConfigError when there are none.
+def stream_ranks(filename: str, names: frozenset[str]) -> list[int]:
+    """The ranks r > 0 with a file among ``names`` (``rank_filename(filename, r)`` or one of its
+    rotated parts), increasing."""
+    found: set[int] = set()
+    for name in names:
+        base, dot, suffix = name.rpartition(".")
+        candidates = (name, base) if dot and suffix.isdecimal() else (name,)
+        for candidate in candidates:
+            rank = rank_of_filename(candidate, filename)
+            if rank is not None:
+                found.add(rank)
+    return sorted(found)
 
-    The one stream read today is the file ``sinks.diagnostic.filename`` names. Per-rank streams
-    (``diagnostic.rank<r>.jsonl`` beside it) will be more ``rotated_parts`` of the same listing.
-    """
+
+def diagnostic_streams(run_dir: Path) -> dict[int, list[Path]]:
+    """Each rank's diagnostic file and rotated parts, oldest first, by increasing rank (rank 0 is
+    the file ``sinks.diagnostic.filename`` names); ConfigError when rank 0's has none."""
     names = list_names(run_dir)
     filename = diagnostic_filename(run_dir)
-    parts = rotated_parts(run_dir, filename, names)
-    if not parts:
+    streams = {0: rotated_parts(run_dir, filename, names)}
+    if not streams[0]:
         raise ConfigError(str(run_dir / filename), "no such file")
-    return parts
+    for rank in stream_ranks(filename, names):
+        parts = rotated_parts(run_dir, rank_filename(filename, rank), names)
+        if parts:  # a non-canonical part name alone (diag.rank1.jsonl.01) is no stream
+            streams[rank] = parts
+    return streams
+
+
+def diagnostic_parts(run_dir: Path) -> list[Path]:
+    """Every file ``load_run`` reads, in that order: rank 0's parts oldest first, then each other
+    rank's; ConfigError when rank 0 has none."""
+    return [part for parts in diagnostic_streams(run_dir).values() for part in parts]
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
-    """Read every part of ``run_dir``'s diagnostic file, oldest first; ConfigError on bad input."""
-    parts = diagnostic_parts(Path(run_dir))
-    data = RunData(parts=parts)
-    for i, part in enumerate(parts):
-        _read_part(part, data, newest=i == len(parts) - 1)
-    if data.records == 0:
-        raise ConfigError(str(parts[-1]), "no records")
+    """Read every rank's diagnostic stream, rank 0 first, each oldest part first; ConfigError on
+    bad input or when rank 0's stream holds no record."""
+    data = RunData()
+    for rank, parts in diagnostic_streams(Path(run_dir)).items():
+        data.ranks.append(rank)
+        data.parts.extend(parts)
+        for i, part in enumerate(parts):
+            _read_part(part, data, newest=i == len(parts) - 1, primary=rank == 0)
+        if rank == 0 and data.records == 0:
+            raise ConfigError(str(parts[-1]), "no records")
     return data
 
 
-def _read_part(path: Path, data: RunData, *, newest: bool) -> None:
+def _read_part(path: Path, data: RunData, *, newest: bool, primary: bool) -> None:
     try:
         with path.open("rb") as f:
             pending: ConfigError | None = None
@@ -289,7 +353,7 @@ def _read_part(path: Path, data: RunData, *, newest: bool) -> None:
                 if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
                     raise ConfigError(str(path), f"line {lineno} {_BAD_RECORD}")
                 try:
-                    _add(data, obj)
+                    _add(data, obj, primary=primary)
                 except _FieldError as exc:
                     raise ConfigError(str(path), f"line {lineno}: {exc}") from None
             if pending is not None:
@@ -329,26 +393,30 @@ def _max(current: int | None, value: int) -> int:
     return value if current is None or value > current else current
 
 
-def _add(data: RunData, obj: Mapping[str, Any]) -> None:  # noqa: PLR0912 - one branch per event
+def _add(data: RunData, obj: Mapping[str, Any], *, primary: bool) -> None:  # noqa: PLR0912 - one branch per event
+    """Count one record; ``primary``: it is from rank 0's stream (the only one global events are
+    read from)."""
     event = obj["event"]
     data.records += 1
-    if data.run_id is None and isinstance(obj.get("run_id"), str):
-        data.run_id = obj["run_id"]
     dropped = obj.get("dropped")
     if isinstance(dropped, int) and not isinstance(dropped, bool):
         data.dropped += dropped
+    world_size = obj.get("world_size")
+    if isinstance(world_size, int) and not isinstance(world_size, bool):
+        data.world_size = max(data.world_size, world_size)
+    if event == "sink.error":
+        data.sink_errors += 1
+    if not primary:
+        if event == "train.batch":
+            _integer(obj, "epoch")
+            _add_batch(data, obj)
+        return
+    if data.run_id is None and isinstance(obj.get("run_id"), str):
+        data.run_id = obj["run_id"]
     if event in ("train.batch", "train.step", "train.epoch", "eval.epoch", "run.end"):
         data.max_epoch = _max(data.max_epoch, _integer(obj, "epoch"))
     if event == "train.batch":
-        x = _integer(obj, "step") + 1
-        loss = _number(obj, "loss")
-        data.batch_loss.add(x, loss)
-        data.batch_raw_loss.add(x, _number(obj, "raw_loss"))
-        scale_ok = obj.get("scale_ok")
-        if scale_ok is False:
-            data.scale_failed.add(x, loss)
-        elif scale_ok is not True:
-            data.scale_unchecked += 1
+        _add_batch(data, obj)
     elif event == "train.step":
         step = _integer(obj, "step")
         data.max_step = _max(data.max_step, step)
@@ -372,8 +440,18 @@ def _add(data: RunData, obj: Mapping[str, Any]) -> None:  # noqa: PLR0912 - one 
         data.end_epoch = _integer(obj, "epoch")
         data.end_step = _integer(obj, "step")
         data.end_items = _integer(obj, "items_total")
-    elif event == "sink.error":
-        data.sink_errors += 1
+
+
+def _add_batch(data: RunData, obj: Mapping[str, Any]) -> None:
+    x = _integer(obj, "step") + 1
+    loss = _number(obj, "loss")
+    data.batch_loss.add(x, loss)
+    data.batch_raw_loss.add(x, _number(obj, "raw_loss"))
+    scale_ok = obj.get("scale_ok")
+    if scale_ok is False:
+        data.scale_failed.add(x, loss)
+    elif scale_ok is not True:
+        data.scale_unchecked += 1
 
 
 # --------------------------------------------------------------------------- summary
@@ -391,6 +469,32 @@ def _last(series: Series) -> float | None:
     return series.y[-1] if len(series) else None
 
 
+def _spans(ranks: list[int]) -> list[tuple[int, int]]:
+    """Increasing ``ranks`` as (first, last) spans of consecutive ranks."""
+    spans: list[tuple[int, int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], rank)
+        else:
+            spans.append((rank, rank))
+    return spans
+
+
+def _span_list(spans: list[tuple[int, int]]) -> str:
+    """``0, 1, 4-9``: a span of three or more ranks as first-last."""
+    out: list[str] = []
+    for first, last in spans:
+        out.extend(map(str, range(first, last + 1)) if last - first < 2 else [f"{first}-{last}"])
+    return ", ".join(out)
+
+
+def _ranks(data: RunData) -> str:
+    """``<n> of <W> (<read>[; missing <missing>])``."""
+    missing = data.missing_ranks
+    more = f"; missing {_span_list(missing)}" if missing else ""
+    return f"{len(data.ranks)} of {data.world_size} ({_span_list(_spans(data.ranks))}{more})"
+
+
 def summary_lines(data: RunData, output: Path) -> list[str]:
     """The summary printed to stdout (format in the module docstring)."""
     status = f"{data.status} ({data.reason})" if data.status is not None else "unfinished (no run.end record)"
@@ -404,6 +508,7 @@ def summary_lines(data: RunData, output: Path) -> list[str]:
         f"scale check: {checked_failed} failed  {data.scale_unchecked} unchecked"
         f"  {data.batch_records} batch records",
         f"records: {data.records}  files: {len(data.parts)}",
+        f"ranks: {_ranks(data)}",
         f"sink errors: {data.sink_errors}",
         f"dropped records: {data.dropped}",
         f"truncated lines: {data.truncated}",

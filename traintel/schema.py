@@ -8,6 +8,13 @@ third-party log messages routed onto stdout). ``train.batch`` allows the diagnos
 extras as optional properties (listed in its ``x-diagnostic-only`` annotation); stdout lines
 never carry them.
 
+Versions: the schema accepts record lines of ``schema_version`` 1.0.0 and 1.1.0 (this
+version, ``traintel.records.SCHEMA_VERSION``). 1.1.0 added ``rank`` (integer >= 0) and
+``world_size`` (integer >= 1) to every record, right after ``schema_version``: they are
+required on a record line unless it says 1.0.0, so files written by traintel 1.0.0 still
+validate (such a line comes from rank 0 of a one-process job). Routed log lines carry
+neither. A later minor version is rejected here, as its new fields would be anyway.
+
 A float field is a number, or null when its value was not finite, and then ``nonfinite``
 names it (``{"loss": "nan"}``); null without that entry is invalid, except for the fields
 that are null by design (``grad_norm``, ``observed_loss_scale``).
