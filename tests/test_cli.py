@@ -243,6 +243,30 @@ BAD_INPUT = [
     pytest.param(
         BadInput(
             ["train"],
+            "environment RANK: must be an integer >= 0, got 'one'",
+            env={"RANK": "one", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+        ),
+        id="torchrun-env-bad-rank",
+    ),
+    pytest.param(
+        BadInput(
+            ["train"],
+            "environment RANK: must be below WORLD_SIZE=2, got 2",
+            env={"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+        ),
+        id="torchrun-env-rank-too-high",
+    ),
+    pytest.param(
+        BadInput(
+            ["train"],
+            "environment MASTER_ADDR: is not set; torchrun sets it (or give --master-addr/--master-port)",
+            env={"RANK": "0", "WORLD_SIZE": "2"},
+        ),
+        id="torchrun-env-no-master",
+    ),
+    pytest.param(
+        BadInput(
+            ["train"],
             "trainer.max_epochs: input should be a valid integer, "
             "unable to parse string as an integer (got 'zero') (set by TRAINTEL__TRAINER__MAX_EPOCHS)",
             env={"TRAINTEL__TRAINER__MAX_EPOCHS": "zero"},

@@ -7,7 +7,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,12 +15,17 @@ import torch
 import yaml
 from ignite.engine import Engine, Events
 
+from traintel import distributed
 from traintel._dirs import missing_dirs, remove_empty
 from traintel.assembly import build_sinks
 from traintel.atomic import write_atomic
 from traintel.config import Config, coerce_config
+from traintel.distributed import Launch, shared_run_id
+from traintel.engine import ddp
+from traintel.engine.coordination import Coordinator, ProcessGroupCoordinator
 from traintel.engine.evaluator import create_evaluator
-from traintel.engine.step import default_count_items, default_prepare
+from traintel.engine.shards import set_epoch, shard
+from traintel.engine.step import AccumulatingStep, default_count_items, default_prepare
 from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import ConfigError, one_line
@@ -67,47 +72,35 @@ class Run:
         device: torch.device,
         extra_sinks: Sequence[Sink] = (),
         json_stream: BinaryIO | None = None,
+        launch: Launch | None = None,
+        backend: str | None = None,
     ) -> None:
         self.config = config
         self.task = task
         self.device = device
-        self.run_id = config.run.id or new_run_id(config.run.name)
+        self.launch = launch
+        """Where this process sits in a torchrun job; None for a run of one process."""
+        self.backend = backend
+        self.coordinator = ProcessGroupCoordinator(device) if launch is not None else Coordinator()
+        rank = self.coordinator.rank
+        self.run_id = config.run.id or (
+            new_run_id(config.run.name)
+            if launch is None
+            else shared_run_id(launch, new_run_id(config.run.name))
+        )
         self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
         self.stop_signal: str | None = None
-        tc = config.trainer
-        model = task.model.to(device)
-        self.optimizer = build_optimizer(tc.optimizer, (p for p in model.parameters() if p.requires_grad))
-        self.data = WindowedLoader(task.train_loader, tc.accumulation_steps)
-        self.epoch_length = self.data.__len__() if self.data.batches_per_epoch() is not None else None
-        total = self.epoch_length * tc.max_epochs if self.epoch_length is not None else None
-        self.scheduler = build_scheduler(tc.scheduler, self.optimizer, total)
-        prepare = task.prepare or default_prepare
-        count_items = task.count_items or default_count_items
-        self.trainer: TraintelEngine = create_trainer(
-            model,
-            task.loss_fn,
-            self.optimizer,
-            self.scheduler,
-            device=device,
-            prepare=prepare,
-            count_items=count_items,
-            grad_clip_norm=tc.grad_clip_norm,
-            report_grad_norm=tc.report_grad_norm,
-            precision=tc.precision,
-        )
-        self.evaluator: Engine | None = None
-        if task.val_loader is not None:
-            self.evaluator = create_evaluator(
-                model,
-                task.loss_fn,
-                device=device,
-                prepare=prepare,
-                count_items=count_items,
-                precision=tc.precision,
-            )
+        val_loader = self._make_engines(task)
 
-        built = build_sinks(config.sinks, extra=extra_sinks, json_stream=json_stream)
+        built = build_sinks(
+            config.sinks,
+            extra=extra_sinks,
+            json_stream=json_stream,
+            rank=rank,
+            stdout_ranks=config.telemetry.ranks,
+        )
         self.fanout, self.json_sink, self.prometheus = built.fanout, built.json, built.prometheus
+        self._logs = built.logs
         if self.json_sink is not None and self.json_sink.console:
             self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
         emit = self.fanout.emit
@@ -117,17 +110,24 @@ class Run:
             every=config.telemetry.every,
             max_delay=config.telemetry.max_delay_seconds,
             emit_many=self.fanout.emit_many,
+            coordinator=self.coordinator,
         )
-        self.lifecycle = RunLifecycle(emit, self._start_record, self.run_id)
+        self.lifecycle = RunLifecycle(
+            emit, self._start_record, self.run_id, rank=rank, world_size=self.coordinator.world_size
+        )
         self.telemetry.attach(self.trainer)
-        if self.evaluator is not None and task.val_loader is not None:
-            EvaluateEachEpoch(self.evaluator, task.val_loader, emit, self.run_id).attach(self.trainer)
+        if self.evaluator is not None and val_loader is not None:
+            EvaluateEachEpoch(self.evaluator, val_loader, emit, self.run_id, self.coordinator).attach(
+                self.trainer
+            )
 
         context = RunContext(
             run_id=self.run_id,
             name=config.run.name,
             run_dir=self.run_dir,
             config=freeze(config.to_dict(redact=True)),
+            rank=rank,
+            world_size=self.coordinator.world_size,
         )
         # Sinks may write into the run directory from open(); one that stays empty is removed again.
         self._made_dirs = missing_dirs(self.run_dir)
@@ -142,8 +142,77 @@ class Run:
             raise
 
         self._unroute: Callable[[], None] | None = None
-        if self.json_sink is not None:
-            self._unroute = route_stdlib_logging(self.json_sink)
+        if self._logs is not None:
+            if self._logs is not self.json_sink:
+                self._logs.open(context)
+            self._unroute = route_stdlib_logging(self._logs)
+
+    def _make_engines(self, task: Task) -> Iterable[Any] | None:
+        """The optimizer, scheduler, windows, trainer and evaluator; returns this rank's validation data."""
+        config, device, launch = self.config, self.device, self.launch
+        tc = config.trainer
+        model = task.model.to(device)
+        self.optimizer = build_optimizer(tc.optimizer, (p for p in model.parameters() if p.requires_grad))
+        train_loader = task.train_loader
+        val_loader = task.val_loader
+        windows: int | None = None
+        if launch is not None:
+            train_loader, val_loader = self._shard(train_loader, val_loader)
+            windows = distributed.max_over_ranks(
+                len(WindowedLoader(train_loader, tc.accumulation_steps)), device
+            )
+        self.data = WindowedLoader(train_loader, tc.accumulation_steps, windows=windows)
+        self.epoch_length = self.data.__len__() if self.data.batches_per_epoch() is not None else None
+        total = self.epoch_length * tc.max_epochs if self.epoch_length is not None else None
+        self.scheduler = build_scheduler(tc.scheduler, self.optimizer, total)
+        prepare = task.prepare or default_prepare
+        count_items = task.count_items or default_count_items
+        self.trainer: TraintelEngine = create_trainer(
+            model if launch is None else ddp.wrap(model, device),
+            task.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            device=device,
+            prepare=prepare,
+            count_items=count_items,
+            grad_clip_norm=tc.grad_clip_norm,
+            report_grad_norm=tc.report_grad_norm,
+            precision=tc.precision,
+            coordinator=self.coordinator,
+            step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
+        )
+        self.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_epoch(train_loader, e.state.epoch))
+        self.evaluator: Engine | None = None
+        if val_loader is not None:
+            self.evaluator = create_evaluator(
+                model,
+                task.loss_fn,
+                device=device,
+                prepare=prepare,
+                count_items=count_items,
+                precision=tc.precision,
+            )
+        return val_loader
+
+    def _shard(
+        self, train: Iterable[Any], val: Iterable[Any] | None
+    ) -> tuple[Iterable[Any], Iterable[Any] | None]:
+        """This rank's share of the training and validation data (``traintel.engine.shards.shard``)."""
+        c = self.coordinator
+        try:
+            train = shard(train, c.rank, c.world_size, self.config.run.seed)
+        except ValueError as exc:
+            raise ConfigError("task.train_loader", str(exc)) from None
+        if not isinstance(train, Sized):
+            raise ConfigError(
+                "task.train_loader", "needs a length in a run of several ranks (they step together)"
+            )
+        if val is not None:
+            try:
+                val = shard(val, c.rank, c.world_size, self.config.run.seed)
+            except ValueError as exc:
+                raise ConfigError("task.val_loader", str(exc)) from None
+        return train, val
 
     def _attach_progress_bar(self) -> None:
         """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry
@@ -166,16 +235,27 @@ class Run:
         return RunStartRecord(
             run_id=self.run_id,
             time=time.time(),
+            rank=self.coordinator.rank,
+            world_size=self.coordinator.world_size,
             name=self.config.run.name,
             run_dir=str(self.run_dir),
             device=str(self.device),
             config=freeze(self.config.to_dict(redact=True)),
             metrics_url=self.prometheus.url if self.prometheus is not None else None,
+            backend=self.backend,
+            restart_count=self.launch.restart_count if self.launch is not None else 0,
         )
 
     def stop(self, reason: str) -> None:
-        """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``."""
+        """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``.
+
+        Under torch.distributed the request goes into the next step's agreement, so every rank
+        finishes that same step and ends (an evaluation under way runs to its end on every rank).
+        """
         self.trainer.state.stop_reason = reason
+        if self.coordinator.distributed:
+            self.coordinator.stop_requested = True
+            return
         self.trainer.terminate()
         if self.evaluator is not None:
             self.evaluator.terminate()
@@ -210,7 +290,7 @@ class Run:
         with handled(self._on_signal):  # a signal during the linger below cuts it short
             try:
                 try:
-                    if self.config.sinks.diagnostic.enabled:
+                    if self.config.sinks.diagnostic.enabled and self.coordinator.rank == 0:
                         self._save_config()
                     self.lifecycle.start()
                     self.trainer.run(
@@ -231,12 +311,17 @@ class Run:
         if raised is not None:
             # the traceback as a structured log record (a JSON line with an ``exception`` object)
             logging.getLogger("traintel").error("training failed", exc_info=raised)
-        try:
-            self.telemetry.flush()
+        try:  # after a failure, other ranks may be gone: no collective then
+            self.telemetry.flush(global_sums=raised is None)
         except Exception:  # the run still gets its run.end; the failure is logged, not raised
             logging.getLogger("traintel").exception("delivering the last records failed")
         if raised is not None:
             status, reason = "failed", one_line(raised)
+            if self.launch is not None:  # name the rank that failed first, when it said so
+                distributed.announce_failure(self.coordinator.rank, reason)
+                elsewhere = distributed.failure_elsewhere(self.coordinator.rank, self.coordinator.world_size)
+                if elsewhere is not None:
+                    reason = f"{elsewhere} (here: {reason})"
         elif self.trainer.should_terminate:
             status, reason = "terminated", state.stop_reason or "terminate() called by a handler"
         else:
@@ -249,7 +334,11 @@ class Run:
         if unroute is not None:
             unroute()
         self.fanout.close()
+        if self._logs is not None and self._logs is not self.json_sink:
+            self._logs.close()
         remove_empty(self._made_dirs)
+        if self.launch is not None:
+            distributed.stop()
 
     def __enter__(self) -> Run:
         return self
@@ -272,9 +361,27 @@ def build(
     """
     cfg = coerce_config(config)
     device = resolve_device(cfg.trainer.device)
-    torch.manual_seed(cfg.run.seed)
-    checked = check_task(task) if task is not None else make_task(cfg.task.factory, cfg.task.params)
-    return Run(cfg, checked, device=device, extra_sinks=sinks, json_stream=json_stream)
+    launch = distributed.launch_from_env()
+    backend: str | None = None
+    if launch is not None:  # started by torchrun: one rank of a process group
+        device = distributed.device_for(launch, device)
+        backend = distributed.start(cfg.trainer.distributed, device)
+    try:
+        torch.manual_seed(cfg.run.seed)
+        checked = check_task(task) if task is not None else make_task(cfg.task.factory, cfg.task.params)
+        return Run(
+            cfg,
+            checked,
+            device=device,
+            extra_sinks=sinks,
+            json_stream=json_stream,
+            launch=launch,
+            backend=backend,
+        )
+    except BaseException:
+        if launch is not None:
+            distributed.stop()
+        raise
 
 
 def train(

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from traintel.config import PushgatewayConfig, SinksConfig
 from traintel.errors import ConfigError
 from traintel.plugins import make_sink
+from traintel.records import rank_filename
 from traintel.sinks._jsonline import LineRenderer
 from traintel.sinks.base import Sink
 from traintel.sinks.diagnostic import DiagnosticSink
@@ -33,6 +34,10 @@ class SinkSet:
     """The stdout sink (stdlib logging is routed into it), when enabled."""
     prometheus: PrometheusSink | None
     """The exporter (its URL goes into ``run.start``; a signal after the end cuts its linger)."""
+    logs: JsonSink | None = None
+    """Where stdlib logging and warnings go as JSON lines: the stdout sink, or on a rank that
+    writes no records to stdout, a sink on stderr that no record is delivered to (open and close
+    it apart from the fan-out)."""
 
 
 def stdout_is_tty() -> bool:
@@ -55,29 +60,49 @@ def _pushgateway(cfg: PushgatewayConfig) -> Pushgateway | None:
 
 
 def build_sinks(
-    cfg: SinksConfig, *, extra: Sequence[Sink] = (), json_stream: BinaryIO | None = None
+    cfg: SinksConfig,
+    *,
+    extra: Sequence[Sink] = (),
+    json_stream: BinaryIO | None = None,
+    rank: int = 0,
+    stdout_ranks: str = "zero",
+    local_rank: int = 0,
 ) -> SinkSet:
     """The configured sinks in delivery order (prometheus, json, diagnostic, ``sinks.extra``, ``extra``).
 
     The JSON sink comes before the diagnostic file, so the file reuses the lines it just wrote.
+    Under torch.distributed, rank 0 serves the metrics (with ``sinks.prometheus.per_rank``, every
+    rank serves its own, labelled ``rank``, on ``port + local_rank``); stdout's JSON lines come
+    from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``); rank r > 0 writes its
+    diagnostic file as ``rank_filename(filename, r)``.
     """
     sinks: list[Sink] = []
     renderer = LineRenderer()
     prometheus: PrometheusSink | None = None
-    if cfg.prometheus.enabled:
+    if cfg.prometheus.enabled and (rank == 0 or cfg.prometheus.per_rank):
         p = cfg.prometheus
+        port = p.port + local_rank if p.per_rank and p.port else p.port  # 0 stays 0: any free port
+        if port > 65535:
+            raise ConfigError(
+                "sinks.prometheus.port",
+                f"per_rank serves on port + LOCAL_RANK = {p.port} + {local_rank}, over 65535",
+            )
         prometheus = PrometheusSink(
             p.host,
-            p.port,
+            port,
             p.linger_seconds,
             certfile=p.certfile,
             keyfile=p.keyfile,
             client_cafile=p.client_cafile,
             pushgateway=_pushgateway(p.pushgateway),
+            per_rank=p.per_rank,
         )
         sinks.append(prometheus)
     json_sink: JsonSink | None = None
-    if cfg.json_.enabled:
+    logs: JsonSink | None = None
+    if cfg.json_.enabled and rank > 0 and stdout_ranks == "zero":
+        logs = JsonSink(_stderr(), profile=cfg.json_.profile, renderer=renderer)
+    elif cfg.json_.enabled:
         j = cfg.json_
         console = j.format == "console" or (j.format == "auto" and json_stream is None and stdout_is_tty())
         json_sink = JsonSink(
@@ -89,9 +114,11 @@ def build_sinks(
             renderer=renderer,
         )
         sinks.append(json_sink)
+        logs = json_sink
     if cfg.diagnostic.enabled:
         d = cfg.diagnostic
-        sinks.append(DiagnosticSink(d.filename, max_bytes=d.max_bytes, backups=d.backups, renderer=renderer))
+        name = rank_filename(d.filename, rank)
+        sinks.append(DiagnosticSink(name, max_bytes=d.max_bytes, backups=d.backups, renderer=renderer))
     for index, spec in enumerate(cfg.extra):
         if spec.enabled:
             sinks.append(make_sink(spec, index))
@@ -103,4 +130,10 @@ def build_sinks(
     fanout = FanOut(sinks)
     if prometheus is not None:
         prometheus.register(fanout.health_collector())
-    return SinkSet(fanout, json_sink, prometheus)
+    return SinkSet(fanout, json_sink, prometheus, logs)
+
+
+def _stderr() -> BinaryIO:
+    """A binary stream on a duplicate of stderr's descriptor (closed with the sink's writer)."""
+    sys.stderr.flush()
+    return os.fdopen(os.dup(sys.stderr.fileno()), "wb", buffering=0)

@@ -86,6 +86,15 @@ class SchedulerConfig(BaseModel):
     ``linear_warmup`` (linear ramp over ``warmup_steps``)."""
 
 
+class DistributedConfig(_Section):
+    """torch.distributed settings, used when the run is started by torchrun (``RANK``, ``WORLD_SIZE``)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: nccl on CUDA, gloo on CPU."""
+    timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, allow_inf_nan=False)
+    """How long a collective waits for the other ranks before the run fails."""
+
+
 class TrainerConfig(_Section):
     """The optimisation loop."""
 
@@ -104,7 +113,9 @@ class TrainerConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16`` runs forward and loss under autocast (CPU or CUDA); gradients stay fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` picks CUDA when available."""
+    """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun)."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Process group settings under torchrun; ignored in a single process."""
 
 
 class TelemetryConfig(_Section):
@@ -113,6 +124,9 @@ class TelemetryConfig(_Section):
     every: int = Field(default=10, ge=1, le=1_000_000)
     """Emit ``train.batch`` and ``train.step`` records for every Nth optimizer step;
     epoch, eval and run records are always emitted."""
+    ranks: Literal["zero", "all"] = "zero"
+    """Under torchrun: ``zero`` writes JSON lines on stdout from rank 0 only (every rank's warnings
+    and errors still go to stderr), ``all`` from every rank."""
     max_delay_seconds: float = Field(default=0.05, ge=0, le=60, allow_inf_nan=False)
     """Emitted steps are delivered to the sinks in batches, at most this long after the previous
     delivery (or when the next step ends, if steps are slower), and always before the epoch
@@ -177,6 +191,10 @@ class PrometheusSinkConfig(_Section):
     """Require client certificates signed by this CA (mutual TLS)."""
     pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
     """Push the final values to a Pushgateway at run end (batch jobs)."""
+    per_rank: bool = False
+    """Under torchrun, every rank serves its own values on ``port + LOCAL_RANK`` (0: any free
+    port), each family labelled ``rank``, and pushes them grouped by ``rank`` too; off, rank 0
+    alone serves (no ``rank`` label) the values its records hold, global ones for steps and epochs."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> PrometheusSinkConfig:

@@ -32,6 +32,8 @@ class EpochLoss:
 
     def add(self, losses: Sequence[torch.Tensor], items: int) -> None:
         """Count a window's s_b (the loss of a micro-batch without items is 0) with weight N_t."""
+        if not losses:  # this rank had no micro-batch in the window; the other ranks did
+            return
         self._waiting.append((losses, items))
         if len(self._waiting) >= self.FOLD_EVERY:
             self.fold()

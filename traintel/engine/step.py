@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import Engine
 
+from traintel.engine.coordination import Coordinator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.loss import WindowLoss, loss_scale
 from traintel.engine.progress import Progress
@@ -121,6 +122,7 @@ class AccumulatingStep:
         grad_clip_norm: float | None = None,
         report_grad_norm: bool = False,
         precision: str = "fp32",
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -132,6 +134,8 @@ class AccumulatingStep:
         self.grad_clip_norm = grad_clip_norm
         self.report_grad_norm = report_grad_norm
         self.precision = precision
+        self.coordinator = coordinator if coordinator is not None else Coordinator()
+        """What this process agrees on with the other ranks (itself alone by default)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
@@ -151,12 +155,18 @@ class AccumulatingStep:
         return counts
 
     def window_items(self, counts: Sequence[int]) -> int:
-        """N, the items of the window every micro-batch's loss is scaled by: here, this process's."""
-        return sum(counts)
+        """N, the items of the window every micro-batch's loss is scaled by: over all ranks, as the
+        coordinator agrees (this process's own sum when it runs alone)."""
+        return self.coordinator.agree(sum(counts)).items
 
     def sync_context(self, last: bool) -> AbstractContextManager[Any]:
-        """Around one micro-batch's forward and backward; ``last`` for the window's last one."""
+        """Around one micro-batch's forward and backward; ``last`` for the window's last micro-batch
+        that runs one (where a gradient reduction across ranks belongs)."""
         return nullcontext()
+
+    def take_part(self) -> None:
+        """The window has items on other ranks but none here: join their gradient reduction without
+        adding to the gradient. Nothing to do in a single process, where this cannot happen."""
 
     def run_micro_batch(self, batch: Any, items: int, window_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, scale and backward one micro-batch; returns (mean_loss_b, s_b), detached.
@@ -207,7 +217,9 @@ class AccumulatingStep:
 
         raws: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
-        last = len(batches) - 1
+        last = max((i for i, n in enumerate(counts) if n), default=-1)
+        if total and last < 0:
+            self.take_part()
         for position, batch in enumerate(batches):
             n = counts[position]
             with self.sync_context(position == last):
@@ -228,6 +240,10 @@ class AccumulatingStep:
             epoch, progress.run_steps, window, total, counts, tuple(raws), losses_t, window_loss,
             progress.run_items, lr, grad_norm, total == 0,
         ))  # fmt: skip
+        if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
+            if getattr(engine.state, "stop_reason", None) is None:
+                _set_state(engine, "stop_reason", "stopped with another rank")
+            engine.terminate()
         # Ignite stores this as state.output; a TraintelState sums it only when it is read
         return window_loss if isinstance(engine.state, TraintelState) else window_loss.resolve()
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from traintel.engine.coordination import Coordinator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.progress import Progress
 from traintel.engine.state import TraintelState
@@ -83,15 +84,18 @@ def create_trainer(
     grad_clip_norm: float | None = None,
     report_grad_norm: bool = False,
     precision: str = "fp32",
+    coordinator: Coordinator | None = None,
+    step_class: type[AccumulatingStep] = AccumulatingStep,
 ) -> TraintelEngine:
     """A real ``ignite.engine.Engine`` (a ``TraintelEngine``) whose data are ``WindowedLoader`` windows.
 
     Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
     tensor (float64, detached, on the device; summed when first read); ``state.step_output``
     holds the full ``StepOutput`` and ``state.progress`` the run's ``Progress``;
-    ``TraintelEvents`` are registered.
+    ``TraintelEvents`` are registered. ``coordinator`` and ``step_class`` make it one rank of a
+    torch.distributed run (see ``traintel.engine.ddp``).
     """
-    step = AccumulatingStep(
+    step = step_class(
         model,
         loss_fn,
         optimizer,
@@ -102,6 +106,7 @@ def create_trainer(
         grad_clip_norm=grad_clip_norm,
         report_grad_norm=report_grad_norm,
         precision=precision,
+        coordinator=coordinator,
     )
     engine = TraintelEngine(step, step.progress)
     engine.register_events(*TraintelEvents)

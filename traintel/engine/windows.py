@@ -26,12 +26,15 @@ class WindowedLoader:
     the epoch length.
     """
 
-    def __init__(self, loader: Iterable[Any], k: int) -> None:
+    def __init__(self, loader: Iterable[Any], k: int, *, windows: int | None = None) -> None:
         if k < 1:
             msg = f"accumulation steps must be >= 1, got {k}"
             raise ValueError(msg)
         self.loader = loader
         self.k = k
+        self.windows = windows
+        """Windows per epoch, when every rank must take part in the same number of optimizer
+        steps: after its own data this loader yields empty windows up to that count."""
 
     def batches_per_epoch(self) -> int | None:
         if isinstance(self.loader, Sized):
@@ -42,6 +45,8 @@ class WindowedLoader:
         return None
 
     def __len__(self) -> int:
+        if self.windows is not None:
+            return self.windows
         b = self.batches_per_epoch()
         if b is None:
             msg = "the training loader has no length"
@@ -52,11 +57,16 @@ class WindowedLoader:
         total = self.batches_per_epoch()
         pending: list[Any] = []
         first = 1
+        count = 0
         for index, batch in enumerate(self.loader, start=1):
             pending.append(batch)
             if len(pending) == self.k:
                 yield Window(tuple(pending), first, total)
+                count += 1
                 pending = []
                 first = index + 1
         if pending:
             yield Window(tuple(pending), first, total)
+            count += 1
+        for _ in range(count, self.windows or 0):  # this rank is out of data; the others are not
+            yield Window((), (total or 0) + 1, total)

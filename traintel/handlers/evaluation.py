@@ -9,6 +9,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from traintel.engine.coordination import Coordinator
 from traintel.engine.evaluator import eval_state
 from traintel.engine.state import traintel_state
 from traintel.records import EvalRecord, Record
@@ -18,12 +19,19 @@ class EvaluateEachEpoch:
     """At every EPOCH_COMPLETED of the trainer, evaluate ``loader`` and emit ``eval.epoch``."""
 
     def __init__(
-        self, evaluator: Engine, loader: Iterable[Any], emit: Callable[[Record], None], run_id: str
+        self,
+        evaluator: Engine,
+        loader: Iterable[Any],
+        emit: Callable[[Record], None],
+        run_id: str,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.loader = loader
         self.emit = emit
         self.run_id = run_id
+        self.coordinator = coordinator if coordinator is not None else Coordinator()
+        """Sums the loss and the items over the ranks (each evaluates its own shard): one collective."""
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -35,16 +43,21 @@ class EvaluateEachEpoch:
             return  # stopped by a signal mid-pass: a partial mean would be misleading
         duration = time.perf_counter() - t0
         acc = eval_state(self.evaluator).eval
-        items = acc.items
+        loss_sum, items_sum, batches_sum = self.coordinator.sum_floats(
+            [float(acc.loss_sum), float(acc.items), float(acc.batches)]
+        )
+        items = int(items_sum)
         self.emit(
             EvalRecord(
                 run_id=self.run_id,
                 time=time.time(),
+                rank=self.coordinator.rank,
+                world_size=self.coordinator.world_size,
                 epoch=trainer.state.epoch,
                 step=traintel_state(trainer).progress.run_steps,
-                loss=float(acc.loss_sum) / items if items else math.nan,
+                loss=loss_sum / items if items else math.nan,
                 items=items,
-                batches=acc.batches,
+                batches=int(batches_sum),
                 duration_seconds=duration,
                 items_per_second=items / duration if duration > 0 else 0.0,
             )

@@ -18,11 +18,19 @@ class RunLifecycle:
     """
 
     def __init__(
-        self, emit: Callable[[Record], None], start_record: Callable[[], RunStartRecord], run_id: str
+        self,
+        emit: Callable[[Record], None],
+        start_record: Callable[[], RunStartRecord],
+        run_id: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.emit = emit
         self.start_record = start_record
         self.run_id = run_id
+        self.rank = rank
+        self.world_size = world_size
         self.ended: RunEndRecord | None = None
         self._t0: float | None = None
 
@@ -42,6 +50,8 @@ class RunLifecycle:
         self.ended = RunEndRecord(
             run_id=self.run_id,
             time=time.time(),
+            rank=self.rank,
+            world_size=self.world_size,
             status=status,
             reason=reason,
             epoch=progress.epoch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from traintel.engine.coordination import Coordinator
 from traintel.engine.loss import loss_scale
 from traintel.engine.state import traintel_state
 from traintel.engine.step import StepOutput
@@ -63,6 +65,7 @@ class TrainTelemetry:
         every: int = 1,
         max_delay: float = 0.05,
         emit_many: EmitMany | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if every < 1:
             msg = f"every must be >= 1, got {every}"
@@ -75,6 +78,11 @@ class TrainTelemetry:
         self.run_id = run_id
         self.every = every
         self.max_delay = max_delay
+        self.coordinator = coordinator if coordinator is not None else Coordinator()
+        """Under torch.distributed: when to deliver (rank 0's clock, agreed each step) and the
+        sums over the ranks of the step and epoch losses, one collective per delivery."""
+        self.rank = self.coordinator.rank
+        self.world_size = self.coordinator.world_size
         self._pending: list[tuple[StepOutput, float]] = []
         self._delivered = 0.0
 
@@ -92,40 +100,76 @@ class TrainTelemetry:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.emit_epoch)
 
     def note_step(self, engine: Engine) -> None:
-        """ITERATION_COMPLETED: keep every Nth step's output; deliver when due."""
-        if engine.state.iteration % self.every:
-            return
-        now = time.time()
-        pending = self._pending
-        out = traintel_state(engine).step_output
-        if out is None:
-            msg = "ITERATION_COMPLETED without a step output: the trainer's update step is not traintel's"
-            raise RuntimeError(msg)
-        pending.append((out, now))
-        if len(pending) >= MAX_PENDING or now - self._delivered >= self.max_delay:
-            self.flush()
+        """ITERATION_COMPLETED: keep every Nth step's output; deliver when due.
 
-    def flush(self) -> None:
-        """Build the records of the waiting steps and deliver them, in step order."""
+        In one process a delivery is due ``max_delay`` seconds after the previous one. Several
+        ranks must deliver at the same step (the delivery sums over them): rank 0's clock asks,
+        the next step's agreement carries it to every rank, and all deliver after that step.
+        """
+        coordinator = self.coordinator
+        if engine.state.iteration % self.every == 0:
+            out = traintel_state(engine).step_output
+            if out is None:
+                msg = "ITERATION_COMPLETED without a step output: the trainer's update step is not traintel's"
+                raise RuntimeError(msg)
+            self._pending.append((out, time.time()))
         pending = self._pending
         if not pending:
             return
-        self._pending = []
+        due = time.time() - self._delivered >= self.max_delay
+        if not coordinator.distributed:
+            if due or len(pending) >= MAX_PENDING:
+                self.flush()
+            return
+        if coordinator.last.deliver or len(pending) >= MAX_PENDING:
+            self.flush()
+        elif due:
+            coordinator.deliver_requested = True  # rank 0's request counts; the others' are ignored
+
+    def flush(self, extra: Sequence[float] = (), *, global_sums: bool = True) -> list[float]:
+        """Build the records of the waiting steps and deliver them, in step order.
+
+        The step losses (and ``extra``, e.g. the epoch's loss sum) are summed over the ranks in one
+        collective; the sums are returned for ``extra``. ``global_sums=False`` (after a failure,
+        when the other ranks may be gone) takes no collective: the per-rank batch records are
+        delivered and the step records, whose values would be this rank's share only, are not.
+        """
+        pending, self._pending = self._pending, []
         values = _to_floats(pending)
+        batches: list[list[Record]] = []
+        shares: list[float] = []
         rss = rss_bytes()
-        records: list[Record] = []
         memory: dict[torch.device, dict[str, int | None]] = {}
         at = 0
         for out, when in pending:
-            device = out.losses[0].device
-            mem = memory.get(device)
-            if mem is None:
-                mem = memory[device] = _memory(rss, device)
-            at = self._build(out, when, values=values, at=at, memory=mem, into=records)
+            records: list[Record] = []
+            device = out.losses[0].device if out.losses else None
+            if device is not None and device not in memory:
+                memory[device] = _memory(rss, device)
+            mem = memory[device] if device is not None else {}
+            share, at = self._batch_records(out, when, values=values, at=at, memory=mem, into=records)
+            batches.append(records)
+            shares.append(share)
+        sums = [*shares, *extra]
+        if global_sums:
+            sums = self.coordinator.sum_floats(sums)
+        elif pending and self.coordinator.distributed:
+            logging.getLogger("traintel").warning(
+                "%d step records not delivered: their losses need the other ranks", len(pending)
+            )
+        delivery: list[Record] = []
+        at = 0
+        for (out, when), records, step_loss in zip(pending, batches, sums, strict=False):
+            delivery += records
+            grad_norm, at = self._grad_norm(out, values, at)
+            if global_sums or not self.coordinator.distributed:
+                delivery.append(self._step_record(out, when, step_loss, grad_norm))
         self._delivered = time.time()
-        self.emit_many(records)
+        if delivery:
+            self.emit_many(delivery)
+        return sums[len(shares) :]
 
-    def _build(
+    def _batch_records(
         self,
         out: StepOutput,
         when: float,
@@ -134,22 +178,30 @@ class TrainTelemetry:
         at: int,
         memory: dict[str, int | None],
         into: list[Record],
-    ) -> int:
-        """Append the step's batch records and step record; returns the index of the next step's values.
+    ) -> tuple[float, int]:
+        """Append the step's batch records; returns this rank's share of the step loss and the index
+        of the step's grad norm (or of the next step's values) in ``values``.
 
         ``values`` holds, per step, its raw losses, then its scaled losses, then its grad norm
-        when it has one (see ``_to_floats``).
+        when it has one (see ``_to_floats``). The share is the float64 sum, left to right, of the
+        s_b of micro-batches with items, as ``WindowLoss`` sums them on the device (float32
+        values are exact as Python floats).
         """
         k = len(out.counts)
         run_id, epoch, total = self.run_id, out.epoch, out.items
         before = out.step if out.skipped else out.step - 1
         batches = out.window.batches_per_epoch
         first = out.window.first_batch
-        dtype = out.losses[0].dtype
-        eps, dtype_name = _dtype_facts(dtype)
+        share = 0.0
+        first_term = True
+        if k:
+            eps, dtype_name = _dtype_facts(out.losses[0].dtype)
         for i in range(k):
             raw, loss = values[at + i], values[at + k + i]
             n = out.counts[i]
+            if n:
+                share = loss if first_term else share + loss
+                first_term = False
             scale = loss_scale(n, total)
             observed, ok = scale_check(raw, loss, scale, eps)
             fields: dict[str, Any] = {
@@ -161,52 +213,49 @@ class TrainTelemetry:
                 "loss_dtype": dtype_name,
             }
             fields.update(memory)
-            diag = MappingProxyType(fields)
             into.append(
                 BatchRecord(
-                    run_id=run_id, time=when, diagnostics=diag, epoch=epoch, batch=first + i,
-                    batches=batches, step=before, items=n, raw_loss=raw, loss=loss, loss_scale=scale,
-                    window_size=k,
+                    run_id=run_id, time=when, diagnostics=MappingProxyType(fields), rank=self.rank,
+                    world_size=self.world_size, epoch=epoch, batch=first + i, batches=batches, step=before,
+                    items=n, raw_loss=raw, loss=loss, loss_scale=scale, window_size=k,
                 )
             )  # fmt: skip
-        # the step loss: the float64 sum, left to right, of the s_b of micro-batches with items,
-        # as WindowLoss sums them on the device (float32 values are exact as Python floats)
-        step_loss = 0.0
-        first_term = True
-        for i in range(k):
-            if out.counts[i]:
-                step_loss = values[at + k + i] if first_term else step_loss + values[at + k + i]
-                first_term = False
-        at += 2 * k
-        grad_norm = None
-        if out.grad_norm is not None:
-            grad_norm = values[at]
-            at += 1
-        into.append(
-            StepRecord(
-                run_id=run_id, time=when, epoch=epoch, step=out.step, items=total,
-                items_total=out.items_total, window_size=k, loss=step_loss, lr=out.lr,
-                grad_norm=grad_norm, skipped=out.skipped,
-            )
+        return share, at + 2 * k + (out.grad_norm is not None)
+
+    @staticmethod
+    def _grad_norm(out: StepOutput, values: list[float], at: int) -> tuple[float | None, int]:
+        """The step's grad norm from ``values`` (after its losses), and where the next step's start."""
+        at += 2 * len(out.counts)
+        if out.grad_norm is None:
+            return None, at
+        return values[at], at + 1
+
+    def _step_record(self, out: StepOutput, when: float, loss: float, grad_norm: float | None) -> StepRecord:
+        return StepRecord(
+            run_id=self.run_id, time=when, rank=self.rank, world_size=self.world_size, epoch=out.epoch,
+            step=out.step, items=out.items, items_total=out.items_total, window_size=len(out.counts),
+            loss=loss, lr=out.lr, grad_norm=grad_norm, skipped=out.skipped,
         )  # fmt: skip
-        return at
 
     def emit_epoch(self, engine: Engine) -> None:
-        """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record."""
-        self.flush()
+        """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record (summed over the ranks
+        in the same collective as the steps' losses)."""
         progress = traintel_state(engine).progress
+        loss_sum, batches = self.flush([float(progress.loss_sum), float(progress.batches)])
         duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
         items = progress.items
         self.emit(
             EpochRecord(
                 run_id=self.run_id,
                 time=time.time(),
+                rank=self.rank,
+                world_size=self.world_size,
                 epoch=engine.state.epoch,
                 step=progress.run_steps,
-                loss=float(progress.loss_sum) / items if items else math.nan,
+                loss=loss_sum / items if items else math.nan,
                 items=items,
                 items_total=progress.run_items,
-                batches=progress.batches,
+                batches=int(batches),
                 steps=progress.steps,
                 duration_seconds=duration,
                 items_per_second=items / duration if duration > 0 else 0.0,
@@ -234,11 +283,14 @@ def _to_floats(pending: list[tuple[StepOutput, float]]) -> list[float]:
         parts += out.losses
         if out.grad_norm is not None:
             parts.append(out.grad_norm)
+    if not parts:
+        return []
     values: list[float] = torch.stack(parts).tolist()
     return values
 
 
 def _memory(rss: int | None, device: torch.device) -> dict[str, int | None]:
+    """Process memory for the self-check records (and the device's, on CUDA)."""
     mem: dict[str, int | None] = {"rss_bytes": rss}
     if device.type == "cuda":
         mem["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(device))

@@ -30,6 +30,10 @@ class RunContext:
     run_dir: Path
     config: Mapping[str, Any] = field(default_factory=dict)
     """Resolved config, secrets redacted."""
+    rank: int = 0
+    """This process's rank under torch.distributed (0 in a single process)."""
+    world_size: int = 1
+    """Processes in the job."""
 
 
 @runtime_checkable

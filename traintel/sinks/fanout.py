@@ -88,7 +88,15 @@ class FanOut:
         if count > 1 or not report:
             return
         run_id = self._context.run_id if self._context is not None else ""
-        notice = SinkErrorRecord(run_id=run_id, time=time.time(), sink=sink.name, error=f"{one_line(exc)}")
+        context = self._context
+        notice = SinkErrorRecord(
+            run_id=run_id,
+            time=time.time(),
+            rank=context.rank if context is not None else 0,
+            world_size=context.world_size if context is not None else 1,
+            sink=sink.name,
+            error=one_line(exc),
+        )
         for other in self.sinks:
             if other is not sink:
                 try:

@@ -29,6 +29,9 @@ def _console_view(
     stamp = str(event_dict.get("timestamp", ""))
     for key in _CONSOLE_HIDDEN:
         event_dict.pop(key, None)
+    if event_dict.get("world_size", 1) == 1:  # one process: no rank to tell apart
+        event_dict.pop("rank", None)
+        event_dict.pop("world_size", None)
     event_dict["timestamp"] = stamp[11:19]
     event_dict["level"] = method
     return event_dict

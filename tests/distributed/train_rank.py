@@ -1,0 +1,132 @@
+"""One rank of a distributed test run, started by torchrun: ``train_rank.py SPEC_JSON OUT_DIR``.
+
+Trains the spec's micro-batches (a list of ready batches: torchrun's rank r takes batches r, r+W,
+...) through ``traintel.build`` with a MemorySink, and saves what the test compares with a
+single-process reference: every record, each optimizer step's gradients, the final parameters,
+and how many collectives of each kind the run made.
+"""
+
+# No ``from __future__ import annotations``: DDP reads the counting hook's annotations as classes.
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+
+from traintel.api import build
+from traintel.engine import ddp
+from traintel.engine.coordination import ProcessGroupCoordinator
+from traintel.engine.events import TraintelEvents
+from traintel.sinks.fanout import FanOut
+from traintel.sinks.memory import MemorySink
+from traintel.task import Task
+
+
+def batches(spec: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Micro-batches of ``spec["sizes"]`` items (float64), each with a mask of counted items."""
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    out = []
+    for n, kept in zip(spec["sizes"], spec.get("kept") or spec["sizes"], strict=True):
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        y = x.sum(dim=1, keepdim=True) * 0.5 + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[:kept] = True
+        out.append((x, y, mask))
+    return out
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+
+
+def masked_mse(out: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error over the counted items only."""
+    y, mask = target
+    return ((out - y) ** 2).squeeze(1)[mask].mean()
+
+
+def prepare(batch: Any, device: torch.device) -> tuple[Any, Any]:
+    x, y, mask = batch
+    return x.to(device), (y.to(device), mask.to(device))
+
+
+def plain(value: Any) -> Any:
+    """Records' read-only mappings and tuples as dicts and lists (picklable)."""
+    if hasattr(value, "items"):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out_dir = Path(sys.argv[2])
+    counts = {"agree": 0, "sum_floats": 0, "hook": 0, "all_reduce": 0, "deliveries": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    summing = ddp.sum_hook
+
+    def counting_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        counts["hook"] += 1  # DDP checks a hook's signature: it must name ``bucket``
+        return summing(state, bucket)
+
+    ddp.sum_hook = counting_hook
+    ProcessGroupCoordinator.agree = counted("agree", ProcessGroupCoordinator.agree)  # type: ignore[method-assign]
+    summed = ProcessGroupCoordinator.sum_floats
+
+    def sum_floats(self: ProcessGroupCoordinator, values: Any) -> list[float]:
+        counts["sum_floats"] += bool(values)  # an empty sum takes no collective
+        return summed(self, values)
+
+    ProcessGroupCoordinator.sum_floats = sum_floats  # type: ignore[method-assign]
+    FanOut.emit_many = counted("deliveries", FanOut.emit_many)  # type: ignore[method-assign]
+    dist.all_reduce = counted("all_reduce", dist.all_reduce)
+
+    memory = MemorySink()
+    task = Task(model=model(), loss_fn=masked_mse, train_loader=batches(spec), prepare=prepare,
+                count_items=lambda b: int(b[2].sum()))  # fmt: skip
+    config = {
+        "run": {"dir": str(out_dir / "run"), "id": "dist-test"},
+        "trainer": {"device": "cpu", "max_epochs": spec.get("epochs", 1), "accumulation_steps": spec["k"],
+                    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        "telemetry": {"every": 1, "max_delay_seconds": spec.get("max_delay", 0.0)},
+        "sinks": {"json": {"enabled": False}, "diagnostic": {"enabled": True}, "prometheus": {"enabled": False}},
+    }  # fmt: skip
+    run = build(config, task, sinks=[memory])
+    grads: list[list[torch.Tensor]] = []
+    hooks_per_step: list[int] = []
+    run.trainer.add_event_handler(
+        TraintelEvents.OPTIMIZER_STEP_STARTED,
+        lambda e: grads.append([p.grad.detach().clone() for p in task.model.parameters()]),
+    )
+    run.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: hooks_per_step.append(counts["hook"]))
+    rank = run.coordinator.rank
+    end = run.run()
+    records = [plain({"event": r.event, **r.fields(), "diagnostics": r.diagnostics}) for r in memory.records]
+    torch.save(
+        {
+            "rank": rank,
+            "status": end.status,
+            "records": records,
+            "grads": grads,
+            "params": [p.detach().clone() for p in task.model.parameters()],
+            "counts": counts,
+            "hooks_per_step": hooks_per_step,
+        },
+        out_dir / f"rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

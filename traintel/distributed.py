@@ -1,0 +1,174 @@
+"""torch.distributed from the launcher's environment: the process group, the device, the run id.
+
+``torchrun`` (or a Kubernetes operator running it) sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` for each process; without ``RANK`` and
+``WORLD_SIZE`` a run is one process and nothing here is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from traintel.config import DistributedConfig
+from traintel.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Where this process sits in a torchrun job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+    """``TORCHELASTIC_RESTART_COUNT``: how often torchrun has restarted the workers."""
+    run_id: str | None
+    """``TORCHELASTIC_RUN_ID`` when set and not ``none``."""
+
+
+def _int_env(environ: Mapping[str, str], name: str, low: int, default: int | None = None) -> int:
+    raw = environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(
+                f"environment {name}", "is not set; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK"
+            )
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment {name}", f"must be an integer >= {low}, got {raw!r}") from None
+    if value < low:
+        raise ConfigError(f"environment {name}", f"must be an integer >= {low}, got {raw!r}")
+    return value
+
+
+def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch | None:
+    """The launch this process is part of, or None without ``RANK``/``WORLD_SIZE`` (one process)."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    world_size = _int_env(env, "WORLD_SIZE", 1)
+    rank = _int_env(env, "RANK", 0)
+    if rank >= world_size:
+        raise ConfigError("environment RANK", f"must be below WORLD_SIZE={world_size}, got {rank}")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(name):
+            raise ConfigError(
+                f"environment {name}", "is not set; torchrun sets it (or give --master-addr/--master-port)"
+            )
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    return Launch(
+        rank=rank,
+        world_size=world_size,
+        local_rank=_int_env(env, "LOCAL_RANK", 0, default=0),
+        restart_count=_int_env(env, "TORCHELASTIC_RESTART_COUNT", 0, default=0),
+        run_id=run_id if run_id and run_id != "none" else None,
+    )
+
+
+def device_for(launch: Launch, device: torch.device) -> torch.device:
+    """``cuda:LOCAL_RANK`` on GPUs (made current), else ``device``."""
+    if device.type != "cuda":
+        return device
+    if launch.local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            "environment LOCAL_RANK",
+            f"is {launch.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible",
+        )
+    cuda = torch.device("cuda", launch.local_rank)
+    torch.cuda.set_device(cuda)
+    return cuda
+
+
+def backend_for(cfg: DistributedConfig, device: torch.device) -> str:
+    """``trainer.distributed.backend``; ``auto`` is nccl on CUDA, gloo on CPU."""
+    if cfg.backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("trainer.distributed.backend", "nccl needs CUDA devices; use gloo or auto on CPU")
+    return cfg.backend
+
+
+def start(cfg: DistributedConfig, device: torch.device) -> str:
+    """Join the default process group (``env://``); returns the backend."""
+    import torch.distributed as dist
+
+    backend = backend_for(cfg, device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_seconds))
+    return backend
+
+
+def stop() -> None:
+    """Leave the default process group, when this process is in one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shared_run_id(launch: Launch, fallback: str) -> str:
+    """The run id every rank uses: ``TORCHELASTIC_RUN_ID``, else rank 0's ``fallback``, broadcast."""
+    if launch.run_id is not None:
+        return launch.run_id
+    import torch.distributed as dist
+
+    box: list[object] = [fallback if launch.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank (one ``all_reduce``)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+_FAILURE_KEY = "traintel/failed/rank{}"
+
+
+def _store() -> object | None:
+    """The default process group's key-value store (torchrun's), when there is one."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # no group, or a torch without it: failures stay unnamed
+        return None
+
+
+def announce_failure(rank: int, reason: str) -> None:
+    """Leave this rank's failure where the other ranks look for it (best effort)."""
+    store: Any = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_FAILURE_KEY.format(rank), reason)
+
+
+def failure_elsewhere(rank: int, world_size: int, wait: float = 1.0) -> str | None:
+    """``rank <r>: <reason>`` of the first other rank that announced a failure, waiting up to ``wait``
+    seconds for one; None when none did (or the store is gone)."""
+    store: Any = _store()
+    if store is None:
+        return None
+    keys = [_FAILURE_KEY.format(r) for r in range(world_size) if r != rank]
+    deadline = time.monotonic() + wait
+    while True:
+        for r, key in zip((r for r in range(world_size) if r != rank), keys, strict=True):
+            with contextlib.suppress(Exception):
+                if store.check([key]):
+                    return f"rank {r}: {store.get(key).decode()}"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)

@@ -1,0 +1,89 @@
+"""What the ranks of a run agree on: a window's items, when to stop, when to deliver records.
+
+A single process agrees with itself (``Coordinator``). Under torch.distributed,
+``ProcessGroupCoordinator`` makes that agreement one ``all_reduce`` per optimizer step, before
+the window's first backward, and is the only collective of a step besides the gradient
+reduction; the telemetry's sums (step and epoch losses, evaluation) take one more per
+delivery of records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class Agreement(NamedTuple):
+    """The outcome of one step's agreement, the same on every rank."""
+
+    items: int
+    """N: the window's items over all ranks."""
+    stop: bool
+    """Some rank was asked to stop (a signal): every rank ends after this step."""
+    deliver: bool
+    """Rank 0's delivery delay has passed: every rank delivers its waiting records after this step."""
+
+
+class Coordinator:
+    """One process: every agreement is this process's own counts and requests."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        """Set by a signal handler; the next agreement makes it every rank's decision."""
+        self.deliver_requested = False
+        """Set by rank 0's telemetry when its delivery delay has passed."""
+        self.last = Agreement(0, False, False)
+        """The latest agreement (the current or last optimizer step's)."""
+
+    @property
+    def distributed(self) -> bool:
+        return False
+
+    def agree(self, items: int) -> Agreement:
+        """This window's items over all ranks, and whether to stop or deliver after this step."""
+        self.last = Agreement(items, self.stop_requested, self.deliver_requested)
+        self.deliver_requested = False
+        return self.last
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over the ranks, in float64."""
+        return list(values)
+
+
+class ProcessGroupCoordinator(Coordinator):
+    """The ranks of the default process group: each agreement is one integer ``all_reduce`` (SUM)."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        super().__init__()
+        self._dist = dist
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def agree(self, items: int) -> Agreement:
+        local = [items, int(self.stop_requested), int(self.deliver_requested and self.rank == 0)]
+        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
+        self._dist.all_reduce(counts)
+        total, stop, deliver = counts.tolist()
+        self.deliver_requested = False
+        self.last = Agreement(int(total), stop > 0, deliver > 0)
+        return self.last
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        if not values:
+            return []
+        sums = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._dist.all_reduce(sums)
+        out: list[float] = sums.tolist()
+        return out
