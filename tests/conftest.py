@@ -35,6 +35,20 @@ def strict_object(line: str | bytes) -> dict[str, Any]:
     return value
 
 
+def loss_failing_at(call: int, message: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MSE that raises ``RuntimeError(message)`` at its ``call``-th use (a failure mid-run)."""
+    calls = 0
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise RuntimeError(message)
+        return torch.nn.functional.mse_loss(out, y)
+
+    return loss_fn
+
+
 def make_model(features: int = 3, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(features, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()

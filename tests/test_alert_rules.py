@@ -28,6 +28,7 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
         "TraintelNonFiniteLoss",
         "TraintelSinkErrors",
         "TraintelRecordsDropped",
+        "TraintelRankBehind",
     }
     for name, rule in alerts.items():
         labels, annotations = rule["labels"], rule["annotations"]
@@ -42,6 +43,17 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
         r"time\(\) - traintel_step_timestamp_seconds(\{[^}]*\})? > 600",
         str(alerts["TraintelTrainingStalled"]["expr"]),
     )
+    # a rank is compared with the leading rank of its run 2 minutes back, over per-rank series only
+    behind = alerts["TraintelRankBehind"]
+    assert behind["for"] == "5m"
+    expr = str(behind["expr"])
+    assert expr.count("offset 2m") == 2 and "by(run_id)" in expr
+    selectors = re.findall(r"\btraintel_[a-z_]+(\{[^}]*\})", expr)
+    assert len(selectors) == 8 and all('rank!=""' in matchers for matchers in selectors), selectors
+    annotations = behind["annotations"]
+    assert isinstance(annotations, dict)
+    for key in ("summary", "description"):
+        assert "{{ $labels.rank }}" in annotations[key], key
 
 
 def test_only_live_exporters_are_watched() -> None:

@@ -1,5 +1,7 @@
 """The Grafana dashboard and its provisioning are well formed, and every panel query returns data
-from a real Prometheus that scraped a real run (which also evaluates docker/prometheus/rules.yml)."""
+from a real Prometheus that scraped a real run (which also evaluates docker/prometheus/rules.yml).
+A run of one process has no ``rank`` label: the rank variable has no options and its All value
+matches series without it (tests/test_per_rank_metrics.py runs the queries over two ranks)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,12 @@ DATASOURCE_UID = "prometheus"
 VARIABLES = {
     "job": "label_values(traintel_run_info, job)",
     "instance": 'label_values(traintel_run_info{job="$job"}, instance)',
-    "run": 'label_values(traintel_run_info{job="$job", instance="$instance"}, run_id)',
+    "run": 'label_values(traintel_run_info{job="$job", instance=~"$instance"}, run_id)',
+    "rank": 'label_values(traintel_run_info{job="$job", instance=~"$instance", run_id="$run"}, rank)',
 }
+MULTI = {"instance": ".+", "rank": ".*"}
+"""The variables that take several values or All, and what All puts in: every live instance (the
+Pushgateway's series have none), every rank or none (a run without sinks.prometheus.per_rank)."""
 # a metric name, then its label matchers if any: `rate(traintel_items_total{...}[1m])`
 METRIC = re.compile(r"\b((?:traintel|process)_[a-z_]+)\b(\{[^}]*\})?")
 VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
@@ -88,12 +94,14 @@ def test_the_dashboard_model() -> None:
         for target in targets:
             assert target["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, title
             assert target["expr"].strip(), title
-    # each selector filters on the chosen target: no series of another job or instance leaks in
+    # each selector filters on the chosen targets and ranks: no series of another job, instance or
+    # rank leaks in
     for title, ref_id, expr in _targets(dashboard):
         selectors = METRIC.findall(expr)
         assert selectors, (title, ref_id, expr)
         for name, matchers in selectors:
-            assert 'job="$job"' in matchers and 'instance="$instance"' in matchers, (title, ref_id, name)
+            assert 'job="$job"' in matchers and 'instance=~"$instance"' in matchers, (title, ref_id, name)
+            assert 'rank=~"$rank"' in matchers, (title, ref_id, name)
 
 
 def test_the_panels_cover_the_exported_metrics() -> None:
@@ -118,17 +126,23 @@ def test_the_panels_cover_the_exported_metrics() -> None:
     assert kinds["Since the last optimizer step"] == kinds["Step and epoch"] == "stat"
 
 
-def test_the_template_variables_chain_job_instance_run() -> None:
+def test_the_template_variables_chain_job_instance_run_rank() -> None:
     variables = _dashboard()["templating"]["list"]
     assert [v["name"] for v in variables] == list(VARIABLES)
     for variable in variables:
+        name = variable["name"]
         query = variable["query"]
         text = query["query"] if isinstance(query, dict) else query
-        assert variable["type"] == "query", variable["name"]
-        assert text == variable["definition"] == VARIABLES[variable["name"]]
+        assert variable["type"] == "query", name
+        assert text == variable["definition"] == VARIABLES[name]
         assert variable["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
         assert variable["refresh"] in {1, 2}, "options must be loaded from Prometheus"
-        assert not variable["multi"] and not variable["includeAll"], "the queries expect one value"
+        choice = (variable["multi"], variable["includeAll"], variable.get("allValue"))
+        if name in MULTI:  # All (the default) is the custom value, also when there are no options
+            assert choice == (True, True, MULTI[name]), name
+            assert variable["current"]["value"] == ["$__all"], name
+        else:
+            assert choice == (False, False, None), f"{name}: the queries expect one value"
 
 
 def test_the_provisioning_files() -> None:
@@ -179,6 +193,8 @@ class Scraped(NamedTuple):
     """What Grafana puts in for each dashboard variable."""
     end: dict[str, Any]
     """The run.end record."""
+    instance: str
+    """The exporter's address, the ``instance`` label of its series."""
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +234,13 @@ def scraped(prometheus: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
             time.sleep(0.5)
         values = {
             "job": "traintel",
-            "instance": f"127.0.0.1:{port}",
+            "instance": regex_value(f"127.0.0.1:{port}"),  # the one instance chosen
             "run": start["run_id"],
+            "rank": MULTI["rank"],  # All: this run has no rank label
             "__rate_interval": "1m",
             "__interval": "1s",
         }
-        yield Scraped(url, values, end)
+        yield Scraped(url, values, end, f"127.0.0.1:{port}")
     finally:
         run.send_signal(signal.SIGTERM)  # ends the linger at once
         assert run.wait(timeout=15) == 0
@@ -234,27 +251,39 @@ def _substitute(expr: str, values: dict[str, str]) -> str:
     return VARIABLE.sub(lambda m: values[m.group(1) or m.group(2)], expr)
 
 
+def regex_value(value: str) -> str:
+    """What Grafana puts in for one chosen value of a multi-value variable in a Prometheus query:
+    regex metacharacters escaped by a backslash, itself doubled inside the PromQL string."""
+    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(), value)
+
+
 @pytest.mark.slow
 def test_the_template_variables_resolve_in_prometheus(scraped: Scraped) -> None:
     """As Grafana asks for them: /api/v1/label/<name>/values?match[]=<selector>."""
-    for name, query in VARIABLES.items():
-        match = re.fullmatch(r"label_values\((.+), (\w+)\)", query)
-        assert match is not None, query
-        selector, label = _substitute(match.group(1), scraped.values), match.group(2)
-        found = _api(scraped.url, f"label/{label}/values", **{"match[]": selector})
-        assert found == [scraped.values[name]], name
+    expected_options = {name: [scraped.values[name]] for name in VARIABLES}
+    expected_options["instance"] = [scraped.instance]
+    expected_options["rank"] = []  # no options: Grafana selects All, MULTI["rank"]
+    for values in (scraped.values, {**scraped.values, "instance": MULTI["instance"]}):  # one or All
+        for name, query in VARIABLES.items():
+            match = re.fullmatch(r"label_values\((.+), (\w+)\)", query)
+            assert match is not None, query
+            selector, label = _substitute(match.group(1), values), match.group(2)
+            found = _api(scraped.url, f"label/{label}/values", **{"match[]": selector})
+            assert found == expected_options[name], name
 
 
 @pytest.mark.slow
 def test_every_panel_query_returns_data_for_a_real_run(scraped: Scraped) -> None:
     dashboard = _dashboard()
-    for title, ref_id, expr in _targets(dashboard):
-        promql = _substitute(expr, scraped.values)
-        result = _api(scraped.url, "query", query=promql)["result"]
-        assert result, f"{title} {ref_id}: no data for {promql}"
-        for sample in result:
-            assert math.isfinite(float(sample["value"][1])), (title, ref_id, sample)
-            assert sample["metric"].get("instance") == scraped.values["instance"], (title, ref_id, sample)
+    for values in (scraped.values, {**scraped.values, "instance": MULTI["instance"]}):  # one or All
+        for title, ref_id, expr in _targets(dashboard):
+            promql = _substitute(expr, values)
+            result = _api(scraped.url, "query", query=promql)["result"]
+            assert result, f"{title} {ref_id}: no data for {promql}"
+            for sample in result:
+                assert math.isfinite(float(sample["value"][1])), (title, ref_id, sample)
+                assert sample["metric"].get("instance") == scraped.instance, (title, ref_id, sample)
+                assert "rank" not in sample["metric"], (title, ref_id, sample)
 
     def only(title: str, ref_id: str) -> float:
         (expr,) = [e for t, r, e in _targets(dashboard) if (t, r) == (title, ref_id)]
@@ -274,7 +303,7 @@ def test_the_alert_rules_use_exported_metrics_and_stay_quiet(scraped: Scraped) -
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
     names = {name for rule in rules for name, _ in METRIC.findall(rule["expr"])}
     assert "traintel_run_info" in names
-    instance = scraped.values["instance"]
+    instance = scraped.instance
     for name in sorted(names):
         query = f'{name}{{job="traintel", instance="{instance}"}}'
         assert _api(scraped.url, "query", query=query)["result"], f"rules.yml uses {name}; not exported"

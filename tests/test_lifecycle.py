@@ -13,7 +13,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from tests.conftest import make_batches, make_model, quiet_config, strict_object
+from tests.conftest import loss_failing_at, make_batches, make_model, quiet_config, strict_object
 from traintel.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
@@ -76,25 +76,12 @@ def test_terminate_and_exception_handlers_run_before_run_end(tmp_path: Path) -> 
     ]
 
 
-def _fails_on_third_call() -> Any:
-    calls = 0
-
-    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("diverged")
-        return torch.nn.functional.mse_loss(out, y)
-
-    return loss_fn
-
-
 def test_an_exception_handler_runs_before_run_end_and_the_run_fails(tmp_path: Path) -> None:
     cfg = quiet_config(tmp_path, accumulation_steps=2)
     cfg["sinks"]["json"] = {"enabled": True}
     stream = io.BytesIO()
     memory = MemorySink()
-    run = build(cfg, _task(_fails_on_third_call()), sinks=[memory], json_stream=stream)
+    run = build(cfg, _task(loss_failing_at(3, "diverged")), sinks=[memory], json_stream=stream)
 
     def on_exception(_engine: Engine, exc: BaseException) -> None:
         logging.getLogger("user").warning("saw %s", exc)
@@ -112,7 +99,7 @@ def test_an_exception_handler_that_terminates_ends_the_run_as_terminated(tmp_pat
     """As in Ignite, a handler that does not re-raise has handled the exception: here it stops the run."""
     cfg = quiet_config(tmp_path, accumulation_steps=2, max_epochs=2)
     memory = MemorySink()
-    run = build(cfg, _task(_fails_on_third_call()), sinks=[memory])
+    run = build(cfg, _task(loss_failing_at(3, "diverged")), sinks=[memory])
     run.trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, _exc: engine.terminate())
     end = run.run()
     assert (end.status, end.reason, end.epoch, end.step) == (

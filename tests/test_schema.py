@@ -42,7 +42,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from tests.conftest import make_batches, make_model, quiet_config
+from tests.conftest import loss_failing_at, make_batches, make_model, quiet_config
 from traintel.api import build
 from traintel.records import RECORD_TYPES, SCHEMA_VERSION, Record
 from traintel.schema import SCHEMA_PATH, RecordValidationError, load_schema, validate_line, validate_lines
@@ -482,15 +482,7 @@ def test_a_run_with_a_sink_error_and_non_finite_values_validates(tmp_path: Path)
 def test_a_failed_run_validates(tmp_path: Path) -> None:
     """run.end with status failed (level error) and, when stdlib logging is routed to stdout, the
     traceback as a structured log line: every line validates."""
-    calls = 0
-
-    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("diverged\nsecond line")
-        return torch.nn.functional.mse_loss(out, y)
-
+    loss_fn = loss_failing_at(3, "diverged\nsecond line")
     cfg = quiet_config(tmp_path, accumulation_steps=2)
     cfg["sinks"]["json"] = {"enabled": True}
     cfg["sinks"]["diagnostic"] = {"enabled": True}

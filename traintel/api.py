@@ -98,6 +98,7 @@ class Run:
             json_stream=json_stream,
             rank=rank,
             stdout_ranks=config.telemetry.ranks,
+            local_rank=launch.local_rank if launch is not None else 0,
         )
         self.fanout, self.json_sink, self.prometheus = built.fanout, built.json, built.prometheus
         self._logs = built.logs

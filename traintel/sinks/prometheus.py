@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,6 +58,20 @@ _SLOT = {
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
         yield GaugeMetricFamily(name, doc, value=value)
+
+
+class _Labelled:
+    """``collector``'s families with ``labels`` added to every sample (read at collect time)."""
+
+    def __init__(self, collector: Collector, labels: Mapping[str, str]) -> None:
+        self.collector = collector
+        self.labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        labels = dict(self.labels)
+        for family in self.collector.collect():
+            family.samples = [s._replace(labels={**s.labels, **labels}) for s in family.samples]
+            yield family
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,6 +173,11 @@ class PrometheusSink:
     values, then stops the server. ``register(collector)`` adds another collector (the
     fan-out's sink health) to what is served and pushed. With ``pushgateway``, the values are
     pushed when ``run.end`` arrives.
+
+    With ``per_rank``, every family served and pushed (the traintel families, the registered
+    collectors', the process metrics) carries a ``rank`` label, the run context's rank (that of
+    the records this process emits), and the push is grouped by ``rank`` too: one exporter per
+    process of a torchrun job, each on its own port. Without it no ``rank`` label is added.
     """
 
     name = "prometheus"
@@ -173,6 +192,7 @@ class PrometheusSink:
         keyfile: str | None = None,
         client_cafile: str | None = None,
         pushgateway: Pushgateway | None = None,
+        per_rank: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -181,20 +201,27 @@ class PrometheusSink:
         self.keyfile = keyfile
         self.client_cafile = client_cafile
         self.pushgateway = pushgateway
+        self.per_rank = per_rank
+        self.labels: dict[str, str] = {}
+        """Added to every sample: ``{"rank": "<rank>"}`` from ``open`` on with ``per_rank``, else none."""
         self.collector = RecordCollector()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
+        self._pushed: list[Collector] = []
+        self.register(self.collector)
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: read from /proc at scrape time
-        ProcessCollector(registry=self.registry)
-        self._pushed: list[Collector] = [self.collector]
+        self._serve(ProcessCollector(registry=None))
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._linger_cancelled = threading.Event()
 
     def register(self, collector: Collector) -> None:
         """Serve ``collector``'s metrics too, and push them with the traintel metrics."""
-        self.registry.register(collector)
-        self._pushed.append(collector)
+        self._pushed.append(self._serve(collector))
+
+    def _serve(self, collector: Collector) -> Collector:
+        served = _Labelled(collector, self.labels) if self.per_rank else collector
+        self.registry.register(served)
+        return served
 
     @property
     def url(self) -> str | None:
@@ -208,6 +235,8 @@ class PrometheusSink:
     def open(self, context: RunContext) -> None:
         self.collector.run_id = context.run_id
         self.collector.run_name = context.name
+        if self.per_rank:
+            self.labels["rank"] = str(context.rank)
         for key in ("certfile", "keyfile", "client_cafile"):
             path = getattr(self, key)
             if path is not None and not os.path.isfile(path):
@@ -228,9 +257,10 @@ class PrometheusSink:
             ) from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
+                per_rank = " (sinks.prometheus.port + LOCAL_RANK under per_rank)" if self.per_rank else ""
                 raise ConfigError(
                     "sinks.prometheus.port",
-                    f"{self.host}:{self.port} is already in use; choose a free port or 0",
+                    f"{self.host}:{self.port}{per_rank} is already in use; choose a free port or 0",
                 ) from None
             raise ConfigError(
                 "sinks.prometheus.host", f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
@@ -247,8 +277,8 @@ class PrometheusSink:
             self.push()
 
     def push(self) -> None:
-        """Push the traintel metrics and the registered collectors' (grouped by job and run_id) to the
-        configured Pushgateway."""
+        """Push the traintel metrics and the registered collectors' (grouped by job and run_id, and
+        rank with ``per_rank``) to the configured Pushgateway."""
         pg = self.pushgateway
         if pg is None:
             return
@@ -267,7 +297,7 @@ class PrometheusSink:
                 pg.url,
                 job=pg.job,
                 registry=registry,
-                grouping_key={"run_id": self.collector.run_id},
+                grouping_key={"run_id": self.collector.run_id, **self.labels},
                 timeout=pg.timeout_seconds,
                 handler=handler,
             )
