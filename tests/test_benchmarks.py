@@ -1,9 +1,10 @@
-"""The overhead benchmark runs end to end on tiny sizes, and every case trains exactly the weights
-the plain loop trains (the comparison is like for like). No timing is asserted."""
+"""The benchmarks run end to end on tiny sizes, and every case trains exactly the weights its plain
+loop trains (the comparison is like for like). No timing is asserted."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,25 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:6]] == CASES
     assert "warm-up check: max |weight difference| to the plain loop, any case: 0.00e+00" in proc.stdout
+
+
+def test_distributed_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    """Two ranks under a real torchrun: the plain DDP loop and traintel train the same weights."""
+    out = tmp_path / "distributed.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("TRAINTEL__")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "benchmarks" / "distributed.py"), "--repeats", "2", "--batches", "24", "--epochs", "2",
+           "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["warmup_max_weight_diff"] == 0.0
+    assert [c["steps_per_run"] for c in data["cases"]] == [8, 8]
+    assert data["cases"][0]["ratio_to_plain"] == 1.0
+    lines = proc.stdout.splitlines()
+    header = "| case | us/step | fastest run us/step | ratio to plain DDP | quartiles of the ratio | overhead us/step |"
+    assert lines.count(header) == 1
+    rows = [line.split(" | ")[0] for line in lines if line.startswith(("| A. ", "| B. "))]
+    assert rows == ["| A. plain DDP loop (k=3, no_sync, summing hook)", "| B. traintel, 3 sinks, every=10"]
+    assert "warm-up check: max |weight difference| between the cases, any rank: 0.00e+00" in lines

@@ -55,6 +55,14 @@ class Coordinator:
         return list(values)
 
 
+_FLAG = 1 << 12
+"""A flag's field in the packed agreement: its sum over fewer than 4096 ranks fits."""
+_ITEM = _FLAG * _FLAG
+"""The items' place in the packed agreement, above the two flags."""
+_ITEMS_LIMIT = 1 << 39
+"""Items a window may hold over all ranks in the packed agreement (2**39 * 2**24 < 2**63)."""
+
+
 class ProcessGroupCoordinator(Coordinator):
     """The ranks of the default process group: each agreement is one integer ``all_reduce`` (SUM)."""
 
@@ -72,12 +80,30 @@ class ProcessGroupCoordinator(Coordinator):
         return True
 
     def agree(self, items: int) -> Agreement:
-        local = [items, int(self.stop_requested), int(self.deliver_requested and self.rank == 0)]
-        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
-        self._dist.all_reduce(counts)
-        total, stop, deliver = counts.tolist()
+        """One ``all_reduce`` (SUM) of a single int64 that packs the items and the two flags.
+
+        gloo takes about 1.6x as long for three elements as for one, which was a third of a
+        two-rank step on a small model (``benchmarks/distributed.py``). Packed, each flag has 12
+        bits (fewer than 4096 ranks; a larger job reduces three elements) and the items the 39
+        above them (a window of fewer than 2**39 items over all ranks).
+        """
+        stop = int(self.stop_requested)
+        deliver = int(self.deliver_requested and self.rank == 0)
         self.deliver_requested = False
-        self.last = Agreement(int(total), stop > 0, deliver > 0)
+        if self.world_size >= _FLAG:
+            counts = torch.tensor([items, stop, deliver], dtype=torch.int64, device=self.device)
+            self._dist.all_reduce(counts)
+            total, stops, delivers = counts.tolist()
+            self.last = Agreement(int(total), stops > 0, delivers > 0)
+            return self.last
+        if items * self.world_size >= _ITEMS_LIMIT:
+            msg = f"a window of {items} items on one rank is more than the ranks can agree on (2**39 in all)"
+            raise ValueError(msg)
+        packed = torch.tensor([items * _ITEM + stop * _FLAG + deliver], dtype=torch.int64, device=self.device)
+        self._dist.all_reduce(packed)
+        total, flags = divmod(int(packed.item()), _ITEM)
+        stops, delivers = divmod(flags, _FLAG)
+        self.last = Agreement(total, stops > 0, delivers > 0)
         return self.last
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
