@@ -138,7 +138,8 @@ class TrainTelemetry:
         values = _to_floats(pending)
         batches: list[list[Record]] = []
         shares: list[float] = []
-        rss = rss_bytes()
+        grad_norms: list[float | None] = []
+        rss = rss_bytes() if pending else None
         memory: dict[torch.device, dict[str, int | None]] = {}
         at = 0
         for out, when in pending:
@@ -147,9 +148,12 @@ class TrainTelemetry:
             if device is not None and device not in memory:
                 memory[device] = _memory(rss, device)
             mem = memory[device] if device is not None else {}
-            share, at = self._batch_records(out, when, values=values, at=at, memory=mem, into=records)
+            share, grad_norm, at = self._batch_records(
+                out, when, values=values, at=at, memory=mem, into=records
+            )
             batches.append(records)
             shares.append(share)
+            grad_norms.append(grad_norm)
         sums = [*shares, *extra]
         if global_sums:
             sums = self.coordinator.sum_floats(sums)
@@ -157,12 +161,13 @@ class TrainTelemetry:
             logging.getLogger("traintel").warning(
                 "%d step records not delivered: their losses need the other ranks", len(pending)
             )
+        step_records = global_sums or not self.coordinator.distributed
         delivery: list[Record] = []
-        at = 0
-        for (out, when), records, step_loss in zip(pending, batches, sums, strict=False):
+        for (out, when), records, step_loss, grad_norm in zip(
+            pending, batches, sums[: len(shares)], grad_norms, strict=True
+        ):
             delivery += records
-            grad_norm, at = self._grad_norm(out, values, at)
-            if global_sums or not self.coordinator.distributed:
+            if step_records:
                 delivery.append(self._step_record(out, when, step_loss, grad_norm))
         self._delivered = time.time()
         if delivery:
@@ -178,9 +183,9 @@ class TrainTelemetry:
         at: int,
         memory: dict[str, int | None],
         into: list[Record],
-    ) -> tuple[float, int]:
-        """Append the step's batch records; returns this rank's share of the step loss and the index
-        of the step's grad norm (or of the next step's values) in ``values``.
+    ) -> tuple[float, float | None, int]:
+        """Append the step's batch records; returns this rank's share of the step loss, the step's
+        grad norm (when computed) and the index of the next step's values in ``values``.
 
         ``values`` holds, per step, its raw losses, then its scaled losses, then its grad norm
         when it has one (see ``_to_floats``). The share is the float64 sum, left to right, of the
@@ -220,15 +225,10 @@ class TrainTelemetry:
                     items=n, raw_loss=raw, loss=loss, loss_scale=scale, window_size=k,
                 )
             )  # fmt: skip
-        return share, at + 2 * k + (out.grad_norm is not None)
-
-    @staticmethod
-    def _grad_norm(out: StepOutput, values: list[float], at: int) -> tuple[float | None, int]:
-        """The step's grad norm from ``values`` (after its losses), and where the next step's start."""
-        at += 2 * len(out.counts)
+        at += 2 * k
         if out.grad_norm is None:
-            return None, at
-        return values[at], at + 1
+            return share, None, at
+        return share, values[at], at + 1
 
     def _step_record(self, out: StepOutput, when: float, loss: float, grad_norm: float | None) -> StepRecord:
         return StepRecord(
