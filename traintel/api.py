@@ -83,11 +83,8 @@ class Run:
         self.backend = backend
         self.coordinator = ProcessGroupCoordinator(device) if launch is not None else Coordinator()
         rank = self.coordinator.rank
-        self.run_id = config.run.id or (
-            new_run_id(config.run.name)
-            if launch is None
-            else shared_run_id(launch, new_run_id(config.run.name))
-        )
+        run_id = config.run.id or new_run_id(config.run.name)
+        self.run_id = run_id if launch is None or config.run.id else shared_run_id(launch, run_id)
         self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
         self.stop_signal: str | None = None
         val_loader = self._make_engines(task)
@@ -200,20 +197,19 @@ class Run:
     ) -> tuple[Iterable[Any], Iterable[Any] | None]:
         """This rank's share of the training and validation data (``traintel.engine.shards.shard``)."""
         c = self.coordinator
-        try:
-            train = shard(train, c.rank, c.world_size, self.config.run.seed)
-        except ValueError as exc:
-            raise ConfigError("task.train_loader", str(exc)) from None
+
+        def share(loader: Iterable[Any], key: str) -> Iterable[Any]:
+            try:
+                return shard(loader, c.rank, c.world_size, self.config.run.seed)
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from None
+
+        train = share(train, "task.train_loader")
         if not isinstance(train, Sized):
             raise ConfigError(
                 "task.train_loader", "needs a length in a run of several ranks (they step together)"
             )
-        if val is not None:
-            try:
-                val = shard(val, c.rank, c.world_size, self.config.run.seed)
-            except ValueError as exc:
-                raise ConfigError("task.val_loader", str(exc)) from None
-        return train, val
+        return train, None if val is None else share(val, "task.val_loader")
 
     def _attach_progress_bar(self) -> None:
         """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry

@@ -101,7 +101,7 @@ def build_sinks(
     json_sink: JsonSink | None = None
     logs: JsonSink | None = None
     if cfg.json_.enabled and rank > 0 and stdout_ranks == "zero":
-        logs = JsonSink(_stderr(), profile=cfg.json_.profile, renderer=renderer)
+        logs = JsonSink(fd=sys.stderr.fileno(), profile=cfg.json_.profile, renderer=renderer)
     elif cfg.json_.enabled:
         j = cfg.json_
         console = j.format == "console" or (j.format == "auto" and json_stream is None and stdout_is_tty())
@@ -131,9 +131,3 @@ def build_sinks(
     if prometheus is not None:
         prometheus.register(fanout.health_collector())
     return SinkSet(fanout, json_sink, prometheus, logs)
-
-
-def _stderr() -> BinaryIO:
-    """A binary stream on a duplicate of stderr's descriptor (closed with the sink's writer)."""
-    sys.stderr.flush()
-    return os.fdopen(os.dup(sys.stderr.fileno()), "wb", buffering=0)

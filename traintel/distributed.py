@@ -162,10 +162,10 @@ def failure_elsewhere(rank: int, world_size: int, wait: float = 1.0) -> str | No
     store: Any = _store()
     if store is None:
         return None
-    keys = [_FAILURE_KEY.format(r) for r in range(world_size) if r != rank]
+    others = {r: _FAILURE_KEY.format(r) for r in range(world_size) if r != rank}
     deadline = time.monotonic() + wait
     while True:
-        for r, key in zip((r for r in range(world_size) if r != rank), keys, strict=True):
+        for r, key in others.items():
             with contextlib.suppress(Exception):
                 if store.check([key]):
                     return f"rank {r}: {store.get(key).decode()}"

@@ -318,12 +318,6 @@ def diagnostic_streams(run_dir: Path) -> dict[int, list[Path]]:
     return streams
 
 
-def diagnostic_parts(run_dir: Path) -> list[Path]:
-    """Every file ``load_run`` reads, in that order: rank 0's parts oldest first, then each other
-    rank's; ConfigError when rank 0 has none."""
-    return [part for parts in diagnostic_streams(run_dir).values() for part in parts]
-
-
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Read every rank's diagnostic stream, rank 0 first, each oldest part first; ConfigError on
     bad input or when rank 0's stream holds no record."""

@@ -98,9 +98,10 @@ class AccumulatingStep:
     A call runs four named steps, each a place to extend:
 
     1. ``count_items`` of every micro-batch, then ``window_items``: N, before any backward
-       (where several processes would add up their counts);
-    2. ``run_micro_batch`` for each, inside ``sync_context`` (where the gradient
-       reduction of all micro-batches but the last would be put off);
+       (the coordinator adds up the ranks' counts);
+    2. ``run_micro_batch`` for each, inside ``sync_context`` (where the gradient reduction
+       of all micro-batches but the last is put off), or ``take_part`` when this rank has
+       no items in a window that others have;
     3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear);
     4. the window is added to ``progress`` and described by a ``StepOutput``.
 
@@ -191,7 +192,7 @@ class AccumulatingStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
         elif self.report_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
-        engine._fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)  # as above
+        engine._fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)  # a plain Engine may lack the event
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

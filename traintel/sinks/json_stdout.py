@@ -72,7 +72,7 @@ class JsonSink:
     records were dropped before this one. Every record's event dict goes through
     ``processors`` (structlog processors, run in order, e.g. one that adds a field), then the
     profile's layout and the strict JSON renderer, or, for ``console``, structlog's console
-    renderer. Lines go to ``stream`` (a duplicate of the stdout file descriptor by default)
+    renderer. Lines go to ``stream`` (by default a duplicate of ``fd``, stdout's descriptor unless given)
     from a background writer behind a bounded queue of ``capacity`` records: a stalled
     reader never blocks training (see ``traintel.sinks._writer``). ``dropped`` counts the
     records lost so far. ``renderer`` is the strict JSON renderer, which ``build_sinks``
@@ -91,6 +91,7 @@ class JsonSink:
         console: bool = False,
         processors: Sequence[Processor] = (),
         renderer: LineRenderer | None = None,
+        fd: int | None = None,
     ) -> None:
         if profile not in ("default", "ecs"):
             msg = f"profile must be 'default' or 'ecs', got {profile!r}"
@@ -100,6 +101,8 @@ class JsonSink:
         """Render for a person at a terminal (structlog's ConsoleRenderer) and skip the per-step
         batch and step records, which a progress bar shows instead."""
         self._stream = stream
+        self._fd = fd
+        """Without ``stream``: the descriptor whose duplicate the lines go to (stdout's by default)."""
         self.capacity = capacity
         self.close_timeout = close_timeout
         self._writer: BackgroundWriter[Record] | None = None
@@ -144,7 +147,9 @@ class JsonSink:
             stream = self._stream
         else:
             sys.stdout.flush()
-            stream = self._owned = FdStream(os.dup(sys.stdout.fileno()))
+            sys.stderr.flush()
+            fd = sys.stdout.fileno() if self._fd is None else self._fd
+            stream = self._owned = FdStream(os.dup(fd))
         self._writer = BackgroundWriter(
             self.name,
             stream,
