@@ -51,9 +51,9 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], what: str, timeout: float 
 
 
 @contextmanager
-def prometheus_server(tmp_path: Path, target: int, rule_files: Sequence[Path] = ()) -> Iterator[str]:
-    """A Prometheus on loopback scraping 127.0.0.1:``target`` every second (job ``traintel``),
-    evaluating ``rule_files`` every second; yields its URL."""
+def prometheus_server(tmp_path: Path, *targets: int, rule_files: Sequence[Path] = ()) -> Iterator[str]:
+    """A Prometheus on loopback scraping 127.0.0.1:``port`` for each of ``targets`` every second
+    (job ``traintel``), evaluating ``rule_files`` every second; yields its URL."""
     binary = need_tool("prometheus")
     web = free_port()
     config = tmp_path / "prometheus.yml"
@@ -62,7 +62,7 @@ def prometheus_server(tmp_path: Path, target: int, rule_files: Sequence[Path] = 
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         + (f"rule_files:\n{rules}" if rules else "")
         + "scrape_configs:\n  - job_name: traintel\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target}']\n"
+        f"      - targets: {json.dumps([f'127.0.0.1:{port}' for port in targets])}\n"
     )
     proc = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -76,3 +76,19 @@ def prometheus_server(tmp_path: Path, target: int, rule_files: Sequence[Path] = 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@contextmanager
+def pushgateway_server() -> Iterator[str]:
+    """A Pushgateway on loopback without persistence; yields its URL."""
+    binary = need_tool("prometheus-pushgateway", package="prometheus-pushgateway")
+    port = free_port()
+    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/-/ready", gateway, "prometheus-pushgateway")
+        yield url
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=10)

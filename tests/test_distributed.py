@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.servers import free_port
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 from train_rank import batches, masked_mse, model
@@ -74,13 +75,6 @@ CASES = {
     "k2-masked-items": {"sizes": [4, 3, 5, 2, 4, 1, 3], "kept": [4, 0, 5, 2, 1, 1, 0], "k": 2},
     "k3-two-epochs": {"sizes": [5, 2, 4, 3, 1, 6, 2, 2, 3, 4, 1], "k": 3, "epochs": 2},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def two_nodes(spec: dict[str, Any], out: Path) -> None:

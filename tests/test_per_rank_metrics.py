@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +23,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, http_get, need_tool, wait_ready
+from tests.servers import free_port, http_get, prometheus_server, pushgateway_server
 from tests.test_dashboard import MULTI, RULES, VARIABLES, _dashboard, _substitute, _targets, regex_value
 from traintel.assembly import build_sinks
 from traintel.config import SinksConfig
@@ -171,22 +170,13 @@ def test_the_exposition_of_rank_1_is_exact(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_real_pushgateway_keeps_each_ranks_final_values(tmp_path: Path) -> None:
     """The push is grouped by rank too: without it rank 1's push would replace rank 0's group."""
-    binary = need_tool("prometheus-pushgateway", package="prometheus-pushgateway")
-    port = free_port()
-    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/-/ready", gateway, "prometheus-pushgateway")
-        gateway_url = f"http://127.0.0.1:{port}"
+    with pushgateway_server() as gateway_url:
         for rank, step, status in ((0, 7, "failed"), (1, 5, "completed")):
             sink = PrometheusSink(port=0, per_rank=True, pushgateway=Pushgateway(url=gateway_url))
             sink.open(run_context(tmp_path, rank=rank, world_size=2))
             sink.emit(end_record(rank=rank, world_size=2, step=step, status=status))
             sink.close()
         pushed = _samples(http_get(f"{gateway_url}/metrics").decode())
-    finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
 
     def labels(rank: int, **more: str) -> tuple[tuple[str, str], ...]:
         group = {"instance": "", "job": "traintel", "rank": str(rank), "run_id": "r1"}
@@ -222,32 +212,6 @@ def _free_port_pair() -> int:
                 continue
         return base
     pytest.fail("no two consecutive free ports")
-
-
-@contextmanager
-def _prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
-    """A Prometheus on loopback scraping ``targets`` every second (job ``traintel``) and evaluating
-    rules.yml every second; yields its URL."""
-    binary = need_tool("prometheus")
-    web = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "traintel", "static_configs": [{"targets": targets}]}],
-    }))  # fmt: skip
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{web}"
-    try:
-        wait_ready(f"{url}/-/ready", proc, "prometheus")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _children(pid: int) -> list[int]:
@@ -295,7 +259,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
     run_dir = tmp_path / "run"
     files = [run_dir / "diagnostic.jsonl", run_dir / "diagnostic.rank1.jsonl"]
     stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err, _prometheus(tmp_path, [f"127.0.0.1:{p}" for p in ports]) as prometheus:
+    with stderr.open("w") as err, prometheus_server(tmp_path, *ports, rule_files=[RULES]) as prometheus:
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
              "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={run_dir}",

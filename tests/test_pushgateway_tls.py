@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.servers import free_port, need_tool, wait_ready
+from tests.servers import free_port, pushgateway_server
 from traintel.records import RunEndRecord
 from traintel.sinks import FanOut, MemorySink, PrometheusSink, Pushgateway
 from traintel.testing import end_record, run_context
@@ -37,25 +37,17 @@ def _end() -> RunEndRecord:
 
 @pytest.mark.slow
 def test_final_values_are_pushed_to_a_real_pushgateway(tmp_path: Path) -> None:
-    binary = need_tool("prometheus-pushgateway", package="prometheus-pushgateway")
-    port = free_port()
-    gateway = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/-/ready", gateway, "prometheus-pushgateway")
+    with pushgateway_server() as gateway_url:
         run = subprocess.run(
             [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
              "--set", "trainer.max_epochs=2", "--set", "sinks.prometheus.port=0",
-             "--set", f"sinks.prometheus.pushgateway.url=http://127.0.0.1:{port}"],
+             "--set", f"sinks.prometheus.pushgateway.url={gateway_url}"],
             env=_env(), cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         records = [json.loads(line) for line in run.stdout.splitlines()]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5) as resp:
             pushed = resp.read().decode()
-    finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
     run_id = records[0]["run_id"]
     labels = f'instance="",job="traintel",run_id="{run_id}"'
     samples = dict(line.rsplit(" ", 1) for line in pushed.splitlines() if line.startswith("traintel_"))
