@@ -5,7 +5,7 @@ micro-batches (rank r takes micro-batches r, r+W, ...), k=3 micro-batches per op
 in two ways:
 
 A. a plain ``DistributedDataParallel`` loop: the model in DDP with a summing communication
-   hook (an ``all_reduce`` SUM of each gradient bucket, as traintel's; DDP's default would
+   hook (traintel's own ``sum_hook``: an ``all_reduce`` SUM of each bucket; DDP's default would
    average), the window's item count N all-reduced once per step before the first backward,
    each micro-batch's mean loss scaled by n_b / N, the micro-batches before the window's last
    inside ``no_sync()``, ``optimizer.step()``, gradients set to None; no logging;
@@ -37,8 +37,6 @@ Usage::
         benchmarks/distributed.py [--repeats 41] [--epochs 1] [--batches 600] [--json PATH]
 """
 
-# No ``from __future__ import annotations`` here: DDP compares the hook's annotations with the
-# classes themselves (``dist.GradBucket``, ``Future[Tensor]``), so they must be evaluated.
 import argparse
 import datetime
 import gc
@@ -58,11 +56,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from overhead import IN_FEATURES, TINY_HIDDEN, environment, make_data, make_tiny, max_param_diff
-from torch._C._distributed_c10d import GradBucket
+from overhead import IN_FEATURES, TINY_HIDDEN, environment, make_data, make_tiny, max_param_diff, quartiles
 from torch.nn.parallel import DistributedDataParallel
 
 from traintel.api import build
+from traintel.engine.ddp import sum_hook
 from traintel.task import Task
 
 K = 3
@@ -149,13 +147,6 @@ def slowest(seconds: float) -> float:
     t = torch.tensor([seconds], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
-
-
-def sum_hook(_state: object, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: the bucket's gradients all-reduced as a SUM (DDP's default averages)."""
-    work = dist.all_reduce(bucket.buffer(), async_op=True)
-    assert work is not None  # async_op=True returns the work handle
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def live_ddp_modules() -> int:
@@ -302,14 +293,6 @@ def measure(bench: Bench, repeats: int) -> list[dict[str, float]]:
         if bench.rank == 0:
             print(f"  round {r + 1}/{repeats} done", file=sys.stderr)
     return rounds
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float]:
-    """First and third quartile (the spread of the per-round values)."""
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
 
 
 def summarize(bench: Bench, rounds: Sequence[dict[str, float]]) -> list[dict[str, Any]]:

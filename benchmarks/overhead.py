@@ -345,7 +345,7 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
                 "steps_per_run": case.steps,
                 "us_per_step": statistics.median(per_step),
                 "ratio_to_plain": statistics.median(ratios),
-                "ratio_quartiles": _quartiles(ratios),
+                "ratio_quartiles": quartiles(ratios),
                 "overhead_us_per_step": statistics.median(
                     c - p for c, p in zip(per_step, ref_step, strict=True)
                 ),
@@ -358,7 +358,7 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
     return rows
 
 
-def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
     """First and third quartile (the spread of the per-round ratios)."""
     if len(values) < 2:
         return values[0], values[0]
