@@ -87,6 +87,8 @@ class Run:
         self.run_id = run_id if launch is None or config.run.id else shared_run_id(launch, run_id)
         self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
         self.stop_signal: str | None = None
+        self.attempt = 0
+        """0 for a fresh run; n for the n-th resumption of it from a checkpoint."""
         val_loader = self._make_engines(task)
 
         built = build_sinks(
@@ -126,6 +128,7 @@ class Run:
             config=freeze(config.to_dict(redact=True)),
             rank=rank,
             world_size=self.coordinator.world_size,
+            attempt=self.attempt,
         )
         # Sinks may write into the run directory from open(); one that stays empty is removed again.
         self._made_dirs = missing_dirs(self.run_dir)

@@ -48,7 +48,10 @@ class RunConfig(_Section):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for torch's global generators, set before the task factory runs."""
     dir: str | None = None
-    """Run directory (diagnostic file, resolved config); default ``runs/<run_id>``."""
+    """Run directory (diagnostic file, resolved config, checkpoints); default ``runs/<run_id>``."""
+    resume: Literal["auto", "never"] = "never"
+    """``auto``: when ``dir`` holds a complete checkpoint, continue that run from it (a container
+    restarted in place), else start fresh; ``never``: an existing run directory is never reused."""
 
 
 class TaskConfig(_Section):
@@ -116,6 +119,10 @@ class TrainerConfig(_Section):
     """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun)."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     """Process group settings under torchrun; ignored in a single process."""
+    on_nonfinite: Literal["warn", "stop", "skip_step"] = "warn"
+    """A NaN or infinite loss: ``warn`` reports it (records carry ``nonfinite``) and trains on;
+    ``stop`` ends the run as failed, naming the step, when that step's records are delivered;
+    ``skip_step`` does not take that window's optimizer step (one host sync per step)."""
 
 
 class TelemetryConfig(_Section):
@@ -231,6 +238,23 @@ class ExtraSinkConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    """Crash-safe checkpoints in ``<run dir>/checkpoints/``, taken after an optimizer step."""
+
+    every_steps: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    """Take one every N optimizer steps (null: not by steps)."""
+    every_epochs: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Take one at the end of every N-th epoch (null: not by epochs)."""
+    keep: int = Field(default=2, ge=1, le=1000)
+    """Complete checkpoints kept (the newest); an older one goes only once a newer one is durable."""
+    on_signal: bool = True
+    """On SIGTERM or SIGINT, take one after the step that finishes (when checkpoints are on)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps is not None or self.every_epochs is not None
+
+
 class SinksConfig(_Section):
     """Where records go."""
 
@@ -253,6 +277,7 @@ class Config(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
         """Plain, YAML-ready data; ``redact`` masks values whose key names a secret."""

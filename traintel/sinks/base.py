@@ -34,6 +34,9 @@ class RunContext:
     """This process's rank under torch.distributed (0 in a single process)."""
     world_size: int = 1
     """Processes in the job."""
+    attempt: int = 0
+    """0 for a run's first attempt; n for its n-th resumption from a checkpoint (the run directory
+    and its files then exist already, and file sinks append to them)."""
 
 
 @runtime_checkable
