@@ -4,7 +4,7 @@ in a line; ``rank_filename`` names each rank's diagnostic file.
 The fields are base-class fields of ``Record`` with defaults (rank 0 of a one-process job), so
 constructors written before them keep working; ``layout()`` and ``Record.fields()`` take the
 dataclass field order, where base-class fields come first, so every line reads timestamp, level,
-event, run_id, schema_version, rank, world_size, then the event's own fields.
+event, run_id, schema_version, rank, world_size, attempt (schema 1.2.0), then the event's own fields.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from traintel.sinks import LineRenderer
 from traintel.sinks._jsonline import ecs_layout
 from traintel.testing import T0, make_record
 
-HEAD = ["timestamp", "level", "event", "run_id", "schema_version", "rank", "world_size"]
+HEAD = ["timestamp", "level", "event", "run_id", "schema_version", "rank", "world_size", "attempt"]
 
 
 def every_record(**overrides: Any) -> list[Record]:
@@ -46,8 +46,8 @@ def every_record(**overrides: Any) -> list[Record]:
     return built
 
 
-def test_schema_version_is_1_1_0() -> None:
-    assert SCHEMA_VERSION == "1.1.0"
+def test_schema_version_is_1_2_0() -> None:
+    assert SCHEMA_VERSION == "1.2.0"
 
 
 def test_defaults_are_rank_0_of_a_one_process_job() -> None:
@@ -62,16 +62,16 @@ def test_defaults_are_rank_0_of_a_one_process_job() -> None:
 @pytest.mark.parametrize("cls", RECORD_TYPES, ids=[cls.event for cls in RECORD_TYPES])
 def test_rank_and_world_size_come_first_in_every_layout(cls: type[Record]) -> None:
     names, _ = layout(cls)
-    assert names[:2] == ("rank", "world_size")
-    assert "rank" not in names[2:] and "world_size" not in names[2:]
+    assert names[:3] == ("rank", "world_size", "attempt")
+    assert not {"rank", "world_size", "attempt"} & set(names[3:])
 
 
 def test_fields_and_lines_put_them_right_after_schema_version() -> None:
     for record in every_record(rank=1, world_size=2):
-        assert list(record.fields())[:4] == ["run_id", "schema_version", "rank", "world_size"]
+        assert list(record.fields())[:5] == ["run_id", "schema_version", "rank", "world_size", "attempt"]
         line = LineRenderer.event_dict(record)
-        assert list(line)[:7] == HEAD, record.event
-        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.1.0", 1, 2)
+        assert list(line)[:8] == HEAD, record.event
+        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.2.0", 1, 2)
 
 
 def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
@@ -80,12 +80,12 @@ def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
     lines = [renderer(None, "info", LineRenderer.event_dict(r)) for r in records]
     assert lines[0] == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.1.0","rank":1,"world_size":2,'
+        b'"run_id":"r1","schema_version":"1.2.0","rank":1,"world_size":2,"attempt":0,'
         b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
     )
     assert validate_lines(lines) == 7
-    assert [list(json.loads(line))[:7] for line in lines] == [HEAD] * 7
+    assert [list(json.loads(line))[:8] for line in lines] == [HEAD] * 7
 
 
 def test_the_ecs_profile_keeps_them_after_the_head() -> None:

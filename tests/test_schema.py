@@ -18,7 +18,10 @@ Decisions the table pins down:
   ``timestamp``, ``level`` and ``event`` are required and typed;
 * ``rank`` (integer >= 0) and ``world_size`` (integer >= 1), added in 1.1.0, are required on every
   record line except a 1.0.0 one: lines written by traintel 1.0.0 still validate. Routed log lines
-  carry neither.
+  carry neither;
+* ``attempt`` (integer >= 0), added in 1.2.0 right after ``world_size``, is required on every record
+  line except a 1.0.0 or 1.1.0 one, and so are ``run.start``'s ``resumed_from_step`` (integer >= 0
+  or null) and ``items_total``: older lines still validate, and a routed log line carries none.
 """
 
 from __future__ import annotations
@@ -55,9 +58,17 @@ REPO = Path(__file__).resolve().parent.parent
 RECORD_EVENTS = [cls.event for cls in RECORD_TYPES]
 ENVELOPE = {"timestamp", "level", "event", "run_id", "schema_version"}
 SINCE_1_1 = {"rank", "world_size"}
+"""Record fields required unless the line's schema_version is 1.0.0 (``$defs/record``)."""
 RUN_START_SINCE_1_1 = {"backend", "restart_count"}
 """run.start's fields added in 1.1.0 (required from 1.1.0 on, absent from 1.0.0 lines)."""
-"""Record fields required unless the line's schema_version is 1.0.0 (``$defs/record``)."""
+SINCE_1_2 = {"attempt"}
+"""Record fields required unless the line's schema_version is 1.0.0 or 1.1.0 (``$defs/record``)."""
+RUN_START_SINCE_1_2 = {"resumed_from_step", "items_total"}
+"""run.start's fields added in 1.2.0 (required from 1.2.0 on, absent from older lines)."""
+_BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
+_BEFORE_1_2 = {
+    "if": {"properties": {"schema_version": {"enum": ["1.0.0", "1.1.0"]}}, "required": ["schema_version"]}
+}
 _CHILD_TIMEOUT = 240
 
 
@@ -83,8 +94,8 @@ def test_schema_is_a_valid_draft_2020_12_schema_of_this_version() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA_PATH.is_file() and SCHEMA_PATH.parent.name == "schemas"
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", SCHEMA_VERSION]
-    assert SCHEMA_VERSION == "1.1.0"
+    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", SCHEMA_VERSION]
+    assert SCHEMA_VERSION == "1.2.0"
     assert set(RECORD_EVENTS) <= set(schema["$defs"]), "every record event has a definition"
     assert load_schema() is not load_schema(), "callers get their own copy"
 
@@ -137,12 +148,20 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     extras = _diagnostic_only() if cls.event == "train.batch" else set()
 
     assert definition["additionalProperties"] is False
-    assert names[:2] == ["rank", "world_size"], "base fields first: right after schema_version in a line"
-    since = SINCE_1_1 | RUN_START_SINCE_1_1 if cls.event == "run.start" else SINCE_1_1
+    assert names[:3] == ["rank", "world_size", "attempt"], "base fields first: right after schema_version"
+    since = SINCE_1_1 | SINCE_1_2
+    if cls.event == "run.start":
+        since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2
     assert set(definition["required"]) == ENVELOPE | set(names) - since
     if cls.event == "run.start":
-        assert definition["else"] == {"required": sorted(RUN_START_SINCE_1_1)}
-    assert defs["record"]["else"] == {"required": sorted(SINCE_1_1)}
+        assert definition["allOf"] == [
+            {**_BEFORE_1_1, "else": {"required": sorted(RUN_START_SINCE_1_1)}},
+            {**_BEFORE_1_2, "else": {"required": sorted(RUN_START_SINCE_1_2)}},
+        ]
+    assert defs["record"]["allOf"] == [
+        {**_BEFORE_1_1, "else": {"required": sorted(SINCE_1_1)}},
+        {**_BEFORE_1_2, "else": {"required": sorted(SINCE_1_2)}},
+    ]
     optional = {"dropped"} | extras | ({"nonfinite"} if "nonfinite" in props else set())
     assert set(props) == ENVELOPE | set(names) | optional
     assert props["event"] == {"const": cls.event}
@@ -224,7 +243,7 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
 
 TS = "2025-11-24T16:00:00.250000Z"
 _HEAD = {"timestamp": TS, "level": "info"}
-_RUN = {"run_id": "r1", "schema_version": "1.1.0", "rank": 0, "world_size": 1}
+_RUN = {"run_id": "r1", "schema_version": "1.2.0", "rank": 0, "world_size": 1, "attempt": 0}
 VALID: dict[str, dict[str, Any]] = {
     "train.batch": {**_HEAD, "event": "train.batch", **_RUN, "epoch": 1, "batch": 2, "batches": 10,
                     "step": 0, "items": 4, "raw_loss": 0.75, "loss": 0.25, "loss_scale": 0.3333333333333333,
@@ -238,7 +257,8 @@ VALID: dict[str, dict[str, Any]] = {
     "eval.epoch": {**_HEAD, "event": "eval.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.52,
                    "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
-                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0},
+                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0,
+                  "resumed_from_step": None, "items_total": 0},
     "run.end": {**_HEAD, "event": "run.end", **_RUN, "status": "completed", "reason": "max_epochs",
                 "epoch": 2, "step": 22, "items_total": 2000, "duration_seconds": 0.07},
     "sink.error": {**_HEAD, "level": "warning", "event": "sink.error", **_RUN, "sink": "flaky",
@@ -298,12 +318,38 @@ CASES = [
     Case("missing-required-field", "train.step", {"items": DROP}, "'items' is a required property"),
     Case("missing-schema-version", "run.end", {"schema_version": DROP}, "'schema_version' is a required"),
     Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"},
-         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0']"),
-    Case("future-minor-version", "train.step", {"schema_version": "1.2.0"},
-         "train.step $.schema_version: '1.2.0' is not one of ['1.0.0', '1.1.0']"),
+         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0']"),
+    Case("future-minor-version", "train.step", {"schema_version": "1.3.0"},
+         "train.step $.schema_version: '1.3.0' is not one of ['1.0.0', '1.1.0', '1.2.0']"),
     *(Case(f"version-1.0.0-without-rank-{event}", event,
-           {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP})
+           {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP, "attempt": DROP})
       for event in RECORD_EVENTS),
+    *(Case(f"version-1.1.0-without-attempt-{event}", event, {"schema_version": "1.1.0", "attempt": DROP})
+      for event in RECORD_EVENTS if event != "run.start"),
+    Case("version-1.1.0-run-start-without-1.2.0-fields", "run.start",
+         {"schema_version": "1.1.0", "attempt": DROP, "resumed_from_step": DROP, "items_total": DROP}),
+    Case("version-1.1.0-still-needs-rank", "train.step", {"schema_version": "1.1.0", "rank": DROP},
+         "train.step $: 'rank' is a required property"),
+    Case("version-1.1.0-attempt-still-typed", "train.batch", {"schema_version": "1.1.0", "attempt": -1},
+         "train.batch $.attempt: -1 is less than the minimum of 0"),
+    *(Case(f"missing-attempt-{event}", event, {"attempt": DROP}, f"{event} $: 'attempt' is a required property")
+      for event in RECORD_EVENTS),
+    Case("attempt-of-a-resumption", "train.step", {"attempt": 2}),
+    Case("attempt-negative", "train.epoch", {"attempt": -1}, "train.epoch $.attempt: -1 is less than the minimum of 0"),
+    Case("attempt-a-float", "eval.epoch", {"attempt": 1.0}, "eval.epoch $.attempt: 1.0 is not of type 'integer'"),
+    Case("attempt-a-bool", "run.end", {"attempt": False}, "run.end $.attempt: False is not of type 'integer'"),
+    Case("attempt-null", "sink.error", {"attempt": None}, "sink.error $.attempt: None is not of type 'integer'"),
+    Case("run-start-of-a-resumption", "run.start", {"attempt": 1, "resumed_from_step": 120, "items_total": 1440}),
+    Case("missing-resumed-from-step", "run.start", {"resumed_from_step": DROP},
+         "run.start $: 'resumed_from_step' is a required property"),
+    Case("missing-run-start-items-total", "run.start", {"items_total": DROP},
+         "run.start $: 'items_total' is a required property"),
+    Case("negative-resumed-from-step", "run.start", {"resumed_from_step": -1},
+         "run.start $.resumed_from_step: -1 is less than the minimum of 0"),
+    Case("resumed-from-step-a-string", "run.start", {"resumed_from_step": "120"},
+         "run.start $.resumed_from_step: '120' is not of type 'integer', 'null'"),
+    Case("negative-run-start-items-total", "run.start", {"items_total": -5},
+         "run.start $.items_total: -5 is less than the minimum of 0"),
     Case("version-1.0.0-with-rank", "train.batch", {"schema_version": "1.0.0"}),
     Case("version-1.0.0-rank-still-typed", "train.batch", {"schema_version": "1.0.0", "rank": -1},
          "train.batch $.rank: -1 is less than the minimum of 0"),
@@ -326,6 +372,7 @@ CASES = [
     Case("missing-world-size", "run.start", {"world_size": DROP},
          "run.start $: 'world_size' is a required property"),
     Case("log-line-needs-no-rank", "log", {"schema_version": "1.1.0"}),
+    Case("log-line-needs-no-attempt", "log", {"schema_version": "1.2.0"}),
     Case("unknown-field-on-step", "train.step", {"momentum": 0.9}, "('momentum' was unexpected)"),
     Case("diagnostic-extras-only-on-batch", "train.step", {"rss_bytes": 1}, "('rss_bytes' was unexpected)"),
     Case("time-is-not-a-field", "run.end", {"time": 1.5}, "('time' was unexpected)"),

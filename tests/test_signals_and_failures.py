@@ -20,7 +20,7 @@ CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 
 RUN_END_KEYS = frozenset(
-    {"timestamp", "level", "event", "run_id", "schema_version", "rank", "world_size", "status", "reason", "epoch", "step",
+    {"timestamp", "level", "event", "run_id", "schema_version", "rank", "world_size", "attempt", "status", "reason", "epoch", "step",
      "items_total", "duration_seconds"}
 )  # fmt: skip
 """The fields of a run.end line (the schema's required ones; ``nonfinite`` only for a non-finite duration)."""

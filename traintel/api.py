@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import yaml
 from ignite.engine import Engine, Events
 
-from traintel import distributed
+from traintel import checkpoint, distributed, resume
 from traintel._dirs import missing_dirs, remove_empty
 from traintel.assembly import build_sinks
 from traintel.atomic import write_atomic
@@ -28,7 +29,8 @@ from traintel.engine.shards import set_epoch, shard
 from traintel.engine.step import AccumulatingStep, default_count_items, default_prepare
 from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import WindowedLoader
-from traintel.errors import ConfigError, one_line
+from traintel.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, NonFiniteLoss, one_line
+from traintel.handlers.checkpointing import Checkpointing
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
@@ -74,6 +76,7 @@ class Run:
         json_stream: BinaryIO | None = None,
         launch: Launch | None = None,
         backend: str | None = None,
+        must_resume: bool = False,
     ) -> None:
         self.config = config
         self.task = task
@@ -87,9 +90,13 @@ class Run:
         self.run_id = run_id if launch is None or config.run.id else shared_run_id(launch, run_id)
         self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
         self.stop_signal: str | None = None
-        self.attempt = 0
-        """0 for a fresh run; n for the n-th resumption of it from a checkpoint."""
+        found = self._earlier_attempt(task, must_resume)
+        self.attempt = 0 if found is None else found.attempt
+        """0 for a run's first attempt; n for the n-th attempt in the same run directory."""
+        self.resumed_from_step = None if found is None else found.step
+        """The optimizer step of the checkpoint this attempt continues from, if any."""
         val_loader = self._make_engines(task)
+        self.checkpointing = self._checkpointing(task, None if found is None else found.state)
 
         built = build_sinks(
             config.sinks,
@@ -111,15 +118,24 @@ class Run:
             max_delay=config.telemetry.max_delay_seconds,
             emit_many=self.fanout.emit_many,
             coordinator=self.coordinator,
+            attempt=self.attempt,
+            on_nonfinite=config.trainer.on_nonfinite,
         )
         self.lifecycle = RunLifecycle(
-            emit, self._start_record, self.run_id, rank=rank, world_size=self.coordinator.world_size
+            emit,
+            self._start_record,
+            self.run_id,
+            rank=rank,
+            world_size=self.coordinator.world_size,
+            attempt=self.attempt,
         )
         self.telemetry.attach(self.trainer)
         if self.evaluator is not None and val_loader is not None:
-            EvaluateEachEpoch(self.evaluator, val_loader, emit, self.run_id, self.coordinator).attach(
-                self.trainer
-            )
+            EvaluateEachEpoch(
+                self.evaluator, val_loader, emit, self.run_id, self.coordinator, attempt=self.attempt
+            ).attach(self.trainer)
+        if self.checkpointing is not None:
+            self.checkpointing.attach(self.trainer)  # after the epoch and evaluation records
 
         context = RunContext(
             run_id=self.run_id,
@@ -152,7 +168,7 @@ class Run:
         """The optimizer, scheduler, windows, trainer and evaluator; returns this rank's validation data."""
         config, device, launch = self.config, self.device, self.launch
         tc = config.trainer
-        model = task.model.to(device)
+        model = self.model = task.model.to(device)
         self.optimizer = build_optimizer(tc.optimizer, (p for p in model.parameters() if p.requires_grad))
         train_loader = task.train_loader
         val_loader = task.val_loader
@@ -181,6 +197,7 @@ class Run:
             precision=tc.precision,
             coordinator=self.coordinator,
             step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
+            on_nonfinite=tc.on_nonfinite,
         )
         self.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_epoch(train_loader, e.state.epoch))
         self.evaluator: Engine | None = None
@@ -194,6 +211,81 @@ class Run:
                 precision=tc.precision,
             )
         return val_loader
+
+    def _earlier_attempt(self, task: Task, must_resume: bool) -> resume.Resumption | None:
+        """With ``run.resume: auto``, the earlier attempt in ``run.dir`` this one continues (its run id
+        and attempt number are then this run's), after checking that the maths is unchanged."""
+        cfg = self.config
+        if cfg.run.resume != "auto":
+            directory = self.run_dir / checkpoint.DIRECTORY
+            if cfg.checkpoint.enabled and checkpoint.complete(directory, self.coordinator.rank):
+                raise ConfigError(
+                    "run.dir",
+                    f"{str(self.run_dir)!r} holds an earlier run's checkpoints; continue it with "
+                    "'traintel train --resume' or run.resume=auto, or choose another run.dir",
+                )
+            return None
+        if cfg.run.dir is None:
+            raise ConfigError("run.resume", "auto needs a fixed run.dir, where the checkpoints are kept")
+        found = resume.find(self.run_dir, self.coordinator, required=must_resume)
+        if found is None:
+            return None
+        self.run_id = found.run_id
+        if found.state is not None:
+            resume.check_settings(found.state["settings"], self._settings(task), self.run_dir)
+        return found
+
+    def _settings(self, task: Task) -> dict[str, Any]:
+        batch_size = getattr(task.train_loader, "batch_size", None)
+        return resume.fixed_settings(
+            self.config, self.coordinator.world_size, batch_size if isinstance(batch_size, int) else None
+        )
+
+    def _checkpointing(self, task: Task, state: dict[str, Any] | None) -> Checkpointing | None:
+        """The checkpoints' handler when checkpoints are on or this attempt resumes (restored then)."""
+        cc = self.config.checkpoint
+        if not cc.enabled and state is None:
+            return None
+        handler = Checkpointing(
+            self.run_dir / checkpoint.DIRECTORY,
+            trainer=self.trainer,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            data=self.data,
+            identity={"run_id": self.run_id, "attempt": self.attempt, "settings": self._settings(task)},
+            keep=cc.keep,
+            every_steps=cc.every_steps,
+            every_epochs=cc.every_epochs,
+            commit_ready=self._records_written,
+            coordinator=self.coordinator,
+        )
+        if state is not None:
+            self._restore(handler, state)
+        return handler
+
+    def _restore(self, handler: Checkpointing, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint; a run it already finished (``max_epochs``) is a ConfigError."""
+        max_epochs = self.config.trainer.max_epochs
+        engine = state["engine"]
+        done = engine["epoch"] if state["epoch_ended"] else engine["epoch"] - 1
+        if done >= max_epochs:
+            raise ConfigError(
+                "trainer.max_epochs",
+                f"the checkpoint at step {state['step']} has {done} epochs done, which reaches "
+                f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+            )
+        try:
+            handler.restore(state, max_epochs)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                "run.resume", f"the checkpoint at step {state['step']} does not fit this run: {one_line(exc)}"
+            ) from None
+
+    def _records_written(self) -> bool:
+        """Deliver the waiting records and wait (up to 5 s) until the sinks have written them out."""
+        self.telemetry.flush()
+        return self.fanout.sync(5.0)
 
     def _shard(
         self, train: Iterable[Any], val: Iterable[Any] | None
@@ -237,6 +329,7 @@ class Run:
             time=time.time(),
             rank=self.coordinator.rank,
             world_size=self.coordinator.world_size,
+            attempt=self.attempt,
             name=self.config.run.name,
             run_dir=str(self.run_dir),
             device=str(self.device),
@@ -244,6 +337,8 @@ class Run:
             metrics_url=self.prometheus.url if self.prometheus is not None else None,
             backend=self.backend,
             restart_count=self.launch.restart_count if self.launch is not None else 0,
+            resumed_from_step=self.resumed_from_step,
+            items_total=self.trainer.state.progress.run_items,
         )
 
     def stop(self, reason: str) -> None:
@@ -262,6 +357,9 @@ class Run:
 
     def _on_signal(self, name: str) -> None:
         if self.lifecycle.ended is None:
+            if self.stop_signal is not None:  # a second signal while stopping: leave at once
+                sys.stderr.write(f"traintel: {name} while stopping: exiting at once\n")
+                os._exit(EXIT_SIGTERM if name == "SIGTERM" else EXIT_SIGINT)
             self.stop_signal = name
             self.stop(name)
         elif self.prometheus is not None:
@@ -290,12 +388,14 @@ class Run:
         with handled(self._on_signal):  # a signal during the linger below cuts it short
             try:
                 try:
-                    if self.config.sinks.diagnostic.enabled and self.coordinator.rank == 0:
+                    keeps_files = self.config.sinks.diagnostic.enabled or self.checkpointing is not None
+                    if keeps_files and self.coordinator.rank == 0:
                         self._save_config()
+                    if self.checkpointing is not None and self.coordinator.rank == 0:
+                        directory = self.run_dir / checkpoint.DIRECTORY
+                        resume.write_run_file(directory, self.run_id, self.attempt)
                     self.lifecycle.start()
-                    self.trainer.run(
-                        self.data, max_epochs=self.config.trainer.max_epochs, epoch_length=self.epoch_length
-                    )
+                    self._train()
                 except BaseException as exc:
                     raised = exc
                 ended = self._end(raised)
@@ -305,14 +405,48 @@ class Run:
             raise raised
         return ended
 
+    def _checkpoint_on_stop(self) -> None:
+        """A checkpoint of the step a stop request (a signal) finished, when ``checkpoint.on_signal``."""
+        cc, cp = self.config.checkpoint, self.checkpointing
+        if cp is None or not (cc.enabled and cc.on_signal) or not self.trainer.state.progress.run_steps:
+            return
+        try:
+            cp.save("signal")
+        except NonFiniteLoss:
+            raise
+        except Exception:  # the run still ends as terminated; the failure is logged
+            logging.getLogger("traintel").exception("the checkpoint on stopping failed")
+
+    def _train(self) -> None:
+        """``trainer.run()``; a resumed attempt first puts back what its checkpoint holds beyond the
+        weights (``Checkpointing.restore``): the generators, and an epoch's end still to come."""
+        trainer, max_epochs = self.trainer, self.config.trainer.max_epochs
+        cp = self.checkpointing
+        if cp is not None and self.resumed_from_step is not None:
+            cp.restore_rng()
+            if cp.pending_end:
+                trainer._fire_event(Events.EPOCH_COMPLETED)
+                if trainer.state.epoch >= max_epochs:  # that end was all that was left
+                    trainer._fire_event(Events.COMPLETED)
+                    return
+        trainer.run(self.data, max_epochs=max_epochs, epoch_length=self.epoch_length)
+
     def _end(self, raised: BaseException | None) -> RunEndRecord:
-        """Deliver the waiting records, then emit ``run.end`` for how ``trainer.run()`` ended."""
+        """Deliver the waiting records, then emit ``run.end`` for how ``trainer.run()`` ended; a run
+        stopped by a signal (``stop``) first takes a checkpoint when ``checkpoint.on_signal``."""
         state = self.trainer.state
+        if raised is None and state.stop_reason is not None:
+            try:
+                self._checkpoint_on_stop()
+            except NonFiniteLoss as exc:  # found while delivering the records the checkpoint covers
+                raised = exc
         if raised is not None:
             # the traceback as a structured log record (a JSON line with an ``exception`` object)
             logging.getLogger("traintel").error("training failed", exc_info=raised)
         try:  # after a failure, other ranks may be gone: no collective then
             self.telemetry.flush(global_sums=raised is None)
+        except NonFiniteLoss as exc:  # trainer.on_nonfinite=stop, found in the last steps delivered
+            raised = exc
         except Exception:  # the run still gets its run.end; the failure is logged, not raised
             logging.getLogger("traintel").exception("delivering the last records failed")
         if raised is not None:
@@ -353,11 +487,13 @@ def build(
     *,
     sinks: Sequence[Sink] = (),
     json_stream: BinaryIO | None = None,
+    must_resume: bool = False,
 ) -> Run:
     """Build a Run from a config (object, mapping, YAML path or None) and optionally a task made in code.
 
     Without ``task``, ``config.task.factory`` is called with ``config.task.params``.
-    ``sinks`` are added after the configured ones.
+    ``sinks`` are added after the configured ones. With ``run.resume: auto`` the run continues
+    from the newest checkpoint in ``run.dir``; ``must_resume`` makes a missing one a ConfigError.
     """
     cfg = coerce_config(config)
     device = resolve_device(cfg.trainer.device)
@@ -377,6 +513,7 @@ def build(
             json_stream=json_stream,
             launch=launch,
             backend=backend,
+            must_resume=must_resume,
         )
     except BaseException:
         if launch is not None:

@@ -56,6 +56,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train = sub.add_parser("train", help="run a training job", epilog=_EPILOG)
     _add_config_args(train)
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest complete checkpoint, with its config.yaml "
+        "(--set may change only trainer.max_epochs, telemetry.*, sinks.*, checkpoint.*)",
+    )
     config = sub.add_parser("config", help="inspect the resolved configuration")
     config.set_defaults(help_parser=config)
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -116,11 +122,18 @@ def _train(args: argparse.Namespace) -> int:
     # Ignite logs run failures as free text; the run.end record already carries them on stdout.
     logging.getLogger("ignite").addHandler(logging.NullHandler())
 
-    cfg = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume", "takes the config saved in RUN_DIR; give --set, not --config")
+        from traintel.config import load_resume_config
+
+        cfg = load_resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     from traintel.api import build
     from traintel.signals import early_signal
 
-    run = build(cfg)
+    run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
     if run.stop_signal == "SIGTERM":
         return EXIT_SIGTERM

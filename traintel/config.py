@@ -438,6 +438,58 @@ def load_config(
     return validate(data, sources)
 
 
+RESUMABLE_KEYS = ("trainer.max_epochs", "telemetry.", "sinks.", "checkpoint.")
+"""What ``--set`` may change when resuming (``traintel train --resume``): nothing that alters the maths."""
+
+
+def _unredact(value: Any) -> Any:
+    """A saved config with its redacted secrets (``***``) as null, to be set again from the environment."""
+    if isinstance(value, dict):
+        return {k: None if v == REDACTED else _unredact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unredact(v) for v in value]
+    return value
+
+
+def load_resume_config(
+    run_dir: str | os.PathLike[str], overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> Config:
+    """The config to continue the run in ``run_dir`` with: its ``config.yaml`` (secrets again from the
+    environment) < ``TRAINTEL__...`` < ``--set``, where ``--set`` may change only ``RESUMABLE_KEYS``;
+    ``run.dir`` is ``run_dir`` and ``run.resume`` is ``auto``."""
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        raise ConfigError("--resume", f"{str(directory)!r} is not a directory")
+    path = directory / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            "--resume", f"{str(directory)!r} holds no config.yaml: not a traintel run directory"
+        )
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            raise ConfigError(
+                key,
+                "cannot be changed when resuming; --set may change only trainer.max_epochs, "
+                "telemetry.*, sinks.* and checkpoint.*",
+            )
+    try:
+        data = _unredact(read_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError("--resume", str(exc)) from None
+    sources: dict[str, str] = {}
+    for item, variable in env_overrides(os.environ if environ is None else environ):
+        apply_overrides(data, [item], origin=variable, sources=sources)
+    for item in overrides:
+        apply_overrides(data, [item], sources=sources)
+        sources.pop(item.partition("=")[0].strip(), None)
+    run = data.setdefault("run", {})
+    if not isinstance(run, dict):
+        raise ConfigError("--resume", f"{str(path)!r} has no run section")
+    run["dir"], run["resume"] = str(directory), "auto"
+    return validate(data, sources)
+
+
 def coerce_config(config: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
     """Accept a Config, a plain mapping, a YAML path or None (defaults)."""
     if config is None:

@@ -35,3 +35,12 @@ class ConfigError(TraintelError):
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class NonFiniteLoss(TraintelError, RuntimeError):
+    """A step's loss was NaN or infinite under ``trainer.on_nonfinite=stop``: the run fails, naming
+    the first such step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(f"non-finite loss at step {step} (trainer.on_nonfinite=stop)")

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = "1.1.0"
+SCHEMA_VERSION = "1.2.0"
 """Semantic version of the record fields; a field's meaning or type never changes within a major.
 
 1.1.0 added ``rank`` and ``world_size`` to every record (a 1.0.0 line has neither and comes
-from rank 0 of a one-process job)."""
+from rank 0 of a one-process job). 1.2.0 added ``attempt`` to every record (an older line has
+none and comes from a run's first attempt) and ``resumed_from_step`` and ``items_total`` to
+``run.start``, for runs resumed from a checkpoint."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -52,14 +54,17 @@ class Record:
     """This process's rank in the job, 0 without torch.distributed."""
     world_size: int = 1
     """Processes in the job."""
+    attempt: int = 0
+    """0 for the run's first attempt, n for its n-th resumption from a checkpoint."""
 
     @property
     def schema_version(self) -> str:
         return SCHEMA_VERSION
 
     def fields(self) -> dict[str, Any]:
-        """The record's public fields: ``run_id``, ``schema_version``, ``rank``, ``world_size``, then
-        the event's own fields in declaration order; without ``time`` and ``diagnostics``."""
+        """The record's public fields: ``run_id``, ``schema_version``, ``rank``, ``world_size``,
+        ``attempt``, then the event's own fields in declaration order; without ``time`` and
+        ``diagnostics``."""
         names, values = layout(type(self))
         out: dict[str, Any] = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION}
         out.update(zip(names, values(self), strict=True))
@@ -72,8 +77,9 @@ _LAYOUTS: dict[type[Record], tuple[tuple[str, ...], Callable[[Any], tuple[Any, .
 def layout(cls: type[Record]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]:
     """The public field names of ``cls`` after ``run_id`` and a getter of their values as one tuple.
 
-    The names are in dataclass field order, so the base fields ``rank`` and ``world_size`` come
-    first, then the event's own fields (a line's order: ..., schema_version, rank, world_size, ...).
+    The names are in dataclass field order, so the base fields ``rank``, ``world_size`` and
+    ``attempt`` come first, then the event's own fields (a line's order: ..., schema_version, rank,
+    world_size, attempt, ...).
     """
     found = _LAYOUTS.get(cls)
     if found is not None:
@@ -141,7 +147,8 @@ class StepRecord(Record):
     grad_norm: float | None
     """Global gradient norm before clipping, when clipping or reporting is on."""
     skipped: bool
-    """True when the window held no items (N_t = 0): no backward, no optimizer step."""
+    """True when no optimizer step was taken: the window held no items (N_t = 0: no backward), or its
+    loss was not finite under ``trainer.on_nonfinite=skip_step``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +202,10 @@ class RunStartRecord(Record):
     """The torch.distributed backend (``gloo``, ``nccl``); None in a single process."""
     restart_count: int = 0
     """``TORCHELASTIC_RESTART_COUNT``: how often torchrun restarted the workers."""
+    resumed_from_step: int | None = None
+    """The optimizer step of the checkpoint this attempt continues from; None for a fresh start."""
+    items_total: int = 0
+    """Items trained on before this attempt started, from the checkpoint; 0 for a fresh start."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

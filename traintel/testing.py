@@ -3,8 +3,9 @@ drives a real run.
 
 ``batch_record(**overrides)``, ``step_record``, ``epoch_record``, ``eval_record``,
 ``end_record`` and ``make_record(event, **overrides)`` build one record with fixed, plausible
-values (time ``T0``, run id ``r1``) that a test overrides where it matters; ``run_context(run_dir)``
-is the matching ``RunContext``.
+values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test overrides where it matters
+(``attempt=1`` for a resumed run's records); ``run_context(run_dir)`` is the matching
+``RunContext`` (``run_context(run_dir, attempt=1)`` for a resumed attempt).
 
 ``check_sink(factory)`` builds sinks from ``factory`` and runs each through a short,
 real training run (two runs, so a sink survives open/close twice). It asserts the

@@ -3,14 +3,14 @@
 A single process agrees with itself (``Coordinator``). Under torch.distributed,
 ``ProcessGroupCoordinator`` makes that agreement one ``all_reduce`` per optimizer step, before
 the window's first backward, and is the only collective of a step besides the gradient
-reduction; the telemetry's sums (step and epoch losses, evaluation) take one more per
-delivery of records.
+reduction (``trainer.on_nonfinite=skip_step`` adds one: whether every rank's loss is finite);
+the telemetry's sums (step and epoch losses, evaluation) take one more per delivery of records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,6 +53,19 @@ class Coordinator:
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over the ranks, in float64."""
         return list(values)
+
+    def all_finite(self, local: bool) -> bool:
+        """Whether every rank's window loss is finite (``trainer.on_nonfinite=skip_step``), so that
+        all ranks skip the same optimizer step; here, this process's own answer."""
+        return local
+
+    def all_true(self, local: bool) -> bool:
+        """Whether ``local`` holds on every rank (every rank wrote its checkpoint); here, ``local``."""
+        return local
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order; here, ``[value]``."""
+        return [value]
 
 
 _FLAG = 1 << 12
@@ -113,3 +126,18 @@ class ProcessGroupCoordinator(Coordinator):
         self._dist.all_reduce(sums)
         out: list[float] = sums.tolist()
         return out
+
+    def all_true(self, local: bool) -> bool:
+        return self.all_finite(local)
+
+    def gather(self, value: Any) -> list[Any]:
+        """``all_gather_object``: every rank's ``value`` in rank order (setup and checkpoints only)."""
+        values: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(values, value)
+        return values
+
+    def all_finite(self, local: bool) -> bool:
+        """One ``all_reduce`` (MIN) of a one-element int flag: true only when it is true on every rank."""
+        flag = torch.tensor([int(local)], dtype=torch.int64, device=self.device)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MIN)
+        return bool(flag.item())

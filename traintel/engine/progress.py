@@ -50,9 +50,29 @@ class EpochLoss:
         for items, losses in by_items.items():
             self._sum.add_(torch.stack(losses).sum(dtype=torch.float64), alpha=items)
 
-    def set(self, value: torch.Tensor) -> None:
-        self._waiting = []
-        self._sum = value.to(dtype=torch.float64, device=self._sum.device).clone()
+    def state_dict(self) -> dict[str, Any]:
+        """The folded sum and the windows still waiting, on the CPU, without folding them: the
+        groups are added the same way whether or not a checkpoint was taken in between, so a
+        resumed epoch's loss has the same bits as an uninterrupted one's."""
+        return {
+            "sum": self._sum.detach().cpu().clone(),
+            "waiting": [(torch.stack(list(losses)).detach().cpu(), items) for losses, items in self._waiting],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        total = state.get("sum")
+        if not isinstance(total, torch.Tensor) or total.numel() != 1:
+            msg = f"progress 'loss' sum must be a one-element tensor, got {type(total).__name__}"
+            raise ValueError(msg)
+        device = self._sum.device
+        waiting: list[tuple[Sequence[torch.Tensor], int]] = []
+        for losses, items in state.get("waiting", []):
+            if not isinstance(losses, torch.Tensor) or type(items) is not int:
+                msg = "progress 'loss' waiting windows must be (tensor, int) pairs"
+                raise ValueError(msg)
+            waiting.append((tuple(losses.to(device).unbind()), items))
+        self._sum = total.reshape(()).to(dtype=torch.float64, device=device).clone()
+        self._waiting = waiting
 
 
 class Progress:
@@ -60,7 +80,7 @@ class Progress:
 
     The update step adds each window; the trainer starts a new epoch's counts at
     ``EPOCH_STARTED`` (an epoch already under way, as restored by ``load_state_dict``, keeps
-    its counts). ``state_dict()`` holds plain integers and one float64 CPU tensor, so it
+    its counts). ``state_dict()`` holds plain integers and float64 CPU tensors, so it
     round-trips through ``torch.save``/``torch.load(weights_only=True)``.
     """
 
@@ -97,13 +117,20 @@ class Progress:
         self.windows = self.batches = self.steps = self.items = 0
         self.loss = EpochLoss(self.loss.value.new_zeros(()))
 
-    def add_window(self, losses: Sequence[torch.Tensor], micro_batches: int, items: int) -> None:
-        """Count one window of ``micro_batches`` with ``items`` items; a window with none was skipped."""
+    def add_window(
+        self, losses: Sequence[torch.Tensor], micro_batches: int, items: int, *, stepped: bool = True
+    ) -> None:
+        """Count one window of ``micro_batches`` with ``items`` items; a window with none was skipped.
+
+        ``stepped=False``: its optimizer step was not taken (a non-finite loss under
+        ``trainer.on_nonfinite=skip_step``): the window and its micro-batches count, but not as
+        a step, and neither its items nor its losses (so the epoch loss stays finite).
+        """
         self.windows += 1
         self.batches += micro_batches
-        self.items += items
-        self.run_items += items
-        if items:
+        if items and stepped:
+            self.items += items
+            self.run_items += items
             self.steps += 1
             self.run_steps += 1
             self.loss.add(losses, items)
@@ -115,7 +142,7 @@ class Progress:
             "batches": self.batches,
             "steps": self.steps,
             "items": self.items,
-            "loss_sum": self.loss.value.detach().cpu().clone(),
+            "loss": self.loss.state_dict(),
             "run_steps": self.run_steps,
             "run_items": self.run_items,
         }
@@ -129,10 +156,10 @@ class Progress:
                 msg = f"progress {key!r} must be an integer >= 0, got {value!r}"
                 raise ValueError(msg)
             counts[key] = value
-        loss_sum = state.get("loss_sum")
-        if not isinstance(loss_sum, torch.Tensor) or loss_sum.numel() != 1:
-            msg = f"progress 'loss_sum' must be a one-element tensor, got {type(loss_sum).__name__}"
+        loss = state.get("loss")
+        if not isinstance(loss, Mapping):
+            msg = f"progress 'loss' must be a mapping, got {type(loss).__name__}"
             raise ValueError(msg)
+        self.loss.load_state_dict(loss)
         for key, value in counts.items():
             setattr(self, key, value)
-        self.loss.set(loss_sum.reshape(()))

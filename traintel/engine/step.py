@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +21,8 @@ from traintel.engine.windows import Window
 Prepare = Callable[[Any, torch.device], tuple[Any, Any]]
 CountItems = Callable[[Any], int]
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+_log = logging.getLogger("traintel")
 
 
 class MicroBatchOutput(NamedTuple):
@@ -63,6 +66,8 @@ class StepOutput(NamedTuple):
     """Learning rate of the first parameter group used by this step."""
     grad_norm: torch.Tensor | None
     skipped: bool
+    """No optimizer step: the window held no items, or its loss was not finite under
+    ``trainer.on_nonfinite=skip_step``."""
 
     @property
     def loss(self) -> torch.Tensor:
@@ -102,7 +107,9 @@ class AccumulatingStep:
     2. ``run_micro_batch`` for each, inside ``sync_context`` (where the gradient reduction
        of all micro-batches but the last is put off), or ``take_part`` when this rank has
        no items in a window that others have;
-    3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear);
+    3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
+       ``on_nonfinite="skip_step"`` and ``window_finite`` finds a NaN or infinite loss on some rank
+       (then the gradients are cleared and the step is not taken);
     4. the window is added to ``progress`` and described by a ``StepOutput``.
 
     The bookkeeping adds no tensor operation beyond two detaches per micro-batch: the step
@@ -124,6 +131,7 @@ class AccumulatingStep:
         report_grad_norm: bool = False,
         precision: str = "fp32",
         coordinator: Coordinator | None = None,
+        on_nonfinite: str = "warn",
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -137,6 +145,8 @@ class AccumulatingStep:
         self.precision = precision
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         """What this process agrees on with the other ranks (itself alone by default)."""
+        self.on_nonfinite = on_nonfinite
+        """``trainer.on_nonfinite``; only ``skip_step`` changes the step (``stop`` is the telemetry's)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
@@ -205,6 +215,13 @@ class AccumulatingStep:
             for p in group["params"]:
                 p.grad = None
 
+    def window_finite(self, losses: Sequence[torch.Tensor]) -> bool:
+        """Whether the window's s_b are all finite on every rank (the coordinator agrees): one host
+        sync, taken only under ``trainer.on_nonfinite=skip_step``. A micro-batch without items
+        adds 0; a rank with no micro-batch in the window is finite."""
+        local = bool(torch.isfinite(torch.stack(list(losses))).all()) if losses else True
+        return self.coordinator.all_finite(local)
+
     def __call__(self, engine: Engine, window: Window) -> torch.Tensor | WindowLoss:
         if not self.model.training:
             self.model.train()
@@ -233,13 +250,25 @@ class AccumulatingStep:
             engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)  # a plain Engine may lack the event
 
         lr = float(self.optimizer.param_groups[0]["lr"])
-        grad_norm = self.optimizer_step(engine) if total else None
+        stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))
+        if stepped:
+            grad_norm = self.optimizer_step(engine)
+        else:
+            grad_norm = None
+            if total:  # a non-finite loss under skip_step: drop its gradients, keep the parameters
+                self.clear_grads()
+                _log.warning(
+                    "non-finite loss at step %d in epoch %d: optimizer step not taken "
+                    "(trainer.on_nonfinite=skip_step)",
+                    progress.run_steps + 1,
+                    epoch,
+                )
         losses_t = tuple(losses)
-        progress.add_window(losses_t, len(counts), total)
+        progress.add_window(losses_t, len(counts), total, stepped=stepped)
         window_loss = WindowLoss(losses_t, counts, self._zero)
         _set_state(engine, "step_output", StepOutput(
             epoch, progress.run_steps, window, total, counts, tuple(raws), losses_t, window_loss,
-            progress.run_items, lr, grad_norm, total == 0,
+            progress.run_items, lr, grad_norm, not stepped,
         ))  # fmt: skip
         if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
             if getattr(engine.state, "stop_reason", None) is None:

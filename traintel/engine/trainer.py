@@ -86,6 +86,7 @@ def create_trainer(
     precision: str = "fp32",
     coordinator: Coordinator | None = None,
     step_class: type[AccumulatingStep] = AccumulatingStep,
+    on_nonfinite: str = "warn",
 ) -> TraintelEngine:
     """A real ``ignite.engine.Engine`` (a ``TraintelEngine``) whose data are ``WindowedLoader`` windows.
 
@@ -93,7 +94,8 @@ def create_trainer(
     tensor (float64, detached, on the device; summed when first read); ``state.step_output``
     holds the full ``StepOutput`` and ``state.progress`` the run's ``Progress``;
     ``TraintelEvents`` are registered. ``coordinator`` and ``step_class`` make it one rank of a
-    torch.distributed run (see ``traintel.engine.ddp``).
+    torch.distributed run (see ``traintel.engine.ddp``). ``on_nonfinite="skip_step"`` does not take
+    the optimizer step of a window whose loss is not finite (``trainer.on_nonfinite``).
     """
     step = step_class(
         model,
@@ -107,6 +109,7 @@ def create_trainer(
         report_grad_norm=report_grad_norm,
         precision=precision,
         coordinator=coordinator,
+        on_nonfinite=on_nonfinite,
     )
     engine = TraintelEngine(step, step.progress)
     engine.register_events(*TraintelEvents)

@@ -25,11 +25,15 @@ class EvaluateEachEpoch:
         emit: Callable[[Record], None],
         run_id: str,
         coordinator: Coordinator | None = None,
+        *,
+        attempt: int = 0,
     ) -> None:
         self.evaluator = evaluator
         self.loader = loader
         self.emit = emit
         self.run_id = run_id
+        self.attempt = attempt
+        """The run's attempt (0, or n for its n-th resumption), copied into every record."""
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         """Sums the loss and the items over the ranks (each evaluates its own shard): one collective."""
 
@@ -53,6 +57,7 @@ class EvaluateEachEpoch:
                 time=time.time(),
                 rank=self.coordinator.rank,
                 world_size=self.coordinator.world_size,
+                attempt=self.attempt,
                 epoch=trainer.state.epoch,
                 step=traintel_state(trainer).progress.run_steps,
                 loss=loss_sum / items if items else math.nan,

@@ -25,12 +25,15 @@ class RunLifecycle:
         *,
         rank: int = 0,
         world_size: int = 1,
+        attempt: int = 0,
     ) -> None:
         self.emit = emit
         self.start_record = start_record
         self.run_id = run_id
         self.rank = rank
         self.world_size = world_size
+        self.attempt = attempt
+        """The run's attempt, for ``run.end`` (``start_record`` builds ``run.start`` with it)."""
         self.ended: RunEndRecord | None = None
         self._t0: float | None = None
 
@@ -52,6 +55,7 @@ class RunLifecycle:
             time=time.time(),
             rank=self.rank,
             world_size=self.world_size,
+            attempt=self.attempt,
             status=status,
             reason=reason,
             epoch=progress.epoch,

@@ -16,6 +16,7 @@ from traintel.engine.coordination import Coordinator
 from traintel.engine.loss import loss_scale
 from traintel.engine.state import traintel_state
 from traintel.engine.step import StepOutput
+from traintel.errors import NonFiniteLoss
 from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
 from traintel.rss import rss_bytes
 
@@ -55,6 +56,10 @@ class TrainTelemetry:
     in one go costs far less than interleaving the same work with the training step,
     and a step slower than ``max_delay`` is delivered as soon as it ends. ``max_delay=0``
     delivers every emitted step at once.
+
+    ``on_nonfinite="stop"`` (``trainer.on_nonfinite``) checks every step's loss when records are
+    delivered, the steps not emitted too, without a host sync of its own, and ends the run with
+    ``NonFiniteLoss`` after delivering them; other policies add no work here.
     """
 
     def __init__(
@@ -66,6 +71,8 @@ class TrainTelemetry:
         max_delay: float = 0.05,
         emit_many: EmitMany | None = None,
         coordinator: Coordinator | None = None,
+        attempt: int = 0,
+        on_nonfinite: str = "warn",
     ) -> None:
         if every < 1:
             msg = f"every must be >= 1, got {every}"
@@ -83,7 +90,12 @@ class TrainTelemetry:
         sums over the ranks of the step and epoch losses, one collective per delivery."""
         self.rank = self.coordinator.rank
         self.world_size = self.coordinator.world_size
+        self.attempt = attempt
+        """The run's attempt (0, or n for its n-th resumption), copied into every record."""
         self._pending: list[tuple[StepOutput, float]] = []
+        self._unemitted: list[StepOutput] | None = [] if on_nonfinite == "stop" else None
+        """Under ``trainer.on_nonfinite=stop`` only: the steps since the last delivery that are not
+        emitted, whose losses are checked at the next delivery too (None otherwise: no extra work)."""
         self._delivered = 0.0
 
     def _emit_each(self, records: Sequence[Record]) -> None:
@@ -110,9 +122,12 @@ class TrainTelemetry:
         if engine.state.iteration % self.every == 0:
             out = traintel_state(engine).step_output
             if out is None:
-                msg = "ITERATION_COMPLETED without a step output: the trainer's update step is not traintel's"
-                raise RuntimeError(msg)
+                raise RuntimeError(_NO_STEP_OUTPUT)
             self._pending.append((out, time.time()))
+        elif self._unemitted is not None:
+            self._unemitted.append(_step_output(engine))
+            if len(self._unemitted) >= MAX_PENDING:  # the same step on every rank: check them now
+                self.flush()
         pending = self._pending
         if not pending:
             return
@@ -133,9 +148,17 @@ class TrainTelemetry:
         collective; the sums are returned for ``extra``. ``global_sums=False`` (after a failure,
         when the other ranks may be gone) takes no collective: the per-rank batch records are
         delivered and the step records, whose values would be this rank's share only, are not.
+
+        Under ``trainer.on_nonfinite=stop`` the steps that are not emitted have their losses taken
+        in the same transfer and summed in the same collective; once the records are delivered, a
+        step whose global loss is not finite raises ``NonFiniteLoss`` naming the first such step
+        (the same step on every rank, from the same sums).
         """
         pending, self._pending = self._pending, []
-        values = _to_floats(pending)
+        unemitted: Sequence[StepOutput] = ()
+        if self._unemitted is not None:
+            unemitted, self._unemitted = self._unemitted, []
+        values = _to_floats(pending, unemitted)
         batches: list[list[Record]] = []
         shares: list[float] = []
         grad_norms: list[float | None] = []
@@ -154,7 +177,12 @@ class TrainTelemetry:
             batches.append(records)
             shares.append(share)
             grad_norms.append(grad_norm)
-        sums = [*shares, *extra]
+        checks: list[float] = []
+        for out in unemitted:
+            k = len(out.counts)
+            checks.append(_share(out.counts, values[at : at + k]))
+            at += k
+        sums = [*shares, *checks, *extra]
         if global_sums:
             sums = self.coordinator.sum_floats(sums)
         elif pending and self.coordinator.distributed:
@@ -172,7 +200,14 @@ class TrainTelemetry:
         self._delivered = time.time()
         if delivery:
             self.emit_many(delivery)
-        return sums[len(shares) :]
+        checked = len(shares) + len(checks)
+        if self._unemitted is not None and global_sums:
+            steps = [out for out, _ in pending] + list(unemitted)
+            losses = sums[:checked]
+            bad = [out.step for out, loss in zip(steps, losses, strict=True) if not math.isfinite(loss)]
+            if bad:
+                raise NonFiniteLoss(min(bad))
+        return sums[checked:]
 
     def _batch_records(
         self,
@@ -221,8 +256,9 @@ class TrainTelemetry:
             into.append(
                 BatchRecord(
                     run_id=run_id, time=when, diagnostics=MappingProxyType(fields), rank=self.rank,
-                    world_size=self.world_size, epoch=epoch, batch=first + i, batches=batches, step=before,
-                    items=n, raw_loss=raw, loss=loss, loss_scale=scale, window_size=k,
+                    world_size=self.world_size, attempt=self.attempt, epoch=epoch, batch=first + i,
+                    batches=batches, step=before, items=n, raw_loss=raw, loss=loss, loss_scale=scale,
+                    window_size=k,
                 )
             )  # fmt: skip
         at += 2 * k
@@ -232,9 +268,9 @@ class TrainTelemetry:
 
     def _step_record(self, out: StepOutput, when: float, loss: float, grad_norm: float | None) -> StepRecord:
         return StepRecord(
-            run_id=self.run_id, time=when, rank=self.rank, world_size=self.world_size, epoch=out.epoch,
-            step=out.step, items=out.items, items_total=out.items_total, window_size=len(out.counts),
-            loss=loss, lr=out.lr, grad_norm=grad_norm, skipped=out.skipped,
+            run_id=self.run_id, time=when, rank=self.rank, world_size=self.world_size, attempt=self.attempt,
+            epoch=out.epoch, step=out.step, items=out.items, items_total=out.items_total,
+            window_size=len(out.counts), loss=loss, lr=out.lr, grad_norm=grad_norm, skipped=out.skipped,
         )  # fmt: skip
 
     def emit_epoch(self, engine: Engine) -> None:
@@ -250,6 +286,7 @@ class TrainTelemetry:
                 time=time.time(),
                 rank=self.rank,
                 world_size=self.world_size,
+                attempt=self.attempt,
                 epoch=engine.state.epoch,
                 step=progress.run_steps,
                 loss=loss_sum / items if items else math.nan,
@@ -263,6 +300,29 @@ class TrainTelemetry:
         )
 
 
+def _share(counts: Sequence[int], losses: Sequence[float]) -> float:
+    """This rank's share of a step loss: the float64 sum, left to right, of the s_b of micro-batches
+    with items (as ``_batch_records`` sums an emitted step's)."""
+    share = 0.0
+    first_term = True
+    for n, loss in zip(counts, losses, strict=True):
+        if n:
+            share = loss if first_term else share + loss
+            first_term = False
+    return share
+
+
+_NO_STEP_OUTPUT = "ITERATION_COMPLETED without a step output: the trainer's update step is not traintel's"
+
+
+def _step_output(engine: Engine) -> StepOutput:
+    """The step just completed (``state.step_output``); a RuntimeError when there is none."""
+    out = traintel_state(engine).step_output
+    if out is None:
+        raise RuntimeError(_NO_STEP_OUTPUT)
+    return out
+
+
 _DTYPES: dict[torch.dtype, tuple[float, str]] = {}
 
 
@@ -274,15 +334,18 @@ def _dtype_facts(dtype: torch.dtype) -> tuple[float, str]:
     return facts
 
 
-def _to_floats(pending: list[tuple[StepOutput, float]]) -> list[float]:
-    """Every waiting step's raw losses, scaled losses and grad norm (when present), in order, as
-    Python floats: one stack and one device-to-host transfer for all of them."""
+def _to_floats(pending: list[tuple[StepOutput, float]], unemitted: Sequence[StepOutput] = ()) -> list[float]:
+    """Every waiting step's raw losses, scaled losses and grad norm (when present), in order, then
+    the scaled losses of the ``unemitted`` steps, as Python floats: one stack and one
+    device-to-host transfer for all of them."""
     parts: list[torch.Tensor] = []
     for out, _ in pending:
         parts += out.raw_losses
         parts += out.losses
         if out.grad_norm is not None:
             parts.append(out.grad_norm)
+    for out in unemitted:
+        parts += out.losses
     if not parts:
         return []
     values: list[float] = torch.stack(parts).tolist()

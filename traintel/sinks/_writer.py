@@ -91,6 +91,10 @@ class BackgroundWriter(Generic[T]):
         self.failed: BaseException | None = None
         """The first write error; lines queued after it are counted as dropped."""
         self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        """Lines queued so far (by the training thread)."""
+        self._done = 0
+        """Lines written (or counted as lost) so far (by the writer thread)."""
         self._unreported = 0
         self._cond = threading.Condition()
         self._closing = False
@@ -132,6 +136,7 @@ class BackgroundWriter(Generic[T]):
             self._write(lines)
             return
         self._queue.extend(lines)  # deque.extend is atomic; the writer only pops from the left
+        self._queued += len(lines)
         now = time.monotonic()
         if urgent or len(self._queue) >= self._wake_at or now - self._woken >= self.linger:
             self._woken = now
@@ -149,6 +154,25 @@ class BackgroundWriter(Generic[T]):
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             self._write(batch)
+            with self._cond:
+                self._done += len(batch)
+                self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every line queued so far is written (or lost to a write error); False if that
+        takes longer than ``timeout`` seconds. Called by the training thread, never by the writer."""
+        if not self.threaded:
+            return True
+        target = self._queued
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.notify_all()  # wake the writer now instead of after its linger
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return self._done >= target
+                self._cond.wait(left)
+        return True
 
     def _write(self, batch: list[bytes]) -> None:
         if self.failed is not None:

@@ -16,19 +16,50 @@ from traintel.sinks._policy import droppable, urgent
 from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
 
+_TAIL_CHUNK = 64 * 1024
+
+
+def cut_torn_tail(path: Path) -> int:
+    """Truncate ``path`` after its last newline; returns the bytes removed.
+
+    A process killed mid-write (``kill -9``) can leave a torn last line; cutting it lets the next
+    attempt append whole lines only. A file without any newline is emptied; a missing file is
+    left missing (0 removed). The file is searched backwards, so a long file costs one chunk.
+    """
+    try:
+        file = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return 0
+    with file:
+        size = end = file.seek(0, os.SEEK_END)
+        keep = 0
+        while end > 0:
+            start = max(0, end - _TAIL_CHUNK)
+            file.seek(start)
+            newline = file.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            file.truncate(keep)
+            os.fsync(file.fileno())
+    return size - keep
+
 
 class RotatingFile:
     """An append-only file that rolls over past ``max_bytes``: ``name`` -> ``name.1`` -> ... ``name.N``.
 
-    Rotation happens only between whole writes, so a line is never split across files.
+    Rotation happens only between whole writes, so a line is never split across files. ``size``
+    is what ``path`` held when it was opened (an appended file counts towards ``max_bytes``).
     """
 
-    def __init__(self, path: Path, file: BinaryIO, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: Path, file: BinaryIO, max_bytes: int, backups: int, size: int = 0) -> None:
         self.path = path
         self.file = file
         self.max_bytes = max_bytes
         self.backups = backups
-        self.size = 0
+        self.size = size
 
     def write(self, data: bytes) -> int:
         """Append whole lines, rotating between two lines when the next would pass ``max_bytes``."""
@@ -75,7 +106,10 @@ class DiagnosticSink:
     accumulation position and process memory: the check that catches a logged loss
     that is not the one given to backward.
 
-    The file is created exclusively (an existing one is never overwritten). Lines are
+    On a run's first attempt (``context.attempt == 0``) the file is created exclusively (an
+    existing one is never overwritten: ConfigError). A resumed attempt appends to the file its
+    earlier attempts wrote (creating it when missing), after cutting a line torn by ``kill -9``
+    (``cut_torn_tail``), and never removes it; rotated parts are kept as they are. Lines are
     rendered on the training thread and written by a background writer behind a bounded
     queue (a slow disk never blocks training; ``train.batch`` records beyond
     ``capacity`` waiting lines are dropped and counted in ``dropped``). Lines reach the
@@ -115,6 +149,7 @@ class DiagnosticSink:
         self._dropped = 0
         self._reported: BaseException | None = None
         self._made_dirs: list[Path] = []
+        self._created = False
 
     @property
     def dropped(self) -> int:
@@ -124,13 +159,25 @@ class DiagnosticSink:
     def _open_file(self, path: Path) -> BinaryIO:
         return open(path, "xb")
 
+    def _append_file(self, path: Path) -> tuple[BinaryIO, bool]:
+        """A resumed attempt's file: created when missing, else its torn tail cut and opened for
+        appending; and whether it was created."""
+        try:
+            return self._open_file(path), True
+        except FileExistsError:
+            cut_torn_tail(path)
+            return open(path, "ab"), False
+
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
         self._written = 0
         self._made_dirs = missing_dirs(context.run_dir)
         try:
             context.run_dir.mkdir(parents=True, exist_ok=True)
-            file = self._open_file(path)
+            if context.attempt > 0:
+                file, self._created = self._append_file(path)
+            else:
+                file, self._created = self._open_file(path), True
         except FileExistsError:
             raise ConfigError(
                 "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
@@ -138,7 +185,7 @@ class DiagnosticSink:
         except OSError as exc:
             raise ConfigError("run.dir", f"cannot create {str(path)!r}: {exc.strerror}") from None
         self.path = path
-        self._file = RotatingFile(path, file, self.max_bytes, self.backups)
+        self._file = RotatingFile(path, file, self.max_bytes, self.backups, size=file.seek(0, os.SEEK_END))
         self._writer = BackgroundWriter(
             self.name,
             self._file,
@@ -177,9 +224,22 @@ class DiagnosticSink:
             raise OSError(msg)
         self._written += writer.offer_many(records, self.render)
 
+    def sync(self, timeout: float) -> bool:
+        """Wait until the lines given so far are written, then fsync the file (see ``FanOut.sync``)."""
+        writer, f = self._writer, self._file
+        if writer is None or f is None:
+            return True
+        if not writer.drain(timeout):
+            return False
+        if writer.failed is not None:
+            return False
+        os.fsync(f.file.fileno())
+        return True
+
     def close(self) -> None:
-        """Drain the writer, fsync and close; a file that never received a record is removed with
-        the directories ``open`` created, so a run that never started leaves nothing behind."""
+        """Drain the writer, fsync and close; a file this attempt created that never received a
+        record is removed with the directories ``open`` created, so a run that never started leaves
+        nothing behind (an earlier attempt's file is kept)."""
         writer, self._writer = self._writer, None
         f, self._file = self._file, None
         if writer is None or f is None:
@@ -190,6 +250,6 @@ class DiagnosticSink:
             return  # the disk is stuck; the daemon writer still owns the file
         with contextlib.suppress(OSError):  # a full disk was already reported from emit
             f.close()
-        if self._written == 0 and self.path is not None:
+        if self._written == 0 and self._created and self.path is not None:
             self.path.unlink(missing_ok=True)
             remove_empty(self._made_dirs)

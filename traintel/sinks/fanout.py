@@ -94,6 +94,7 @@ class FanOut:
             time=time.time(),
             rank=context.rank if context is not None else 0,
             world_size=context.world_size if context is not None else 1,
+            attempt=context.attempt if context is not None else 0,
             sink=sink.name,
             error=one_line(exc),
         )
@@ -103,6 +104,22 @@ class FanOut:
                     other.emit(notice)
                 except Exception:
                     self.errors[other.name] += 1
+
+    def sync(self, timeout: float) -> bool:
+        """Wait until every sink with a ``sync(timeout)`` method has written out what it was given
+        (files flushed to disk); False when one could not within ``timeout`` seconds or raised."""
+        deadline = time.monotonic() + timeout
+        ok = True
+        for sink in self.sinks:
+            sync = getattr(sink, "sync", None)
+            if sync is None:
+                continue
+            try:
+                ok = bool(sync(max(0.0, deadline - time.monotonic()))) and ok
+            except Exception as exc:
+                self._failed(sink, exc)
+                ok = False
+        return ok
 
     def dropped(self) -> dict[str, int]:
         """Records each sink with a bounded queue (a ``dropped`` count) has dropped so far."""

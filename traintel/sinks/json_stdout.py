@@ -32,6 +32,8 @@ def _console_view(
     if event_dict.get("world_size", 1) == 1:  # one process: no rank to tell apart
         event_dict.pop("rank", None)
         event_dict.pop("world_size", None)
+    if event_dict.get("attempt", 0) == 0:  # a run's first attempt: nothing to tell apart
+        event_dict.pop("attempt", None)
     event_dict["timestamp"] = stamp[11:19]
     event_dict["level"] = method
     return event_dict
@@ -185,6 +187,11 @@ class JsonSink:
         writer = self._writer
         if writer is not None and writer.failed is None:
             writer.submit(line, urgent=True)
+
+    def sync(self, timeout: float) -> bool:
+        """Wait until the lines given so far are written to the stream (see ``FanOut.sync``)."""
+        writer = self._writer
+        return writer is None or writer.drain(timeout)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

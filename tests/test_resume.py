@@ -1,0 +1,386 @@
+"""Runs killed or stopped part-way and resumed log the same bits as runs never interrupted."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tests.children import CHILD_TIMEOUT, child_env
+from traintel import checkpoint
+from traintel.schema import validate_line
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parent.parent
+WINDOWS = (4, 4, 4, 3)
+"""Micro-batches of each window of an epoch: 240 samples in batches of 16 are 15 micro-batches, k=4."""
+EPOCHS = 3
+STEPS = len(WINDOWS) * EPOCHS
+
+
+def config(workers: int) -> dict[str, Any]:
+    """Shuffled noisy data, dropout, SGD with momentum, a cosine schedule; a checkpoint every 3 steps
+    and at every epoch's end."""
+    return {
+        "run": {"name": "resume", "seed": 7},
+        "task": {"factory": "tests.resume_task:make_task", "params": {"num_workers": workers}},
+        "trainer": {
+            "max_epochs": EPOCHS,
+            "accumulation_steps": 4,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "scheduler": {"name": "cosine"},
+            "grad_clip_norm": 5.0,
+            "device": "cpu",
+        },
+        "telemetry": {"every": 1},
+        "sinks": {"prometheus": {"enabled": False}},
+        "checkpoint": {"every_steps": 3, "every_epochs": 1, "keep": 2},
+    }
+
+
+def traintel(args: list[str], cwd: Path, at: str | None = None) -> subprocess.CompletedProcess[str]:
+    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if at is not None:
+        extra["RESUME_TEST_AT"] = at
+    return subprocess.run(
+        [sys.executable, "-m", "traintel", "train", *args],
+        cwd=cwd, env=child_env(extra=extra), capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+def lines(text: str) -> Iterator[dict[str, Any]]:
+    """The whole JSON lines of a stdout (a kill may cut the last one short)."""
+    for line in text.splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
+def losses(text: str) -> dict[Any, str]:
+    """Each step's loss, epoch loss and evaluation loss, as ``float.hex``."""
+    found: dict[Any, str] = {}
+    for d in lines(text):
+        if d["event"] == "train.step":
+            found[d["step"]] = float(d["loss"]).hex()
+        elif d["event"] in ("train.epoch", "eval.epoch"):
+            found[(d["event"], d["epoch"])] = float(d["loss"]).hex()
+    return found
+
+
+def same_tensors(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def final_state(run_dir: Path) -> dict[str, Any]:
+    """The model, optimizer, scheduler and progress of the run's last checkpoint (step 12)."""
+    found = checkpoint.newest(run_dir / checkpoint.DIRECTORY, 0)
+    assert found is not None
+    assert found[0].step == STEPS
+    return {k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")}
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[int, tuple[str, dict[Any, str], dict[str, Any]]]:
+    """Per worker count: the uninterrupted run's stdout, its losses and its final checkpoint."""
+    made = {}
+    for workers in (0, 2):
+        where = tmp_path_factory.mktemp(f"reference{workers}")
+        (where / "config.yaml").write_text(yaml.safe_dump(config(workers)))
+        done = traintel(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+        assert done.returncode == 0, done.stderr
+        found = losses(done.stdout)
+        assert sorted(k for k in found if isinstance(k, int)) == list(range(1, STEPS + 1))
+        made[workers] = (done.stdout, found, final_state(where / "run"))
+    return made
+
+
+def steps_done_before(call: int) -> int:
+    """Optimizer steps finished before the ``call``-th training forward call (1-based)."""
+    done, calls = 0, 0
+    for _ in range(EPOCHS):
+        for size in WINDOWS:
+            if calls + size >= call:
+                return done
+            calls += size
+            done += 1
+    return done
+
+
+def newest_checkpoint(done: int) -> int:
+    """The newest checkpoint of a run killed after ``done`` steps, in a training forward call: every 3
+    steps, and at each epoch's end once its last step is done (and the next epoch has begun)."""
+    ends = [e * len(WINDOWS) for e in range(1, EPOCHS + 1) if e * len(WINDOWS) <= done]
+    return max([0, *range(3, done + 1, 3), *ends])
+
+
+def kill_points(workers: int) -> list[tuple[str, str]]:
+    """(what, RESUME_TEST_AT): inside a window, right after a checkpoint, in an epoch's last step, and
+    (one process) during the last epoch's evaluation, after its last step's checkpoint."""
+    rng = random.Random(1234 + workers)
+    epoch_calls = sum(WINDOWS)
+    inside = epoch_calls + 4 * rng.randrange(0, 3) + rng.randrange(2, 5)  # micro-batch 2-4 of step 5, 6 or 7
+    after_checkpoint = epoch_calls + 4 + 4 + 1  # the first micro-batch after step 6's checkpoint
+    last_of_epoch = 2 * epoch_calls - rng.randrange(0, 3)  # in step 8, epoch 2's last window
+    points = [
+        ("inside", f"train:{inside}"),
+        ("after", f"train:{after_checkpoint}"),
+        ("last", f"train:{last_of_epoch}"),
+    ]
+    if workers == 0:
+        points.append(("eval", "eval:8"))  # epoch 3's evaluation: 3 calls per epoch
+    return points
+
+
+CASES = [(w, what, at) for w in (0, 2) for what, at in kill_points(w)]
+
+
+@pytest.mark.parametrize(("workers", "what", "at"), CASES, ids=[f"workers{w}-{what}" for w, what, _ in CASES])
+def test_sigkill_then_resume_logs_the_same_bits(
+    tmp_path: Path, reference: dict[int, Any], workers: int, what: str, at: str
+) -> None:
+    _, expected, final = reference[workers]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(workers)))
+    run_dir = tmp_path / "run"
+    killed = traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path, at=at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    kind, _, number = at.partition(":")
+    done = steps_done_before(int(number)) if kind == "train" else STEPS
+    restart_at = newest_checkpoint(done) if kind == "train" else STEPS
+
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    start = next(lines(resumed.stdout))
+    assert (start["event"], start["attempt"], start["resumed_from_step"]) == ("run.start", 1, restart_at)
+    first, second = losses(killed.stdout), losses(resumed.stdout)
+    assert sorted(k for k in second if isinstance(k, int)) == list(range(restart_at + 1, STEPS + 1))
+    for logged in (first, second):  # a step logged twice carries the same bits both times
+        assert {k: expected[k] for k in logged} == logged
+    assert {k for k in first.keys() | second.keys() if isinstance(k, int)} == set(range(1, STEPS + 1))
+    assert ("train.epoch", EPOCHS) in second and ("eval.epoch", EPOCHS) in second
+    assert same_tensors(final_state(run_dir), final) is True
+
+    diagnostic = (run_dir / "diagnostic.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in diagnostic]  # no torn line: every one parses
+    for record in records:
+        validate_line(record)
+    attempts = [r["attempt"] for r in records if "attempt" in r]
+    assert attempts == sorted(attempts) and attempts[0] == 0 and attempts[-1] == 1
+    assert records[-1]["event"] == "run.end" and records[-1]["status"] == "completed"
+
+
+def test_sigterm_checkpoints_the_finished_step_and_the_resume_trains_no_step_twice(
+    tmp_path: Path, reference: dict[int, Any]
+) -> None:
+    _, expected, final = reference[0]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
+    run_dir = tmp_path / "run"
+    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": "sleep:22:1.5"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"],
+        cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # call 22: micro-batch 3 of step 6 (epoch 2)
+        if line.startswith("sleeping at 22"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stopped, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 143
+    end = list(lines(stopped))[-1]
+    assert (end["event"], end["status"], end["reason"], end["step"]) == (
+        "run.end",
+        "terminated",
+        "SIGTERM",
+        6,
+    )
+    assert [c.step for c in checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0)] == [6, 4]
+
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = losses(stopped), losses(resumed.stdout)
+    assert sorted(k for k in first if isinstance(k, int)) == list(range(1, 7))
+    assert sorted(k for k in second if isinstance(k, int)) == list(range(7, STEPS + 1))  # none twice
+    for logged in (first, second):
+        assert {k: expected[k] for k in logged} == logged
+    assert same_tensors(final_state(run_dir), final) is True
+
+
+def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
+    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": "sleep:5:30"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("sleeping at 5"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert time.monotonic() - sent < 5  # not the 30 s the step still had to sleep
+    assert proc.returncode == 143
+    assert err.splitlines()[-1] == "traintel: SIGTERM while stopping: exiting at once"
+
+
+def test_sigterm_on_the_built_in_task_ends_within_10_s_with_a_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["-c", str(ROOT / "configs" / "default.yaml"), "--set", f"run.dir={run_dir}",
+            "--set", "trainer.max_epochs=100000", "--set", "sinks.prometheus.port=0",
+            "--set", "checkpoint.every_epochs=1"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", *args],
+        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    out: list[str] = []
+    for line in proc.stdout:
+        out.append(line)
+        if '"event":"eval.epoch"' in line and line.count('"epoch":2,') == 1:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143
+    assert took < 10, took
+    end = list(lines("".join(out) + rest))[-1]
+    assert (end["event"], end["status"], end["reason"]) == ("run.end", "terminated", "SIGTERM")
+    newest = checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0)[0]
+    assert newest.step == end["step"]
+
+    resumed = traintel(
+        ["--resume", str(run_dir), "--set", f"trainer.max_epochs={end['epoch'] + 1}"], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [d["step"] for d in lines(resumed.stdout) if d["event"] == "train.step"]
+    assert steps[0] == end["step"] + 1
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run with checkpoints (max_epochs=1 of 3 planned: resumable for more)."""
+    where = tmp_path_factory.mktemp("checkpointed")
+    cfg = config(0)
+    cfg["trainer"]["max_epochs"] = 1
+    (where / "config.yaml").write_text(yaml.safe_dump(cfg))
+    done = traintel(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+    assert done.returncode == 0, done.stderr
+    return where / "run"
+
+
+def refused(args: list[str], cwd: Path, env: Mapping[str, str] | None = None) -> str:
+    """The one stderr line of a refused start (exit 2)."""
+    extra = {"PYTHONPATH": str(ROOT), **(env or {})}
+    done = subprocess.run(
+        [sys.executable, "-m", "traintel", "train", *args],
+        cwd=cwd, env=child_env(extra=extra), capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    return done.stderr.strip()
+
+
+def test_resuming_with_a_changed_accumulation_is_refused_naming_the_key(
+    checkpointed: Path, tmp_path: Path
+) -> None:
+    before = sorted(p.name for p in checkpointed.rglob("*"))
+    assert refused(["--resume", str(checkpointed), "--set", "trainer.accumulation_steps=2"], tmp_path) == (
+        "traintel: error: trainer.accumulation_steps: cannot be changed when resuming; --set may change "
+        "only trainer.max_epochs, telemetry.*, sinks.* and checkpoint.*"
+    )
+    via_env = refused(
+        ["--resume", str(checkpointed), "--set", "trainer.max_epochs=2"],
+        tmp_path,
+        {"TRAINTEL__TRAINER__ACCUMULATION_STEPS": "2"},
+    )
+    assert via_env == (
+        f"traintel: error: trainer.accumulation_steps: cannot change when resuming the run in "
+        f"{str(checkpointed)!r}: its checkpoint has 4, this attempt 2"
+    )
+    assert sorted(p.name for p in checkpointed.rglob("*")) == before  # nothing written
+
+
+def test_resuming_a_finished_run_asks_for_more_epochs(checkpointed: Path, tmp_path: Path) -> None:
+    assert refused(["--resume", str(checkpointed)], tmp_path) == (
+        "traintel: error: trainer.max_epochs: the checkpoint at step 4 has 1 epochs done, which reaches "
+        "max_epochs 1; raise trainer.max_epochs to train on"
+    )
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
+    cfg = config(0)
+    del cfg["checkpoint"]
+    cfg["trainer"]["max_epochs"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    assert traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path).returncode == 0
+    assert refused(["--resume", str(run_dir)], tmp_path) == (
+        f"traintel: error: --resume: {str(run_dir / 'checkpoints')!r} holds no complete checkpoint to resume from"
+    )
+    assert refused(["--resume", str(tmp_path / "nowhere")], tmp_path) == (
+        f"traintel: error: --resume: {str(tmp_path / 'nowhere')!r} is not a directory"
+    )
+    assert refused(["--set", "run.resume=auto"], tmp_path) == (
+        "traintel: error: run.resume: auto needs a fixed run.dir, where the checkpoints are kept"
+    )
+
+
+def test_a_fresh_run_never_reuses_a_directory_with_checkpoints(checkpointed: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
+    line = refused(
+        ["-c", "config.yaml", "--set", f"run.dir={checkpointed}", "--set", "sinks.diagnostic.enabled=false"],
+        tmp_path,
+    )
+    assert line == (
+        f"traintel: error: run.dir: {str(checkpointed)!r} holds an earlier run's checkpoints; continue it with "
+        "'traintel train --resume' or run.resume=auto, or choose another run.dir"
+    )
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, reference: dict[int, Any]) -> None:
+    _, expected, _ = reference[0]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
+    args = ["-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}", "--set", "run.resume=auto"]
+    killed = traintel(args, tmp_path, at="train:2")  # before the first checkpoint
+    assert killed.returncode == -signal.SIGKILL
+    again = traintel(
+        args, tmp_path, at=f"train:{sum(WINDOWS) + 6}"
+    )  # no checkpoint to continue: from the start
+    assert again.returncode == -signal.SIGKILL
+    start = next(lines(again.stdout))
+    assert (start["attempt"], start["resumed_from_step"], start["run_id"]) == (
+        1,
+        None,
+        next(lines(killed.stdout))["run_id"],
+    )
+    last = traintel(args, tmp_path)  # continues from step 4, the end of epoch 1
+    assert last.returncode == 0, last.stderr
+    start = next(lines(last.stdout))
+    assert (start["attempt"], start["resumed_from_step"]) == (2, 4)
+    second = losses(last.stdout)
+    assert {k: expected[k] for k in second} == second

@@ -1,0 +1,192 @@
+"""When a checkpoint is taken, what it holds, and how a run continues from one.
+
+A checkpoint is taken only at a window boundary (after an optimizer step): every
+``every_steps`` optimizer steps, at the end of every ``every_epochs``-th epoch, and when a
+signal stops the run; never twice for one step. Before it is committed, the records of
+every step it covers are delivered and written out by the sinks (``commit_ready``), so a
+resumed run's logs have no gap.
+
+A checkpoint stands in one of three places, and ``restore`` continues from each: part-way
+through an epoch (the loader skips the windows done), after an epoch's end (the next epoch
+starts), or after an epoch's last step with its end still to come (the resumed run first
+fires ``EPOCH_COMPLETED`` for it: the epoch record, the evaluation, the user's handlers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+
+from traintel import checkpoint
+from traintel.engine import rng
+from traintel.engine.coordination import Coordinator
+from traintel.engine.state import traintel_state
+from traintel.engine.trainer import TraintelEngine
+from traintel.engine.windows import WindowedLoader
+from traintel.errors import one_line
+
+_log = logging.getLogger("traintel")
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (its state_dict keys have no prefix)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+class Checkpointing:
+    """Take checkpoints of a trainer's run into ``directory``; ``restore`` continues from one."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        trainer: TraintelEngine,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        data: WindowedLoader,
+        identity: Mapping[str, Any],
+        keep: int = 2,
+        every_steps: int | None = None,
+        every_epochs: int | None = None,
+        commit_ready: Callable[[], bool] = lambda: True,
+        coordinator: Coordinator | None = None,
+    ) -> None:
+        self.directory = directory
+        self.trainer = trainer
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.data = data
+        self.identity = dict(identity)
+        """run_id, attempt and the settings that must not change on resume, saved in each checkpoint."""
+        self.keep = keep
+        self.every_steps = every_steps
+        self.every_epochs = every_epochs
+        self.commit_ready = commit_ready
+        """Deliver the waiting records and wait until the sinks have written them; False if they
+        could not (a stalled stdout reader), and then no checkpoint is committed."""
+        self.coordinator = coordinator if coordinator is not None else Coordinator()
+        self.rank = self.coordinator.rank
+        self.saved_step: int | None = None
+        """The optimizer step of the newest checkpoint taken or restored."""
+        self._epoch_ended = False
+        self.pending_end = False
+        """After ``restore``: the checkpoint's epoch had its last step but not yet its end."""
+        self.restore_rng: Callable[[], None] = lambda: None
+        """After ``restore``: put the generators back (for a checkpoint not part-way through an epoch)."""
+
+    def attach(self, engine: TraintelEngine) -> None:
+        """Add the handlers; attach after the telemetry and the evaluation, so that a checkpoint at
+        an epoch's end comes after its epoch and evaluation records."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        if self.every_steps is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._step_ended)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_ended_handler)
+
+    def _epoch_started(self, _engine: TraintelEngine) -> None:
+        self._epoch_ended = False
+
+    def _step_ended(self, engine: TraintelEngine) -> None:
+        steps = engine.state.progress.run_steps
+        if self.every_steps is None or steps % self.every_steps or steps == self.saved_step:
+            return
+        self.save("every_steps")
+
+    def _epoch_ended_handler(self, engine: TraintelEngine) -> None:
+        self._epoch_ended = True
+        if self.every_epochs is not None and engine.state.epoch % self.every_epochs == 0:
+            self.save("every_epochs")
+
+    def state(self) -> dict[str, Any]:
+        """Everything an exact continuation needs, as tensors and plain values."""
+        engine = self.trainer
+        st = traintel_state(engine)
+        return {
+            "format": checkpoint.FORMAT,
+            **self.identity,
+            "step": st.progress.run_steps,
+            "epoch_ended": self._epoch_ended,
+            "engine": {"iteration": st.iteration, "epoch": st.epoch, "epoch_length": st.epoch_length},
+            "model": unwrapped(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "progress": st.progress.state_dict(),
+            "loader": None if self._epoch_ended else self.data.state_dict(),
+            "rng": {
+                **rng.capture(),
+                "loader": [g.get_state() for g in rng.loader_generators(self.data.loader)],
+            },
+        }
+
+    def save(self, why: str) -> bool:
+        """Commit a checkpoint of the current step (every rank at the same step); False when none
+        was written. A write error is logged and leaves the earlier checkpoints as they were."""
+        step = traintel_state(self.trainer).progress.run_steps
+        if step == self.saved_step:
+            return False
+        ok = self.commit_ready()
+        if not ok:
+            _log.warning("no checkpoint at step %d: the sinks did not write its records in time", step)
+        written = False
+        if ok:
+            try:
+                checkpoint.write(self.directory, step, self.rank, self.state())
+                written = True
+            except OSError as exc:
+                _log.error("checkpoint at step %d (%s) not written: %s", step, why, one_line(exc))
+        if not self.coordinator.all_true(written):  # every rank wrote its part: only then prune
+            return False
+        self.saved_step = step
+        checkpoint.prune(self.directory, self.rank, self.keep)
+        return True
+
+    def restore(self, state: Mapping[str, Any], max_epochs: int) -> None:
+        """Continue the run from ``state`` (a checkpoint loaded by ``checkpoint.newest``).
+
+        The model, optimizer, scheduler, progress and Ignite's counters are set at once; the
+        generators are put back when the next pass over the data begins (after the loader has
+        skipped the windows already trained on), or when the run starts for a checkpoint taken at
+        an epoch's end (``restore_rng``, which ``Run.run`` calls). A checkpoint of an epoch's last
+        step, taken before that epoch's end ran, sets ``pending_end``: the run then first fires
+        ``EPOCH_COMPLETED`` for that epoch (its duration is unknown: the epoch record says 0 s).
+        """
+        unwrapped(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        st = traintel_state(self.trainer)
+        st.progress.load_state_dict(state["progress"])
+        engine = state["engine"]
+        st.iteration = engine["iteration"]
+        length = st.epoch_length = engine["epoch_length"]
+        pending_end = not state["epoch_ended"] and length is not None and st.progress.windows >= length
+        st.epoch = engine["epoch"] if state["epoch_ended"] or pending_end else engine["epoch"] - 1
+        st.max_epochs = max_epochs
+        self.saved_step = state["step"]
+        self._epoch_ended = bool(state["epoch_ended"])
+        saved_rng = state["rng"]
+        self.pending_end = pending_end
+        if (
+            state["epoch_ended"] or pending_end
+        ):  # the next pass draws from the loader's generators as they are
+            generators = rng.loader_generators(self.data.loader)
+            if len(generators) != len(saved_rng["loader"]):
+                held = len(saved_rng["loader"])
+                msg = f"the loader draws from {len(generators)} generators, the checkpoint holds {held}"
+                raise ValueError(msg)
+
+            def restore_rng() -> None:
+                rng.restore(saved_rng)
+                for g, saved in zip(generators, saved_rng["loader"], strict=True):
+                    g.set_state(saved)
+
+            self.restore_rng = restore_rng
+        else:
+            self.data.load_state_dict(state["loader"], after=lambda: rng.restore(saved_rng))

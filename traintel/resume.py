@@ -1,0 +1,128 @@
+"""Whether a run continues an earlier attempt in its run directory, and from which checkpoint.
+
+``<run dir>/checkpoints/run.json`` names the run id and the newest attempt that started there
+(written by rank 0 when an attempt starts). A new attempt in the same directory keeps that run
+id and takes the next attempt number; it continues from the newest checkpoint that every rank
+holds complete, or trains from the start when there is none (a container restarted before its
+first checkpoint). The settings that change the maths must be those the checkpoint was taken
+with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from traintel import checkpoint
+from traintel.atomic import write_atomic
+from traintel.config import Config
+from traintel.engine.coordination import Coordinator
+from traintel.errors import ConfigError
+
+RUN_FILE = "run.json"
+
+FIXED_TRAINER_KEYS = (
+    "accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "grad_clip_norm",
+    "precision",
+    "on_nonfinite",
+)
+"""``trainer.*`` settings a resumed attempt must share with its checkpoint (with ``task.*``, the
+world size and the loader's batch size): they change what an optimizer step computes."""
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How this attempt relates to the run directory's earlier ones."""
+
+    run_id: str
+    attempt: int
+    state: dict[str, Any] | None
+    """The checkpoint to continue from (loaded on the CPU), or None to train from the start."""
+
+    @property
+    def step(self) -> int | None:
+        return None if self.state is None else int(self.state["step"])
+
+
+def fixed_settings(config: Config, world_size: int, batch_size: int | None) -> dict[str, Any]:
+    """What must not change between a checkpoint and the attempt that continues from it."""
+    data = config.to_dict(redact=True)
+    return {
+        "task": data["task"],
+        "trainer": {key: data["trainer"][key] for key in FIXED_TRAINER_KEYS},
+        "world_size": world_size,
+        "batch_size": batch_size,
+    }
+
+
+def read_run_file(directory: Path) -> dict[str, Any] | None:
+    """``run.json``'s run id and attempt, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("run_id"), str)
+        or type(data.get("attempt")) is not int
+    ):
+        return None
+    return data
+
+
+def write_run_file(directory: Path, run_id: str, attempt: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / RUN_FILE, json.dumps({"run_id": run_id, "attempt": attempt}) + "\n")
+
+
+def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumption | None:
+    """The earlier attempt this one continues, or None when the directory holds none.
+
+    Every rank removes its leftover temporary files, then the ranks agree on the newest step
+    for which each holds a complete checkpoint. ``required`` (``--resume``): a directory
+    without a complete checkpoint is a ConfigError.
+    """
+    directory = run_dir / checkpoint.DIRECTORY
+    rank = coordinator.rank
+    checkpoint.remove_temporary(directory, rank)
+    steps = {c.step for c in checkpoint.complete(directory, rank)}
+    previous = read_run_file(directory)
+    views = coordinator.gather((sorted(steps), previous))
+    common = set.intersection(*(set(s) for s, _ in views))
+    earlier = [p for _, p in views if p is not None]
+    loaded = checkpoint.newest(directory, rank, steps=common) if common else None
+    loaded_steps = coordinator.gather(None if loaded is None else loaded[0].step)
+    if len(set(loaded_steps)) > 1:
+        raise ConfigError(
+            "run.resume",
+            f"the ranks' newest loadable checkpoints differ (steps {loaded_steps}); cannot resume",
+        )
+    if loaded is None:
+        if required:
+            raise ConfigError("--resume", f"{str(directory)!r} holds no complete checkpoint to resume from")
+        if not earlier:
+            return None
+        # an attempt started here but took no checkpoint: train from the start, as the next attempt
+        return Resumption(earlier[0]["run_id"], 1 + max(p["attempt"] for p in earlier), None)
+    state = loaded[1]
+    attempts = [state["attempt"], *(p["attempt"] for p in earlier)]
+    return Resumption(str(state["run_id"]), 1 + max(attempts), state)
+
+
+def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
+    """A ConfigError naming the first setting that differs from the checkpoint's."""
+    changed = checkpoint.changed_setting(saved, current)
+    if changed is None:
+        return
+    key, before, after = changed
+    raise ConfigError(
+        key,
+        f"cannot change when resuming the run in {str(where)!r}: its checkpoint has {before!r}, "
+        f"this attempt {after!r}",
+    )
