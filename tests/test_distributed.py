@@ -58,8 +58,8 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
                 if n:
                     raw = masked_mse(net(x), (y, m))
                     (raw * (n / n_total)).backward()
-                    step_loss += float(raw) * n / n_total
-                    total_loss += float(raw) * n
+                    step_loss += float(raw.detach()) * n / n_total
+                    total_loss += float(raw.detach()) * n
             total_items += n_total
             if n_total:
                 grads.append([p.grad.clone() for p in net.parameters()])

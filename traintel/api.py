@@ -501,7 +501,7 @@ def build(
     backend: str | None = None
     if launch is not None:  # started by torchrun: one rank of a process group
         device = distributed.device_for(launch, device)
-        backend = distributed.start(cfg.trainer.distributed, device)
+        backend = distributed.start(cfg.trainer.distributed, device, launch.restart_count)
     try:
         torch.manual_seed(cfg.run.seed)
         checked = check_task(task) if task is not None else make_task(cfg.task.factory, cfg.task.params)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def newest(
             continue
         try:
             return found, load(found)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
             _log.warning("skipping checkpoint %s: %s", found.path.name, exc)
     return None
 

@@ -98,12 +98,23 @@ def backend_for(cfg: DistributedConfig, device: torch.device) -> str:
     return cfg.backend
 
 
-def start(cfg: DistributedConfig, device: torch.device) -> str:
-    """Join the default process group (``env://``); returns the backend."""
+def start(cfg: DistributedConfig, device: torch.device, restart_count: int = 0) -> str:
+    """Join the default process group (``env://``); returns the backend.
+
+    torchrun keeps one key-value store across the restarts of its workers (``--max-restarts``),
+    so the keys of the previous attempt's process group are still there: a rank that reaches the
+    group before its peers have replaced them reads a dead peer's address and fails to connect.
+    Each restart therefore gets its own key prefix, ``traintel/restart<n>/``.
+    """
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
 
     backend = backend_for(cfg, device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_seconds))
+    timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store = PrefixStore(f"traintel/restart{restart_count}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return backend
 
 

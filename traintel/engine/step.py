@@ -148,6 +148,9 @@ class AccumulatingStep:
         self.on_nonfinite = on_nonfinite
         """``trainer.on_nonfinite``; only ``skip_step`` changes the step (``stop`` is the telemetry's)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
+        inner = getattr(model, "module", None)
+        self._inner: torch.nn.Module = inner if isinstance(inner, torch.nn.Module) else model
+        """The model inside a wrapper (DDP): the evaluator switches it to eval mode, not the wrapper."""
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
         """The run's position; ``create_trainer`` puts this object on ``state.progress``."""
@@ -223,7 +226,7 @@ class AccumulatingStep:
         return self.coordinator.all_finite(local)
 
     def __call__(self, engine: Engine, window: Window) -> torch.Tensor | WindowLoss:
-        if not self.model.training:
+        if not (self.model.training and self._inner.training):
             self.model.train()
         progress = self.progress
         epoch = engine.state.epoch
