@@ -394,3 +394,19 @@ def test_two_ranks_skip_the_same_step_when_one_rank_has_the_nan(tmp_path: Path) 
     )
     assert [r["event"] for r in rank0 if r.get("logger") == "traintel"] == [message]
     assert message in stderr  # rank 1's warnings go to stderr
+
+
+def test_stop_keeps_the_last_checkpoint_taken_before_the_bad_step(tmp_path: Path) -> None:
+    """Every step is checkpointed, but a checkpoint is committed only after its step's records are
+    delivered, and delivering step 3's records is where the NaN is found: step 2's stays the newest."""
+    from traintel import checkpoint
+
+    cfg = quiet_config(tmp_path, accumulation_steps=1, on_nonfinite="stop")
+    cfg["telemetry"] = {"every": 1, "max_delay_seconds": 60}  # delivered only when a checkpoint asks
+    cfg["checkpoint"] = {"every_steps": 1, "keep": 5}
+    task = Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=nan_batches(3))
+    run = build(cfg, task)
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at step 3 \(trainer.on_nonfinite=stop\)$"):
+        run.run()
+    directory = tmp_path / "run" / checkpoint.DIRECTORY
+    assert [c.step for c in checkpoint.complete(directory, 0)] == [2, 1]

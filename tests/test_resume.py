@@ -189,21 +189,28 @@ def test_sigkill_then_resume_logs_the_same_bits(
     assert records[-1]["event"] == "run.end" and records[-1]["status"] == "completed"
 
 
+def paused(tmp_path: Path, *, call: int, seconds: float) -> subprocess.Popen[str]:
+    """A run (one process, no workers) in ``tmp_path/run`` whose ``call``-th training forward call
+    pauses ``seconds``; returned once the pause has begun."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
+    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": f"sleep:{call}:{seconds}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith(f"sleeping at {call}"):
+            return proc
+    raise AssertionError(f"the run ended before call {call}: exit {proc.wait()}")
+
+
 def test_sigterm_checkpoints_the_finished_step_and_the_resume_trains_no_step_twice(
     tmp_path: Path, reference: dict[int, Any]
 ) -> None:
     _, expected, final = reference[0]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
     run_dir = tmp_path / "run"
-    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": "sleep:22:1.5"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"],
-        cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    for line in proc.stderr:  # call 22: micro-batch 3 of step 6 (epoch 2)
-        if line.startswith("sleeping at 22"):
-            break
+    proc = paused(tmp_path, call=22, seconds=1.5)  # call 22: micro-batch 3 of step 6 (epoch 2)
     proc.send_signal(signal.SIGTERM)
     stopped, _ = proc.communicate(timeout=CHILD_TIMEOUT)
     assert proc.returncode == 143
@@ -227,16 +234,7 @@ def test_sigterm_checkpoints_the_finished_step_and_the_resume_trains_no_step_twi
 
 
 def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
-    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": "sleep:5:30"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("sleeping at 5"):
-            break
+    proc = paused(tmp_path, call=5, seconds=30)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     sent = time.monotonic()
@@ -348,6 +346,10 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
     assert refused(["--set", "run.resume=auto"], tmp_path) == (
         "traintel: error: run.resume: auto needs a fixed run.dir, where the checkpoints are kept"
     )
+    assert refused(["--set", "run.resume=auto", "--set", f"run.dir={tmp_path / 'fresh'}"], tmp_path) == (
+        "traintel: error: run.resume: auto needs checkpoints: set checkpoint.every_steps or checkpoint.every_epochs"
+    )
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_a_fresh_run_never_reuses_a_directory_with_checkpoints(checkpointed: Path, tmp_path: Path) -> None:

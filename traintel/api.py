@@ -227,6 +227,10 @@ class Run:
             return None
         if cfg.run.dir is None:
             raise ConfigError("run.resume", "auto needs a fixed run.dir, where the checkpoints are kept")
+        if not must_resume and not cfg.checkpoint.enabled:
+            raise ConfigError(
+                "run.resume", "auto needs checkpoints: set checkpoint.every_steps or checkpoint.every_epochs"
+            )
         found = resume.find(self.run_dir, self.coordinator, required=must_resume)
         if found is None:
             return None
