@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 9400
 
-.PHONY: setup run test test-quick lint bench clean
+.PHONY: setup run test test-quick lint bench kubernetes clean
 
 $(STAMP): pyproject.toml constraints.txt examples/csv-sink/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,17 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check traintel tests benchmarks examples
-	$(BIN)/ruff format --check traintel tests benchmarks examples
+	$(BIN)/ruff check traintel tests benchmarks examples docker/kubernetes
+	$(BIN)/ruff format --check traintel tests benchmarks examples docker/kubernetes
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/startup.py
+
+# docker/kubernetes' ConfigMaps and PrometheusRule, from configs/default.yaml, the rules and the dashboard
+kubernetes: $(STAMP)
+	$(BIN)/python docker/kubernetes/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

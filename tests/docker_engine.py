@@ -103,6 +103,7 @@ class Engine:
         return done
 
     def stop(self) -> None:
+        """Stop dockerd, and undo the network-namespace mount it leaves in its exec root."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -110,6 +111,8 @@ class Engine:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for mounted in (self.socket.parent / "exec" / "netns").glob("*"):
+            subprocess.run(["umount", str(mounted)], capture_output=True, check=False)
 
 
 def standin_base(engine: Engine) -> str:

@@ -17,8 +17,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "argv",
     [
-        ["ruff", "check", "traintel", "tests", "benchmarks", "examples"],
-        ["ruff", "format", "--check", "traintel", "tests", "benchmarks", "examples"],
+        ["ruff", "check", "traintel", "tests", "benchmarks", "examples", "docker/kubernetes"],
+        ["ruff", "format", "--check", "traintel", "tests", "benchmarks", "examples", "docker/kubernetes"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
