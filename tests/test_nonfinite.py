@@ -270,7 +270,7 @@ def test_progress_counts_a_window_not_stepped_without_its_step_items_or_loss() -
 
 
 def test_a_single_process_coordinator_agrees_with_itself_on_finiteness() -> None:
-    assert (Coordinator().all_finite(True), Coordinator().all_finite(False)) == (True, False)
+    assert (Coordinator().all_true(True), Coordinator().all_true(False)) == (True, False)
 
 
 # --------------------------------------------------------------------------- command line and ranks

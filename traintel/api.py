@@ -396,8 +396,7 @@ class Run:
                     if keeps_files and self.coordinator.rank == 0:
                         self._save_config()
                     if self.checkpointing is not None and self.coordinator.rank == 0:
-                        directory = self.run_dir / checkpoint.DIRECTORY
-                        resume.write_run_file(directory, self.run_id, self.attempt)
+                        resume.write_run_file(self.checkpointing.directory, self.run_id, self.attempt)
                     self.lifecycle.start()
                     self._train()
                 except BaseException as exc:

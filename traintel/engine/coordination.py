@@ -54,13 +54,9 @@ class Coordinator:
         """Element-wise sums over the ranks, in float64."""
         return list(values)
 
-    def all_finite(self, local: bool) -> bool:
-        """Whether every rank's window loss is finite (``trainer.on_nonfinite=skip_step``), so that
-        all ranks skip the same optimizer step; here, this process's own answer."""
-        return local
-
     def all_true(self, local: bool) -> bool:
-        """Whether ``local`` holds on every rank (every rank wrote its checkpoint); here, ``local``."""
+        """Whether ``local`` holds on every rank (every rank's window loss is finite under
+        ``trainer.on_nonfinite=skip_step``; every rank wrote its checkpoint); here, ``local``."""
         return local
 
     def gather(self, value: Any) -> list[Any]:
@@ -127,16 +123,13 @@ class ProcessGroupCoordinator(Coordinator):
         out: list[float] = sums.tolist()
         return out
 
-    def all_true(self, local: bool) -> bool:
-        return self.all_finite(local)
-
     def gather(self, value: Any) -> list[Any]:
         """``all_gather_object``: every rank's ``value`` in rank order (setup and checkpoints only)."""
         values: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(values, value)
         return values
 
-    def all_finite(self, local: bool) -> bool:
+    def all_true(self, local: bool) -> bool:
         """One ``all_reduce`` (MIN) of a one-element int flag: true only when it is true on every rank."""
         flag = torch.tensor([int(local)], dtype=torch.int64, device=self.device)
         self._dist.all_reduce(flag, op=self._dist.ReduceOp.MIN)

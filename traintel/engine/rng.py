@@ -9,7 +9,7 @@ plain Python values, so a checkpoint holding it loads with ``torch.load(weights_
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,13 +91,18 @@ def capture_loader(loader: object) -> dict[str, Any]:
     }
 
 
+def set_loader_generators(loader: object, states: Sequence[torch.Tensor]) -> None:
+    """Put the loader's own generators (``loader_generators``) back to ``states``; a ValueError when
+    the loader draws from another number of them."""
+    generators = loader_generators(loader)
+    if len(states) != len(generators):
+        msg = f"the loader draws from {len(generators)} generators, the checkpoint holds {len(states)}"
+        raise ValueError(msg)
+    for g, s in zip(generators, states, strict=True):
+        g.set_state(s)
+
+
 def restore_loader(loader: object, state: Mapping[str, Any]) -> None:
     """Put a ``capture_loader`` back, so that the next pass draws the same order and worker seeds."""
-    generators = loader_generators(loader)
-    saved = list(state["generators"])
-    if len(saved) != len(generators):
-        msg = f"the loader draws from {len(generators)} generators, the checkpoint holds {len(saved)}"
-        raise ValueError(msg)
+    set_loader_generators(loader, list(state["generators"]))
     torch.set_rng_state(state["torch"])
-    for g, s in zip(generators, saved, strict=True):
-        g.set_state(s)

@@ -75,6 +75,12 @@ class StepOutput(NamedTuple):
         return self.window_loss.resolve()
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (its state_dict keys have no prefix)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def default_prepare(batch: Any, device: torch.device) -> tuple[Any, Any]:
     """``(inputs, targets)`` moved to ``device``."""
     inputs, targets = batch
@@ -148,8 +154,7 @@ class AccumulatingStep:
         self.on_nonfinite = on_nonfinite
         """``trainer.on_nonfinite``; only ``skip_step`` changes the step (``stop`` is the telemetry's)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
-        inner = getattr(model, "module", None)
-        self._inner: torch.nn.Module = inner if isinstance(inner, torch.nn.Module) else model
+        self._inner = unwrapped(model)
         """The model inside a wrapper (DDP): the evaluator switches it to eval mode, not the wrapper."""
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
@@ -223,7 +228,7 @@ class AccumulatingStep:
         sync, taken only under ``trainer.on_nonfinite=skip_step``. A micro-batch without items
         adds 0; a rank with no micro-batch in the window is finite."""
         local = bool(torch.isfinite(torch.stack(list(losses))).all()) if losses else True
-        return self.coordinator.all_finite(local)
+        return self.coordinator.all_true(local)
 
     def __call__(self, engine: Engine, window: Window) -> torch.Tensor | WindowLoss:
         if not (self.model.training and self._inner.training):

@@ -26,17 +26,12 @@ from traintel import checkpoint
 from traintel.engine import rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.state import traintel_state
+from traintel.engine.step import unwrapped
 from traintel.engine.trainer import TraintelEngine
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import one_line
 
 _log = logging.getLogger("traintel")
-
-
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (its state_dict keys have no prefix)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 class Checkpointing:
@@ -173,20 +168,10 @@ class Checkpointing:
         self._epoch_ended = bool(state["epoch_ended"])
         saved_rng = state["rng"]
         self.pending_end = pending_end
-        if (
-            state["epoch_ended"] or pending_end
-        ):  # the next pass draws from the loader's generators as they are
-            generators = rng.loader_generators(self.data.loader)
-            if len(generators) != len(saved_rng["loader"]):
-                held = len(saved_rng["loader"])
-                msg = f"the loader draws from {len(generators)} generators, the checkpoint holds {held}"
-                raise ValueError(msg)
-
-            def restore_rng() -> None:
-                rng.restore(saved_rng)
-                for g, saved in zip(generators, saved_rng["loader"], strict=True):
-                    g.set_state(saved)
-
-            self.restore_rng = restore_rng
+        if state["epoch_ended"] or pending_end:
+            # the next pass draws from the loader's generators as they were at the checkpoint (set
+            # now: nothing draws from them before the run starts) and from the global ones
+            rng.set_loader_generators(self.data.loader, saved_rng["loader"])
+            self.restore_rng = lambda: rng.restore(saved_rng)
         else:
             self.data.load_state_dict(state["loader"], after=lambda: rng.restore(saved_rng))

@@ -120,10 +120,7 @@ class TrainTelemetry:
         """
         coordinator = self.coordinator
         if engine.state.iteration % self.every == 0:
-            out = traintel_state(engine).step_output
-            if out is None:
-                raise RuntimeError(_NO_STEP_OUTPUT)
-            self._pending.append((out, time.time()))
+            self._pending.append((_step_output(engine), time.time()))
         elif self._unemitted is not None:
             self._unemitted.append(_step_output(engine))
             if len(self._unemitted) >= MAX_PENDING:  # the same step on every rank: check them now
@@ -223,25 +220,18 @@ class TrainTelemetry:
         grad norm (when computed) and the index of the next step's values in ``values``.
 
         ``values`` holds, per step, its raw losses, then its scaled losses, then its grad norm
-        when it has one (see ``_to_floats``). The share is the float64 sum, left to right, of the
-        s_b of micro-batches with items, as ``WindowLoss`` sums them on the device (float32
-        values are exact as Python floats).
+        when it has one (see ``_to_floats``). The share is ``_share`` of the scaled losses.
         """
         k = len(out.counts)
         run_id, epoch, total = self.run_id, out.epoch, out.items
         before = out.step if out.skipped else out.step - 1
         batches = out.window.batches_per_epoch
         first = out.window.first_batch
-        share = 0.0
-        first_term = True
         if k:
             eps, dtype_name = _dtype_facts(out.losses[0].dtype)
         for i in range(k):
             raw, loss = values[at + i], values[at + k + i]
             n = out.counts[i]
-            if n:
-                share = loss if first_term else share + loss
-                first_term = False
             scale = loss_scale(n, total)
             observed, ok = scale_check(raw, loss, scale, eps)
             fields: dict[str, Any] = {
@@ -261,6 +251,7 @@ class TrainTelemetry:
                     window_size=k,
                 )
             )  # fmt: skip
+        share = _share(out.counts, values[at + k : at + 2 * k])
         at += 2 * k
         if out.grad_norm is None:
             return share, None, at
@@ -302,7 +293,7 @@ class TrainTelemetry:
 
 def _share(counts: Sequence[int], losses: Sequence[float]) -> float:
     """This rank's share of a step loss: the float64 sum, left to right, of the s_b of micro-batches
-    with items (as ``_batch_records`` sums an emitted step's)."""
+    with items, as ``WindowLoss`` sums them on the device (float32 values are exact as floats)."""
     share = 0.0
     first_term = True
     for n, loss in zip(counts, losses, strict=True):
