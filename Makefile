@@ -34,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/scrapes.py
 
 # docker/kubernetes' ConfigMaps and PrometheusRule, from configs/default.yaml, the rules and the dashboard
 kubernetes: $(STAMP)

@@ -157,6 +157,15 @@ def test_the_exposition_of_rank_1_is_exact(tmp_path: Path) -> None:
         'traintel_sink_errors_total{rank="1",sink="prometheus"} 0.0\n'
         "# HELP traintel_sink_dropped_records_total Records a sink dropped because its consumer fell behind.\n"
         "# TYPE traintel_sink_dropped_records_total counter\n"
+        "# HELP traintel_exporter_connections_closed_total Connections to the exporter closed before being answered, by reason.\n"
+        "# TYPE traintel_exporter_connections_closed_total counter\n"
+        'traintel_exporter_connections_closed_total{rank="1",reason="limit"} 0.0\n'
+        'traintel_exporter_connections_closed_total{rank="1",reason="timeout"} 0.0\n'
+        'traintel_exporter_connections_closed_total{rank="1",reason="bad_request"} 0.0\n'
+        'traintel_exporter_connections_closed_total{rank="1",reason="tls"} 0.0\n'
+        "# HELP traintel_exporter_open_connections Connections open to the exporter.\n"
+        "# TYPE traintel_exporter_open_connections gauge\n"
+        'traintel_exporter_open_connections{rank="1"} 0.0\n'
     )
     # the process metrics are this process's: labelled with its rank too
     process = _samples(text, prefix="process_")
@@ -311,6 +320,9 @@ def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[st
     for family, names in sinks.items():
         for name in names:
             values[(family, (r, ("sink", name)))] = 0.0
+    for reason in ("bad_request", "limit", "timeout", "tls"):
+        values[("traintel_exporter_connections_closed_total", (r, ("reason", reason)))] = 0.0
+    values[("traintel_exporter_open_connections", (r,))] = 1.0  # the scrape itself
     return values
 
 

@@ -111,12 +111,13 @@ def test_pushgateway_basic_auth_grouping_key_and_sink_health(tmp_path: Path) -> 
 def test_a_failed_push_is_a_sink_error_not_a_crash(tmp_path: Path) -> None:
     sink = PrometheusSink(port=0, pushgateway=Pushgateway(url=f"http://127.0.0.1:{free_port()}"))
     sink.open(run_context(tmp_path))
+    sink.emit(_end())  # the run ended: the push is due, not made yet (the run makes it later)
     with pytest.raises(
         OSError,
         match=r"^push to http://127\.0\.0\.1:\d+ failed: URLError: <urlopen error \[Errno 111\] Connection refused>$",
     ):
-        sink.emit(_end())
-    sink.close()
+        sink.push()
+    sink.close()  # pushed once already: close does not push again
 
 
 def test_secrets_never_reach_config_show_or_the_logs(tmp_path: Path) -> None:

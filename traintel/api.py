@@ -367,7 +367,7 @@ class Run:
             self.stop_signal = name
             self.stop(name)
         elif self.prometheus is not None:
-            self.prometheus.cancel_linger()  # the run already ended: stop serving and exit
+            self.prometheus.hurry()  # the run already ended: abandon the push, stop serving, exit
 
     def run(self, stop_signal: str | None = None) -> RunEndRecord:
         """Train for ``trainer.max_epochs``; returns the ``run.end`` record.
@@ -463,14 +463,28 @@ class Run:
             status, reason = "terminated", state.stop_reason or "terminate() called by a handler"
         else:
             status, reason = "completed", "max_epochs"
-        return self.lifecycle.end(status, reason, state.progress)
+        ended = self.lifecycle.end(status, reason, state.progress)
+        self._push()
+        return ended
+
+    def _push(self) -> None:
+        """Push the final values, once ``run.end`` is on stdout and fsynced in the diagnostic file:
+        network work comes after the records are safe. A failed or abandoned push is a
+        ``sink.error`` (it follows ``run.end``)."""
+        if self.prometheus is None or self.prometheus.pushgateway is None:
+            return
+        self.fanout.sync(2.0)
+        try:
+            self.prometheus.push()
+        except OSError as exc:
+            self.fanout.report(self.prometheus, exc)
 
     def close(self) -> None:
         """Close the sinks (idempotent); a run directory left empty is removed."""
+        self.fanout.close(bounded=True)  # logging still routed: a sink's close that hangs is reported
         unroute, self._unroute = self._unroute, None
         if unroute is not None:
             unroute()
-        self.fanout.close()
         if self._logs is not None and self._logs is not self.json_sink:
             self._logs.close()
         remove_empty(self._made_dirs)

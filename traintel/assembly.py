@@ -96,6 +96,8 @@ def build_sinks(
             client_cafile=p.client_cafile,
             pushgateway=_pushgateway(p.pushgateway),
             per_rank=p.per_rank,
+            max_connections=p.max_connections,
+            request_timeout=p.request_timeout_seconds,
         )
         sinks.append(prometheus)
     json_sink: JsonSink | None = None

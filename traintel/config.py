@@ -178,7 +178,9 @@ class PushgatewayConfig(_Section):
     """Basic-auth user name (with ``password``)."""
     password: str | None = None
     """Basic-auth password; redacted in ``config show`` and in ``run.start``."""
-    timeout_seconds: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    """Wall-clock limit for the whole push (connect, send, answer); past it the push is abandoned
+    and reported, so a slow gateway never holds the shutdown."""
 
 
 class PrometheusSinkConfig(_Section):
@@ -196,6 +198,11 @@ class PrometheusSinkConfig(_Section):
     keyfile: str | None = None
     client_cafile: str | None = None
     """Require client certificates signed by this CA (mutual TLS)."""
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    """Connections served at once; one more closes the connection that has waited longest
+    without sending a request (counted in ``traintel_exporter_connections_closed_total``)."""
+    request_timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    """A connection's time to finish the TLS handshake, send its request and take the answer."""
     pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
     """Push the final values to a Pushgateway at run end (batch jobs)."""
     per_rank: bool = False

@@ -5,6 +5,9 @@ the first record, ``emit(record)`` once per record in order, and ``close()`` at 
 end (always, and more than once is harmless). A sink may also define
 ``emit_many(records)``: per-step records arrive in batches, and the fan-out then hands
 over the whole batch in one call (otherwise it calls ``emit`` for each, in order).
+``close()`` gets ``DEFAULT_CLOSE_SECONDS`` (or the sink's own ``close_timeout`` attribute, when
+it bounds its close itself) before the run abandons it and reports it, so a sink that hangs
+on the way out cannot hold the process.
 Records are immutable and already hold every value; a sink formats and delivers
 them, and never computes a metric or reads the engine. A sink that raises is isolated
 by the fan-out: the failure is counted, reported once as a ``sink.error`` record, and
@@ -19,6 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from traintel.records import Record
+
+DEFAULT_CLOSE_SECONDS = 2.0
+"""How long a run waits for a sink's ``close()`` that does not say (``close_timeout``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record, SinkErrorRecord
-from traintel.sinks.base import RunContext, Sink
+from traintel.sinks.base import DEFAULT_CLOSE_SECONDS, RunContext, Sink
 
 if TYPE_CHECKING:
     from traintel.sinks.health import SinkHealthCollector
@@ -22,8 +24,9 @@ class FanOut:
     reported to the other sinks as one ``sink.error`` record, and delivery and training
     go on. ``open`` is all-or-nothing: if one sink fails to open, those already opened
     are closed and a ConfigError naming the sink propagates. ``close`` closes every
-    sink once, in reverse order, even if some raise. ``health_collector()`` exports the error
-    counts and the sinks' drop counts to Prometheus.
+    sink once, in reverse order, even if some raise; with ``bounded=True`` a close that does not
+    return in time is abandoned and reported. ``health_collector()`` exports the error counts
+    and the sinks' drop counts to Prometheus.
     """
 
     def __init__(self, sinks: Iterable[Sink]) -> None:
@@ -83,6 +86,11 @@ class FanOut:
                 except Exception as exc:
                     self._failed(sink, exc)
 
+    def report(self, sink: Sink, exc: Exception) -> None:
+        """Count ``exc`` against ``sink`` and, if it is the sink's first failure, tell the other
+        sinks (a ``sink.error`` record), as for a failure in ``emit``."""
+        self._failed(sink, exc)
+
     def _failed(self, sink: Sink, exc: Exception, *, report: bool = True) -> None:
         count = self.errors[sink.name] = self.errors[sink.name] + 1
         if count > 1 or not report:
@@ -136,12 +144,46 @@ class FanOut:
 
         return SinkHealthCollector(self.errors, self.dropped)
 
-    def close(self) -> None:
+    def close(self, *, bounded: bool = False) -> None:
+        """Close every sink, in reverse order. With ``bounded``, each ``close()`` runs on a helper
+        thread and is abandoned (counted, and logged as a warning, which the sinks still open
+        receive) when it has not returned within the sink's ``close_timeout`` plus a second, or
+        ``DEFAULT_CLOSE_SECONDS`` when it has none."""
         if self._closed:
             return
         self._closed = True
         for sink in reversed(self.sinks):
+            if bounded:
+                self._close_within(sink, _close_seconds(sink))
+                continue
             try:
                 sink.close()
             except Exception as exc:
                 self._failed(sink, exc, report=False)
+
+    def _close_within(self, sink: Sink, seconds: float) -> None:
+        failure: list[Exception] = []
+
+        def close() -> None:
+            try:
+                sink.close()
+            except Exception as exc:
+                failure.append(exc)
+
+        closer = threading.Thread(target=close, name=f"traintel-close-{sink.name}", daemon=True)
+        closer.start()
+        closer.join(seconds)
+        if closer.is_alive():
+            self.errors[sink.name] += 1
+            logging.getLogger("traintel").warning(
+                "sink %r: close() did not return within %g s; abandoned", sink.name, seconds
+            )
+        elif failure:
+            self._failed(sink, failure[0], report=False)
+
+
+def _close_seconds(sink: Sink) -> float:
+    own = getattr(sink, "close_timeout", None)
+    if isinstance(own, int | float) and not isinstance(own, bool):
+        return float(own) + 1.0
+    return DEFAULT_CLOSE_SECONDS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import MutableMapping, Sequence
@@ -183,9 +184,14 @@ class JsonSink:
             writer.offer_many(records, self.render)
 
     def write_line(self, line: bytes) -> None:
-        """Queue an already rendered line (a routed stdlib log record); dropped after close."""
+        """Queue an already rendered line (a routed stdlib log record); once the sink is closed
+        (a sink closing after it logs), the line goes to stderr instead of being lost."""
         writer = self._writer
-        if writer is not None and writer.failed is None:
+        if writer is None:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+        elif writer.failed is None:
             writer.submit(line, urgent=True)
 
     def sync(self, timeout: float) -> bool:

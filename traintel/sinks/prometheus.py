@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import socket
 import ssl
 import threading
 import time
@@ -13,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.registry import Collector
@@ -28,6 +26,7 @@ from traintel.records import (
     RunStartRecord,
     StepRecord,
 )
+from traintel.sinks._http import MetricsServer, server_context
 from traintel.sinks.base import RunContext
 
 
@@ -85,7 +84,8 @@ class Pushgateway:
     username: str | None = None
     """Basic-auth user name (with ``password``)."""
     password: str | None = field(default=None, repr=False)
-    timeout_seconds: float = 10.0
+    timeout_seconds: float = 5.0
+    """Wall-clock limit for the whole push."""
 
 
 class RecordCollector:
@@ -166,13 +166,20 @@ class RecordCollector:
 
 
 class PrometheusSink:
-    """Serve ``/metrics`` over HTTP from a private ``CollectorRegistry``.
+    """Serve ``/metrics`` over HTTP(S) from a private ``CollectorRegistry``.
 
-    The port is bound in ``open`` (so a port in use fails before training starts);
-    ``close`` keeps serving for ``linger_seconds`` so a scraper can read the final
-    values, then stops the server. ``register(collector)`` adds another collector (the
-    fan-out's sink health) to what is served and pushed. With ``pushgateway``, the values are
-    pushed when ``run.end`` arrives.
+    The port is bound in ``open`` (so a port in use fails before training starts). The server
+    (``MetricsServer``) is bounded against slow and hostile clients: ``max_connections`` at once,
+    ``request_timeout`` seconds per connection, TLS handshakes off the accept loop, the
+    exposition rendered at most once per delivery of records and served as cached bytes, and
+    its thread held to a small share of a CPU. ``register(collector)`` adds another collector
+    (the fan-out's sink health) to what is served and pushed.
+
+    With ``pushgateway``, ``push()`` sends the values once the run has ended; the run calls it
+    after ``run.end`` is written out everywhere else, and ``close`` pushes if nobody did. The
+    push is bounded by the gateway's ``timeout_seconds`` of wall clock and abandoned at once by
+    ``hurry()``. ``close`` then keeps serving for ``linger_seconds`` (``hurry()`` cuts it short)
+    so a scraper can read the final values, and stops the server.
 
     With ``per_rank``, every family served and pushed (the traintel families, the registered
     collectors', the process metrics) carries a ``rank`` label, the run context's rank (that of
@@ -193,6 +200,8 @@ class PrometheusSink:
         client_cafile: str | None = None,
         pushgateway: Pushgateway | None = None,
         per_rank: bool = False,
+        max_connections: int = 32,
+        request_timeout: float = 5.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -202,6 +211,8 @@ class PrometheusSink:
         self.client_cafile = client_cafile
         self.pushgateway = pushgateway
         self.per_rank = per_rank
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
         self.labels: dict[str, str] = {}
         """Added to every sample: ``{"rank": "<rank>"}`` from ``open`` on with ``per_rank``, else none."""
         self.collector = RecordCollector()
@@ -210,9 +221,10 @@ class PrometheusSink:
         self.register(self.collector)
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: read from /proc at scrape time
         self._serve(ProcessCollector(registry=None))
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._linger_cancelled = threading.Event()
+        self.server: MetricsServer | None = None
+        self._ended = False
+        self._push_done = False
+        self._hurry = threading.Event()
 
     def register(self, collector: Collector) -> None:
         """Serve ``collector``'s metrics too, and push them with the traintel metrics."""
@@ -226,7 +238,7 @@ class PrometheusSink:
     @property
     def url(self) -> str | None:
         """``http://host:port/metrics`` once open."""
-        if self._server is None:
+        if self.server is None:
             return None
         host = self.host if ":" not in self.host else f"[{self.host}]"
         scheme = "https" if self.certfile else "http"
@@ -237,24 +249,16 @@ class PrometheusSink:
         self.collector.run_name = context.name
         if self.per_rank:
             self.labels["rank"] = str(context.rank)
-        for key in ("certfile", "keyfile", "client_cafile"):
-            path = getattr(self, key)
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"sinks.prometheus.{key}", f"no such file: {path}")
+        tls = self._tls_context()
         try:
-            server, thread = start_http_server(
+            server = MetricsServer(
+                self.registry,
+                self.host,
                 self.port,
-                addr=self.host,
-                registry=self.registry,
-                certfile=self.certfile,
-                keyfile=self.keyfile,
-                client_cafile=self.client_cafile,
-                client_auth_required=self.client_cafile is not None,
+                tls=tls,
+                max_connections=self.max_connections,
+                timeout=self.request_timeout,
             )
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                "sinks.prometheus.certfile", f"cannot use the TLS files: {exc.reason}"
-            ) from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 per_rank = " (sinks.prometheus.port + LOCAL_RANK under per_rank)" if self.per_rank else ""
@@ -265,23 +269,45 @@ class PrometheusSink:
             raise ConfigError(
                 "sinks.prometheus.host", f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
-        self._server, self._thread = server, thread
-        self.port = server.server_port
+        self.server = server
+        self.port = server.port
+        self._serve(server)  # its connection counts are served, not pushed
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        for key in ("certfile", "keyfile", "client_cafile"):
+            path = getattr(self, key)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"sinks.prometheus.{key}", f"no such file: {path}")
+        if self.certfile is None:
+            return None
+        try:
+            return server_context(self.certfile, self.keyfile, self.client_cafile)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or one_line(exc)
+            raise ConfigError("sinks.prometheus.certfile", f"cannot use the TLS files: {reason}") from None
 
     def emit(self, record: Record) -> None:
         self.emit_many((record,))
 
     def emit_many(self, records: Sequence[Record]) -> None:
         self.collector.update_many(records)
-        if any(isinstance(r, RunEndRecord) for r in records):
-            self.push()
+        if self.server is not None:
+            self.server.changed()
+        if not self._ended and any(isinstance(r, RunEndRecord) for r in records):
+            self._ended = True
 
     def push(self) -> None:
         """Push the traintel metrics and the registered collectors' (grouped by job and run_id, and
-        rank with ``per_rank``) to the configured Pushgateway."""
+        rank with ``per_rank``) to the configured Pushgateway, once.
+
+        The request runs on a helper thread and is given ``timeout_seconds`` of wall clock in all
+        (a gateway that answers a byte at a time cannot hold the caller longer); ``hurry()``
+        abandons it at once. A failure, a timeout or an abandoned push raises OSError.
+        """
         pg = self.pushgateway
-        if pg is None:
+        if pg is None or self._push_done:
             return
+        self._push_done = True
         registry = CollectorRegistry(auto_describe=False)
         for collector in self._pushed:
             registry.register(collector)
@@ -292,46 +318,57 @@ class PrometheusSink:
             def handler(url: str, method: str, timeout: float | None, headers: Any, data: bytes) -> Any:
                 return basic_auth_handler(url, method, timeout, headers, data, user, password)
 
-        try:
-            push_to_gateway(
-                pg.url,
-                job=pg.job,
-                registry=registry,
-                grouping_key={"run_id": self.collector.run_id, **self.labels},
-                timeout=pg.timeout_seconds,
-                handler=handler,
-            )
-        except Exception as exc:
-            msg = f"push to {pg.url} failed: {one_line(exc)}"
-            raise OSError(msg) from None
+        failure: list[BaseException] = []
+        done = threading.Event()
 
-    def cancel_linger(self) -> None:
-        """End a running (or future) linger at once, e.g. on SIGTERM."""
-        self._linger_cancelled.set()
+        def send() -> None:
+            try:
+                push_to_gateway(
+                    pg.url,
+                    job=pg.job,
+                    registry=registry,
+                    grouping_key={"run_id": self.collector.run_id, **self.labels},
+                    timeout=pg.timeout_seconds,
+                    handler=handler,
+                )
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name="traintel-push", daemon=True).start()
+        deadline = time.monotonic() + pg.timeout_seconds
+        while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self._hurry.is_set():
+                msg = f"push to {pg.url} abandoned: the process was asked to stop"
+                raise OSError(msg)
+            if time.monotonic() >= deadline:
+                msg = f"push to {pg.url} failed: no answer within {pg.timeout_seconds:g} s"
+                raise OSError(msg)
+        if failure:
+            msg = f"push to {pg.url} failed: {one_line(failure[0])}"
+            raise OSError(msg)
+
+    @property
+    def close_timeout(self) -> float:
+        """The longest ``close`` takes: a push still to make, the linger, stopping the server."""
+        pg = self.pushgateway
+        push = pg.timeout_seconds if pg is not None and not self._push_done else 0.0
+        return push + self.linger_seconds + 5.0
+
+    def hurry(self) -> None:
+        """End a running (or future) push and linger at once, e.g. on a signal."""
+        self._hurry.set()
 
     def close(self) -> None:
-        server, self._server = self._server, None
+        """Push if the run ended and nobody pushed yet, linger, then stop serving."""
+        server, self.server = self.server, None
         if server is None:
             return
-        if self.linger_seconds > 0:
-            self._linger_cancelled.wait(self.linger_seconds)
-        _stop_server(server, self.host, self.port)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
-def _stop_server(server: Any, host: str, port: int) -> None:
-    """Stop ``serve_forever`` now rather than at its next 0.5 s poll.
-
-    ``shutdown()`` only sets a flag that the serving loop reads when ``select`` returns,
-    so connections are made to the listening socket until the loop has seen it.
-    """
-    stopper = threading.Thread(target=server.shutdown, name="traintel-metrics-stop", daemon=True)
-    stopper.start()
-    address = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    deadline = time.monotonic() + 5
-    while stopper.is_alive() and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=0.2):
-            pass
-        stopper.join(0.02)
-    server.server_close()
+        try:
+            if self._ended:
+                self.push()
+        finally:
+            if self.linger_seconds > 0:
+                self._hurry.wait(self.linger_seconds)
+            server.stop()
