@@ -17,6 +17,8 @@ from traintel.sinks._writer import BackgroundWriter
 from traintel.sinks.base import RunContext
 
 _TAIL_CHUNK = 64 * 1024
+_RETRY_MIN = 64 * 1024
+"""The least a file grows past a failed rotation before the next try."""
 
 
 def cut_torn_tail(path: Path) -> int:
@@ -52,6 +54,12 @@ class RotatingFile:
 
     Rotation happens only between whole writes, so a line is never split across files. ``size``
     is what ``path`` held when it was opened (an appended file counts towards ``max_bytes``).
+
+    The next part is opened (as ``name.next``) before the current one is renamed or closed, so a
+    process out of descriptors (EMFILE) or space keeps a file to write to: when that open fails
+    the lines go on into the current part past ``max_bytes``, ``rotation_failures`` counts the
+    failed attempts and ``rotation_error`` keeps the first. Rotation is tried again once another
+    ``retry_bytes`` (``max_bytes // 16``, at least 64 KiB) are written, not on every line.
     """
 
     def __init__(self, path: Path, file: BinaryIO, max_bytes: int, backups: int, size: int = 0) -> None:
@@ -60,32 +68,57 @@ class RotatingFile:
         self.max_bytes = max_bytes
         self.backups = backups
         self.size = size
+        self.retry_bytes = max(max_bytes // 16, _RETRY_MIN)
+        self.rotation_failures = 0
+        self.rotation_error: OSError | None = None
+        self._retry_at = 0
+        """Rotate no earlier than at this size (set past a failed rotation)."""
 
     def write(self, data: bytes) -> int:
         """Append whole lines, rotating between two lines when the next would pass ``max_bytes``."""
-        if not self.max_bytes or self.size + len(data) <= self.max_bytes:
+        if not self.max_bytes or self.size + len(data) <= max(self.max_bytes, self._retry_at):
             self.file.write(data)
             self.size += len(data)
             return len(data)
         for line in data.splitlines(keepends=True):
-            if self.size and self.size + len(line) > self.max_bytes:
+            if self.size and self.size + len(line) > self.max_bytes and self.size >= self._retry_at:
                 self._rotate()
             self.file.write(line)
             self.size += len(line)
         return len(data)
 
     def _rotate(self) -> None:
-        self.file.close()
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        if self.backups:
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink()
-        self.file = open(self.path, "xb")  # noqa: SIM115 - held open until close()
-        self.size = 0
+        """Open the next part, then shift the names oldest first and close the old part.
+
+        Each rename is atomic and overwrites only the part that falls off the end, so a crash
+        loses no complete part; ``name`` is missing only between its two renames (a resumed
+        attempt creates it). When the next part cannot be opened, nothing changes (class doc).
+        """
+        self.file.flush()  # the part is whole before it takes its new name
+        spare = self.path.with_name(f"{self.path.name}.next")
+        try:
+            spare.unlink(missing_ok=True)  # left by a crash before the renames
+            new = open(spare, "xb")  # noqa: SIM115 - held open until close()
+        except OSError as exc:
+            self.rotation_failures += 1
+            if self.rotation_error is None:
+                self.rotation_error = exc
+            self._retry_at = self.size + self.retry_bytes
+            return
+        try:
+            for i in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            if self.backups:
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            os.replace(spare, self.path)  # without backups this drops the old part
+        except BaseException:
+            new.close()
+            raise
+        old, self.file = self.file, new
+        self.size = self._retry_at = 0
+        old.close()
 
     def flush(self) -> None:
         self.file.flush()
@@ -114,9 +147,11 @@ class DiagnosticSink:
     queue (a slow disk never blocks training; ``train.batch`` records beyond
     ``capacity`` waiting lines are dropped and counted in ``dropped``). Lines reach the
     file within a quarter second (``run.end`` at once); the file is fsynced on close. Past ``max_bytes`` the
-    file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``. A write error (a full disk)
-    is raised once from ``emit`` (the fan-out reports it once) and later records are
-    counted as dropped; training goes on.
+    file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``; when the next part cannot be
+    opened (no free descriptor) writing goes on in the current part and the first such failure
+    is raised once from ``emit``, its records already queued (``RotatingFile``). A write error
+    (a full disk) is raised once from ``emit`` (the fan-out reports it once) and later records
+    are counted as dropped; training goes on.
 
     Lines are rendered by ``renderer``, which ``build_sinks`` shares with the JSON sink: a
     record whose public line the JSON sink has just written gets those bytes with the
@@ -148,6 +183,7 @@ class DiagnosticSink:
         self._written = 0
         self._dropped = 0
         self._reported: BaseException | None = None
+        self._rotation_reported = False
         self._made_dirs: list[Path] = []
         self._created = False
 
@@ -171,6 +207,7 @@ class DiagnosticSink:
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
         self._written = 0
+        self._rotation_reported = False
         self._made_dirs = missing_dirs(context.run_dir)
         try:
             context.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +250,8 @@ class DiagnosticSink:
         self.emit_many((record,))
 
     def emit_many(self, records: Sequence[Record]) -> None:
-        """Render ``records`` in order and queue their lines together."""
+        """Render ``records`` in order and queue their lines together; raise once (after queuing
+        them) when the file could not start a new part, so the fan-out reports it."""
         writer = self._writer
         if writer is None:
             msg = "DiagnosticSink.emit called before open"
@@ -223,6 +261,14 @@ class DiagnosticSink:
             msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
             raise OSError(msg)
         self._written += writer.offer_many(records, self.render)
+        f = self._file
+        if f is not None and f.rotation_error is not None and not self._rotation_reported:
+            self._rotation_reported = True  # raised after queuing: no record is lost for it
+            msg = (
+                f"cannot start a new part of {str(self.path)!r} ({one_line(f.rotation_error)}); "
+                "writing on in the current part"
+            )
+            raise OSError(msg)
 
     def sync(self, timeout: float) -> bool:
         """Wait until the lines given so far are written, then fsync the file (see ``FanOut.sync``)."""
