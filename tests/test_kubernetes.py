@@ -3,7 +3,8 @@
 The generated files match their single sources; the core objects validate strictly against a pinned
 Kubernetes version, the Prometheus Operator objects hold their required fields and the rules pass
 promtool; the objects point at each other (labels, ports, names, paths); and the Job's own container
-command line, with its environment, trains one run of two ranks on 127.0.0.1.
+command line, with its environment, trains one run of two ranks on 127.0.0.1, and exits 2 on a bad
+config, which the pod failure policy fails the Job on.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +32,7 @@ KUBERNETES_VERSION = "1.31.0"
 CORE_KINDS = {"Service", "Job", "PersistentVolumeClaim", "ConfigMap"}
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}
 TINI = ["tini", "--"]
+LAUNCHER = "traintel-torchrun"  # traintel.torchrun: torchrun passing the workers' exit status through
 INDEX = "$(JOB_COMPLETION_INDEX)"
 
 
@@ -173,7 +177,7 @@ def test_the_objects_point_at_each_other() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     argv = container["command"]
-    assert argv[: len(TINI) + 1] == [*TINI, "torchrun"]
+    assert argv[: len(TINI) + 1] == [*TINI, LAUNCHER]
     assert _flag(argv, "--master-addr") == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
     assert int(_flag(argv, "--master-port")) == ports["rendezvous"]
     assert int(_flag(argv, "--nnodes")) == job["spec"]["completions"]
@@ -212,6 +216,13 @@ def test_the_pod_failure_policy() -> None:
     ]  # exit 1 matches nothing: it counts against backoffLimit
 
 
+def test_the_launcher_is_a_console_script_of_the_package() -> None:
+    # the image's regular install puts it on PATH next to traintel (no tomllib on Python 3.10)
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    scripts = text.split("\n[project.scripts]\n", 1)[1].split("\n[", 1)[0].splitlines()
+    assert f'{LAUNCHER} = "traintel.torchrun:main"' in scripts
+
+
 def test_the_config_map_config_passes_config_show(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(_config_text(), encoding="utf-8")
@@ -229,8 +240,8 @@ def _local_argv(index: int, port: int, config: Path) -> list[str]:
     argv = list(_container()["command"])
     assert argv[: len(TINI)] == TINI
     argv = argv[len(TINI) :]
-    assert argv[0] == "torchrun"
-    out = [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[0] == LAUNCHER
+    out = [sys.executable, "-m", "traintel.torchrun"]
     for arg in argv[1:]:
         if arg.startswith("--master-addr="):
             out.append("--master-addr=127.0.0.1")
@@ -243,8 +254,14 @@ def _local_argv(index: int, port: int, config: Path) -> list[str]:
     return out
 
 
-@pytest.mark.slow
-def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
+def _run_job_command(
+    tmp_path: Path,
+    overrides: dict[str, str],
+    during: Callable[[list[subprocess.Popen[str]]], None] | None = None,
+) -> list[tuple[int, str, str]]:
+    """Both indexes' container commands on 127.0.0.1, with the container's env and ``overrides``
+    (``during`` is called with the processes once both started): each one's exit status, stdout
+    and stderr."""
     config = tmp_path / "config.yaml"
     config.write_text(_config_text(), encoding="utf-8")
     env = _clean_env()
@@ -252,8 +269,8 @@ def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
     env.update(
         {
             "TRAINTEL__RUN__DIR": str(tmp_path / "runs" / "traintel"),
-            "TRAINTEL__TRAINER__MAX_EPOCHS": "1",
             "TRAINTEL__SINKS__PROMETHEUS__PORT": "0",
+            **overrides,
         }
     )
     port = free_port()
@@ -270,6 +287,8 @@ def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
     ]
     results = []
     try:
+        if during is not None:
+            during(procs)
         for proc in procs:
             out, err = proc.communicate(timeout=120)
             results.append((proc.returncode, out, err))
@@ -278,6 +297,12 @@ def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    return results
+
+
+@pytest.mark.slow
+def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
+    results = _run_job_command(tmp_path, {"TRAINTEL__TRAINER__MAX_EPOCHS": "1"})
     for index, (code, _, err) in enumerate(results):
         assert code == 0, (index, err[-3000:])
     lines = [json.loads(line) for line in results[0][1].splitlines() if line.startswith("{")]
@@ -286,3 +311,40 @@ def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
     assert len(starts) == 1 and starts[0]["world_size"] == 2, starts
     assert len(ends) == 1 and ends[0]["status"] == "completed", ends
     assert (tmp_path / "runs" / "traintel" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_the_job_command_exits_2_on_a_bad_config_which_fails_the_job(tmp_path: Path) -> None:
+    results = _run_job_command(tmp_path, {"TRAINTEL__TRAINER__MAX_EPOCHS": "0"})
+    fail_job = _one("Job")["spec"]["podFailurePolicy"]["rules"][0]
+    assert fail_job["action"] == "FailJob"
+    for index, (code, out, err) in enumerate(results):
+        assert code in fail_job["onExitCodes"]["values"], (index, code, err[-3000:])
+        assert "traintel: error: trainer.max_epochs: input should be greater than or equal to 1" in err
+        assert "traintel.torchrun: exit 2 (bad input)" in err
+        assert not [line for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_evicting_one_pod_ends_both_with_143_which_the_job_ignores(tmp_path: Path) -> None:
+    """SIGTERM to index 1 alone (its pod evicted): both ranks finish the same step; index 0, which
+    was not signalled, exits 143 too (0 would mark its index complete and leave the new index 1
+    pod nobody to meet), so neither counts against the Job and both pods start again."""
+
+    def evict(procs: list[subprocess.Popen[str]]) -> None:
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:
+            if '"train.step"' in line:
+                break
+        procs[1].send_signal(signal.SIGTERM)
+
+    results = _run_job_command(tmp_path, {"TRAINTEL__TRAINER__MAX_EPOCHS": "100000"}, during=evict)
+    ignored = _one("Job")["spec"]["podFailurePolicy"]["rules"][-1]
+    assert (ignored["action"], ignored["onExitCodes"]["values"]) == ("Ignore", [143])
+    assert [code for code, _, _ in results] == [143, 143], [err[-2000:] for _, _, err in results]
+    end = json.loads(results[0][1].splitlines()[-1])
+    assert (end["event"], end["status"], end["reason"]) == (
+        "run.end",
+        "terminated",
+        "stopped with another rank",
+    )

@@ -131,12 +131,13 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     from traintel.api import build
+    from traintel.engine.coordination import PEER_STOP_REASON
     from traintel.signals import early_signal
 
     run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
-    if run.stop_signal == "SIGTERM":
-        return EXIT_SIGTERM
+    if run.stop_signal == "SIGTERM" or (end.status == "terminated" and end.reason == PEER_STOP_REASON):
+        return EXIT_SIGTERM  # stopped by a signal, here or on another rank: a retry may continue
     if run.stop_signal == "SIGINT":
         return EXIT_SIGINT
     return EXIT_FAILED if end.status == "failed" else EXIT_OK

@@ -14,6 +14,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+PEER_STOP_REASON = "stopped with another rank"
+"""``run.end``'s reason on a rank that ended because another rank was asked to stop (a signal)."""
+
 
 class Agreement(NamedTuple):
     """The outcome of one step's agreement, the same on every rank."""

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import Engine
 
-from traintel.engine.coordination import Coordinator
+from traintel.engine.coordination import PEER_STOP_REASON, Coordinator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.loss import WindowLoss, loss_scale
 from traintel.engine.progress import Progress
@@ -280,7 +280,7 @@ class AccumulatingStep:
         ))  # fmt: skip
         if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
             if getattr(engine.state, "stop_reason", None) is None:
-                _set_state(engine, "stop_reason", "stopped with another rank")
+                _set_state(engine, "stop_reason", PEER_STOP_REASON)
             engine.terminate()
         # Ignite stores this as state.output; a TraintelState sums it only when it is read
         return window_loss if isinstance(engine.state, TraintelState) else window_loss.resolve()

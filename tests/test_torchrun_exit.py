@@ -1,0 +1,124 @@
+"""``python -m traintel.torchrun``: torch's torchrun, exiting with its workers' status.
+
+Real launches (two gloo ranks on CPU): a bad config exits 2 where torchrun exits 1, a worker failing
+in training exits 1, and a SIGTERM to the launcher exits 143 once both ranks ended the run as
+terminated and checkpointed it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.children import CHILD_TIMEOUT, child_env
+from traintel import checkpoint
+from traintel.torchrun import exit_status
+
+CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+LAUNCHERS = {"traintel": "traintel.torchrun", "torch": "torch.distributed.run"}
+
+
+def _launch(tmp_path: Path, launcher: str, *overrides: str) -> subprocess.Popen[str]:
+    """``python -m LAUNCHER --standalone --nproc-per-node=2 -m traintel train`` on the demo config."""
+    cmd = [sys.executable, "-m", LAUNCHERS[launcher], "--standalone", "--nproc-per-node=2",
+           "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
+           "--set", "sinks.prometheus.port=0", *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
+    env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _records(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    ("exitcodes", "status"),
+    [
+        ([2], 2),
+        ([2, 2], 2),
+        ([2, 143], 2),  # the agent stopped the other rank after the first exited 2
+        ([2, -15], 2),  # ... before that rank's own handler was in place
+        ([1, 143], 1),
+        ([1, 2], 1),
+        ([-9, 143], 1),  # killed (out of memory): a failure, retried
+        ([139], 1),
+        ([143, -15], 143),  # every rank stopped by SIGTERM
+        ([130, 143], 130),
+        ([-2], 130),
+        ([2, 130], 2),
+    ],
+)
+def test_the_status_of_the_failed_workers(exitcodes: list[int], status: int) -> None:
+    assert exit_status(exitcodes) == status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "status"), [("traintel", 2), ("torch", 1)])
+def test_a_bad_config_exits_2_where_torchrun_exits_1(tmp_path: Path, launcher: str, status: int) -> None:
+    proc = _launch(tmp_path, launcher, "trainer.max_epochs=0")
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == status, err[-3000:]
+    assert "traintel: error: trainer.max_epochs: input should be greater than or equal to 1 (got 0)" in err
+    assert "ChildFailedError" in err and "Root Cause (first observed failure)" in err  # torchrun's summary
+    assert _records(out) == []
+
+
+@pytest.mark.slow
+def test_a_worker_failing_in_training_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "crashing.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import torch
+            from traintel.tasks.forecast import make_task as base
+
+            def make_task():
+                task = base(train_samples=320, val_samples=0)
+                calls = {"n": 0}
+
+                def loss_fn(out, y):
+                    calls["n"] += 1
+                    if calls["n"] == 7 and os.environ["RANK"] == "1":
+                        raise RuntimeError("loss exploded on micro-batch 7")
+                    return torch.nn.functional.mse_loss(out, y)
+
+                task.loss_fn = loss_fn
+                return task
+            """
+        )
+    )
+    proc = _launch(tmp_path, "traintel", "task.factory=crashing:make_task", "task.params={}")
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 1, err[-3000:]
+    assert "training failed: RuntimeError: loss exploded on micro-batch 7" in err
+    assert "traintel.torchrun: exit 1 (a worker failed)" in err
+    # rank 0 ends the run as failed on rank 1's error; torch's agent then stops it with SIGTERM
+    end = _records(out)[-1]
+    assert (end["event"], end["status"]) == ("run.end", "failed")
+    assert end["reason"].startswith("rank 1: RuntimeError: loss exploded on micro-batch 7"), end
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_exits_143_after_the_ranks_end_the_run(tmp_path: Path) -> None:
+    proc = _launch(tmp_path, "traintel", "trainer.max_epochs=100000", "checkpoint.every_steps=100000")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "train.step":
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 143, err[-3000:]
+    end = _records(out)[-1]
+    assert (end["event"], end["status"], end["reason"]) == ("run.end", "terminated", "SIGTERM")
+    assert "SignalException" in err and "traintel.torchrun: exit 143 (terminated)" in err
+    for rank in (0, 1):  # both ranks checkpointed the step they finished: a new pod resumes from it
+        assert checkpoint.complete(tmp_path / "run" / checkpoint.DIRECTORY, rank)[0].step == end["step"]
