@@ -43,7 +43,7 @@ CLOSE_REASONS = ("limit", "timeout", "bad_request", "tls")
 _MAX_REQUEST = 16 * 1024  # request line and headers; a scrape sends a few hundred bytes
 _ACCEPTS_PER_WAKE = 64
 _LONGEST_PAUSE = 0.25
-_SHORTEST_PAUSE = 0.002  # scrapes arriving together are served in one wake-up of the thread
+_SHORTEST_PAUSE = 0.01  # scrapes arriving together are served in one wake-up of the thread
 
 
 @dataclass(eq=False)
@@ -209,6 +209,7 @@ class MetricsServer:
             conn = _Conn(sock, time.monotonic() + self.timeout, handshaking)
             self._conns[sock] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
+            self._advance(conn)  # a scraper's request is usually there already: one wake-up, not two
 
     def _make_room(self, newcomer: socket.socket | None) -> bool:
         """Close the connection that has waited longest without a whole request; when every open
