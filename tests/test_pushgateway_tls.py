@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -192,3 +193,39 @@ def test_tls_files_that_do_not_exist_are_bad_input(tmp_path: Path) -> None:
     sink = PrometheusSink(port=0, certfile=str(tmp_path / "nope.pem"), keyfile=str(tmp_path / "nope.key"))
     with pytest.raises(ConfigError, match=r"^sinks\.prometheus\.certfile: no such file: .*nope\.pem$"):
         sink.open(run_context(tmp_path))
+
+
+def test_credentials_in_the_url_are_basic_auth_and_never_shown(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        sink = PrometheusSink(port=0, pushgateway=Pushgateway(url=f"http://ci:s3cret@127.0.0.1:{port}"))
+        sink.open(run_context(tmp_path))
+        sink.emit(_end())
+        sink.push()
+        sink.close()
+    finally:
+        server.shutdown()
+    assert seen == [("/metrics/job/traintel/run_id/r1", "Basic Y2k6czNjcmV0")]  # base64 of ci:s3cret
+
+    refused = free_port()
+    sink = PrometheusSink(port=0, pushgateway=Pushgateway(url=f"http://ci:s3cret@127.0.0.1:{refused}"))
+    sink.open(run_context(tmp_path))
+    sink.emit(_end())
+    message = f"push to http://***@127.0.0.1:{refused} failed: URLError: <urlopen error [Errno 111] Connection refused>"
+    with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
+        sink.push()
+    sink.close()

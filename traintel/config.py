@@ -10,20 +10,35 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from traintel.errors import ConfigError
+from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact_url
+from traintel.redaction import redact as _redact
 
 ENV_PREFIX = "TRAINTEL__"
 """Environment variables ``TRAINTEL__SECTION__KEY=value`` override the config file."""
 
-_SECRET_KEY = re.compile(
-    r"(?:^|[_.-])(password|passwd|secret|token|api_?key|credentials?)(?:$|[_.-])", re.IGNORECASE
-)
-REDACTED = "***"
+Int = Annotated[int, Strict()]
+"""An integer: not a boolean, a float or a string (``"3"``); ``--set`` and environment values are
+parsed as YAML first, so ``--set trainer.max_epochs=3`` is one."""
+Float = Annotated[float, Strict()]
+"""A number: an integer or a float, not a boolean or a string."""
+Bool = Annotated[bool, Strict()]
+"""``true`` or ``false``: not 0, 1 or a string."""
 
 
 def _check_factory(value: str) -> str:
@@ -45,9 +60,9 @@ class RunConfig(_Section):
     """Human-readable run name; part of the generated run id."""
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     """Run id; generated as ``<name>-<UTC time>-<random>`` when null."""
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    seed: Int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for torch's global generators, set before the task factory runs."""
-    dir: str | None = None
+    dir: str | None = Field(default=None, min_length=1)
     """Run directory (diagnostic file, resolved config, checkpoints); default ``runs/<run_id>``."""
     resume: Literal["auto", "never"] = "never"
     """``auto``: when ``dir`` holds a complete checkpoint, continue that run from it (a container
@@ -75,7 +90,7 @@ class OptimizerConfig(BaseModel):
 
     name: Literal["sgd", "adamw", "adam"] = "adamw"
     """Optimizer: ``sgd``, ``adamw`` or ``adam``."""
-    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Initial learning rate."""
 
 
@@ -88,30 +103,68 @@ class SchedulerConfig(BaseModel):
     """``cosine`` (T_max defaults to the run's optimizer steps), ``step``, ``exponential``,
     ``linear_warmup`` (linear ramp over ``warmup_steps``)."""
 
+    @model_validator(mode="after")
+    def _arguments(self) -> SchedulerConfig:
+        takes = _SCHEDULER_ARGS[self.name]
+        given = self.model_extra or {}
+        for key, value in given.items():
+            if key not in takes:
+                problem = f"unknown key for the {self.name} scheduler (it takes {', '.join(takes)})"
+                raise _SubkeyError(key, problem)
+            try:
+                takes[key][1].validate_python(value)
+            except ValidationError as exc:
+                raise _SubkeyError(key, _problem(exc.errors()[0], f"trainer.scheduler.{key}")) from None
+        for key, (required, _) in takes.items():
+            if required and key not in given:
+                raise _SubkeyError(key, f"is required by the {self.name} scheduler")
+        return self
+
+
+class _SubkeyError(ValueError):
+    """A validator's error about ``key`` inside the model it checks (reported as ``<model>.<key>``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+_PositiveInt = TypeAdapter(Annotated[Int, Field(ge=1)])
+_PositiveFloat = TypeAdapter(Annotated[Float, Field(gt=0, allow_inf_nan=False)])
+_NonNegativeFloat = TypeAdapter(Annotated[Float, Field(ge=0, allow_inf_nan=False)])
+_SCHEDULER_ARGS: dict[str, dict[str, tuple[bool, TypeAdapter[Any]]]] = {
+    "cosine": {"T_max": (False, _PositiveInt), "eta_min": (False, _NonNegativeFloat)},
+    "step": {"step_size": (True, _PositiveInt), "gamma": (False, _PositiveFloat)},
+    "exponential": {"gamma": (True, _PositiveFloat)},
+    "linear_warmup": {"warmup_steps": (True, _PositiveInt)},
+}
+"""Each scheduler's arguments: whether it is required, and its type and range."""
+
 
 class DistributedConfig(_Section):
     """torch.distributed settings, used when the run is started by torchrun (``RANK``, ``WORLD_SIZE``)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto``: nccl on CUDA, gloo on CPU."""
-    timeout_seconds: float = Field(default=300.0, gt=0, le=86_400, allow_inf_nan=False)
+    timeout_seconds: Float = Field(default=300.0, gt=0, le=86_400, allow_inf_nan=False)
     """How long a collective waits for the other ranks before the run fails."""
 
 
 class TrainerConfig(_Section):
     """The optimisation loop."""
 
-    max_epochs: int = Field(default=3, ge=1, le=1_000_000)
+    max_epochs: Int = Field(default=3, ge=1, le=1_000_000)
     """Number of passes over the training loader."""
-    accumulation_steps: int = Field(default=3, ge=1, le=1_000_000)
+    accumulation_steps: Int = Field(default=3, ge=1, le=1_000_000)
     """Micro-batches per optimizer step (k); an epoch has ceil(B/k) optimizer steps."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     """Optimizer settings."""
     scheduler: SchedulerConfig | None = None
     """Learning-rate scheduler, or null for a constant rate."""
-    grad_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    grad_clip_norm: Float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (the norm is then reported)."""
-    report_grad_norm: bool = False
+    report_grad_norm: Bool = False
     """Report the gradient norm on ``train.step`` even without clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16`` runs forward and loss under autocast (CPU or CUDA); gradients stay fp32."""
@@ -128,13 +181,13 @@ class TrainerConfig(_Section):
 class TelemetryConfig(_Section):
     """How often records are produced."""
 
-    every: int = Field(default=10, ge=1, le=1_000_000)
+    every: Int = Field(default=10, ge=1, le=1_000_000)
     """Emit ``train.batch`` and ``train.step`` records for every Nth optimizer step;
     epoch, eval and run records are always emitted."""
     ranks: Literal["zero", "all"] = "zero"
     """Under torchrun: ``zero`` writes JSON lines on stdout from rank 0 only (every rank's warnings
     and errors still go to stderr), ``all`` from every rank."""
-    max_delay_seconds: float = Field(default=0.05, ge=0, le=60, allow_inf_nan=False)
+    max_delay_seconds: Float = Field(default=0.05, ge=0, le=60, allow_inf_nan=False)
     """Emitted steps are delivered to the sinks in batches, at most this long after the previous
     delivery (or when the next step ends, if steps are slower), and always before the epoch
     record and run.end; 0 delivers every emitted step at once."""
@@ -143,34 +196,37 @@ class TelemetryConfig(_Section):
 class JsonSinkConfig(_Section):
     """structlog JSON lines on stdout."""
 
-    enabled: bool = True
+    enabled: Bool = True
     format: Literal["auto", "json", "console"] = "auto"
     """``auto``: JSON lines, or, when stdout is a terminal, a console view (epoch, eval and run
     lines, warnings) with a progress bar showing the running step loss."""
     profile: Literal["default", "ecs"] = "default"
     """``ecs``: ``@timestamp``, ``log.level``, ``message``, ``ecs.version`` (Elastic Common Schema)."""
-    queue_capacity: int = Field(default=10_000, ge=1, le=10_000_000)
+    queue_capacity: Int = Field(default=10_000, ge=1, le=10_000_000)
     """Lines waiting for a slow stdout reader before ``train.batch`` records are dropped (and counted)."""
-    close_timeout_seconds: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
+    queue_bytes: Int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    """Bytes of lines waiting for stdout: past half of it ``train.batch`` lines are dropped, past all
+    of it ``train.step`` lines too (counted); epoch, eval, run and log lines are always kept."""
+    close_timeout_seconds: Float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
     """How long the end of the run waits for stdout to take the queued lines."""
 
 
 class DiagnosticSinkConfig(_Section):
     """``<run dir>/diagnostic.jsonl`` with self-checks."""
 
-    enabled: bool = True
+    enabled: Bool = True
     filename: str = Field(default="diagnostic.jsonl", pattern=r"^[^/\\]+$")
     """File name inside the run directory."""
-    max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    max_bytes: Int = Field(default=256 * 1024 * 1024, ge=0)
     """Rotate past this size to ``<filename>.1`` ... (0: never rotate)."""
-    backups: int = Field(default=3, ge=0, le=1000)
+    backups: Int = Field(default=3, ge=0, le=1000)
     """Rotated files kept; the oldest beyond this is deleted."""
 
 
 class PushgatewayConfig(_Section):
     """Where and how the run's final values are pushed."""
 
-    url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    url: str | None = None
     """Pushgateway address, e.g. ``http://pushgateway:9091``; null disables the push."""
     job: str = Field(default="traintel", min_length=1)
     """The ``job`` grouping label; ``run_id`` is the other grouping label."""
@@ -178,34 +234,60 @@ class PushgatewayConfig(_Section):
     """Basic-auth user name (with ``password``)."""
     password: str | None = None
     """Basic-auth password; redacted in ``config show`` and in ``run.start``."""
-    timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    timeout_seconds: Float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     """Wall-clock limit for the whole push (connect, send, answer); past it the push is abandoned
     and reported, so a slow gateway never holds the shutdown."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+
+def _check_url(value: str) -> str:
+    """An ``http(s)://[user:password@]host[:port][/path]`` URL; the message shows it redacted."""
+    shown = redact_url(value)
+    try:
+        parts = urlsplit(value)
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc}), got {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not hostname or re.search(r"\s", value):
+        msg = f"must be an http:// or https:// URL such as 'http://pushgateway:9091', got {shown!r}"
+        raise ValueError(msg)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        port_text = parts.netloc.rpartition(":")[2]
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535, got {shown!r}")
+    return value
 
 
 class PrometheusSinkConfig(_Section):
     """HTTP ``/metrics`` exporter on its own registry."""
 
-    enabled: bool = True
+    enabled: Bool = True
     host: str = Field(default="127.0.0.1", min_length=1)
     """Bind address; ``0.0.0.0`` exposes it beyond the host (containers)."""
-    port: int = Field(default=9400, ge=0, le=65535)
+    port: Int = Field(default=9400, ge=0, le=65535)
     """TCP port; 0 picks a free one (reported in ``run.start``)."""
-    linger_seconds: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
+    linger_seconds: Float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
     """Keep serving the final values this long after the run ends."""
     certfile: str | None = None
     """Serve ``/metrics`` over TLS with this certificate (PEM) and ``keyfile``."""
     keyfile: str | None = None
     client_cafile: str | None = None
     """Require client certificates signed by this CA (mutual TLS)."""
-    max_connections: int = Field(default=32, ge=1, le=1024)
+    max_connections: Int = Field(default=32, ge=1, le=1024)
     """Connections served at once; one more closes the connection that has waited longest
     without sending a request (counted in ``traintel_exporter_connections_closed_total``)."""
-    request_timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    request_timeout_seconds: Float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     """A connection's time to finish the TLS handshake, send its request and take the answer."""
     pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
     """Push the final values to a Pushgateway at run end (batch jobs)."""
-    per_rank: bool = False
+    per_rank: Bool = False
     """Under torchrun, every rank serves its own values on ``port + LOCAL_RANK`` (0: any free
     port), each family labelled ``rank``, and pushes them grouped by ``rank`` too; off, rank 0
     alone serves (no ``rank`` label) the values its records hold, global ones for steps and epochs."""
@@ -230,7 +312,7 @@ class ExtraSinkConfig(_Section):
     """``module:function`` (or class) that returns the sink."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the factory."""
-    enabled: bool = True
+    enabled: Bool = True
 
     @field_validator("factory")
     @classmethod
@@ -248,13 +330,13 @@ class ExtraSinkConfig(_Section):
 class CheckpointConfig(_Section):
     """Crash-safe checkpoints in ``<run dir>/checkpoints/``, taken after an optimizer step."""
 
-    every_steps: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    every_steps: Int | None = Field(default=None, ge=1, le=1_000_000_000)
     """Take one every N optimizer steps (null: not by steps)."""
-    every_epochs: int | None = Field(default=None, ge=1, le=1_000_000)
+    every_epochs: Int | None = Field(default=None, ge=1, le=1_000_000)
     """Take one at the end of every N-th epoch (null: not by epochs)."""
-    keep: int = Field(default=2, ge=1, le=1000)
+    keep: Int = Field(default=2, ge=1, le=1000)
     """Complete checkpoints kept (the newest); an older one goes only once a newer one is durable."""
-    on_signal: bool = True
+    on_signal: Bool = True
     """On SIGTERM or SIGINT, take one after the step that finishes (when checkpoints are on)."""
 
     @property
@@ -287,34 +369,116 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
-        """Plain, YAML-ready data; ``redact`` masks values whose key names a secret."""
+        """Plain, YAML-ready data; ``redact`` masks the values of keys that name a secret and the
+        credentials of URLs in every string (``traintel.redaction``)."""
         data = self.model_dump(mode="json", by_alias=True)
         return _redact(data) if redact else data
 
 
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: (REDACTED if _SECRET_KEY.search(str(k)) and v is not None else _redact(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
+# --------------------------------------------------------------------------- YAML input
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file larger than this (1 MiB) is refused before it is parsed."""
+MAX_DEPTH = 64
+"""Mappings and lists nested deeper than this are refused (a config needs a handful of levels)."""
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader when PyYAML was built with it, else the pure-Python one."""
+
+
+class _Refused(Exception):
+    """YAML that parses but is not accepted: an anchor or alias, a duplicate key, too deep."""
+
+    def __init__(self, mark: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.line = None if mark is None else int(mark.line) + 1
+        self.problem = problem
+
+
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """The safe loader (libyaml's when present) refusing duplicate keys; ``1e-3`` is a float (YAML
+    1.2) rather than the string YAML 1.1 makes of it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class says so, with its place
+                break
+            if duplicate:
+                raise _Refused(key_node.start_mark, f"duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _check_events(text: str) -> None:
+    """Refuse anchors, aliases and deep nesting from the event stream, before anything is built:
+    a "billion laughs" document stops at its first anchor, whatever it would expand to."""
+    too_deep = f"nesting deeper than {MAX_DEPTH} levels is not allowed"
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_BaseLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise _Refused(event.start_mark, "YAML anchors and aliases are not allowed")
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _Refused(event.start_mark, too_deep)
+            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                depth -= 1
+    except yaml.MarkedYAMLError as exc:
+        # libyaml's scanner reads flow brackets ahead of the events and stops at 1000 levels itself
+        if exc.problem and "nesting depth" in exc.problem:
+            raise _Refused(exc.problem_mark, too_deep) from None
+        raise
+
+
+def _load(text: str) -> Any:
+    """Parse one YAML document: raises ``_Refused`` or ``yaml.YAMLError``."""
+    _check_events(text)
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _error_line(exc: yaml.YAMLError, text: str) -> int | None:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return int(mark.line) + 1
+    position = getattr(exc, "position", None)  # a ReaderError: a character YAML does not allow
+    return None if position is None else text.count("\n", 0, position) + 1
 
 
 def parse_scalar(text: str) -> Any:
-    """Parse an override value as a YAML scalar: ``3`` -> int, ``null`` -> None, ``1e-3`` -> float."""
+    """Parse an override value as YAML: ``3`` -> int, ``null`` -> None, ``1e-3`` -> float; text that
+    is not valid YAML (``*.csv``) is that string. Anchors, aliases, duplicate keys and deep nesting
+    are a ConfigError."""
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        return _parse_value(text)
+    except _Refused as exc:
+        raise ConfigError("--set", exc.problem) from None
+
+
+def _parse_value(text: str) -> Any:
+    if not text.strip():
+        return ""
+    try:
+        return _load(text)
+    except (yaml.YAMLError, UnicodeEncodeError):  # not YAML, or not Unicode (a byte from os.environ)
         return text
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 as a string; YAML 1.2 and users mean a float
-    return value
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
@@ -326,7 +490,8 @@ def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
             node[part] = child
         elif not isinstance(child, dict):
             where = ".".join(path[: i + 1])
-            raise ConfigError(where, f"holds the value {child!r}, not a section; cannot set {'.'.join(path)}")
+            shown = _shown(where, child)
+            raise ConfigError(where, f"holds the value {shown}, not a section; cannot set {'.'.join(path)}")
         node = child
     node[path[-1]] = value
 
@@ -334,7 +499,9 @@ def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
 def _check_path(raw: str, origin: str) -> list[str]:
     parts = raw.split(".")
     if not raw or any(not p for p in parts):
-        raise ConfigError(origin, f"{raw!r} is not a dotted key such as 'trainer.accumulation_steps'")
+        raise ConfigError(
+            origin, f"{redact_url(repr(raw))} is not a dotted key such as 'trainer.accumulation_steps'"
+        )
     return parts
 
 
@@ -348,9 +515,14 @@ def apply_overrides(
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(origin, f"{item!r} must have the form key.path=value")
+            raise ConfigError(origin, f"{redact_url(repr(item))} must have the form key.path=value")
         path = _check_path(key.strip(), origin)
-        _set_path(data, path, parse_scalar(value))
+        try:
+            parsed = _parse_value(value)
+        except _Refused as exc:
+            where = "" if origin == "--set" else f" (set by {origin})"
+            raise ConfigError(".".join(path), f"{exc.problem}{where}") from None
+        _set_path(data, path, parsed)
         if sources is not None:
             sources[".".join(path)] = origin
 
@@ -365,27 +537,45 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return items
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; missing files and bad YAML become one-line ConfigErrors."""
-    p = Path(path)
+def _read_text(p: Path, origin: str) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                size = os.fstat(f.fileno()).st_size
+                what = f"has {size} bytes" if size > MAX_CONFIG_BYTES else "has more than 1048576 bytes"
+                raise ConfigError(
+                    origin, f"{str(p)!r} {what}; config files are limited to 1 MiB (1048576 bytes)"
+                )
     except FileNotFoundError:
-        raise ConfigError("--config", f"file {str(p)!r} does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError("--config", f"cannot read {str(p)!r}: {exc.__class__.__name__}") from None
+        raise ConfigError(origin, f"file {str(p)!r} does not exist") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(origin, f"cannot read {str(p)!r}: {exc.__class__.__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        problem = f"{str(p)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line})"
+        raise ConfigError(origin, problem) from None
+
+
+def read_yaml(path: str | os.PathLike[str], origin: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping; a missing, unreadable, oversized or non-UTF-8 file, bad YAML, anchors and
+    aliases, duplicate keys and deep nesting become one-line ConfigErrors naming ``origin``."""
+    p = Path(path)
+    text = _read_text(p, origin)
+    try:
+        data = _load(text)
+    except _Refused as exc:
+        raise ConfigError(origin, f"{str(p)!r} line {exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("--config", f"{str(p)!r} is not valid YAML{where}") from None
+        line = _error_line(exc, text)
+        where = f" at line {line}" if line is not None else ""
+        raise ConfigError(origin, f"{str(p)!r} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            "--config", f"{str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
-        )
+        raise ConfigError(origin, f"{str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -400,22 +590,58 @@ def format_key(loc: Sequence[int | str]) -> str:
     return key.replace("json_", "json") or "config"
 
 
-def _format_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
-    err = exc.errors()[0]
-    key = format_key(err["loc"])
-    source = sources.get(key)
-    origin = f" (set by {source})" if source else ""
+_TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type", "string_type"})
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a float", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _is_secret_path(key: str) -> bool:
+    return any(is_secret_key(part) for part in re.split(r"[.\[\]]+", key))
+
+
+def _shown(key: str, value: Any) -> str:
+    """``repr(value)`` for a message about ``key``: ``'***'`` when the key names a secret, and URL
+    credentials redacted."""
+    return repr(REDACTED) if _is_secret_path(key) else redact_url(repr(value))
+
+
+def _problem(err: Mapping[str, Any], key: str) -> str:
+    """A pydantic error as ``<problem> (got <input>)``, the input redacted."""
     kind = err["type"]
-    if kind == "extra_forbidden":
-        return ConfigError(key, f"unknown key{origin}")
-    if kind == "value_error":
-        return ConfigError(key, f"{err['ctx']['error']}{origin}")
-    got = err.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
     msg = err["msg"]
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be one of")
-    return ConfigError(key, f"{msg[0].lower()}{msg[1:]}{shown}{origin}")
+    got = err.get("input")
+    if kind in _TYPE_ERRORS and _kind(got) not in msg.lower():
+        msg = f"{msg}, not {_kind(got)}"
+    shown = f" (got {_shown(key, got)})" if not isinstance(got, dict | list) else ""
+    return redact_url(f"{msg[0].lower()}{msg[1:]}{shown}")
+
+
+def _format_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
+    err = exc.errors()[0]
+    key = format_key(err["loc"])
+    kind = err["type"]
+    problem: str | None = None
+    if kind == "value_error":
+        error = err["ctx"]["error"]
+        if isinstance(error, _SubkeyError):
+            key, problem = f"{key}.{error.key}", error.problem
+        else:
+            problem = str(error)
+    source = sources.get(key)
+    origin = f" (set by {source})" if source else ""
+    if kind == "extra_forbidden":
+        return ConfigError(key, f"unknown key{origin}")
+    if problem is None:
+        problem = _problem(err, key)
+    return ConfigError(key, f"{redact_url(problem)}{origin}")
 
 
 def validate(data: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Config:
@@ -449,6 +675,10 @@ RESUMABLE_KEYS = ("trainer.max_epochs", "telemetry.", "sinks.", "checkpoint.")
 """What ``--set`` may change when resuming (``traintel train --resume``): nothing that alters the maths."""
 
 
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
 def _unredact(value: Any) -> Any:
     """A saved config with its redacted secrets (``***``) as null, to be set again from the environment."""
     if isinstance(value, dict):
@@ -456,6 +686,39 @@ def _unredact(value: Any) -> Any:
     if isinstance(value, list):
         return [_unredact(v) for v in value]
     return value
+
+
+def _redacted_urls(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Where a saved config holds a URL whose credentials were redacted (``scheme://***@host``)."""
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _redacted_urls(v, (*path, k))]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _redacted_urls(v, (*path, i))]
+    return [(path, value)] if isinstance(value, str) and has_redacted_url(value) else []
+
+
+def _lookup(data: Any, path: Sequence[str | int]) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _check_no_redacted_urls(data: Mapping[str, Any], saved: list[tuple[tuple[str | int, ...], str]]) -> None:
+    """A URL still as the saved config has it (credentials ``***``) would be used as it is: refuse it."""
+    for path, value in saved:
+        if _lookup(data, path) != value:
+            continue  # set again from the environment or --set
+        key = format_key(path)
+        if any(isinstance(part, int) for part in path):
+            how = "it is inside a list, so it cannot be set again for --resume"
+        else:
+            how = f"set it again with {ENV_PREFIX}{'__'.join(str(p).upper() for p in path)}"
+            if _resumable(key):
+                how += f" or --set {key}=..."
+        raise ConfigError(key, f"the saved config.yaml has {value!r}, its credentials redacted; {how}")
 
 
 def load_resume_config(
@@ -474,16 +737,15 @@ def load_resume_config(
         )
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+        if not _resumable(key):
             raise ConfigError(
                 key,
                 "cannot be changed when resuming; --set may change only trainer.max_epochs, "
                 "telemetry.*, sinks.* and checkpoint.*",
             )
-    try:
-        data = _unredact(read_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError("--resume", str(exc)) from None
+    saved = read_yaml(path, origin="--resume")
+    redacted_urls = _redacted_urls(saved)
+    data = _unredact(saved)
     sources: dict[str, str] = {}
     for item, variable in env_overrides(os.environ if environ is None else environ):
         apply_overrides(data, [item], origin=variable, sources=sources)
@@ -494,6 +756,7 @@ def load_resume_config(
     if not isinstance(run, dict):
         raise ConfigError("--resume", f"{str(path)!r} has no run section")
     run["dir"], run["resume"] = str(directory), "auto"
+    _check_no_redacted_urls(data, redacted_urls)
     return validate(data, sources)
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CollectorRegistry, ProcessCollector, push_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -26,6 +27,7 @@ from traintel.records import (
     RunStartRecord,
     StepRecord,
 )
+from traintel.redaction import redact_url
 from traintel.sinks._http import MetricsServer, server_context
 from traintel.sinks.base import RunContext
 
@@ -312,8 +314,9 @@ class PrometheusSink:
         for collector in self._pushed:
             registry.register(collector)
         handler: Callable[..., Callable[[], None]] = default_handler
-        if pg.username is not None:
-            user, password = pg.username, pg.password or ""
+        url, username, password = _credentials(pg)
+        if username is not None:
+            user = username
 
             def handler(url: str, method: str, timeout: float | None, headers: Any, data: bytes) -> Any:
                 return basic_auth_handler(url, method, timeout, headers, data, user, password)
@@ -324,7 +327,7 @@ class PrometheusSink:
         def send() -> None:
             try:
                 push_to_gateway(
-                    pg.url,
+                    url,
                     job=pg.job,
                     registry=registry,
                     grouping_key={"run_id": self.collector.run_id, **self.labels},
@@ -340,13 +343,13 @@ class PrometheusSink:
         deadline = time.monotonic() + pg.timeout_seconds
         while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             if self._hurry.is_set():
-                msg = f"push to {pg.url} abandoned: the process was asked to stop"
+                msg = f"push to {redact_url(pg.url)} abandoned: the process was asked to stop"
                 raise OSError(msg)
             if time.monotonic() >= deadline:
-                msg = f"push to {pg.url} failed: no answer within {pg.timeout_seconds:g} s"
+                msg = f"push to {redact_url(pg.url)} failed: no answer within {pg.timeout_seconds:g} s"
                 raise OSError(msg)
         if failure:
-            msg = f"push to {pg.url} failed: {one_line(failure[0])}"
+            msg = f"push to {redact_url(pg.url)} failed: {redact_url(one_line(failure[0]))}"
             raise OSError(msg)
 
     @property
@@ -372,3 +375,17 @@ class PrometheusSink:
             if self.linger_seconds > 0:
                 self._hurry.wait(self.linger_seconds)
             server.stop()
+
+
+def _credentials(pg: Pushgateway) -> tuple[str, str | None, str]:
+    """The gateway's URL without userinfo, and the basic-auth user and password: ``username`` and
+    ``password`` when set, else those written into the URL (``http://user:pass@host``, as curl
+    takes them)."""
+    parts = urlsplit(pg.url)
+    if parts.username is None:
+        return pg.url, pg.username, pg.password or ""
+    host = parts.netloc.rpartition("@")[2]
+    bare = parts._replace(netloc=host).geturl()
+    if pg.username is not None:
+        return bare, pg.username, pg.password or ""
+    return bare, unquote(parts.username), unquote(parts.password or "")
