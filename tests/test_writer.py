@@ -1,16 +1,29 @@
 """The background writer's policies, which the sink gives it: when queued lines reach the stream,
-and which items are dropped behind a slow consumer."""
+and which items are dropped behind a slow consumer (a line bound, and a byte bound on everything
+waiting)."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import struct
+import termios
 import threading
 import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from traintel.records import Record, RunEndRecord
-from traintel.sinks._policy import droppable, urgent
-from traintel.sinks._writer import BackgroundWriter
+from traintel.sinks._policy import DROP_FIRST, DROP_LAST, KEEP, droppable, urgent
+from traintel.sinks._writer import CHUNK_OVERHEAD, PIPE_BUF, BackgroundWriter, FdStream
+from traintel.sinks.json_stdout import JsonSink
 from traintel.testing import batch_record, end_record, epoch_record, step_record
+
+F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 
 
 class _Stream(io.BytesIO):
@@ -89,21 +102,129 @@ def test_lines_waiting_at_close_are_written() -> None:
     assert stream.getvalue().count(b"train.step") == 3
 
 
-def test_a_full_queue_drops_only_what_the_policy_calls_droppable_and_reports_the_count() -> None:
-    stream = _Stream()
-    writer = BackgroundWriter("t", stream, droppable=droppable, capacity=3, threaded=False)
-    writer._queue.extend([b"waiting\n"] * 3)  # a consumer that fell behind: no room
+class _Stalled:
+    """A consumer that has stopped reading: ``write`` blocks until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.entered = threading.Event()
+        self.data = bytearray()
+
+    def write(self, data: bytes, /) -> int:
+        self.entered.set()
+        assert self.go.wait(30)
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _stalled_writer(**kwargs: Any) -> tuple[BackgroundWriter[Record], _Stalled]:
+    """A writer whose first line is taken and stuck in ``write``: everything after it waits."""
+    stream = _Stalled()
+    writer: BackgroundWriter[Record] = BackgroundWriter(
+        "t", stream, droppable=droppable, linger=0.0, **kwargs
+    )
+    writer.offer_many([_step(0)], _render)
+    assert stream.entered.wait(5)
+    return writer, stream
+
+
+def _released(writer: BackgroundWriter[Record], stream: _Stalled) -> list[str]:
+    stream.go.set()
+    assert writer.close()
+    return stream.data.decode().splitlines()
+
+
+def test_a_full_line_bound_drops_only_batch_records_and_reports_the_count() -> None:
+    writer, stream = _stalled_writer(capacity=3)
+    writer.offer_many([epoch_record(), epoch_record()], _render)  # 3 lines waiting: the line bound
     batch = [batch_record(batch=1), batch_record(batch=2), _step(1), batch_record(batch=3), end_record()]
     assert writer.offer_many(batch, _render) == 2
-    assert (writer.dropped, stream.getvalue()) == (3, b"train.step 2\nrun.end 1\n")
+    assert writer.dropped == 3
+    assert _released(writer, stream) == [
+        "train.step 0", "train.epoch 0", "train.epoch 0", "train.step 2", "run.end 1",
+    ]  # fmt: skip
 
 
 def test_without_a_policy_nothing_is_dropped() -> None:
-    stream = _Stream()
-    writer = BackgroundWriter("t", stream, capacity=1, threaded=False)
-    writer._queue.append(b"waiting\n")  # no room left
-    assert writer.offer_many([batch_record(batch=3), end_record()], _render) == 2
-    assert (writer.dropped, stream.getvalue()) == (0, b"train.batch 0\nrun.end 0\n")
+    stream = _Stalled()
+    writer: BackgroundWriter[Record] = BackgroundWriter("t", stream, capacity=1, max_bytes=1, linger=0.0)
+    writer.offer_many([_step(0)], _render)
+    assert stream.entered.wait(5)  # the line bound and the byte bound are both reached
+    assert writer.offer_many([batch_record(batch=3), _step(1), end_record()], _render) == 3
+    assert writer.dropped == 0
+    assert _released(writer, stream) == ["train.step 0", "train.batch 0", "train.step 0", "run.end 0"]
+
+
+def _padded(record: Record, dropped: int) -> bytes:
+    """A 100-byte line: the event and the dropped count, padded."""
+    return f"{record.event} {dropped}".ljust(99).encode() + b"\n"
+
+
+def test_the_byte_bound_drops_batch_records_at_half_then_step_records_and_keeps_the_rest() -> None:
+    chunk = 100 + CHUNK_OVERHEAD  # one 100-byte line per call
+    bound = 10 * chunk
+    writer, stream = _stalled_writer(max_bytes=bound)
+    offered = {"train.batch": 0, "train.step": 0, "train.epoch": 0}
+    first_batch_drop = first_step_drop = None
+    for i in range(40):
+        for record in (batch_record(batch=i), _step(i + 1), epoch_record(epoch=i)):
+            before = writer.dropped
+            offered[record.event] += 1
+            writer.offer_many([record], _padded)
+            if writer.dropped > before and record.event == "train.batch" and first_batch_drop is None:
+                first_batch_drop = writer.waiting_bytes
+            if writer.dropped > before and record.event == "train.step" and first_step_drop is None:
+                first_step_drop = writer.waiting_bytes
+            assert writer.waiting_bytes <= bound + 40 * chunk  # beyond the bound: the epoch lines
+    # batch records go once half the bound waits; step records only once all of it does (a record
+    # is looked at once per three: the limits are crossed by up to three lines)
+    assert first_batch_drop is not None and bound / 2 <= first_batch_drop < bound / 2 + 3 * chunk
+    assert first_step_drop is not None and bound <= first_step_drop < bound + 3 * chunk
+    writer.offer_many([end_record()], _padded)
+    lines = _released(writer, stream)
+    events = [line.split()[0] for line in lines]
+    assert events.count("train.epoch") == 40  # never dropped
+    assert events[-1] == "run.end"
+    assert 0 < events.count("train.batch") < events.count("train.step") - 1 < 40
+    reported = sum(int(line.split()[1]) for line in lines)
+    assert reported == writer.dropped == 80 - events.count("train.batch") - (events.count("train.step") - 1)
+
+
+def test_submitted_lines_of_a_droppable_rank_are_dropped_and_counted_on_the_next_record() -> None:
+    writer, stream = _stalled_writer()
+    writer.max_bytes = writer.waiting_bytes + 3 * (100 + CHUNK_OVERHEAD)
+    for _ in range(3):
+        assert writer.submit(b"x".ljust(99) + b"\n", rank=DROP_LAST)  # then the bound is reached
+    assert not writer.submit(b"y\n", rank=DROP_LAST)
+    assert writer.submit(b"kept\n")  # a routed log line: always kept
+    assert writer.dropped == 1
+    writer.offer_many([epoch_record()], _render)
+    assert _released(writer, stream)[-2:] == ["kept", "train.epoch 1"]
+
+
+def test_a_queued_line_costs_its_length_not_the_renderers_buffer() -> None:
+    """orjson's lines sit in buffers of several KiB; the writer keeps exact-size copies, and what
+    ``waiting_bytes`` counts is what the queue really holds."""
+    sink = JsonSink(io.BytesIO())
+    writer, stream = _stalled_writer(max_bytes=1 << 30)
+    records = [step_record(step=i) for i in range(2_000)]
+    base = writer.waiting_bytes
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for record in records:
+            writer.offer_many([record], sink.render)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    lines = len(sink.render(records[0]))
+    counted = writer.waiting_bytes - base
+    assert held < 1.1 * counted, (held / len(records), counted / len(records), lines)
+    assert counted < len(records) * (lines + CHUNK_OVERHEAD + 8)
+    assert len(_released(writer, stream)) == len(records) + 1
 
 
 def test_without_a_policy_no_line_is_urgent() -> None:
@@ -120,10 +241,85 @@ def test_without_a_policy_no_line_is_urgent() -> None:
     assert stream.getvalue() == b"train.step 0\nrun.end 0\n"
 
 
-def test_the_sinks_policy_drops_batch_records_and_hurries_run_end_and_sink_errors() -> None:
+def test_the_sinks_policy_drops_batch_then_step_records_and_hurries_run_end_and_sink_errors() -> None:
     from traintel.records import SinkErrorRecord
 
     error = SinkErrorRecord(run_id="r1", time=1.0, sink="x", error="OSError: full")
     records = [batch_record(), step_record(), epoch_record(), end_record(), error]
-    assert [droppable(r) for r in records] == [True, False, False, False, False]
+    assert [droppable(r) for r in records] == [DROP_FIRST, DROP_LAST, KEEP, KEEP, KEEP]
     assert [urgent(r) for r in records] == [False, False, False, True, True]
+
+
+def _pipe(size: int = 65536) -> tuple[int, int]:
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    return r, w
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_pipe_gets_whole_lines_of_at_most_pipe_buf_bytes_per_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def spy(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    r, w = _pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(_read_all(r)), daemon=True)
+    reader.start()
+    stream = FdStream(w)
+    data = b"".join(f'{{"n":{i},"pad":"{"x" * (i % 700)}"}}\n'.encode() for i in range(300))
+    long = b'{"long":"' + b"y" * 3 * PIPE_BUF + b'"}\n'
+    monkeypatch.setattr(os, "write", spy)
+    stream.write(data + long + data)
+    monkeypatch.undo()
+    os.close(w)
+    reader.join(10)
+    os.close(r)
+    assert received == [data + long + data]
+    assert len(writes) > 2 * len(data) // PIPE_BUF
+    assert long in writes  # a line longer than PIPE_BUF: one write of its own
+    for piece in writes:
+        assert piece.endswith(b"\n")
+        assert len(piece) <= PIPE_BUF or piece == long
+
+
+def test_a_file_gets_one_write_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    stream = FdStream(fd)
+    data = b"".join(b'{"n":%d}\n' % i for i in range(5_000))
+    stream.write(data)
+    stream.close()
+    assert writes == [len(data)]
+
+
+def test_a_long_line_waits_for_an_empty_pipe_instead_of_blocking_half_written() -> None:
+    r, w = _pipe(PIPE_BUF * 4)
+    stream = FdStream(w)
+    os.write(w, b"x" * (PIPE_BUF * 3 + 100) + b"\n")  # unread: a 3 * PIPE_BUF line has no room
+    long = b"y" * (PIPE_BUF * 3) + b"\n"
+    writer = threading.Thread(target=stream.write, args=(b"short\n" + long,), daemon=True)
+    writer.start()
+    time.sleep(0.3)
+    assert _unread(w) == PIPE_BUF * 3 + 101 + len(b"short\n")  # the short line went, the long one waits
+    assert os.read(r, 1 << 20) == b"x" * (PIPE_BUF * 3 + 100) + b"\n" + b"short\n"  # the reader catches up
+    writer.join(5)
+    assert not writer.is_alive()
+    os.close(w)
+    assert _read_all(r) == long
+    os.close(r)
+
+
+def _unread(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])

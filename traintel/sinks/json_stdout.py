@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, BinaryIO
 
 import structlog
 from structlog.typing import Processor
 
 from traintel.records import BatchRecord, Record, StepRecord
+from traintel.sinks import _stdout_capture
 from traintel.sinks._jsonline import LineRenderer, ecs_layout
-from traintel.sinks._policy import droppable, urgent
-from traintel.sinks._writer import BackgroundWriter, FdStream
+from traintel.sinks._policy import DROP_LAST, droppable, urgent
+from traintel.sinks._writer import DEFAULT_MAX_BYTES, BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
 
 ROUTINE = (BatchRecord, StepRecord)
@@ -71,15 +73,23 @@ class JsonSink:
     """Render each record as one JSON line through a structlog processor chain.
 
     Fields: ``timestamp`` (ISO-8601 UTC, from the record), ``level``, ``event`` (the
-    record's event name), then the record's fields, and ``dropped`` when ``train.batch``
-    records were dropped before this one. Every record's event dict goes through
+    record's event name), then the record's fields, and ``dropped`` when records (or captured
+    text lines) were dropped before this one. Every record's event dict goes through
     ``processors`` (structlog processors, run in order, e.g. one that adds a field), then the
     profile's layout and the strict JSON renderer, or, for ``console``, structlog's console
     renderer. Lines go to ``stream`` (by default a duplicate of ``fd``, stdout's descriptor unless given)
-    from a background writer behind a bounded queue of ``capacity`` records: a stalled
-    reader never blocks training (see ``traintel.sinks._writer``). ``dropped`` counts the
-    records lost so far. ``renderer`` is the strict JSON renderer, which ``build_sinks``
-    shares with the diagnostic file (a sink built alone makes its own).
+    from a background writer behind a bounded queue: a stalled reader never blocks training,
+    and what waits for it is at most ``queue_bytes`` (``train.batch`` records are dropped first,
+    once ``capacity`` lines or half of ``queue_bytes`` wait, then ``train.step`` records and
+    captured text; the other records and routed log lines are always kept; see
+    ``traintel.sinks._writer``). On a pipe, lines are written whole (``FdStream``).
+    ``dropped`` counts what was lost so far. ``renderer`` is the strict JSON renderer, which
+    ``build_sinks`` shares with the diagnostic file (a sink built alone makes its own).
+
+    While open, a sink writing JSON lines to stdout's descriptor (no ``stream``, not a
+    terminal, not ``console``) replaces ``sys.stdout`` when ``capture`` is true: text written to
+    it becomes log lines with ``logger: "stdout"`` and level ``info`` in the same stream, one per
+    line of text (``traintel.sinks._stdout_capture``); ``close`` puts it back.
     """
 
     name = "json"
@@ -95,6 +105,8 @@ class JsonSink:
         processors: Sequence[Processor] = (),
         renderer: LineRenderer | None = None,
         fd: int | None = None,
+        queue_bytes: int = DEFAULT_MAX_BYTES,
+        capture: bool = True,
     ) -> None:
         if profile not in ("default", "ecs"):
             msg = f"profile must be 'default' or 'ecs', got {profile!r}"
@@ -107,9 +119,15 @@ class JsonSink:
         self._fd = fd
         """Without ``stream``: the descriptor whose duplicate the lines go to (stdout's by default)."""
         self.capacity = capacity
+        """Lines waiting before ``train.batch`` records are dropped."""
+        self.queue_bytes = queue_bytes
+        """Bytes waiting before ``train.step`` records are dropped (half of it: ``train.batch``)."""
         self.close_timeout = close_timeout
+        self.capture = capture
+        """Whether ``open`` takes over ``sys.stdout`` when this sink writes JSON lines to stdout."""
         self._writer: BackgroundWriter[Record] | None = None
         self._owned: FdStream | None = None
+        self._capture: _stdout_capture.StdoutCapture | None = None
         self._closed_dropped = 0
         self.renderer = renderer if renderer is not None else LineRenderer()
         layout: list[Processor] = [ecs_layout] if profile == "ecs" else []
@@ -122,7 +140,7 @@ class JsonSink:
 
     @property
     def dropped(self) -> int:
-        """``train.batch`` records dropped because stdout's reader fell behind."""
+        """Records (and captured text lines) dropped because stdout's reader fell behind."""
         return self._closed_dropped if self._writer is None else self._writer.dropped
 
     @property
@@ -146,22 +164,43 @@ class JsonSink:
 
     def open(self, context: RunContext) -> None:
         stream: BinaryIO | FdStream
+        owns_stdout = False
         if self._stream is not None:
             stream = self._stream
         else:
             sys.stdout.flush()
             sys.stderr.flush()
-            fd = sys.stdout.fileno() if self._fd is None else self._fd
+            stdout_fd = sys.stdout.fileno()
+            fd = stdout_fd if self._fd is None else self._fd
             stream = self._owned = FdStream(os.dup(fd))
+            owns_stdout = fd == stdout_fd and not os.isatty(fd)
         self._writer = BackgroundWriter(
             self.name,
             stream,
             droppable=droppable,
             urgent=urgent,
             capacity=self.capacity,
+            max_bytes=self.queue_bytes,
             close_timeout=self.close_timeout,
             threaded=not self.console,
         )
+        if owns_stdout and self.capture and not self.console:
+            self._capture = _stdout_capture.install(self._text_line_writer())
+
+    def _text_line_writer(self) -> Callable[[str], None]:
+        """What the stdout capture calls with each line of text: it renders the text as a routed
+        log line would be (``traintel.logs.JsonLogHandler``'s format, in this sink's profile) with
+        logger ``stdout`` and level ``info``, and queues it; it is dropped (and counted) with the
+        ``train.step`` records behind a stalled reader."""
+        from traintel.logs import JsonLogHandler  # here: traintel.logs imports this module
+
+        handler = JsonLogHandler(self, logging.NOTSET)
+
+        def write_text(text: str) -> None:
+            record = logging.LogRecord(_stdout_capture.STDOUT_LOGGER, logging.INFO, "", 0, text, None, None)
+            self.write_line(handler.format(record).encode() + b"\n", rank=DROP_LAST)
+
+        return write_text
 
     def emit(self, record: Record) -> None:
         self.emit_many((record,))
@@ -183,16 +222,18 @@ class JsonSink:
         else:
             writer.offer_many(records, self.render)
 
-    def write_line(self, line: bytes) -> None:
-        """Queue an already rendered line (a routed stdlib log record); once the sink is closed
-        (a sink closing after it logs), the line goes to stderr instead of being lost."""
+    def write_line(self, line: bytes, *, rank: int = 0) -> None:
+        """Queue an already rendered line (a routed stdlib log record: always kept, and written
+        at once; captured text: dropped like ``train.step`` records when the queue is full, rank
+        ``DROP_LAST``); once the sink is closed (a sink closing after it logs), the line goes to
+        stderr instead of being lost."""
         writer = self._writer
         if writer is None:
             with contextlib.suppress(AttributeError, OSError, ValueError):
                 sys.stderr.buffer.write(line)
                 sys.stderr.flush()
         elif writer.failed is None:
-            writer.submit(line, urgent=True)
+            writer.submit(line, urgent=not rank, rank=rank)
 
     def sync(self, timeout: float) -> bool:
         """Wait until the lines given so far are written to the stream (see ``FanOut.sync``)."""
@@ -200,6 +241,9 @@ class JsonSink:
         return writer is None or writer.drain(timeout)
 
     def close(self) -> None:
+        capture, self._capture = self._capture, None
+        if capture is not None:  # its held partial line first, while the writer takes lines
+            _stdout_capture.release(capture)
         writer, self._writer = self._writer, None
         if writer is None:
             return
