@@ -4,6 +4,7 @@ with the diagnostic file, and routed stdlib log lines."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import sys
@@ -79,13 +80,20 @@ def test_processors_run_before_the_ecs_layout_and_the_strict_renderer() -> None:
         event_dict["half_loss"] = event_dict["loss"] / 2 if "loss" in event_dict else math.nan
         return event_dict
 
-    (line,) = _json_lines(JsonSink(profile="ecs", processors=[halve]), [batch_record(loss=math.inf)])
+    def service(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event_dict["service.name"] = "trainer"  # an ECS name: kept as it is
+        return event_dict
+
+    sink = JsonSink(profile="ecs", processors=[halve, service])
+    (line,) = _json_lines(sink, [batch_record(loss=math.inf)])
     assert line == (
         b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
-        b'"ecs.version":"8.11.0","run_id":"r1","schema_version":"1.2.0","rank":0,"world_size":1,"attempt":0,'
-        b'"epoch":1,"batch":2,"batches":10,'
-        b'"step":0,"items":4,"raw_loss":0.75,"loss":null,"loss_scale":0.3333333333333333,"window_size":3,'
-        b'"half_loss":null,"nonfinite":{"loss":"inf","half_loss":"inf"}}\n'
+        b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"train.batch",'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.2.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.attempt":0,"traintel.epoch":1,"traintel.batch":2,"traintel.batches":10,"traintel.step":0,'
+        b'"traintel.items":4,"traintel.raw_loss":0.75,"traintel.loss":null,'
+        b'"traintel.loss_scale":0.3333333333333333,"traintel.window_size":3,'
+        b'"traintel.half_loss":null,"service.name":"trainer","traintel.nonfinite":{"loss":"inf","half_loss":"inf"}}\n'
     )
 
 
@@ -183,10 +191,17 @@ def test_stdlib_log_lines_are_strict_json_in_the_sinks_profile(profile: str) -> 
     else:
         assert warning == (
             b'{"@timestamp":"2025-11-24T16:00:00.500000Z","log.level":"warning","message":"slow loader",'
-            b'"ecs.version":"8.11.0","log.logger":"py.warnings"}\n'
+            b'"ecs.version":"8.11.0","event.dataset":"traintel.log","log.logger":"py.warnings"}\n'
         )
         head = b'{"@timestamp":"2025-11-24T16:00:01.000000Z","log.level":"error","message":"training failed",'
-        head += b'"ecs.version":"8.11.0","log.logger":"traintel","exception":[{"exc_type":"ValueError",'
-        head += b'"exc_value":"boom",'
+        head += b'"ecs.version":"8.11.0","event.dataset":"traintel.log","log.logger":"traintel",'
+        head += b'"error.type":"ValueError","error.message":"boom",'
+        head += b'"error.stack_trace":"Traceback (most recent call last):\\n  File \\"'
+        trace = json.loads(failure)["error.stack_trace"]
+        assert trace.endswith('    raise ValueError("boom")\nValueError: boom\n')
+        assert list(json.loads(failure)) == [
+            "@timestamp", "log.level", "message", "ecs.version", "event.dataset", "log.logger",
+            "error.type", "error.message", "error.stack_trace",
+        ]  # fmt: skip
     assert failure.startswith(head)
     assert b"node-7" not in warning + failure  # the sink's processors are for records

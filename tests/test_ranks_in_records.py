@@ -90,10 +90,11 @@ def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
 
 def test_the_ecs_profile_keeps_them_after_the_head() -> None:
     line = ecs_layout(None, "info", LineRenderer.event_dict(make_record("train.step", rank=2, world_size=3)))
-    assert list(line)[:7] == [
-        "@timestamp", "log.level", "message", "ecs.version", "run_id", "schema_version", "rank",
+    assert list(line)[:11] == [
+        "@timestamp", "log.level", "message", "ecs.version", "event.dataset", "event.action",
+        "traintel.run_id", "traintel.schema_version", "traintel.rank", "traintel.world_size", "traintel.attempt",
     ]  # fmt: skip
-    assert (line["rank"], line["world_size"]) == (2, 3)
+    assert (line["traintel.rank"], line["traintel.world_size"]) == (2, 3)
 
 
 # ----------------------------------------------------------------------------- rank_filename

@@ -268,16 +268,17 @@ def test_ecs_profile_renames_the_head_and_keeps_every_value() -> None:
         lines[profile] = out.getvalue()
     assert lines["ecs"] == (
         b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
-        b'"ecs.version":"8.11.0","run_id":"r1","schema_version":"1.2.0","rank":0,"world_size":1,"attempt":0,'
-        b'"epoch":1,"batch":2,"batches":10,'
-        b'"step":0,"items":4,"raw_loss":0.75,"loss":null,"loss_scale":0.3333333333333333,"window_size":3,'
-        b'"nonfinite":{"loss":"nan"}}\n'
+        b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"train.batch",'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.2.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.attempt":0,"traintel.epoch":1,"traintel.batch":2,"traintel.batches":10,"traintel.step":0,'
+        b'"traintel.items":4,"traintel.raw_loss":0.75,"traintel.loss":null,'
+        b'"traintel.loss_scale":0.3333333333333333,"traintel.window_size":3,'
+        b'"traintel.nonfinite":{"loss":"nan"}}\n'
     )
     default, ecs = json.loads(lines["default"]), json.loads(lines["ecs"])
     renamed = {"timestamp": "@timestamp", "level": "log.level", "event": "message"}
-    assert {renamed.get(k, k): v for k, v in default.items()} == {
-        k: v for k, v in ecs.items() if k != "ecs.version"
-    }
+    added = {"ecs.version": "8.11.0", "event.dataset": "traintel.records", "event.action": "train.batch"}
+    assert {renamed.get(k, f"traintel.{k}"): v for k, v in default.items()} | added == ecs
     with pytest.raises(ValueError, match="profile must be 'default' or 'ecs', got 'gelf'"):
         JsonSink(profile="gelf")
 

@@ -4,13 +4,20 @@ While a run's JSON sink is open, a handler on the root logger formats each stdli
 record (WARNING and above) with structlog's ``ProcessorFormatter`` into one strict JSON
 line: ``timestamp``, ``level``, ``event`` = the message, ``logger``, and instead of a
 multi-line traceback an ``exception`` list (one object per exception in the chain, with
-type, value and frames, no local variables). The line is queued on the sink's writer,
-so stdout stays 100% JSON lines and never interleaves two writers.
+type, value and frames, no local variables). In the ``ecs`` profile the line has ECS
+names (``@timestamp``, ``log.level``, ``message``, ``log.logger``, ``event.dataset``
+``traintel.log``) and the exception is ECS's ``error.type``, ``error.message`` and
+``error.stack_trace`` (the traceback as text). The line is queued on the sink's writer,
+so stdout stays 100% JSON lines and never interleaves two writers. Text that is not valid
+Unicode (a lone surrogate from a file name that is not UTF-8) is escaped by the renderer,
+so such a message is written, not lost.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -18,7 +25,7 @@ import structlog
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
-from traintel.sinks._jsonline import ecs_layout, iso_utc
+from traintel.sinks._jsonline import ecs_log_layout, iso_utc
 from traintel.sinks.json_stdout import JsonSink
 
 _exception_dict = ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
@@ -47,6 +54,25 @@ def _stdlib_fields(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return out
 
 
+def _ecs_exception(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The ``ecs`` profile's exception: ``exc_info`` as ECS ``error.type`` (the exception's class
+    name), ``error.message`` (its text) and ``error.stack_trace`` (the whole traceback as Python
+    prints it, chained exceptions included)."""
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and len(exc_info) == 3 and isinstance(exc_info[1], BaseException):
+        exc = exc_info[1]
+        event_dict["error.type"] = type(exc).__name__
+        event_dict["error.message"] = str(exc)
+        event_dict["error.stack_trace"] = "".join(traceback.format_exception(type(exc), exc, exc_info[2]))
+    return event_dict
+
+
 def _text(_logger: Any, _method: str, line: Any) -> str:
     """A logging formatter returns text: the rendered line's bytes, decoded, without the newline
     (the handler adds it back)."""
@@ -64,11 +90,9 @@ class JsonLogHandler(logging.Handler):
     def __init__(self, sink: JsonSink, level: int = logging.WARNING) -> None:
         super().__init__(level)
         self.sink = sink
-        layout = [ecs_layout] if sink.profile == "ecs" else []
+        layout: list[Any] = [_ecs_exception, ecs_log_layout] if sink.profile == "ecs" else [_exception_dict]
         self.setFormatter(
-            structlog.stdlib.ProcessorFormatter(
-                processors=[_stdlib_fields, _exception_dict, *layout, sink.renderer, _text]
-            )
+            structlog.stdlib.ProcessorFormatter(processors=[_stdlib_fields, *layout, sink.renderer, _text])
         )
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -3,13 +3,19 @@
 A record's line is its event dict (``LineRenderer.event_dict``: timestamp, level, event, run_id,
 schema_version, then the record's public fields) rendered by ``LineRenderer``, a structlog
 processor: non-finite floats become null and are named in ``nonfinite``, and orjson writes the
-keys in order, newline included.
+keys in order, newline included. Text that is not valid Unicode (a lone surrogate, as
+``os.fsdecode`` makes of a byte that is not UTF-8) is backslash-escaped rather than failing the
+line (``escape_surrogates``).
+
+The ``ecs`` profile (``ecs_layout``, ``ecs_log_layout``) lays the same values out as Elastic
+Common Schema fields: every key is a field's full dotted name.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime, timezone
 from typing import Any
@@ -52,18 +58,100 @@ def strict_fields(fields: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
 ECS_VERSION = "8.11.0"
 """Elastic Common Schema version the ``ecs`` profile follows."""
 
-_ECS_HEAD = {"timestamp": "@timestamp", "level": "log.level", "event": "message"}
-_ECS_KEYS = {**_ECS_HEAD, "logger": "log.logger"}
+ECS_NAMESPACE = "traintel"
+"""The custom field set that holds traintel's own fields in the ``ecs`` profile (``traintel.loss``)."""
+
+RECORDS_DATASET = "traintel.records"
+"""``event.dataset`` of a record line in the ``ecs`` profile."""
+
+LOG_DATASET = "traintel.log"
+"""``event.dataset`` of a routed stdlib log line in the ``ecs`` profile."""
+
+_ECS_HEAD = ("timestamp", "level", "event")
+_ECS_RENAMED = {"logger": "log.logger"}
+_ERROR_TEXT = re.compile(r"([A-Za-z_][\w.]*)(?:: (.*))?", re.DOTALL)
+
+
+def ecs_error(text: str) -> dict[str, str]:
+    """An error's one-line text (``Type: message``, as ``traintel.errors.one_line`` writes it) as
+    ECS ``error.type`` and ``error.message`` (empty when the exception had no message); text that
+    does not start with a type name is all ``error.message``."""
+    match = _ERROR_TEXT.fullmatch(text)
+    if match is None:
+        return {"error.message": text}
+    return {"error.type": match[1], "error.message": match[2] or ""}
+
+
+def _ecs_line(event_dict: MutableMapping[str, Any], dataset: str, *, action: bool) -> dict[str, Any]:
+    """The ``ecs`` layout of an event dict: ``@timestamp``, ``log.level``, ``message`` (the event),
+    ``ecs.version``, ``event.dataset`` (and ``event.action``, the event again, when ``action``),
+    then the other keys in order: ``logger`` as ``log.logger``, a text ``error`` as ``error.type``
+    and ``error.message``, a key that already has a dot (an ECS name such as ``error.stack_trace``
+    or one a processor added) unchanged, and every other key, traintel's own, under
+    ``traintel.``. Values are unchanged; non-finite floats are first made null and named in
+    ``nonfinite`` (so ``traintel.nonfinite`` names them as the default profile does)."""
+    strict_fields(event_dict)
+    event = event_dict.get("event")
+    out: dict[str, Any] = {
+        "@timestamp": event_dict.get("timestamp"),
+        "log.level": event_dict.get("level"),
+        "message": event,
+        "ecs.version": ECS_VERSION,
+        "event.dataset": dataset,
+    }
+    if action:
+        out["event.action"] = event
+    for key, value in event_dict.items():
+        if key in _ECS_HEAD:
+            continue
+        renamed = _ECS_RENAMED.get(key)
+        if renamed is not None:
+            out[renamed] = value
+        elif key == "error" and isinstance(value, str):
+            out.update(ecs_error(value))
+        elif "." in key or key.startswith("@"):
+            out[key] = value
+        else:
+            out[f"{ECS_NAMESPACE}.{key}"] = value
+    return out
 
 
 def ecs_layout(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
-    """A structlog processor for the ``ecs`` profile: the event dict (timestamp, level and event
-    first) with ``@timestamp``, ``log.level``, ``message``, then ``ecs.version``, then the rest
-    (``logger`` as ``log.logger``). Values are unchanged."""
-    out: dict[str, Any] = {_ECS_HEAD[key]: event_dict.get(key) for key in _ECS_HEAD}
-    out["ecs.version"] = ECS_VERSION
-    out.update((_ECS_KEYS.get(k, k), v) for k, v in event_dict.items() if k not in _ECS_HEAD)
-    return out
+    """A structlog processor for the ``ecs`` profile's record lines (``event.dataset``
+    ``traintel.records``, ``event.action`` the record's event): see ``_ecs_line``. A
+    ``sink.error``'s ``error`` becomes ``error.type`` and ``error.message``."""
+    return _ecs_line(event_dict, RECORDS_DATASET, action=True)
+
+
+def ecs_log_layout(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    """A structlog processor for the ``ecs`` profile's routed log lines (``event.dataset``
+    ``traintel.log``, ``log.logger``): see ``_ecs_line``."""
+    return _ecs_line(event_dict, LOG_DATASET, action=False)
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def escape_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its text (mapping keys included, at any depth)
+    backslash-escaped, so it can be written as UTF-8: one that stands for an undecodable byte
+    (U+DC80..U+DCFF, what ``os.fsdecode`` and the ``surrogateescape`` handler make of a byte that
+    is not UTF-8) as ``\\xNN``, the byte, as decoding the original bytes with
+    ``errors="backslashreplace"`` would have written it, and any other as ``\\uNNNN``. Mappings
+    become dicts and sequences lists (their JSON is the same); other values are returned as they
+    are."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(_escape_surrogate, value)
+    if isinstance(value, Mapping):
+        return {escape_surrogates(k): escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [escape_surrogates(v) for v in value]
+    return value
 
 
 def _default(value: Any) -> Any:
@@ -74,6 +162,11 @@ def _default(value: Any) -> Any:
     if hasattr(value, "items"):
         return dict(value.items())
     return str(value)
+
+
+def _escaped_default(value: Any) -> Any:
+    """``_default`` with lone surrogates escaped in what it returns (a string, a mapping's text)."""
+    return escape_surrogates(_default(value))
 
 
 class LineRenderer:
@@ -108,10 +201,19 @@ class LineRenderer:
 
     def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
         """One strict JSON line with its newline, keys in the event dict's order (``nonfinite`` last);
-        values orjson does not know go through ``_default``."""
-        line = orjson.dumps(event_dict, default=_default, option=orjson.OPT_APPEND_NEWLINE)
+        values orjson does not know go through ``_default``. Text with lone surrogates is escaped
+        (``escape_surrogates``) instead of failing the line; valid text costs nothing extra."""
+        default = _default
+        try:
+            line = orjson.dumps(event_dict, default=default, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            # orjson refuses text that is not valid Unicode ("str is not valid UTF-8: surrogates
+            # not allowed"); only then is the whole dict copied with its surrogates escaped. Any
+            # other reason (an integer past 64 bits) raises again, as it did.
+            event_dict, default = escape_surrogates(event_dict), _escaped_default
+            line = orjson.dumps(event_dict, default=default, option=orjson.OPT_APPEND_NEWLINE)
         if _may_hold_nonfinite(line, event_dict):
-            line = orjson.dumps(strict_fields(event_dict), default=_default, option=orjson.OPT_APPEND_NEWLINE)
+            line = orjson.dumps(strict_fields(event_dict), default=default, option=orjson.OPT_APPEND_NEWLINE)
         return line
 
     def remember(self, record: Record, line: bytes) -> None:
@@ -141,12 +243,16 @@ def _may_hold_nonfinite(rendered: bytes, values: Mapping[str, Any]) -> bool:
 
 def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
     """``line`` (a rendered object and its newline) with ``extras`` appended as further keys, or
-    None when a non-finite value on either side needs the full rendering (one ``nonfinite``)."""
+    None when a non-finite value on either side needs the full rendering (one ``nonfinite``), or
+    the extras cannot be written as they are (text to escape)."""
     if not extras:
         return line
     if b'"nonfinite"' in line:
         return None
-    tail = orjson.dumps(dict(extras), default=_default)
+    try:
+        tail = orjson.dumps(dict(extras), default=_default)
+    except orjson.JSONEncodeError:
+        return None
     if _may_hold_nonfinite(tail, extras):
         return None
     return b"".join((line[:-2], b",", tail[1:], b"\n"))
