@@ -28,7 +28,12 @@ their fields checked). The run id is that of rank 0's first record.
 Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
 unless ``--output`` says otherwise, written atomically with
 ``traintel.atomic.write_atomic`` (a temporary file in the same directory, fsynced, then
-``os.replace``; an existing report is replaced). Two panels share the
+renamed; an existing report is replaced). The output is only ever a regular file: a new
+name, or an existing regular file that is not one of the files the report reads (its
+diagnostic parts, ``config.yaml``). A directory, a symbolic link (even to a regular file: it
+is neither followed nor replaced), a character or block device (``/dev/null``), a FIFO or a
+socket is refused before anything is drawn or written, and looked for again right before the
+rename (``write_atomic(..., overwrite="regular")``). Two panels share the
 optimizer-step x axis:
 
 1. losses: ``train.batch`` ``loss`` (the value given to backward) and ``raw_loss`` at
@@ -86,8 +91,11 @@ such file`` (rank 0's), ``<part>: cannot read: <reason>``, ``<rank 0's newest pa
 records``, ``<part>:
 line <n> is not valid JSON``, ``<part>: line <n> is not a record (a JSON object with an
 "event" string)``, ``<part>: line <n>: <event> field "<name>" is not a number`` (or
-``... is not an integer``), ``<output>: is a directory``, ``<output>: its directory does
-not exist``, ``<output>: cannot write: <reason>``.
+``... is not an integer``), ``<output>: is a directory``, ``<output>: is a symbolic link (not
+followed); the report is written only as a new file or over a regular file`` (likewise ``is a
+character device``, ``is a block device``, ``is a FIFO``, ``is a socket``), ``<output>: is a
+file the report reads; choose another --output``, ``<output>: its directory does not exist``,
+``<output>: cannot write: <reason>``.
 """
 
 from __future__ import annotations
@@ -96,14 +104,15 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from traintel.atomic import write_atomic
+from traintel.atomic import NotRegularFile, file_kind, write_atomic
 from traintel.errors import EXIT_OK, ConfigError
 from traintel.records import rank_filename, rank_of_filename
 
@@ -572,12 +581,40 @@ def _draw_lr(ax: Axes, data: RunData) -> None:
     ax.set_xlabel("optimizer step")
 
 
-def check_output(output: Path) -> None:
-    """ConfigError when ``output`` cannot be where the PNG goes (checked before drawing)."""
-    if output.is_dir():
-        raise ConfigError(str(output), "is a directory")
-    if not output.parent.is_dir():
-        raise ConfigError(str(output), "its directory does not exist")
+_ONLY_REGULAR = "the report is written only as a new file or over a regular file"
+
+
+def _not_regular(output: Path, kind: str) -> ConfigError:
+    if kind == "a directory":
+        return ConfigError(str(output), "is a directory")
+    if kind == "a symbolic link":
+        kind = "a symbolic link (not followed)"
+    return ConfigError(str(output), f"is {kind}; {_ONLY_REGULAR}")
+
+
+def check_output(output: Path, reads: Sequence[Path] = ()) -> None:
+    """ConfigError when ``output`` cannot be where the PNG goes (checked before drawing): it must
+    be a new name in an existing directory, or a regular file (never a directory, symbolic link,
+    device, FIFO or socket) that is none of ``reads`` (the files the report reads)."""
+    try:
+        st = output.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as exc:
+        raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
+    if st is None:
+        if not output.parent.is_dir():
+            raise ConfigError(str(output), "its directory does not exist")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(output, file_kind(st.st_mode))
+    for path in reads:
+        try:
+            other = path.stat()
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            raise ConfigError(str(output), "is a file the report reads; choose another --output")
 
 
 def write_png(fig: Figure, output: Path) -> None:
@@ -589,7 +626,9 @@ def write_png(fig: Figure, output: Path) -> None:
     # print_png renders at the figure's own size and dpi, whatever savefig.* rcParams say.
     canvas.print_png(png)
     try:
-        write_atomic(output, png.getvalue())
+        write_atomic(output, png.getvalue(), overwrite="regular")
+    except NotRegularFile as exc:  # it became one while the figure was drawn
+        raise _not_regular(output, exc.kind) from None
     except OSError as exc:
         raise ConfigError(str(output), f"cannot write: {exc.strerror or exc}") from None
 
@@ -603,7 +642,7 @@ def report(
     """Read the run, write the PNG, print the summary; ConfigError (exit 2) on bad input."""
     data = load_run(run_dir)
     out = Path(output) if output is not None else Path(run_dir) / REPORT_FILENAME
-    check_output(out)
+    check_output(out, [*data.parts, Path(run_dir) / CONFIG_FILENAME])
     write_png(build_figure(data), out)
     stream = stdout if stdout is not None else sys.stdout
     stream.write("".join(line + "\n" for line in summary_lines(data, out)))
