@@ -75,8 +75,7 @@ BAD_INPUT = [
     pytest.param(
         BadInput(
             ["train", "--set", "trainer.accumulation_steps=abc"],
-            "trainer.accumulation_steps: input should be a valid integer, "
-            "unable to parse string as an integer (got 'abc')",
+            "trainer.accumulation_steps: input should be a valid integer, not a string (got 'abc')",
         ),
         id="wrong-type",
     ),
@@ -267,8 +266,8 @@ BAD_INPUT = [
     pytest.param(
         BadInput(
             ["train"],
-            "trainer.max_epochs: input should be a valid integer, "
-            "unable to parse string as an integer (got 'zero') (set by TRAINTEL__TRAINER__MAX_EPOCHS)",
+            "trainer.max_epochs: input should be a valid integer, not a string (got 'zero') "
+            "(set by TRAINTEL__TRAINER__MAX_EPOCHS)",
             env={"TRAINTEL__TRAINER__MAX_EPOCHS": "zero"},
         ),
         id="env-override-bad-value",
@@ -302,6 +301,165 @@ BAD_INPUT = [
     pytest.param(
         BadInput(["train", "--config"], "argument --config/-c: expected one argument"),
         id="option-missing-value",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.diagnostic.filename=config.yaml"],
+            "sinks.diagnostic.filename: 'config.yaml' is reserved for traintel's own files in the run "
+            "directory (config.yaml, checkpoints, report.png, run.json); choose another name, such as "
+            "diagnostic.jsonl",
+        ),
+        id="diagnostic-filename-reserved",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.diagnostic.filename=.."],
+            "sinks.diagnostic.filename: must be a file name inside the run directory (not . or .., "
+            "no / or \\), got '..'",
+        ),
+        id="diagnostic-filename-dot-dot",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "run.dir=.", "--set", "sinks.diagnostic.filename=second.jsonl"],
+            "run.dir: '.' already holds another run's files (config.yaml, diagnostic.jsonl); "
+            "choose another run.dir (a new or empty one)",
+            files={"config.yaml": "run:\n  name: first\n", "diagnostic.jsonl": '{"event": "run.start"}\n'},
+        ),
+        id="run-dir-holds-another-run",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "run.dir=afile/run"],
+            "run.dir: cannot create 'afile/run': Not a directory",
+            files={"afile": "x"},
+        ),
+        id="run-dir-below-a-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "run.dir=afile"],
+            "run.dir: cannot create 'afile': File exists",
+            files={"afile": "x"},
+        ),
+        id="run-dir-is-a-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "--config: 'cfg.yaml' line 2: YAML anchors and aliases are not allowed",
+            files={"cfg.yaml": "trainer:\n  max_epochs: &n 3\n  accumulation_steps: *n\n"},
+        ),
+        id="config-yaml-alias",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "--config: 'cfg.yaml' line 3: duplicate key 'max_epochs'",
+            files={"cfg.yaml": "trainer:\n  max_epochs: 1\n  max_epochs: 2\n"},
+        ),
+        id="config-duplicate-key",
+    ),
+    pytest.param(
+        BadInput(
+            ["config", "show", "--config", "cfg.yaml"],
+            "--config: 'cfg.yaml' line 5: duplicate key 'trainer'",
+            files={
+                "cfg.yaml": "trainer:\n  max_epochs: 1\nrun:\n  seed: 1\ntrainer:\n  accumulation_steps: 2\n"
+            },
+        ),
+        id="config-duplicate-section",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "--config: 'cfg.yaml' has 1258300 bytes; config files are limited to 1 MiB (1048576 bytes)",
+            files={"cfg.yaml": "# padding\n" * 125_830},
+        ),
+        id="config-over-1-mib",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "--config: 'cfg.yaml' line 3: nesting deeper than 64 levels is not allowed",
+            files={"cfg.yaml": "task:\n  params:\n    x: " + "[" * 5000 + "]" * 5000 + "\n"},
+        ),
+        id="config-too-deep",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--config", "cfg.yaml"],
+            "sinks.prometheus.port: input should be a valid integer, not a boolean (got True)",
+            files={"cfg.yaml": "sinks:\n  prometheus:\n    port: true\n"},
+        ),
+        id="boolean-port-in-file",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.diagnostic.max_bytes=yes"],
+            "sinks.diagnostic.max_bytes: input should be a valid integer, not a boolean (got True)",
+        ),
+        id="boolean-max-bytes",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.max_epochs='3'"],
+            "trainer.max_epochs: input should be a valid integer, not a string (got '3')",
+        ),
+        id="string-for-an-integer",
+    ),
+    pytest.param(
+        BadInput(
+            ["train"],
+            "sinks.prometheus.port: input should be a valid integer, not a boolean (got True) "
+            "(set by TRAINTEL__SINKS__PROMETHEUS__PORT)",
+            env={"TRAINTEL__SINKS__PROMETHEUS__PORT": "true"},
+        ),
+        id="env-boolean-for-an-integer",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.scheduler={name: cosine, T_max: 0}"],
+            "trainer.scheduler.T_max: input should be greater than or equal to 1 (got 0)",
+        ),
+        id="cosine-t-max-zero",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.scheduler={name: step, step_size: 0}"],
+            "trainer.scheduler.step_size: input should be greater than or equal to 1 (got 0)",
+        ),
+        id="step-size-zero",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "trainer.scheduler={name: exponential, gamma: 0}"],
+            "trainer.scheduler.gamma: input should be greater than 0 (got 0)",
+        ),
+        id="gamma-zero",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "sinks.prometheus.pushgateway.url=http://u:s3cret@host:bad"],
+            "sinks.prometheus.pushgateway.url: port 'bad' is not a number from 1 to 65535, "
+            "got 'http://***@host:bad'",
+        ),
+        id="pushgateway-url-credentials-not-echoed",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.params.x=[&a [1, 2], *a]"],
+            "task.params.x: YAML anchors and aliases are not allowed",
+        ),
+        id="set-yaml-alias",
+    ),
+    pytest.param(
+        BadInput(
+            ["config", "show"],
+            "task.params.x: duplicate key 'a' (set by TRAINTEL__TASK__PARAMS__X)",
+            env={"TRAINTEL__TASK__PARAMS__X": "{a: 1, a: 2}"},
+        ),
+        id="env-duplicate-key",
     ),
 ]
 

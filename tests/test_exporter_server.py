@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from tests.servers import self_signed_cert
 from traintel.sinks._http import MetricsServer, server_context
 from traintel.sinks.prometheus import PrometheusSink
 from traintel.testing import run_context
@@ -187,14 +188,7 @@ def test_the_server_health_is_exported_and_promtool_clean(tmp_path: Path) -> Non
 
 
 def test_a_silent_tls_client_blocks_no_scrape(tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Counting())
     server = MetricsServer(

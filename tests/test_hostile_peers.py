@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import select
-import shutil
 import signal
 import socket
 import ssl
@@ -38,6 +37,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import strict_object
+from tests.servers import self_signed_cert
 
 pytestmark = pytest.mark.slow
 
@@ -389,16 +389,8 @@ def test_idle_connections_cannot_exhaust_the_process(tmp_path: Path, descriptors
 
 @pytest.fixture
 def server_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (as ``certs`` in test_pushgateway_tls)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    return self_signed_cert(tmp_path)
 
 
 def test_an_idle_tls_connection_blocks_no_scrape(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:

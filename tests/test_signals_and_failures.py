@@ -131,17 +131,6 @@ def test_sigterm_while_lingering_stops_serving_and_exits_0(tmp_path: Path) -> No
     assert proc.returncode == 0, stderr
 
 
-def test_sigterm_during_startup_still_ends_the_run_cleanly(tmp_path: Path) -> None:
-    proc = _start(tmp_path)
-    time.sleep(0.3)  # the interpreter is importing torch or building the task
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    lines = [json.loads(x) for x in out.splitlines()]
-    assert [x["event"] for x in lines] == ["run.start", "run.end"]
-    assert (lines[-1]["status"], lines[-1]["reason"], lines[-1]["step"]) == ("terminated", "SIGTERM", 0)
-
-
 _SLOW_EVAL = """
 import time
 from traintel.tasks.forecast import make_task as base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ from traintel.engine.shards import set_epoch, shard
 from traintel.engine.step import AccumulatingStep, default_count_items, default_prepare
 from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import WindowedLoader
-from traintel.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, NonFiniteLoss, one_line
+from traintel.errors import ConfigError, NonFiniteLoss, one_line, signal_exit
 from traintel.handlers.checkpointing import Checkpointing
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
@@ -37,7 +38,7 @@ from traintel.handlers.telemetry import TrainTelemetry
 from traintel.logs import route_stdlib_logging
 from traintel.optim import build_optimizer, build_scheduler
 from traintel.records import RunEndRecord, RunStartRecord, freeze
-from traintel.signals import handled
+from traintel.signals import handled, hold_early
 from traintel.sinks.base import RunContext, Sink
 from traintel.task import Task, check_task, make_task
 
@@ -146,6 +147,7 @@ class Run:
             world_size=self.coordinator.world_size,
             attempt=self.attempt,
         )
+        hold_early()  # from here a signal is noted, and the run starts and ends at once as terminated
         # Sinks may write into the run directory from open(); one that stays empty is removed again.
         self._made_dirs = missing_dirs(self.run_dir)
         try:
@@ -153,6 +155,7 @@ class Run:
         except OSError as exc:
             raise ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}") from None
         try:
+            self._check_run_dir(found)  # before any sink writes into it
             self.fanout.open(context)
         except BaseException:
             remove_empty(self._made_dirs)
@@ -180,6 +183,10 @@ class Run:
             )
         self.data = WindowedLoader(train_loader, tc.accumulation_steps, windows=windows)
         self.epoch_length = self.data.__len__() if self.data.batches_per_epoch() is not None else None
+        if self.epoch_length == 0:
+            raise ConfigError(
+                "task.train_loader", "has no batches (its length is 0): there is nothing to train"
+            )
         total = self.epoch_length * tc.max_epochs if self.epoch_length is not None else None
         self.scheduler = build_scheduler(tc.scheduler, self.optimizer, total)
         prepare = task.prepare or default_prepare
@@ -323,9 +330,89 @@ class Run:
         )
 
     def _save_config(self) -> None:
-        """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically."""
+        """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically; a
+        first attempt only creates it (``_check_run_dir`` found none), never replaces one."""
         text = yaml.safe_dump(self.config.to_dict(redact=True), sort_keys=False)
-        write_atomic(self.run_dir / "config.yaml", text)
+        path = self.run_dir / "config.yaml"
+        try:
+            write_atomic(path, text, overwrite="none" if self.attempt == 0 else "any")
+        except FileExistsError:  # made by another process since the start
+            raise ConfigError(
+                "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
+            ) from None
+
+    def _check_run_dir(self, found: resume.Resumption | None) -> None:
+        """ConfigError, before any sink opens (the run directory exists now), when this run must not
+        write into ``run.dir``; nothing is changed. Only a run that keeps files (the diagnostic file,
+        checkpoints: the ones that write config.yaml) checks:
+
+        - ``config.yaml`` there that is not a regular file (or a link, which is replaced);
+        - a first attempt (not continuing an earlier one) in a directory holding another run's
+          files: config.yaml, checkpoints, report.png, the diagnostic file (the configured name and
+          ``diagnostic.jsonl``), its rotated parts or another rank's. Other files, or none, are fine;
+        - a directory that does not take a file of config.yaml's size (read-only, full): one is
+          written, fsynced and removed.
+
+        Every rank checks; under torchrun the ranks agree, so all stop with the first rank's error.
+        """
+        from traintel.atomic import file_kind, probe_write
+        from traintel.records import rank_filename
+        from traintel.report import (
+            CONFIG_FILENAME,
+            DIAGNOSTIC_FILENAME,
+            REPORT_FILENAME,
+            rotated_parts,
+            stream_ranks,
+        )
+
+        cfg, run_dir, rank = self.config, self.run_dir, self.coordinator.rank
+        where = repr(str(run_dir))
+        problem: ConfigError | None = None
+        try:
+            if cfg.sinks.diagnostic.enabled or self.checkpointing is not None:
+                names = frozenset(os.listdir(run_dir))
+                config_file = run_dir / CONFIG_FILENAME
+                kind = file_kind(config_file.lstat().st_mode) if CONFIG_FILENAME in names else None
+                own = rank_filename(cfg.sinks.diagnostic.filename, rank)
+                held = {CONFIG_FILENAME, checkpoint.DIRECTORY, REPORT_FILENAME} & names
+                for diag in {cfg.sinks.diagnostic.filename, DIAGNOSTIC_FILENAME}:
+                    for r in (0, *stream_ranks(diag, names)):
+                        held.update(p.name for p in rotated_parts(run_dir, rank_filename(diag, r), names))
+                if kind not in (None, "a regular file", "a symbolic link"):
+                    problem = ConfigError(
+                        "run.dir",
+                        f"{str(config_file)!r} is {kind}, not a regular file; the run writes its config "
+                        "there: remove it or choose another run.dir",
+                    )
+                elif found is None and cfg.sinks.diagnostic.enabled and own in names:
+                    existing = repr(str(run_dir / own))  # said as the diagnostic file's own check says it
+                    problem = ConfigError(
+                        "run.dir",
+                        f"{existing} already exists and is never overwritten; choose another run.dir",
+                    )
+                elif found is None and held:
+                    shown = sorted(held)
+                    listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+                    advice = "choose another run.dir (a new or empty one)"
+                    if checkpoint.DIRECTORY in held:
+                        advice = (
+                            "choose another run.dir, or continue that run with "
+                            "'traintel train --resume' or run.resume=auto"
+                        )
+                    problem = ConfigError(
+                        "run.dir", f"{where} already holds another run's files ({listed}); {advice}"
+                    )
+                else:
+                    try:
+                        probe_write(run_dir, yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False))
+                    except OSError as exc:
+                        problem = ConfigError("run.dir", f"cannot write in {where}: {exc.strerror or exc}")
+        except OSError as exc:
+            problem = ConfigError("run.dir", f"cannot read {where}: {exc.strerror or exc}")
+        views = self.coordinator.gather(None if problem is None else (problem.key, problem.problem))
+        first = next((view for view in views if view is not None), None)
+        if first is not None:
+            raise ConfigError(*first)
 
     def _start_record(self) -> RunStartRecord:
         return RunStartRecord(
@@ -363,7 +450,7 @@ class Run:
         if self.lifecycle.ended is None:
             if self.stop_signal is not None:  # a second signal while stopping: leave at once
                 sys.stderr.write(f"traintel: {name} while stopping: exiting at once\n")
-                os._exit(EXIT_SIGTERM if name == "SIGTERM" else EXIT_SIGINT)
+                os._exit(signal_exit(name))
             self.stop_signal = name
             self.stop(name)
         elif self.prometheus is not None:
@@ -521,7 +608,14 @@ def build(
         backend = distributed.start(cfg.trainer.distributed, device, launch.restart_count)
     try:
         torch.manual_seed(cfg.run.seed)
-        checked = check_task(task) if task is not None else make_task(cfg.task.factory, cfg.task.params)
+        if task is not None:
+            checked = check_task(task)
+        else:
+            # stdout carries JSON lines only: until the JSON sink owns it, print() in the factory goes
+            # to stderr (from then on the sink turns it into log lines)
+            to_stderr = cfg.sinks.json_.enabled and json_stream is None
+            with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
+                checked = make_task(cfg.task.factory, cfg.task.params)
         return Run(
             cfg,
             checked,

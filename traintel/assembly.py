@@ -17,12 +17,36 @@ from traintel.config import PushgatewayConfig, SinksConfig
 from traintel.errors import ConfigError
 from traintel.plugins import make_sink
 from traintel.records import rank_filename
+from traintel.report import CONFIG_FILENAME, REPORT_FILENAME
 from traintel.sinks._jsonline import LineRenderer
 from traintel.sinks.base import Sink
 from traintel.sinks.diagnostic import DiagnosticSink
 from traintel.sinks.fanout import FanOut
 from traintel.sinks.json_stdout import JsonSink
 from traintel.sinks.prometheus import PrometheusSink, Pushgateway
+
+RESERVED_NAMES = (CONFIG_FILENAME, "checkpoints", REPORT_FILENAME, "run.json")
+"""Names of traintel's own files in a run directory (``checkpoints`` is ``checkpoint.DIRECTORY``,
+``run.json`` ``resume.RUN_FILE``, inside it), which the diagnostic file may not take."""
+
+
+def check_diagnostic_filename(filename: str) -> None:
+    """ConfigError unless ``filename`` can name the diagnostic file inside the run directory: one
+    path component (no separator, not ``.`` or ``..``, no NUL) and none of ``RESERVED_NAMES``
+    (compared without case, as some file systems do)."""
+    key = "sinks.diagnostic.filename"
+    seps = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
+    if filename in ("", ".", "..") or "\0" in filename or any(sep in filename for sep in seps):
+        raise ConfigError(
+            key, f"must be a file name inside the run directory (not . or .., no / or \\), got {filename!r}"
+        )
+    if filename.casefold() in {name.casefold() for name in RESERVED_NAMES}:
+        reserved = ", ".join(RESERVED_NAMES)
+        raise ConfigError(
+            key,
+            f"{filename!r} is reserved for traintel's own files in the run directory ({reserved}); "
+            "choose another name, such as diagnostic.jsonl",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +100,7 @@ def build_sinks(
     from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``); rank r > 0 writes its
     diagnostic file as ``rank_filename(filename, r)``.
     """
+    check_diagnostic_filename(cfg.diagnostic.filename)  # before any sink is made
     sinks: list[Sink] = []
     renderer = LineRenderer()
     prometheus: PrometheusSink | None = None
@@ -110,6 +135,7 @@ def build_sinks(
         json_sink = JsonSink(
             json_stream,
             capacity=j.queue_capacity,
+            queue_bytes=j.queue_bytes,
             close_timeout=j.close_timeout_seconds,
             profile=j.profile,
             console=console,

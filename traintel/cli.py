@@ -1,7 +1,7 @@
 """``traintel`` command line: ``train`` and ``config show``.
 
 Exit status: 0 finished, 1 training failed, 2 bad input (nothing trained or
-written), 130 stopped by SIGINT, 143 stopped by SIGTERM. torch is imported only by
+written), 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM. torch is imported only by
 ``train``, so ``--help`` and ``config show`` stay fast.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from traintel.errors import (
     EXIT_BAD_INPUT,
@@ -19,10 +20,12 @@ from traintel.errors import (
     EXIT_SIGTERM,
     ConfigError,
     one_line,
+    signal_exit,
 )
+from traintel.signals import StartupInterrupted, remember_early
 
 _EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
-130 stopped by SIGINT; 143 stopped by SIGTERM.
+129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM.
 environment: TRAINTEL__SECTION__KEY=value overrides the config file; --set overrides both."""
 
 
@@ -130,25 +133,49 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.sinks.json_.enabled and not _stdout_open():
+        raise ConfigError(
+            "sinks.json", "stdout is closed; give the process a stdout or set sinks.json.enabled=false"
+        )
     from traintel.api import build
     from traintel.engine.coordination import PEER_STOP_REASON
     from traintel.signals import early_signal
 
     run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
-    if run.stop_signal == "SIGTERM" or (end.status == "terminated" and end.reason == PEER_STOP_REASON):
-        return EXIT_SIGTERM  # stopped by a signal, here or on another rank: a retry may continue
-    if run.stop_signal == "SIGINT":
-        return EXIT_SIGINT
+    if run.stop_signal is not None:
+        return signal_exit(run.stop_signal)
+    if end.status == "terminated" and end.reason == PEER_STOP_REASON:
+        return EXIT_SIGTERM  # stopped with a signalled rank: as that rank, so a retry may continue
     return EXIT_FAILED if end.status == "failed" else EXIT_OK
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exit without the interpreter's teardown, which takes a second or more once torch is
+    imported: a start-up stopped by a signal has written nothing that teardown would finish."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(status)
+
+
+def _stdout_open() -> bool:
+    """Whether file descriptor 1 is open (``>&-`` closes it, and Python then has no sys.stdout)."""
+    import os
+
+    try:
+        os.fstat(1)
+    except OSError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        from traintel.signals import remember_early
-
         remember_early()
     sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
     commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
@@ -165,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command()
     except ConfigError as exc:
         return _fail(str(exc), exc.exit_code)
+    except StartupInterrupted as exc:
+        _fail(f"{exc.name} during start-up: stopped before training", signal_exit(exc.name))
+        _exit_now(signal_exit(exc.name))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_SIGINT)
     except Exception as exc:

@@ -107,6 +107,8 @@ def make_sink(spec: ExtraSinkConfig, index: int) -> Any:
         sink = factory(**spec.params)
     except ConfigError:
         raise
+    except SystemExit as exc:
+        raise ConfigError(where, f"{what} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise ConfigError(
             f"{where}.params" if isinstance(exc, TypeError) else where,

@@ -35,6 +35,8 @@ def import_factory(spec: str, key: str = "task.factory") -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(key, f"cannot import module {module_name!r} ({one_line(exc)})") from None
+    except SystemExit as exc:
+        raise ConfigError(key, f"importing {module_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise ConfigError(key, f"importing {module_name!r} raised {one_line(exc)}") from None
     factory = getattr(module, attr, None)
@@ -87,6 +89,8 @@ def make_task(factory: str, params: Mapping[str, Any]) -> Task:
         task = fn(**params)
     except ConfigError:
         raise
+    except SystemExit as exc:  # user code's sys.exit is its failure, not the process's exit status
+        raise ConfigError("task.factory", f"{factory} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise ConfigError("task.factory", f"{factory} raised {one_line(exc)}") from None
     return check_task(task, origin="task.factory")

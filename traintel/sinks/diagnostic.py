@@ -71,6 +71,8 @@ class RotatingFile:
         self.retry_bytes = max(max_bytes // 16, _RETRY_MIN)
         self.rotation_failures = 0
         self.rotation_error: OSError | None = None
+        self.deleted = False
+        """The file lost its name while open (its run directory removed): later lines are lost."""
         self._retry_at = 0
         """Rotate no earlier than at this size (set past a failed rotation)."""
 
@@ -121,7 +123,11 @@ class RotatingFile:
         old.close()
 
     def flush(self) -> None:
+        """Flush, and note once whether the file was deleted under the run (``deleted``): lines
+        written to a file without a name are lost, which nothing else would tell."""
         self.file.flush()
+        if not self.deleted and os.fstat(self.file.fileno()).st_nlink == 0:
+            self.deleted = True
 
     def close(self) -> None:
         try:
@@ -184,6 +190,7 @@ class DiagnosticSink:
         self._dropped = 0
         self._reported: BaseException | None = None
         self._rotation_reported = False
+        self._deleted_reported = False
         self._made_dirs: list[Path] = []
         self._created = False
 
@@ -268,6 +275,10 @@ class DiagnosticSink:
                 f"cannot start a new part of {str(self.path)!r} ({one_line(f.rotation_error)}); "
                 "writing on in the current part"
             )
+            raise OSError(msg)
+        if f is not None and f.deleted and not self._deleted_reported:
+            self._deleted_reported = True
+            msg = f"{str(self.path)!r} was deleted while the run wrote it; the records written since are lost"
             raise OSError(msg)
 
     def sync(self, timeout: float) -> bool:

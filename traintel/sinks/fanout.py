@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from traintel.sinks.health import SinkHealthCollector
 
 
+SINK_FAILURES = (Exception, SystemExit)
+"""What a sink may raise and have isolated: ``sys.exit`` in a sink is that sink's failure, not the
+run's exit status (KeyboardInterrupt still stops the run)."""
+
+
 class FanOut:
     """Deliver each record, unchanged, to every sink in order.
 
@@ -48,7 +53,7 @@ class FanOut:
                     sink.open(context)
                 except ConfigError:
                     raise
-                except Exception as exc:
+                except SINK_FAILURES as exc:
                     msg = f"failed to open: {one_line(exc)}"
                     raise ConfigError(f"sink {sink.name!r}", msg) from None
                 opened.append(sink)
@@ -63,7 +68,7 @@ class FanOut:
         for sink in self.sinks:
             try:
                 sink.emit(record)
-            except Exception as exc:
+            except SINK_FAILURES as exc:
                 self._failed(sink, exc)
 
     def emit_many(self, records: Sequence[Record]) -> None:
@@ -77,21 +82,21 @@ class FanOut:
             if many is not None:
                 try:
                     many(records)
-                except Exception as exc:
+                except SINK_FAILURES as exc:
                     self._failed(sink, exc)
                 continue
             for record in records:
                 try:
                     sink.emit(record)
-                except Exception as exc:
+                except SINK_FAILURES as exc:
                     self._failed(sink, exc)
 
-    def report(self, sink: Sink, exc: Exception) -> None:
+    def report(self, sink: Sink, exc: BaseException) -> None:
         """Count ``exc`` against ``sink`` and, if it is the sink's first failure, tell the other
         sinks (a ``sink.error`` record), as for a failure in ``emit``."""
         self._failed(sink, exc)
 
-    def _failed(self, sink: Sink, exc: Exception, *, report: bool = True) -> None:
+    def _failed(self, sink: Sink, exc: BaseException, *, report: bool = True) -> None:
         count = self.errors[sink.name] = self.errors[sink.name] + 1
         if count > 1 or not report:
             return
@@ -110,7 +115,7 @@ class FanOut:
             if other is not sink:
                 try:
                     other.emit(notice)
-                except Exception:
+                except SINK_FAILURES:
                     self.errors[other.name] += 1
 
     def sync(self, timeout: float) -> bool:
@@ -124,7 +129,7 @@ class FanOut:
                 continue
             try:
                 ok = bool(sync(max(0.0, deadline - time.monotonic()))) and ok
-            except Exception as exc:
+            except SINK_FAILURES as exc:
                 self._failed(sink, exc)
                 ok = False
         return ok
@@ -158,16 +163,16 @@ class FanOut:
                 continue
             try:
                 sink.close()
-            except Exception as exc:
+            except SINK_FAILURES as exc:
                 self._failed(sink, exc, report=False)
 
     def _close_within(self, sink: Sink, seconds: float) -> None:
-        failure: list[Exception] = []
+        failure: list[BaseException] = []
 
         def close() -> None:
             try:
                 sink.close()
-            except Exception as exc:
+            except SINK_FAILURES as exc:
                 failure.append(exc)
 
         closer = threading.Thread(target=close, name=f"traintel-close-{sink.name}", daemon=True)
