@@ -54,6 +54,17 @@ _FAILING_FACTORY = textwrap.dedent(
     """
 )
 _EMPTY_FACTORY_MODULE = "VERSION = 1\n"
+_EXITING_FACTORY = "import sys\n\ndef make_task(**params):\n    sys.exit(5)\n"
+_EMPTY_LOADER_FACTORY = textwrap.dedent(
+    """\
+    from traintel.tasks.forecast import make_task as base
+
+    def make_task(**params):
+        task = base(**params)
+        task.train_loader = []
+        return task
+    """
+)
 
 BAD_INPUT = [
     pytest.param(
@@ -186,6 +197,36 @@ BAD_INPUT = [
             files={"failing_tasks.py": _FAILING_FACTORY},
         ),
         id="factory-raises",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=exiting_tasks:make_task"],
+            "task.factory: exiting_tasks:make_task called sys.exit(5)",
+            files={"exiting_tasks.py": _EXITING_FACTORY},
+        ),
+        id="factory-calls-sys-exit",
+    ),
+    pytest.param(
+        BadInput(
+            ["train", "--set", "task.factory=empty_tasks:make_task"],
+            "task.train_loader: has no batches (its length is 0): there is nothing to train",
+            files={"empty_tasks.py": _EMPTY_LOADER_FACTORY},
+        ),
+        id="empty-training-loader",
+    ),
+    pytest.param(
+        BadInput(
+            [
+                "train",
+                "--set",
+                "sinks.prometheus.certfile=garbage.pem",
+                "--set",
+                "sinks.prometheus.keyfile=garbage.pem",
+            ],
+            "sinks.prometheus.certfile: cannot use the TLS files garbage.pem, garbage.pem: not a PEM certificate and its key",
+            files={"garbage.pem": "not a certificate\n"},
+        ),
+        id="certfile-not-pem",
     ),
     pytest.param(
         BadInput(

@@ -284,9 +284,20 @@ class PrometheusSink:
             return None
         try:
             return server_context(self.certfile, self.keyfile, self.client_cafile)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or one_line(exc)
-            raise ConfigError("sinks.prometheus.certfile", f"cannot use the TLS files: {reason}") from None
+        except ssl.SSLError as exc:  # its text names OpenSSL's source line: not for users
+            files = ", ".join(p for p in (self.certfile, self.keyfile, self.client_cafile) if p is not None)
+            what = (
+                f"not a PEM certificate and its key ({exc.reason})"
+                if exc.reason
+                else "not a PEM certificate and its key"
+            )
+            raise ConfigError(
+                "sinks.prometheus.certfile", f"cannot use the TLS files {files}: {what}"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                "sinks.prometheus.certfile", f"cannot use the TLS files: {exc.strerror or one_line(exc)}"
+            ) from None
 
     def emit(self, record: Record) -> None:
         self.emit_many((record,))
