@@ -221,14 +221,9 @@ def measure(args: argparse.Namespace, root: Path) -> list[dict[int, Sample]]:
 # -- report ------------------------------------------------------------------------------------
 
 
-def quartiles(values: Sequence[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summarize(args: argparse.Namespace, rounds: Sequence[dict[int, Sample]]) -> list[dict[str, Any]]:
+    from overhead import quartiles  # here, not at the top: the spawned scrapers import this module
+
     base = min(args.scrapers)
     rows = []
     for n in args.scrapers:
