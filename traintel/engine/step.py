@@ -169,12 +169,15 @@ class AccumulatingStep:
     def count_window(self, batches: Sequence[Any]) -> tuple[int, ...]:
         """n_b of each micro-batch, from ``count_items``: an integer (a float such as 2.7 is never
         truncated) and not negative, else the run fails naming the value."""
-        try:
-            counts = tuple([operator.index(self.count_items(b)) for b in batches])
-        except TypeError:
-            bad = next(c for c in map(self.count_items, batches) if not _is_count(c))
-            msg = f"count_items returned {bad!r} ({type(bad).__name__}); it must return an integer"
-            raise TypeError(msg) from None
+        found: list[int] = []
+        for batch in batches:
+            n = self.count_items(batch)
+            try:
+                found.append(operator.index(n))
+            except TypeError:
+                msg = f"count_items returned {n!r} ({type(n).__name__}); it must return an integer"
+                raise TypeError(msg) from None
+        counts = tuple(found)
         if counts and min(counts) < 0:
             msg = f"count_items returned a negative count {min(counts)}"
             raise ValueError(msg)
@@ -291,14 +294,6 @@ class AccumulatingStep:
             engine.terminate()
         # Ignite stores this as state.output; a TraintelState sums it only when it is read
         return window_loss if isinstance(engine.state, TraintelState) else window_loss.resolve()
-
-
-def _is_count(value: Any) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _set_state(engine: Engine, name: str, value: Any) -> None:

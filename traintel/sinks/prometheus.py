@@ -224,7 +224,6 @@ class PrometheusSink:
         # process_resident_memory_bytes, process_cpu_seconds_total, ...: read from /proc at scrape time
         self._serve(ProcessCollector(registry=None))
         self.server: MetricsServer | None = None
-        self._ended = False
         self._push_done = False
         self._hurry = threading.Event()
 
@@ -306,8 +305,6 @@ class PrometheusSink:
         self.collector.update_many(records)
         if self.server is not None:
             self.server.changed()
-        if not self._ended and any(isinstance(r, RunEndRecord) for r in records):
-            self._ended = True
 
     def push(self) -> None:
         """Push the traintel metrics and the registered collectors' (grouped by job and run_id, and
@@ -380,7 +377,7 @@ class PrometheusSink:
         if server is None:
             return
         try:
-            if self._ended:
+            if self.collector.latest.end is not None:  # the run ended: its values are due
                 self.push()
         finally:
             if self.linger_seconds > 0:
