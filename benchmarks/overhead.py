@@ -11,10 +11,10 @@ What: one process trains the same tiny MLP on the same pre-built batches in five
    (``telemetry.every=10``);
 4. the same with ``telemetry.every=1``;
 5. a model with about 100x the compute per step, trained by the plain loop and by
-   traintel as in 3; its ratio is to its own plain loop.
+   traintel as in 3.
 
 Each case is reported as wall time per optimizer step (k=3 micro-batches) and as a
-ratio to the plain loop on the same model.
+ratio to the plain loop.
 
 Why: traintel adds a roughly fixed cost to every optimizer step (Ignite event
 dispatch, item-weighted loss scaling and bookkeeping tensors, and every N steps one
@@ -22,22 +22,42 @@ host transfer and records fanned out to three sinks). On a model this small that
 is as large as it will ever be relative to the compute, so cases 2-4 are the worst
 case; case 5 shows how the same cost dilutes on a model that does some real work.
 
-How it measures: every run of a model size starts from the same initial weights,
-copied into one working model, and batches are a Python list of tensors, so data
-loading is out of it. Building (optimizer, sinks, Prometheus server) is outside the
-timed region. Loop time runs from the first epoch's start to the last epoch's end;
-for the Ignite-based cases it is taken by ``EPOCH_STARTED``/``EPOCH_COMPLETED``
-handlers added after traintel's, so the epoch record is included but
-``run.start``/``run.end`` and closing the sinks are not. Those per-run costs are
-reported separately (the whole ``engine.run()``/``run.run()`` call).
+How it measures: paired windows. A shared virtual machine's speed changes from one
+tenth of a second to the next (the plain loop alone swings between 1x and 2x), so two
+runs timed a second apart do not see the same machine. Here every case carries a
+*shadow*: the plain loop on its own copy of the model, fed through the case's data
+iterator. Just before the case receives the first micro-batch of each window of
+``--window`` optimizer steps, the shadow trains on that same window, timed. The case's
+own time for the window is the time until the next window starts (or the last epoch
+ends) minus the shadow's. Each window of the case is thus next to a plain-loop window on
+the same batches, a few milliseconds apart.
 
-Objects alive after setup (mostly torch's) are moved out of the garbage collector's
-reach with ``gc.freeze()``, and each run starts after a ``gc.collect()``, so a full
-collection of torch's heap never lands inside a timed loop. Every case gets one
-warm-up run, which also checks that all cases end with the same weights as the plain
-loop; then the cases run interleaved, in an order rotated by one each round,
-``--repeats`` times. Reported: medians over rounds; ratios and overheads are medians
-of per-round comparisons with the plain loop timed in the same round.
+Reported per case, over the windows of a run but its first (where the shadow, which
+goes first, pays the run's cold start):
+
+- ratio to plain: the run's own time over its shadow's, everything included (records
+  delivered, epoch ends); the median over rounds, and its quartiles. This is the cost a
+  user pays.
+- typical window: the median over all windows of all rounds of case / shadow. It leaves
+  out what happens in only a few windows (deliveries, epoch ends), so it shows the cost
+  of the step itself.
+- case 1, the plain loop with its own shadow, measures the method: its ratios should be 1.
+
+A window of traintel at ``every=10`` holds one emitted step; the last window of each
+epoch holds the epoch's end (the epoch record, Ignite's epoch events). traintel's
+background threads (the writers, the exporter) do about one Python call per step; what
+they do while the shadow runs is charged to the shadow. The per-run table shows what
+happens outside the loop (run.start, run.end, closing the sinks).
+
+Every run of a model size starts from the same initial weights, copied into one
+working model (and one shadow model), and batches are a Python list of tensors, so
+data loading is out of it. Building (optimizer, sinks, Prometheus server) is outside
+the timed region. Objects alive after setup (mostly torch's) are moved out of the
+garbage collector's reach with ``gc.freeze()``, and each run starts after a
+``gc.collect()``, so a full collection of torch's heap never lands inside a timed
+loop. Every case gets one warm-up run, which also checks that each case ends with
+exactly its shadow's weights (the comparison is like for like); then ``--repeats``
+rounds run every case once, in an order rotated by one each round.
 
 Usage::
 
@@ -47,6 +67,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -55,9 +76,10 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -67,10 +89,16 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from traintel.api import build
+from traintel.config import TelemetryConfig
 from traintel.task import Task
 
 K = 3
 """Micro-batches per optimizer step (gradient accumulation)."""
+DEFAULT_WINDOW = 10
+"""Optimizer steps per timed window: the default cadence, so each window of traintel at
+``every=10`` holds one emitted step's work."""
+DEFAULT_MAX_DELAY = TelemetryConfig.model_fields["max_delay_seconds"].default
+"""``telemetry.max_delay_seconds`` as a user gets it."""
 LR = 0.01
 IN_FEATURES = 32
 TINY_HIDDEN = 64
@@ -81,12 +109,35 @@ Kind = Literal["plain", "ignite", "traintel"]
 
 @dataclass(frozen=True)
 class Sample:
-    """One timed run."""
+    """One timed run of a case, with its shadow."""
 
     loop_s: float
-    """First epoch start to last epoch end."""
+    """First epoch start to last epoch end, shadow windows included."""
     total_s: float
     """The whole training call (``run.run()`` for traintel: run.start, run.end, sink close)."""
+    own_s: tuple[float, ...]
+    """The case's time for each window, the shadow's taken out."""
+    shadow_s: tuple[float, ...]
+    """The shadow's time for the same windows."""
+    steps: tuple[int, ...]
+    """Optimizer steps in each window."""
+    other_threads_cpu_s: float | None
+    """CPU time of the process's other threads (traintel's writers and exporter, torch's workers)
+    over the loop; None where ``/proc`` has no per-thread ``schedstat``."""
+
+
+def other_threads_cpu_s() -> float | None:
+    """CPU seconds used so far by this process's threads other than the calling one."""
+    me = str(threading.get_native_id())
+    total = 0
+    try:
+        for task in os.scandir("/proc/self/task"):
+            if task.name != me:
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                    total += int(Path(task.path, "schedstat").read_text().split()[0])
+    except OSError:
+        return None
+    return total / 1e9
 
 
 @dataclass(frozen=True)
@@ -100,8 +151,6 @@ class Case:
     """Initial weights, never trained: each run copies them into a working model."""
     data: list[Batch]
     epochs: int
-    reference: str
-    """Key of the plain-loop case this one is compared with."""
     every: int = 10
 
     @property
@@ -109,66 +158,121 @@ class Case:
         return self.epochs * len(self.data) // K
 
 
-class EpochTimer:
-    """First ``EPOCH_STARTED`` to last ``EPOCH_COMPLETED`` of an Ignite engine."""
+def plain_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> None:
+    """The plain loop's body over whole steps of ``K`` micro-batches: case 1 and every shadow."""
+    for i, (x, y) in enumerate(batches, start=1):
+        loss = F.mse_loss(model(x), y) / K
+        loss.backward()
+        if i % K == 0:
+            optimizer.step()
+            optimizer.zero_grad()
 
-    def __init__(self) -> None:
-        self.start = float("nan")
+
+class Interleaved:
+    """A case's data, a list of micro-batches, with the shadow run before each window.
+
+    When the case asks for the first micro-batch of a window, the shadow trains on that
+    window first; the time from there to the next window's start (or ``finish``) is the
+    case's window plus the shadow's.
+    """
+
+    def __init__(self, data: list[Batch], shadow: torch.nn.Module, window: int) -> None:
+        self.data = data
+        self.size = window * K
+        self.shadow = shadow
+        self.optimizer = torch.optim.SGD(shadow.parameters(), lr=LR)
+        self.starts: list[float] = []
+        self.resumes: list[float] = []
+        self.steps: list[int] = []
+        self.cpu_start: float | None = None
         self.end = float("nan")
+        self.cpu_end: float | None = None
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED(once=1), self._started)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+    def __len__(self) -> int:
+        return len(self.data)
 
-    def _started(self, _engine: Engine) -> None:
-        self.start = time.perf_counter()
+    def __iter__(self) -> Iterator[Batch]:
+        size = self.size
+        for first in range(0, len(self.data), size):
+            window = self.data[first : first + size]
+            if not self.starts:
+                self.cpu_start = other_threads_cpu_s()  # read before the clock starts
+            self.starts.append(time.perf_counter())
+            plain_steps(self.shadow, self.optimizer, window)
+            self.resumes.append(time.perf_counter())
+            self.steps.append(len(window) // K)
+            yield from window
 
-    def _completed(self, _engine: Engine) -> None:
+    def finish(self) -> None:
+        """The loop has ended (called again at each epoch's end; the last call counts)."""
         self.end = time.perf_counter()
+        self.cpu_end = other_threads_cpu_s()  # read after the clock stops
 
-    @property
-    def elapsed(self) -> float:
-        return self.end - self.start
+    def sample(self, total_s: float) -> Sample:
+        """The run's sample, once ``finish`` was called at the last epoch's end."""
+        end = self.end
+        ends = [*self.starts[1:], end]
+        cpu = None if self.cpu_start is None or self.cpu_end is None else self.cpu_end - self.cpu_start
+        return Sample(
+            loop_s=end - self.starts[0],
+            total_s=total_s,
+            own_s=tuple(e - r for e, r in zip(ends, self.resumes, strict=True)),
+            shadow_s=tuple(r - s for r, s in zip(self.resumes, self.starts, strict=True)),
+            steps=tuple(self.steps),
+            other_threads_cpu_s=cpu,
+        )
+
+
+def finish_at_epoch_end(engine: Engine, data: Interleaved) -> None:
+    """End ``data``'s loop at each ``EPOCH_COMPLETED`` of ``engine``; added after traintel's handlers,
+    so the epoch record is inside the loop's time."""
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _engine: data.finish())
 
 
 class Bench:
-    """Runs cases: one working model per model size, a temporary directory and ``os.devnull``."""
+    """Runs cases: a working and a shadow model per model size, a temporary directory, ``os.devnull``."""
 
-    def __init__(self, root: Path, devnull: BinaryIO) -> None:
+    def __init__(self, root: Path, devnull: BinaryIO, window: int) -> None:
         self.root = root
         self.devnull = devnull
+        self.window = window
         self.count = 0
-        self._working: dict[int, torch.nn.Module] = {}
+        self._models: dict[tuple[int, str], torch.nn.Module] = {}
+        self.max_delay: dict[str, float] = {}
+        """Per traintel case: ``telemetry.max_delay_seconds`` for its timed runs (see ``warm_up``)."""
 
-    def model_for(self, case: Case) -> torch.nn.Module:
-        """The working model for ``case.model``, reset in place to the initial weights.
+    def model_for(self, case: Case, role: str) -> torch.nn.Module:
+        """The ``role`` ("working" or "shadow") model for ``case.model``, reset in place to the
+        initial weights.
 
         Copying into the same tensors, rather than a fresh deep copy per run, keeps every
         run on the same parameter memory (first touches of new memory are slow on some VMs).
         """
-        model = self._working.get(id(case.model))
+        model = self._models.get((id(case.model), role))
         if model is None:
-            model = self._working[id(case.model)] = copy.deepcopy(case.model)
+            model = self._models[id(case.model), role] = copy.deepcopy(case.model)
         with torch.no_grad():
             for p, initial in zip(model.parameters(), case.model.parameters(), strict=True):
                 p.copy_(initial)
                 p.grad = None
+        model.train()
         return model
 
-    def working(self, case: Case) -> torch.nn.Module:
-        """The working model of ``case`` as its last run left it."""
-        return self._working[id(case.model)]
+    def trained(self, case: Case, role: str) -> list[torch.Tensor]:
+        """The ``role`` model's weights as ``case``'s last run left them."""
+        return [p.detach().clone() for p in self._models[id(case.model), role].parameters()]
 
     def run(self, case: Case) -> Sample:
-        """Reset the working model and train it once as ``case`` says, timed."""
-        model = self.model_for(case)
+        """Reset the working and shadow models and train them once as ``case`` says, timed."""
+        model = self.model_for(case, "working")
+        data = Interleaved(case.data, self.model_for(case, "shadow"), self.window)
         if case.kind == "plain":
-            return run_plain(model, case.data, case.epochs)
+            return run_plain(model, data, case.epochs)
         if case.kind == "ignite":
-            return run_ignite(model, case.data, case.epochs)
-        return self._run_traintel(case, model)
+            return run_ignite(model, data, case.epochs)
+        return self._run_traintel(case, model, data)
 
-    def _run_traintel(self, case: Case, model: torch.nn.Module) -> Sample:
+    def _run_traintel(self, case: Case, model: torch.nn.Module, data: Interleaved) -> Sample:
         self.count += 1
         run_id = f"bench-{case.key}-{self.count}"
         config: dict[str, Any] = {
@@ -179,13 +283,15 @@ class Bench:
                 "optimizer": {"name": "sgd", "lr": LR},
                 "device": "cpu",
             },
-            "telemetry": {"every": case.every},
+            "telemetry": {
+                "every": case.every,
+                "max_delay_seconds": self.max_delay.get(case.key, DEFAULT_MAX_DELAY),
+            },
             "sinks": {"prometheus": {"port": 0}},
         }
-        task = Task(model=model, loss_fn=F.mse_loss, train_loader=case.data)
+        task = Task(model=model, loss_fn=F.mse_loss, train_loader=data)
         run = build(config, task=task, json_stream=self.devnull)
-        timer = EpochTimer()
-        timer.attach(run.trainer)
+        finish_at_epoch_end(run.trainer, data)
         gc.collect()
         t0 = time.perf_counter()
         end = run.run()
@@ -195,30 +301,23 @@ class Bench:
                 f"{case.key}: run ended {end.status} ({end.reason}) at step {end.step}, expected {case.steps}"
             )
             raise RuntimeError(msg)
-        return Sample(timer.elapsed, total)
+        return data.sample(total)
 
 
-def run_plain(model: torch.nn.Module, data: Sequence[Batch], epochs: int) -> Sample:
+def run_plain(model: torch.nn.Module, data: Interleaved, epochs: int) -> Sample:
     """Case 1: the plain PyTorch loop."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
     gc.collect()
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for i, (x, y) in enumerate(data, start=1):
-            loss = F.mse_loss(model(x), y) / K
-            loss.backward()
-            if i % K == 0:
-                optimizer.step()
-                optimizer.zero_grad()
-    elapsed = time.perf_counter() - t0
-    return Sample(elapsed, elapsed)
+        plain_steps(model, optimizer, data)
+    data.finish()
+    return data.sample(data.end - t0)
 
 
-def run_ignite(model: torch.nn.Module, data: list[Batch], epochs: int) -> Sample:
+def run_ignite(model: torch.nn.Module, data: Interleaved, epochs: int) -> Sample:
     """Case 2: a bare Ignite Engine, one iteration per micro-batch, no handlers but the timer."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
 
     def update(engine: Engine, batch: Batch) -> None:
         x, y = batch
@@ -229,13 +328,11 @@ def run_ignite(model: torch.nn.Module, data: list[Batch], epochs: int) -> Sample
             optimizer.zero_grad()
 
     engine = Engine(update)
-    timer = EpochTimer()
-    timer.attach(engine)
+    finish_at_epoch_end(engine, data)
     gc.collect()
     t0 = time.perf_counter()
     engine.run(data, max_epochs=epochs)
-    total = time.perf_counter() - t0
-    return Sample(timer.elapsed, total)
+    return data.sample(time.perf_counter() - t0)
 
 
 def make_data(n_batches: int, batch_size: int, seed: int) -> list[Batch]:
@@ -274,22 +371,11 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     if len(large_data) < args.large_batches:
         large_data = make_data(args.large_batches, args.batch_size, args.seed)
     return [
-        Case("plain", "1. plain PyTorch loop (k=3)", "plain", tiny, data, args.epochs, "plain"),
-        Case("ignite", "2. bare Ignite Engine, no handlers", "ignite", tiny, data, args.epochs, "plain"),
-        Case("traintel", "3. traintel, 3 sinks, every=10", "traintel", tiny, data, args.epochs, "plain", 10),
-        Case(
-            "traintel_every1",
-            "4. traintel, 3 sinks, every=1",
-            "traintel",
-            tiny,
-            data,
-            args.epochs,
-            "plain",
-            1,
-        ),
-        Case(
-            "plain_large", "5a. plain PyTorch loop, large model", "plain", large, large_data, 1, "plain_large"
-        ),
+        Case("plain", "1. plain PyTorch loop (k=3)", "plain", tiny, data, args.epochs),
+        Case("ignite", "2. bare Ignite Engine, no handlers", "ignite", tiny, data, args.epochs),
+        Case("traintel", "3. traintel, 3 sinks, every=10", "traintel", tiny, data, args.epochs, 10),
+        Case("traintel_every1", "4. traintel, 3 sinks, every=1", "traintel", tiny, data, args.epochs, 1),
+        Case("plain_large", "5a. plain PyTorch loop, large model", "plain", large, large_data, 1),
         Case(
             "traintel_large",
             "5b. traintel, 3 sinks, every=10, large model",
@@ -297,7 +383,6 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
             large,
             large_data,
             1,
-            "plain_large",
             10,
         ),
     ]
@@ -308,12 +393,21 @@ def max_param_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> floa
 
 
 def warm_up(bench: Bench, cases: Sequence[Case]) -> dict[str, float]:
-    """Run each case once (not recorded); return each case's max |weight diff| to its plain loop."""
-    trained: dict[str, list[torch.Tensor]] = {}
+    """Run each case once (not recorded); return each case's max |weight diff| to its shadow.
+
+    traintel delivers records by the clock (``telemetry.max_delay_seconds`` after the previous
+    delivery), and the shadow stretches a run's wall time: left as it is, a timed run would
+    deliver more often per step than the same run without a shadow. So each traintel case's
+    timed runs get the delay scaled by its warm-up's wall time over its own time, which keeps
+    deliveries per step as in a run without a shadow.
+    """
+    diffs = {}
     for case in cases:
-        bench.run(case)
-        trained[case.key] = [p.detach().clone() for p in bench.working(case).parameters()]
-    return {c.key: max_param_diff(trained[c.key], trained[c.reference]) for c in cases}
+        sample = bench.run(case)
+        diffs[case.key] = max_param_diff(bench.trained(case, "working"), bench.trained(case, "shadow"))
+        if case.kind == "traintel":
+            bench.max_delay[case.key] = DEFAULT_MAX_DELAY * sample.loop_s / sum(sample.own_s)
+    return diffs
 
 
 def measure(bench: Bench, cases: Sequence[Case], repeats: int) -> list[dict[str, Sample]]:
@@ -321,41 +415,55 @@ def measure(bench: Bench, cases: Sequence[Case], repeats: int) -> list[dict[str,
     rounds: list[dict[str, Sample]] = []
     for r in range(repeats):
         order = [*cases[r % len(cases) :], *cases[: r % len(cases)]]
-        samples: dict[str, Sample] = {}
-        for case in order:
-            samples[case.key] = bench.run(case)
-        rounds.append(samples)
+        rounds.append({case.key: bench.run(case) for case in order})
         print(f"  round {r + 1}/{repeats} done", file=sys.stderr)
     return rounds
 
 
 def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> list[dict[str, Any]]:
-    by_key = {c.key: c for c in cases}
+    """Each case's figures over every run's windows but the first (see the module's docstring)."""
     rows = []
     for case in cases:
-        ref = by_key[case.reference]
-        per_step = [s[case.key].loop_s / case.steps * 1e6 for s in rounds]
-        ref_step = [s[ref.key].loop_s / ref.steps * 1e6 for s in rounds]
-        ratios = [c / p for c, p in zip(per_step, ref_step, strict=True)]
+        runs = [r[case.key] for r in rounds]
+        kept = [(run.own_s[1:], run.shadow_s[1:], run.steps[1:]) for run in runs if len(run.own_s) > 1]
+        if not kept:  # runs of one window (tiny test sizes): keep it
+            kept = [(run.own_s, run.shadow_s, run.steps) for run in runs]
+        run_ratios = [sum(own) / sum(shadow) for own, shadow, _ in kept]
+        pairs = [p for own, shadow, steps in kept for p in zip(own, shadow, steps, strict=True)]
+        steps = [sum(n) for _, _, n in kept]
         rows.append(
             {
                 "key": case.key,
                 "case": case.label,
-                "reference": ref.key,
                 "steps_per_run": case.steps,
-                "us_per_step": statistics.median(per_step),
-                "ratio_to_plain": statistics.median(ratios),
-                "ratio_quartiles": quartiles(ratios),
-                "overhead_us_per_step": statistics.median(
-                    c - p for c, p in zip(per_step, ref_step, strict=True)
+                "windows": len(pairs),
+                "us_per_step": statistics.median(
+                    sum(own) / n * 1e6 for (own, _, _), n in zip(kept, steps, strict=True)
                 ),
-                "loop_ms": statistics.median(s[case.key].loop_s * 1e3 for s in rounds),
-                "run_call_ms": statistics.median(s[case.key].total_s * 1e3 for s in rounds),
-                "samples_us_per_step": per_step,
-                "samples_run_call_ms": [s[case.key].total_s * 1e3 for s in rounds],
+                "plain_us_per_step": statistics.median(
+                    sum(shadow) / n * 1e6 for (_, shadow, _), n in zip(kept, steps, strict=True)
+                ),
+                "ratio_to_plain": statistics.median(run_ratios),
+                "ratio_quartiles": quartiles(run_ratios),
+                "typical_window_ratio": statistics.median(o / s for o, s, _ in pairs),
+                "overhead_us_per_step": statistics.median(
+                    (sum(own) - sum(shadow)) / n * 1e6
+                    for (own, shadow, _), n in zip(kept, steps, strict=True)
+                ),
+                "other_threads_cpu_us_per_step": median_or_none(
+                    None if run.other_threads_cpu_s is None else run.other_threads_cpu_s / case.steps * 1e6
+                    for run in runs
+                ),
+                "loop_ms": statistics.median(run.loop_s * 1e3 for run in runs),
+                "run_call_ms": statistics.median(run.total_s * 1e3 for run in runs),
             }
         )
     return rows
+
+
+def median_or_none(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -390,43 +498,53 @@ def render(
     env: dict[str, Any], sizes: dict[str, int], args: argparse.Namespace, rows: Sequence[dict[str, Any]]
 ) -> str:
     by_key = {r["key"]: r for r in rows}
-    large_vs_tiny = by_key["plain_large"]["us_per_step"] / by_key["plain"]["us_per_step"]
+    large_vs_tiny = by_key["plain_large"]["plain_us_per_step"] / by_key["plain"]["plain_us_per_step"]
     h = args.large_hidden
     lines = [
         f"torch {env['torch']}, pytorch-ignite {env['pytorch-ignite']}, traintel {env['traintel']}, "
         f"Python {env['python']}; torch threads {env['torch_threads']} (interop "
         f"{env['torch_interop_threads']}), usable CPUs {env['cpus_usable']}; {env['platform']}",
         "",
-        f"- step = one optimizer step = {K} micro-batches of {args.batch_size} items; medians of "
-        f"{args.repeats} interleaved repeats.",
-        "- ratio and overhead: medians of per-repeat comparisons with the plain loop on the same model "
-        "in the same repeat (row 1 for rows 1-4, row 5a for 5b).",
+        f"- step = one optimizer step = {K} micro-batches of {args.batch_size} items; {args.repeats} rounds.",
+        f"- window = {args.window} steps; each is paired with the plain loop (the case's shadow) on the same "
+        "batches just before it.",
+        "- every run's first window is left out (the shadow, which goes first, pays the cold start).",
+        "- us/step, plain us/step, ratio and overhead: the run's own time and its shadow's, everything "
+        "included; medians over rounds (quartiles of the ratio over rounds).",
+        "- typical window: the median over all windows of case / shadow (without the few windows that "
+        "deliver records or end an epoch).",
         f"- tiny model: Linear({IN_FEATURES},{TINY_HIDDEN})-ReLU-Linear({TINY_HIDDEN},1) "
         f"({sizes['plain']:,} parameters), {args.epochs} epochs x {args.batches} micro-batches per run.",
         f"- large model: Linear({IN_FEATURES},{h})-ReLU-{args.large_layers}x[Linear({h},{h})-ReLU]-"
         f"Linear({h},1) ({sizes['plain_large']:,} parameters), 1 epoch x {args.large_batches} micro-batches "
         f"per run; its plain step takes {large_vs_tiny:.0f}x the tiny one's.",
         "",
-        "| case | us/step | ratio to plain | quartiles of the ratio | overhead us/step |",
-        "|---|---:|---:|---:|---:|",
+        "| case | windows | us/step | plain us/step | ratio to plain | quartiles of the ratio "
+        "| typical window | overhead us/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio, extra = r["ratio_to_plain"], r["overhead_us_per_step"]
         low, high = r["ratio_quartiles"]
         lines.append(
-            f"| {r['case']} | {r['us_per_step']:.1f} | {ratio:.3f} | {low:.3f}-{high:.3f} | {extra:+.1f} |"
+            f"| {r['case']} | {r['windows']} | {r['us_per_step']:.1f} | {r['plain_us_per_step']:.1f} "
+            f"| {ratio:.3f} | {low:.3f}-{high:.3f} | {r['typical_window_ratio']:.3f} | {extra:+.1f} |"
         )
     lines += [
         "",
         "Per-run cost outside the loop: the whole `engine.run()` / `run.run()` call minus the loop",
-        "(for traintel: run.start, run.end, closing the sinks, stopping the Prometheus server).",
+        "(for traintel: run.start, run.end, closing the sinks, stopping the Prometheus server); both",
+        "include the shadow's windows. Other threads: CPU time of the process's other threads during",
+        "the loop (traintel's writers and exporter, torch's workers) per step; what part of it ran",
+        "while the shadow trained is in the shadow's time, not the case's.",
         "",
-        "| case | loop ms | whole call ms | outside loop ms |",
-        "|---|---:|---:|---:|",
+        "| case | loop ms | whole call ms | outside loop ms | other threads' CPU us/step |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        loop, call = r["loop_ms"], r["run_call_ms"]
-        lines.append(f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} |")
+        loop, call, cpu = r["loop_ms"], r["run_call_ms"], r["other_threads_cpu_us_per_step"]
+        shown = "n/a" if cpu is None else f"{cpu:.1f}"
+        lines.append(f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} | {shown} |")
     return "\n".join(lines)
 
 
@@ -440,11 +558,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--large-hidden", type=int, default=1024, help="large model width (default 1024)")
     add("--large-layers", type=int, default=8, help="large model hidden-to-hidden layers (default 8)")
     add("--large-batches", type=int, default=150, help="large-model micro-batches, 1 epoch (default 150)")
+    add(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        help=f"steps per timed window (default {DEFAULT_WINDOW})",
+    )
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     add("--json", type=Path, default=None, metavar="PATH", help="also write the numbers to PATH")
     args = parser.parse_args(argv)
-    positive = ("repeats", "epochs", "batches", "batch_size", "large_hidden", "large_layers", "large_batches")
+    positive = (
+        "repeats",
+        "window",
+        "epochs",
+        "batches",
+        "batch_size",
+        "large_hidden",
+        "large_layers",
+        "large_batches",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -467,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="traintel-bench-") as tmp, open(os.devnull, "wb") as devnull:
-        bench = Bench(Path(tmp), devnull)
+        bench = Bench(Path(tmp), devnull, args.window)
         print("warming up (one run of each case) ...", file=sys.stderr)
         diffs = warm_up(bench, cases)
         rounds = measure(bench, cases, args.repeats)
@@ -476,7 +609,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = {c.key: sum(p.numel() for p in c.model.parameters()) for c in cases}
     print(render(env, sizes, args, rows))
     worst = max(diffs.values())
-    print(f"\nwarm-up check: max |weight difference| to the plain loop, any case: {worst:.2e}")
+    print(f"\nwarm-up check: max |weight difference| to the plain loop (its shadow), any case: {worst:.2e}")
+    delays = ", ".join(f"{key} {delay * 1e3:.0f} ms" for key, delay in bench.max_delay.items())
+    print(
+        f"traintel's max_delay_seconds in the timed runs, scaled from {DEFAULT_MAX_DELAY * 1e3:.0f} ms "
+        f"so that the shadow leaves deliveries per step unchanged: {delays}"
+    )
     print(f"benchmark wall time: {time.perf_counter() - started:.1f} s")
     if args.json is not None:
         payload = {
@@ -486,7 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "unit": f"microseconds per optimizer step ({K} micro-batches)",
             "model_parameters": sizes,
             "warmup_max_weight_diff": diffs,
+            "max_delay_seconds": bench.max_delay,
             "cases": rows,
+            "rounds": [{key: asdict(sample) for key, sample in r.items()} for r in rounds],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -25,6 +25,7 @@ CASES = [
 
 
 def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    """Every case and its plain-loop shadow end with the same weights; the windows are paired."""
     out = tmp_path / "overhead.json"
     args = ["--repeats", "2", "--epochs", "2", "--batches", "30", "--large-batches", "6",
             "--large-hidden", "64", "--large-layers", "1", "--json", str(out)]  # fmt: skip
@@ -37,15 +38,33 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["warmup_max_weight_diff"] == dict.fromkeys(
-        ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large"], 0.0
-    )
+    keys = ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large"]
+    assert data["warmup_max_weight_diff"] == dict.fromkeys(keys, 0.0)
     assert [c["case"] for c in data["cases"]] == CASES
     assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2]
-    assert data["cases"][0]["ratio_to_plain"] == data["cases"][4]["ratio_to_plain"] == 1.0
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # tiny runs: 2 windows of 10 steps, the first left out; large runs: one window of 2 steps, kept
+    assert [c["windows"] for c in data["cases"]] == [2, 2, 2, 2, 2, 2]
+    assert len(data["rounds"]) == 2
+    for timed in data["rounds"]:
+        assert [timed[k]["steps"] for k in keys] == [[10, 10]] * 4 + [[2]] * 2
+        for k in keys:
+            assert len(timed[k]["own_s"]) == len(timed[k]["shadow_s"]) == len(timed[k]["steps"])
+            assert min(timed[k]["own_s"]) > 0 and min(timed[k]["shadow_s"]) > 0
+    # the shadow stretches a run's wall time, so the delivery delay is stretched with it
+    assert sorted(data["max_delay_seconds"]) == ["traintel", "traintel_every1", "traintel_large"]
+    assert all(delay > 0.05 for delay in data["max_delay_seconds"].values())
+    lines = proc.stdout.splitlines()
+    header = (
+        "| case | windows | us/step | plain us/step | ratio to plain | quartiles of the ratio "
+        "| typical window | overhead us/step |"
+    )
+    assert lines.count(header) == 1
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:6]] == CASES
-    assert "warm-up check: max |weight difference| to the plain loop, any case: 0.00e+00" in proc.stdout
+    assert [row.split(" | ")[1] for row in rows[:6]] == ["2"] * 6
+    assert (
+        "warm-up check: max |weight difference| to the plain loop (its shadow), any case: 0.00e+00" in lines
+    )
 
 
 def test_distributed_benchmark_compares_like_for_like(tmp_path: Path) -> None:
