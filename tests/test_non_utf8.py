@@ -22,8 +22,9 @@ import orjson
 import pytest
 
 from traintel.schema import validate_lines
-from traintel.sinks import LineRenderer
+from traintel.sinks import JsonSink, LineRenderer
 from traintel.sinks._jsonline import escape_surrogates, with_extras
+from traintel.testing import end_record
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +163,14 @@ def test_escaping_is_exact_and_leaves_valid_text_alone() -> None:
     with pytest.raises(TypeError, match="Integer exceeds 64-bit range"):  # other refusals are unchanged
         render(None, "info", {"event": "x", "big": 2**70})
     assert with_extras(b'{"a":1}\n', {"b": "\udcff"}) is None  # the full rendering escapes it
+
+
+def test_the_console_view_writes_undecodable_text_escaped() -> None:
+    """At a terminal the records are console lines; one carrying a lone surrogate is written with it
+    escaped as in the JSON lines, not turned into a ``sink.error``."""
+    name = os.fsdecode(b"caf" + bytes([0xE9]))  # "caf\udce9"
+    line = JsonSink(console=True).render(end_record(reason=name, status="failed"))
+    text = line.decode("utf-8")
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert "reason\x1b[0m=\x1b[35mcaf\\xe9\x1b[0m" in text
+    assert "\udce9" not in text

@@ -14,7 +14,7 @@ from structlog.typing import Processor
 
 from traintel.records import BatchRecord, Record, StepRecord
 from traintel.sinks import _stdout_capture
-from traintel.sinks._jsonline import LineRenderer, ecs_layout
+from traintel.sinks._jsonline import LineRenderer, ecs_layout, escape_surrogates
 from traintel.sinks._policy import DROP_LAST, droppable, urgent
 from traintel.sinks._writer import DEFAULT_MAX_BYTES, BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
@@ -43,13 +43,15 @@ def _console_view(
 
 
 class _ConsoleLine:
-    """structlog's ConsoleRenderer, as bytes with a newline."""
+    """structlog's ConsoleRenderer, as bytes with a newline; text that is not valid Unicode is
+    escaped as in the JSON lines."""
 
     def __init__(self) -> None:
         self._console = structlog.dev.ConsoleRenderer(colors=True, sort_keys=False)
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        return str(self._console(logger, method, event_dict)).encode() + b"\n"
+        text: str = escape_surrogates(str(self._console(logger, method, event_dict)))
+        return text.encode() + b"\n"
 
 
 class _RecordLogger(structlog.BoundLoggerBase):
