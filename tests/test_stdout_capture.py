@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import subprocess
 import sys
 import threading
 import tracemalloc
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.children import CHILD_TIMEOUT, child_env
 from tests.conftest import strict_object
 from traintel.sinks._stdout_capture import StdoutCapture, install, release
 from traintel.sinks.json_stdout import JsonSink
 from traintel.testing import batch_record, end_record, run_context, step_record
+
+CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 
 def test_text_is_handed_on_a_line_at_a_time() -> None:
@@ -197,3 +201,50 @@ def test_a_stalled_reader_holds_at_most_the_byte_bound(tmp_path: Path) -> None:
     os.close(r)  # the stuck writer gets EPIPE and ends
     assert data.endswith(b"\n")
     assert all(json.loads(line)["event"] in ("train.batch", "train.step") for line in data.splitlines())
+
+
+_PRINTING_TASK = """
+import os
+
+from traintel.tasks.forecast import make_task as base
+
+
+def make_task():
+    task = base(train_samples=96, val_samples=0)
+    loss_fn, calls = task.loss_fn, []
+
+    def printing_loss(out, y):
+        if not calls:
+            print(f"first loss on rank {os.environ['RANK']}")
+        calls.append(1)
+        return loss_fn(out, y)
+
+    task.loss_fn = printing_loss
+    return task
+"""
+
+
+@pytest.mark.slow
+def test_print_on_a_rank_above_0_becomes_a_log_line_on_its_stderr(tmp_path: Path) -> None:
+    """Under torchrun with ``telemetry.ranks=zero`` stdout carries rank 0's JSON lines only: text
+    printed on rank 1 becomes a JSON log line of the ``stdout`` logger on stderr, where that rank's
+    warnings go."""
+    (tmp_path / "printing.py").write_text(_PRINTING_TASK, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
+           "--set", "sinks.prometheus.port=0", "--set", "task.factory=printing:make_task",
+           "--set", "task.params={}", "--set", "trainer.max_epochs=1"]  # fmt: skip
+    env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [strict_object(line) for line in proc.stdout.splitlines()]  # every line of stdout is JSON
+    assert [x["event"] for x in out if x.get("logger") == "stdout"] == ["first loss on rank 0"]
+    assert {x["rank"] for x in out if "rank" in x} == {0}
+    assert out[-1]["event"] == "run.end"
+    err = [strict_object(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert [(x["logger"], x["event"], x["level"]) for x in err if x.get("logger") == "stdout"] == [
+        ("stdout", "first loss on rank 1", "info")
+    ]
+    assert "first loss on rank 1" not in proc.stdout

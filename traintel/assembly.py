@@ -97,8 +97,9 @@ def build_sinks(
     The JSON sink comes before the diagnostic file, so the file reuses the lines it just wrote.
     Under torch.distributed, rank 0 serves the metrics (with ``sinks.prometheus.per_rank``, every
     rank serves its own, labelled ``rank``, on ``port + local_rank``); stdout's JSON lines come
-    from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``); rank r > 0 writes its
-    diagnostic file as ``rank_filename(filename, r)``.
+    from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``; with ``"zero"`` rank r > 0
+    writes its log lines, and text printed there, on stderr); rank r > 0 writes its diagnostic file
+    as ``rank_filename(filename, r)``.
     """
     check_diagnostic_filename(cfg.diagnostic.filename)  # before any sink is made
     sinks: list[Sink] = []
@@ -128,7 +129,9 @@ def build_sinks(
     json_sink: JsonSink | None = None
     logs: JsonSink | None = None
     if cfg.json_.enabled and rank > 0 and stdout_ranks == "zero":
-        logs = JsonSink(fd=sys.stderr.fileno(), profile=cfg.json_.profile, renderer=renderer)
+        logs = JsonSink(
+            fd=sys.stderr.fileno(), profile=cfg.json_.profile, renderer=renderer, capture_stdout=True
+        )
     elif cfg.json_.enabled:
         j = cfg.json_
         console = j.format == "console" or (j.format == "auto" and json_stream is None and stdout_is_tty())

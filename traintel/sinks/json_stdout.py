@@ -91,7 +91,10 @@ class JsonSink:
     While open, a sink writing JSON lines to stdout's descriptor (no ``stream``, not a
     terminal, not ``console``) replaces ``sys.stdout`` when ``capture`` is true: text written to
     it becomes log lines with ``logger: "stdout"`` and level ``info`` in the same stream, one per
-    line of text (``traintel.sinks._stdout_capture``); ``close`` puts it back.
+    line of text (``traintel.sinks._stdout_capture``); ``close`` puts it back. With
+    ``capture_stdout``, a sink writing elsewhere (``fd``: a rank above 0's log lines on stderr)
+    takes over ``sys.stdout`` the same way unless stdout is a terminal, so that stdout carries
+    the lines of the rank that owns it and nothing else.
     """
 
     name = "json"
@@ -109,6 +112,7 @@ class JsonSink:
         fd: int | None = None,
         queue_bytes: int = DEFAULT_MAX_BYTES,
         capture: bool = True,
+        capture_stdout: bool = False,
     ) -> None:
         if profile not in ("default", "ecs"):
             msg = f"profile must be 'default' or 'ecs', got {profile!r}"
@@ -127,6 +131,8 @@ class JsonSink:
         self.close_timeout = close_timeout
         self.capture = capture
         """Whether ``open`` takes over ``sys.stdout`` when this sink writes JSON lines to stdout."""
+        self.capture_stdout = capture_stdout
+        """Whether ``open`` takes over ``sys.stdout`` (not a terminal) when the lines go elsewhere."""
         self._writer: BackgroundWriter[Record] | None = None
         self._owned: FdStream | None = None
         self._capture: _stdout_capture.StdoutCapture | None = None
@@ -186,8 +192,17 @@ class JsonSink:
             close_timeout=self.close_timeout,
             threaded=not self.console,
         )
-        if owns_stdout and self.capture and not self.console:
+        if self.capture and not self.console and (owns_stdout or self._stdout_unowned()):
             self._capture = _stdout_capture.install(self._text_line_writer())
+
+    def _stdout_unowned(self) -> bool:
+        """With ``capture_stdout``: whether stdout is a descriptor that is not a terminal."""
+        if not self.capture_stdout:
+            return False
+        try:
+            return not os.isatty(sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+            return False
 
     def _text_line_writer(self) -> Callable[[str], None]:
         """What the stdout capture calls with each line of text: it renders the text as a routed
