@@ -386,3 +386,43 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, reference: dict
     assert (start["attempt"], start["resumed_from_step"]) == (2, 4)
     second = losses(last.stdout)
     assert {k: expected[k] for k in second} == second
+
+
+_KILLED_AFTER_BUILD = """
+import os
+import signal
+import sys
+
+import traintel
+
+traintel.build(sys.argv[1])  # the sinks are open: the diagnostic file exists
+print("built", file=sys.stderr, flush=True)  # stdout is the JSON sink's now
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_resume_auto_continues_a_run_killed_between_build_and_run(tmp_path: Path) -> None:
+    """A pod killed while starting (sinks open, no step yet) leaves its run directory to the next
+    attempt: with ``run.resume=auto`` that one trains from the start as attempt 1 and exits 0."""
+    run_dir = tmp_path / "run"
+    cfg = {
+        "run": {"dir": str(run_dir), "resume": "auto", "id": "killed"},
+        "task": {"params": {"train_samples": 96, "val_samples": 0}},
+        "trainer": {"max_epochs": 1, "device": "cpu"},
+        "sinks": {"prometheus": {"enabled": False}},
+        "checkpoint": {"every_steps": 2},
+    }
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    (tmp_path / "killed.py").write_text(_KILLED_AFTER_BUILD, encoding="utf-8")
+    env = child_env(extra={"OMP_NUM_THREADS": "1"})
+    first = subprocess.run([sys.executable, str(tmp_path / "killed.py"), str(path)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)  # fmt: skip
+    assert (first.returncode, first.stderr.splitlines()[-1:]) == (-signal.SIGKILL, ["built"]), first.stderr
+    assert (run_dir / "diagnostic.jsonl").exists()
+    second = traintel(["--config", str(path)], tmp_path)
+    assert second.returncode == 0, second.stderr
+    records = list(lines(second.stdout))
+    start, end = records[0], records[-1]
+    assert (start["event"], start["run_id"], start["attempt"]) == ("run.start", "killed", 1)
+    assert (end["event"], end["status"], end["step"]) == ("run.end", "completed", 1)  # 96 items: one step

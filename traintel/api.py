@@ -67,6 +67,10 @@ class Run:
     end, and ``close()`` (or leaving a ``with`` block) closes them if it never ran.
     """
 
+    _run_file: Path | None = None
+    """``checkpoints/run.json`` while this first attempt has written it and not started (see
+    ``_note_attempt``); ``close`` removes it then."""
+
     def __init__(
         self,
         config: Config,
@@ -148,18 +152,7 @@ class Run:
             attempt=self.attempt,
         )
         hold_early()  # from here a signal is noted, and the run starts and ends at once as terminated
-        # Sinks may write into the run directory from open(); one that stays empty is removed again.
-        self._made_dirs = missing_dirs(self.run_dir)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}") from None
-        try:
-            self._check_run_dir(found)  # before any sink writes into it
-            self.fanout.open(context)
-        except BaseException:
-            remove_empty(self._made_dirs)
-            raise
+        self._open_run_dir(found, context)
 
         self._unroute: Callable[[], None] | None = None
         if self._logs is not None:
@@ -341,6 +334,44 @@ class Run:
                 "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
             ) from None
 
+    def _open_run_dir(self, found: resume.Resumption | None, context: RunContext) -> None:
+        """Create the run directory, check it, note the attempt and open the sinks; on failure,
+        what this did is undone. Sinks may write into the directory from ``open()``; one that stays
+        empty is removed again at ``close``."""
+        self._made_dirs = missing_dirs(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}") from None
+        try:
+            self._check_run_dir(found)  # before any sink writes into it
+            self._note_attempt()
+            self.fanout.open(context)
+        except BaseException:
+            self._forget_attempt()
+            remove_empty(self._made_dirs)
+            raise
+
+    def _note_attempt(self) -> None:
+        """Rank 0 of a run that keeps checkpoints writes ``checkpoints/run.json`` (run id, attempt)
+        before any sink writes a file: a process killed from here on leaves a directory that
+        ``run.resume=auto`` continues, never one that looks like another run's."""
+        if self.checkpointing is None or self.coordinator.rank != 0:
+            return
+        directory = self.checkpointing.directory
+        made = missing_dirs(directory)
+        resume.write_run_file(directory, self.run_id, self.attempt)
+        if self.attempt == 0:
+            self._run_file = directory / resume.RUN_FILE
+            self._made_dirs = [*made, *self._made_dirs]
+
+    def _forget_attempt(self) -> None:
+        """Remove the run.json this first attempt wrote, when it never started."""
+        run_file, self._run_file = self._run_file, None
+        if run_file is not None:
+            with contextlib.suppress(OSError):
+                run_file.unlink()
+
     def _check_run_dir(self, found: resume.Resumption | None) -> None:
         """ConfigError, before any sink opens (the run directory exists now), when this run must not
         write into ``run.dir``; nothing is changed. Only a run that keeps files (the diagnostic file,
@@ -482,8 +513,7 @@ class Run:
                     keeps_files = self.config.sinks.diagnostic.enabled or self.checkpointing is not None
                     if keeps_files and self.coordinator.rank == 0:
                         self._save_config()
-                    if self.checkpointing is not None and self.coordinator.rank == 0:
-                        resume.write_run_file(self.checkpointing.directory, self.run_id, self.attempt)
+                    self._run_file = None  # the attempt has started: its run.json stays
                     self.lifecycle.start()
                     self._train()
                 except BaseException as exc:
@@ -567,8 +597,10 @@ class Run:
             self.fanout.report(self.prometheus, exc)
 
     def close(self) -> None:
-        """Close the sinks (idempotent); a run directory left empty is removed."""
+        """Close the sinks (idempotent); a run directory left empty is removed, as is the run.json of
+        a first attempt that never started."""
         self.fanout.close(bounded=True)  # logging still routed: a sink's close that hangs is reported
+        self._forget_attempt()
         unroute, self._unroute = self._unroute, None
         if unroute is not None:
             unroute()
