@@ -414,3 +414,17 @@ def test_scheduler_arguments_that_are_fine(scheduler: str, extra: dict[str, Any]
 )  # fmt: skip
 def test_other_ranges(setting: str, message: str) -> None:
     assert _error(overrides=[setting]) == message
+
+
+def test_scheduler_arguments_with_capitals_can_be_set_from_the_environment() -> None:
+    """Variable names are upper case; the cosine scheduler's ``T_max`` is found all the same."""
+    environ = {
+        "TRAINTEL__TRAINER__SCHEDULER__NAME": "cosine",
+        "TRAINTEL__TRAINER__SCHEDULER__T_MAX": "7",
+        "TRAINTEL__TRAINER__SCHEDULER__ETA_MIN": "0.001",
+        "TRAINTEL__TASK__PARAMS__T_MAX": "3",  # a task's own parameter keeps the lower-case name
+    }
+    cfg = load_config(environ=environ)
+    assert cfg.trainer.scheduler is not None
+    assert cfg.trainer.scheduler.model_extra == {"T_max": 7, "eta_min": 0.001}
+    assert cfg.task.params == {"t_max": 3}

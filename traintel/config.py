@@ -527,13 +527,22 @@ def apply_overrides(
             sources[".".join(path)] = origin
 
 
+_CASED_SCHEDULER_ARGS = {key.lower(): key for args in _SCHEDULER_ARGS.values() for key in args}
+"""A scheduler argument's name from its lower-case form (``t_max`` -> ``T_max``)."""
+
+
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``TRAINTEL__TRAINER__ACCUMULATION_STEPS=3`` -> (``trainer.accumulation_steps=3``, variable name)."""
+    """``TRAINTEL__TRAINER__ACCUMULATION_STEPS=3`` -> (``trainer.accumulation_steps=3``, variable name).
+
+    Names are lower-cased, except a scheduler argument's, which takes its own spelling
+    (``TRAINTEL__TRAINER__SCHEDULER__T_MAX`` sets ``trainer.scheduler.T_max``)."""
     items = []
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
-            path = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            items.append((f"{path}={environ[name]}", name))
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            if len(keys) == 3 and keys[:2] == ["trainer", "scheduler"]:
+                keys[2] = _CASED_SCHEDULER_ARGS.get(keys[2], keys[2])
+            items.append((f"{'.'.join(keys)}={environ[name]}", name))
     return items
 
 
