@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -14,13 +15,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-import yaml
 from ignite.engine import Engine, Events
 
-from traintel import checkpoint, distributed, resume
+from traintel import checkpoint, distributed, resume, rundir
 from traintel._dirs import missing_dirs, remove_empty
 from traintel.assembly import build_sinks
-from traintel.atomic import write_atomic
 from traintel.config import Config, coerce_config
 from traintel.distributed import Launch, shared_run_id
 from traintel.engine import ddp
@@ -66,6 +65,11 @@ class Run:
     ``run()``. The sinks are open from construction; ``run()`` closes them at the
     end, and ``close()`` (or leaving a ``with`` block) closes them if it never ran.
     """
+
+    @functools.cached_property
+    def _config_text(self) -> str:
+        """``config.yaml``'s text (``rundir.config_text``), made once for the check and the file."""
+        return rundir.config_text(self.config)
 
     _run_file: Path | None = None
     """``checkpoints/run.json`` while this first attempt has written it and not started (see
@@ -322,18 +326,6 @@ class Run:
             event_name=Events.ITERATION_COMPLETED(every=every),
         )
 
-    def _save_config(self) -> None:
-        """``<run dir>/config.yaml``: the resolved config (secrets redacted), written atomically; a
-        first attempt only creates it (``_check_run_dir`` found none), never replaces one."""
-        text = yaml.safe_dump(self.config.to_dict(redact=True), sort_keys=False)
-        path = self.run_dir / "config.yaml"
-        try:
-            write_atomic(path, text, overwrite="none" if self.attempt == 0 else "any")
-        except FileExistsError:  # made by another process since the start
-            raise ConfigError(
-                "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
-            ) from None
-
     def _open_run_dir(self, found: resume.Resumption | None, context: RunContext) -> None:
         """Create the run directory, check it, note the attempt and open the sinks; on failure,
         what this did is undone. Sinks may write into the directory from ``open()``; one that stays
@@ -373,73 +365,22 @@ class Run:
                 run_file.unlink()
 
     def _check_run_dir(self, found: resume.Resumption | None) -> None:
-        """ConfigError, before any sink opens (the run directory exists now), when this run must not
-        write into ``run.dir``; nothing is changed. Only a run that keeps files (the diagnostic file,
-        checkpoints: the ones that write config.yaml) checks:
-
-        - ``config.yaml`` there that is not a regular file (or a link, which is replaced);
-        - a first attempt (not continuing an earlier one) in a directory holding another run's
-          files: config.yaml, checkpoints, report.png, the diagnostic file (the configured name and
-          ``diagnostic.jsonl``), its rotated parts or another rank's. Other files, or none, are fine;
-        - a directory that does not take a file of config.yaml's size (read-only, full): one is
-          written, fsynced and removed.
-
-        Every rank checks; under torchrun the ranks agree, so all stop with the first rank's error.
-        """
-        from traintel.atomic import file_kind, probe_write
-        from traintel.records import rank_filename
-        from traintel.report import (
-            CONFIG_FILENAME,
-            DIAGNOSTIC_FILENAME,
-            REPORT_FILENAME,
-            rotated_parts,
-            stream_ranks,
+        """ConfigError, before any sink opens, when this run must not write into ``run.dir``
+        (``rundir.problem``). Every rank checks; under torchrun the ranks agree, so all stop with
+        the first rank's error."""
+        diagnostic = self.config.sinks.diagnostic
+        problem = (
+            rundir.problem(
+                self.run_dir,
+                self.coordinator.rank,
+                diagnostic=diagnostic.filename,
+                writes_diagnostic=diagnostic.enabled,
+                continuing=found is not None,
+                config_text=self._config_text,
+            )
+            if diagnostic.enabled or self.checkpointing is not None  # a run that keeps files
+            else None
         )
-
-        cfg, run_dir, rank = self.config, self.run_dir, self.coordinator.rank
-        where = repr(str(run_dir))
-        problem: ConfigError | None = None
-        try:
-            if cfg.sinks.diagnostic.enabled or self.checkpointing is not None:
-                names = frozenset(os.listdir(run_dir))
-                config_file = run_dir / CONFIG_FILENAME
-                kind = file_kind(config_file.lstat().st_mode) if CONFIG_FILENAME in names else None
-                own = rank_filename(cfg.sinks.diagnostic.filename, rank)
-                held = {CONFIG_FILENAME, checkpoint.DIRECTORY, REPORT_FILENAME} & names
-                for diag in {cfg.sinks.diagnostic.filename, DIAGNOSTIC_FILENAME}:
-                    for r in (0, *stream_ranks(diag, names)):
-                        held.update(p.name for p in rotated_parts(run_dir, rank_filename(diag, r), names))
-                if kind not in (None, "a regular file", "a symbolic link"):
-                    problem = ConfigError(
-                        "run.dir",
-                        f"{str(config_file)!r} is {kind}, not a regular file; the run writes its config "
-                        "there: remove it or choose another run.dir",
-                    )
-                elif found is None and cfg.sinks.diagnostic.enabled and own in names:
-                    existing = repr(str(run_dir / own))  # said as the diagnostic file's own check says it
-                    problem = ConfigError(
-                        "run.dir",
-                        f"{existing} already exists and is never overwritten; choose another run.dir",
-                    )
-                elif found is None and held:
-                    shown = sorted(held)
-                    listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
-                    advice = "choose another run.dir (a new or empty one)"
-                    if checkpoint.DIRECTORY in held:
-                        advice = (
-                            "choose another run.dir, or continue that run with "
-                            "'traintel train --resume' or run.resume=auto"
-                        )
-                    problem = ConfigError(
-                        "run.dir", f"{where} already holds another run's files ({listed}); {advice}"
-                    )
-                else:
-                    try:
-                        probe_write(run_dir, yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False))
-                    except OSError as exc:
-                        problem = ConfigError("run.dir", f"cannot write in {where}: {exc.strerror or exc}")
-        except OSError as exc:
-            problem = ConfigError("run.dir", f"cannot read {where}: {exc.strerror or exc}")
         views = self.coordinator.gather(None if problem is None else (problem.key, problem.problem))
         first = next((view for view in views if view is not None), None)
         if first is not None:
@@ -512,7 +453,7 @@ class Run:
                 try:
                     keeps_files = self.config.sinks.diagnostic.enabled or self.checkpointing is not None
                     if keeps_files and self.coordinator.rank == 0:
-                        self._save_config()
+                        rundir.save_config(self.run_dir, self._config_text, first_attempt=self.attempt == 0)
                     self._run_file = None  # the attempt has started: its run.json stays
                     self.lifecycle.start()
                     self._train()
