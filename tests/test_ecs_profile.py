@@ -33,7 +33,9 @@ from traintel.schema import (
     validate_line,
     validate_lines,
 )
+from traintel.sinks import JsonSink
 from traintel.sinks._jsonline import ECS_VERSION
+from traintel.testing import end_record
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -97,6 +99,8 @@ def default_layout(ecs: dict[str, Any]) -> dict[str, Any]:
     for key, value in ecs.items():
         if key.startswith("traintel."):
             out[key.removeprefix("traintel.")] = value
+        elif key.startswith("error.") and ecs["message"] == "run.end":
+            continue  # a failed run.end's reason, repeated
         elif key == "error.type":  # sink.error: "Type: message", as traintel.errors.one_line writes it
             message = ecs["error.message"]
             out["error"] = f"{value}: {message}" if message else value
@@ -292,6 +296,9 @@ def test_every_line_of_a_real_run_is_ecs_and_holds_the_default_profiles_values(
         assert (end["log.level"], end["traintel.status"], end["traintel.reason"]) == (
             "error", "failed", "RuntimeError: loss exploded on micro-batch 7",
         )  # fmt: skip
+        assert (end["error.type"], end["error.message"]) == ("RuntimeError", "loss exploded on micro-batch 7")
+    if case != "crash":
+        assert "error.message" not in records[-1]
 
 
 def test_a_deep_copy_of_a_valid_line_with_one_wrong_ecs_type_fails_the_field_check() -> None:
@@ -304,3 +311,20 @@ def test_a_deep_copy_of_a_valid_line_with_one_wrong_ecs_type_fails_the_field_che
             check_ecs_fields(line, types)
     with pytest.raises(AssertionError, match="'run_id' is not an ECS field"):
         check_ecs_fields({**_LINE, "run_id": "r1"}, types)
+
+
+def test_a_failed_run_end_has_its_reason_as_error_fields_and_only_a_failed_one() -> None:
+    renderer = JsonSink(profile="ecs")
+    failed = json.loads(renderer.render(end_record(status="failed", reason="rank 1: OSError: disk full")))
+    assert (failed["traintel.reason"], failed["error.message"]) == ("rank 1: OSError: disk full",) * 2
+    assert "error.type" not in failed  # the reason does not start with a class name
+    crashed = json.loads(renderer.render(end_record(status="failed", reason="KeyError: 'x'")))
+    assert (crashed["error.type"], crashed["error.message"]) == ("KeyError", "'x'")
+    completed = json.loads(renderer.render(end_record()))
+    assert not [key for key in completed if key.startswith("error.")]
+    for line in (failed, crashed, completed):
+        validate_line(line, profile="ecs")
+    with pytest.raises(RecordValidationError):
+        validate_line({k: v for k, v in crashed.items() if not k.startswith("error.")}, profile="ecs")
+    with pytest.raises(RecordValidationError):
+        validate_line({**completed, "error.message": "stale"}, profile="ecs")

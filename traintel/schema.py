@@ -299,8 +299,8 @@ def derive_ecs_schema(schema: Mapping[str, Any] | None = None) -> dict[str, Any]
             f"traintel field is under the custom namespace {ns} (nonfinite's values name the "
             f'fields without it, as in the default profile: {ns}.nonfinite = {{"loss": "nan"}}). '
             "Every key is a field's full dotted name. A record line has event.dataset "
-            f"{RECORDS_DATASET} and event.action = its event (= message); sink.error's error is "
-            f"error.type and error.message. A routed log line has event.dataset {LOG_DATASET}, "
+            f"{RECORDS_DATASET} and event.action = its event (= message); sink.error's error, and a "
+            "failed run.end's reason, are error.type and error.message. A routed log line has event.dataset {LOG_DATASET}, "
             "log.logger, and an exception as error.type, error.message and error.stack_trace."
         ),
         "type": "object",
@@ -366,7 +366,25 @@ def _ecs_event(
             props[name] = prop
     required = [n for n in renamed["required"] if n in head] + list(ecs)
     required += ["error.message" if n == error_name else n for n in renamed["required"] if n not in head]
-    return {**renamed, "properties": props, "required": required}
+    rules = list(renamed.get("allOf", ()))
+    if event == "run.end":  # a failed run's reason is also its error.*
+        props["error.type"] = {
+            "type": "string",
+            "description": "When status is failed: the exception's class name, from reason.",
+        }
+        props["error.message"] = {
+            "type": "string",
+            "description": "When status is failed: the rest of reason (all of it when it names no class).",
+        }
+        status = f"{ns}.status"
+        rules.append(
+            {
+                "if": {"properties": {status: {"const": "failed"}}, "required": [status]},
+                "then": {"required": ["error.message"]},
+                "else": {"not": {"anyOf": [{"required": ["error.type"]}, {"required": ["error.message"]}]}},
+            }
+        )
+    return {**renamed, "properties": props, "required": required, **({"allOf": rules} if rules else {})}
 
 
 def _ecs_log(ns: str, dataset: str) -> dict[str, Any]:

@@ -88,8 +88,10 @@ def _ecs_line(event_dict: MutableMapping[str, Any], dataset: str, *, action: boo
     then the other keys in order: ``logger`` as ``log.logger``, a text ``error`` as ``error.type``
     and ``error.message``, a key that already has a dot (an ECS name such as ``error.stack_trace``
     or one a processor added) unchanged, and every other key, traintel's own, under
-    ``traintel.``. Values are unchanged; non-finite floats are first made null and named in
-    ``nonfinite`` (so ``traintel.nonfinite`` names them as the default profile does)."""
+    ``traintel.``; a failed ``run.end``'s reason is also ``error.type`` and ``error.message``, so
+    that queries on ``error.*`` find the run's end. Values are unchanged; non-finite floats are
+    first made null and named in ``nonfinite`` (so ``traintel.nonfinite`` names them as the
+    default profile does)."""
     strict_fields(event_dict)
     event = event_dict.get("event")
     out: dict[str, Any] = {
@@ -113,6 +115,8 @@ def _ecs_line(event_dict: MutableMapping[str, Any], dataset: str, *, action: boo
             out[key] = value
         else:
             out[f"{ECS_NAMESPACE}.{key}"] = value
+    if action and event == "run.end" and event_dict.get("status") == "failed":
+        out.update(ecs_error(str(event_dict.get("reason", ""))))  # the reason stays in traintel.reason
     return out
 
 
