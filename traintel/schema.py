@@ -300,7 +300,8 @@ def derive_ecs_schema(schema: Mapping[str, Any] | None = None) -> dict[str, Any]
             f'fields without it, as in the default profile: {ns}.nonfinite = {{"loss": "nan"}}). '
             "Every key is a field's full dotted name. A record line has event.dataset "
             f"{RECORDS_DATASET} and event.action = its event (= message); sink.error's error, and a "
-            "failed run.end's reason, are error.type and error.message. A routed log line has event.dataset {LOG_DATASET}, "
+            "failed run.end's reason, are error.type and error.message. A routed log line has "
+            f"event.dataset {LOG_DATASET}, "
             "log.logger, and an exception as error.type, error.message and error.stack_trace."
         ),
         "type": "object",
