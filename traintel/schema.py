@@ -355,28 +355,24 @@ def _ecs_event(
         if name in head:
             continue
         if name == error_name:
-            props["error.type"] = {
-                "type": "string",
-                "description": "The exception's class name (before ': ' in the default profile's error).",
-            }
-            props["error.message"] = {
-                "type": "string",
-                "description": "The exception's message, its first line (empty when it has none).",
-            }
+            props.update(
+                _error_fields(
+                    "The exception's class name (before ': ' in the default profile's error).",
+                    "The exception's message, its first line (empty when it has none).",
+                )
+            )
         else:
             props[name] = prop
     required = [n for n in renamed["required"] if n in head] + list(ecs)
     required += ["error.message" if n == error_name else n for n in renamed["required"] if n not in head]
     rules = list(renamed.get("allOf", ()))
     if event == "run.end":  # a failed run's reason is also its error.*
-        props["error.type"] = {
-            "type": "string",
-            "description": "When status is failed: the exception's class name, from reason.",
-        }
-        props["error.message"] = {
-            "type": "string",
-            "description": "When status is failed: the rest of reason (all of it when it names no class).",
-        }
+        props.update(
+            _error_fields(
+                "When status is failed: the exception's class name, from reason.",
+                "When status is failed: the rest of reason (all of it when it names no class).",
+            )
+        )
         status = f"{ns}.status"
         rules.append(
             {
@@ -386,6 +382,14 @@ def _ecs_event(
             }
         )
     return {**renamed, "properties": props, "required": required, **({"allOf": rules} if rules else {})}
+
+
+def _error_fields(type_description: str, message_description: str) -> dict[str, Any]:
+    """ECS ``error.type`` and ``error.message`` properties (strings), described."""
+    return {
+        "error.type": {"type": "string", "description": type_description},
+        "error.message": {"type": "string", "description": message_description},
+    }
 
 
 def _ecs_log(ns: str, dataset: str) -> dict[str, Any]:
