@@ -204,7 +204,7 @@ class Interleaved:
             yield from window
 
     def finish(self) -> None:
-        """The loop has ended (called again at each epoch's end; the last call counts)."""
+        """The loop has ended: its end time and the other threads' CPU time, read after it."""
         self.end = time.perf_counter()
         self.cpu_end = other_threads_cpu_s()  # read after the clock stops
 
@@ -224,9 +224,14 @@ class Interleaved:
 
 
 def finish_at_epoch_end(engine: Engine, data: Interleaved) -> None:
-    """End ``data``'s loop at each ``EPOCH_COMPLETED`` of ``engine``; added after traintel's handlers,
-    so the epoch record is inside the loop's time."""
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _engine: data.finish())
+    """End ``data``'s loop at ``engine``'s last ``EPOCH_COMPLETED``; added after traintel's handlers,
+    so the epoch record is inside the loop's time. Only the last epoch's end: ``finish`` reads
+    ``/proc``, which must not land inside a later window."""
+
+    def last_epoch(engine: Engine, epoch: int) -> bool:
+        return epoch == engine.state.max_epochs
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=last_epoch), lambda _engine: data.finish())
 
 
 class Bench:
