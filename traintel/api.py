@@ -71,6 +71,12 @@ class Run:
         """``config.yaml``'s text (``rundir.config_text``), made once for the check and the file."""
         return rundir.config_text(self.config)
 
+    @property
+    def _keeps_files(self) -> bool:
+        """Whether the run keeps files in its run directory (the diagnostic file, checkpoints), and
+        so config.yaml too."""
+        return self.config.sinks.diagnostic.enabled or self.checkpointing is not None
+
     _run_file: Path | None = None
     """``checkpoints/run.json`` while this first attempt has written it and not started (see
     ``_note_attempt``); ``close`` removes it then."""
@@ -378,7 +384,7 @@ class Run:
                 continuing=found is not None,
                 config_text=self._config_text,
             )
-            if diagnostic.enabled or self.checkpointing is not None  # a run that keeps files
+            if self._keeps_files
             else None
         )
         views = self.coordinator.gather(None if problem is None else (problem.key, problem.problem))
@@ -451,8 +457,7 @@ class Run:
         with handled(self._on_signal):  # a signal during the linger below cuts it short
             try:
                 try:
-                    keeps_files = self.config.sinks.diagnostic.enabled or self.checkpointing is not None
-                    if keeps_files and self.coordinator.rank == 0:
+                    if self._keeps_files and self.coordinator.rank == 0:
                         rundir.save_config(self.run_dir, self._config_text, first_attempt=self.attempt == 0)
                     self._run_file = None  # the attempt has started: its run.json stays
                     self.lifecycle.start()
