@@ -317,3 +317,36 @@ def test_the_update_step_gives_a_plain_ignite_engine_a_tensor_output() -> None:
         means = [float(torch.nn.functional.mse_loss(model(x), y)) for x, y in batches]
     expected = [means[0] * 0.5 + means[1] * 0.5, means[2] * 0.5 + means[3] * 0.5]
     assert [float(o) for o in outputs] == pytest.approx(expected, rel=1e-15)  # type: ignore[arg-type]
+
+
+def test_micro_batch_completed_holds_each_micro_batch_as_its_records_report_it(tmp_path: Path) -> None:
+    """A handler on MICRO_BATCH_COMPLETED sees every micro-batch, in order, with the values of its
+    train.batch record (a micro-batch without items included); without a handler no output is kept."""
+    from traintel.engine.step import MicroBatchOutput
+
+    batches = make_batches([5, 3, 4, 2, 6])  # k=3: windows of 12 items, then one of 8
+    seen: list[MicroBatchOutput] = []
+
+    def grab(engine: Engine) -> None:
+        seen.append(engine.state.micro_batch)
+
+    sink, run = train_in_memory(
+        tmp_path / "listened",
+        batches,
+        accumulation_steps=3,
+        attach=lambda run: run.trainer.add_event_handler(TraintelEvents.MICRO_BATCH_COMPLETED, grab),
+    )
+    assert [(m.position, m.batch, m.items, m.scale) for m in seen] == [
+        (1, 1, 5, 5 / 12),
+        (2, 2, 3, 3 / 12),
+        (3, 3, 4, 4 / 12),
+        (1, 4, 2, 2 / 8),
+        (2, 5, 6, 6 / 8),
+    ]
+    records = sink.of("train.batch")
+    assert [(float(m.raw_loss), float(m.loss)) for m in seen] == [(r.raw_loss, r.loss) for r in records]
+    assert all(not m.loss.requires_grad and not m.raw_loss.requires_grad for m in seen)
+    assert run.trainer.state.micro_batch is seen[-1]
+
+    _, quiet = train_in_memory(tmp_path / "unlistened", batches, accumulation_steps=3)
+    assert quiet.trainer.state.micro_batch is None

@@ -11,7 +11,6 @@ one gradient reduction per optimizer step.
 
 # No ``from __future__ import annotations`` here: DDP compares the hook's annotations with the
 # classes themselves (``dist.GradBucket``, ``Future[Tensor]``), so they must be evaluated.
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
 class DistributedStep(AccumulatingStep):
     """``AccumulatingStep`` on one rank: ``model`` is a ``DistributedDataParallel`` module.
 
-    ``sync_context`` puts off the gradient reduction (``no_sync``) for every micro-batch but the
+    ``run_micro_batch`` puts off the gradient reduction (``no_sync``) for every micro-batch but the
     window's last that runs backward. A rank whose window holds no items while the others' do
     (a shorter shard, masked items) still takes part in the reduction once, with a forward and
     backward of zero weight on a batch it has already seen.
@@ -48,22 +47,20 @@ class DistributedStep(AccumulatingStep):
 
     _example: Any = None
 
-    def sync_context(self, last: bool) -> AbstractContextManager[Any]:
-        if last:
-            return nullcontext()
-        ddp: DistributedDataParallel = self.model  # type: ignore[assignment]
-        return ddp.no_sync()
-
-    def run_micro_batch(self, batch: Any, items: int, window_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_micro_batch(
+        self, batch: Any, items: int, window_items: int, last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if items and self._example is None:
             self._example = batch
-        return super().run_micro_batch(batch, items, window_items)
+        if last:
+            return super().run_micro_batch(batch, items, window_items, last)
+        ddp: DistributedDataParallel = self.model  # type: ignore[assignment]
+        with ddp.no_sync():
+            return super().run_micro_batch(batch, items, window_items, last)
 
     def take_part(self) -> None:
         if self._example is None:
             msg = "this rank has no training items to take part in a gradient reduction with"
             raise RuntimeError(msg)
         inputs, targets = self.prepare(self._example, self.device)
-        with self._autocast():
-            raw = self.loss_fn(self.model(inputs), targets)
-        (raw * 0.0).backward()
+        (self.forward_loss(inputs, targets) * 0.0).backward()

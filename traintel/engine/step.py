@@ -6,7 +6,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import torch
@@ -111,8 +111,8 @@ class AccumulatingStep:
 
     1. ``count_items`` of every micro-batch, then ``window_items``: N, before any backward
        (the coordinator adds up the ranks' counts);
-    2. ``run_micro_batch`` for each, inside ``sync_context`` (where the gradient reduction
-       of all micro-batches but the last is put off), or ``take_part`` when this rank has
+    2. ``run_micro_batch`` for each (told which is the last to run backward: the place for
+       the gradient reduction that DDP puts off until then), or ``take_part`` when this rank has
        no items in a window that others have;
     3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
        ``on_nonfinite="skip_step"`` and ``window_finite`` finds a NaN or infinite loss on some rank
@@ -160,11 +160,12 @@ class AccumulatingStep:
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
         """The run's position; ``create_trainer`` puts this object on ``state.progress``."""
-        self._autocast: Callable[[], AbstractContextManager[Any]] = (
+        self._autocast: Callable[[], AbstractContextManager[Any]] | None = (
             (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
             if precision == "bf16"
-            else nullcontext
+            else None
         )
+        """The context of the forward pass under ``precision="bf16"``; None for fp32, which needs none."""
 
     def count_window(self, batches: Sequence[Any]) -> tuple[int, ...]:
         """n_b of each micro-batch, from ``count_items``: an integer (a float such as 2.7 is never
@@ -188,27 +189,32 @@ class AccumulatingStep:
         coordinator agrees (this process's own sum when it runs alone)."""
         return self.coordinator.agree(sum(counts)).items
 
-    def sync_context(self, last: bool) -> AbstractContextManager[Any]:
-        """Around one micro-batch's forward and backward; ``last`` for the window's last micro-batch
-        that runs one (where a gradient reduction across ranks belongs)."""
-        return nullcontext()
-
     def take_part(self) -> None:
         """The window has items on other ranks but none here: join their gradient reduction without
         adding to the gradient. Nothing to do in a single process, where this cannot happen."""
 
-    def run_micro_batch(self, batch: Any, items: int, window_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """mean_loss_b: the loss function on the model's output, under autocast for ``precision="bf16"``."""
+        if self._autocast is None:
+            return self.loss_fn(self.model(inputs), targets)
+        with self._autocast():
+            return self.loss_fn(self.model(inputs), targets)
+
+    def run_micro_batch(
+        self, batch: Any, items: int, window_items: int, last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, scale and backward one micro-batch; returns (mean_loss_b, s_b), detached.
 
-        A micro-batch without items runs nothing: NaN stands for its missing mean, 0 for its share.
+        ``last``: the window's last micro-batch that runs backward (the place for a gradient
+        reduction across ranks, which a subclass puts off until then). A micro-batch without items
+        runs nothing: NaN stands for its missing mean, 0 for its share.
         """
         if not items:
             raw = torch.full((), math.nan, device=self.device)
             return raw, raw.new_zeros(())
         inputs, targets = self.prepare(batch, self.device)
-        with self._autocast():
-            raw = self.loss_fn(self.model(inputs), targets)
-            loss = raw * loss_scale(items, window_items)
+        raw = self.forward_loss(inputs, targets)
+        loss = raw * loss_scale(items, window_items)
         loss.backward()
         return raw.detach(), loss.detach()
 
@@ -253,19 +259,21 @@ class AccumulatingStep:
 
         raws: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
-        last = max((i for i, n in enumerate(counts) if n), default=-1)
+        last = len(counts) - 1
+        while last >= 0 and not counts[last]:
+            last -= 1
         if total and last < 0:
             self.take_part()
         for position, batch in enumerate(batches):
             n = counts[position]
-            with self.sync_context(position == last):
-                raw, loss = self.run_micro_batch(batch, n, total)
+            raw, loss = self.run_micro_batch(batch, n, total, position == last)
             raws.append(raw)
             losses.append(loss)
-            _set_state(engine, "micro_batch", MicroBatchOutput(
-                position + 1, window.first_batch + position, n, loss_scale(n, total), raw, loss
-            ))  # fmt: skip
-            engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)  # a plain Engine may lack the event
+            if _listened(engine, TraintelEvents.MICRO_BATCH_COMPLETED):
+                _set_state(engine, "micro_batch", MicroBatchOutput(
+                    position + 1, window.first_batch + position, n, loss_scale(n, total), raw, loss
+                ))  # fmt: skip
+                engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)  # a plain Engine may lack the event
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))
@@ -294,6 +302,12 @@ class AccumulatingStep:
             engine.terminate()
         # Ignite stores this as state.output; a TraintelState sums it only when it is read
         return window_loss if isinstance(engine.state, TraintelState) else window_loss.resolve()
+
+
+def _listened(engine: Engine, event: TraintelEvents) -> bool:
+    """Whether a handler is attached to ``event``: a micro-batch's output is built and its event
+    fired only for one (nothing else can observe either)."""
+    return bool(engine._event_handlers.get(event))
 
 
 def _set_state(engine: Engine, name: str, value: Any) -> None:
