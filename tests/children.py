@@ -62,3 +62,37 @@ def run_cli(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> subp
 def probe_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``traintel ARGS`` through ``PROBE`` in ``cwd``."""
     return run_child([sys.executable, "-c", PROBE, *args], cwd)
+
+
+CRASH_MESSAGE = "loss exploded on micro-batch 7"
+"""What the task ``write_crashing_task`` writes raises, in a RuntimeError."""
+
+
+def write_crashing_task(directory: Path, *, rank: int | None = None) -> None:
+    """Write ``crashing.py`` into ``directory``: ``make_task`` is the forecast task (320 samples, no
+    validation) whose loss function raises ``RuntimeError(CRASH_MESSAGE)`` on its 7th call, on every
+    process or only on the rank ``rank`` (``RANK``). Use it as ``task.factory=crashing:make_task``
+    with ``task.params={}`` and ``directory`` on the child's path."""
+    on_rank = "True" if rank is None else f'os.environ["RANK"] == "{rank}"'
+    (directory / "crashing.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            import torch
+            from traintel.tasks.forecast import make_task as base
+
+            def make_task():
+                task = base(train_samples=320, val_samples=0)
+                calls = {{"n": 0}}
+
+                def loss_fn(out, y):
+                    calls["n"] += 1
+                    if calls["n"] == 7 and {on_rank}:
+                        raise RuntimeError({CRASH_MESSAGE!r})
+                    return torch.nn.functional.mse_loss(out, y)
+
+                task.loss_fn = loss_fn
+                return task
+            """
+        )
+    )

@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.children import write_crashing_task
 
 pytestmark = pytest.mark.slow
 
@@ -76,27 +77,7 @@ def test_signal_finishes_the_step_and_ends_the_run(tmp_path: Path, sig: int, cod
 
 
 def test_a_crash_in_training_ends_the_run_as_failed(tmp_path: Path) -> None:
-    (tmp_path / "crashing.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from traintel.tasks.forecast import make_task as base
-
-            def make_task():
-                task = base(train_samples=320, val_samples=0)
-                calls = {"n": 0}
-
-                def loss_fn(out, y):
-                    calls["n"] += 1
-                    if calls["n"] == 7:
-                        raise RuntimeError("loss exploded on micro-batch 7")
-                    return torch.nn.functional.mse_loss(out, y)
-
-                task.loss_fn = loss_fn
-                return task
-            """
-        )
-    )
+    write_crashing_task(tmp_path)
     proc = _start(
         tmp_path,
         "--set",

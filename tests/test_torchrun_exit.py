@@ -11,13 +11,12 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.children import CHILD_TIMEOUT, child_env
+from tests.children import CHILD_TIMEOUT, child_env, write_crashing_task
 from traintel import checkpoint
 from traintel.torchrun import exit_status
 
@@ -74,28 +73,7 @@ def test_a_bad_config_exits_2_where_torchrun_exits_1(tmp_path: Path, launcher: s
 
 @pytest.mark.slow
 def test_a_worker_failing_in_training_exits_1(tmp_path: Path) -> None:
-    (tmp_path / "crashing.py").write_text(
-        textwrap.dedent(
-            """
-            import os
-            import torch
-            from traintel.tasks.forecast import make_task as base
-
-            def make_task():
-                task = base(train_samples=320, val_samples=0)
-                calls = {"n": 0}
-
-                def loss_fn(out, y):
-                    calls["n"] += 1
-                    if calls["n"] == 7 and os.environ["RANK"] == "1":
-                        raise RuntimeError("loss exploded on micro-batch 7")
-                    return torch.nn.functional.mse_loss(out, y)
-
-                task.loss_fn = loss_fn
-                return task
-            """
-        )
-    )
+    write_crashing_task(tmp_path, rank=1)
     proc = _launch(tmp_path, "traintel", "task.factory=crashing:make_task", "task.params={}")
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     assert proc.returncode == 1, err[-3000:]
