@@ -137,6 +137,17 @@ def _released(writer: BackgroundWriter[Record], stream: _Stalled) -> list[str]:
     return stream.data.decode().splitlines()
 
 
+def test_lines_still_waiting_when_close_gives_up_are_counted_as_dropped() -> None:
+    writer, stream = _stalled_writer(close_timeout=0.2)
+    writer.offer_many([_step(1), _step(2)], _render)
+    writer.offer_many([_step(3)], _render)
+    try:
+        assert writer.close() is False
+        assert writer.dropped == 4  # the line stuck in write() and the three behind it
+    finally:
+        stream.go.set()
+
+
 def test_a_full_line_bound_drops_only_batch_records_and_reports_the_count() -> None:
     writer, stream = _stalled_writer(capacity=3)
     writer.offer_many([epoch_record(), epoch_record()], _render)  # 3 lines waiting: the line bound

@@ -204,6 +204,8 @@ class BackgroundWriter(Generic[T]):
         self._done_lines = 0
         self._done_bytes = 0
         self._lost = 0
+        self._abandoned = 0
+        """Lines still waiting when ``close`` gave up on a stalled stream."""
         self._cond = threading.Condition()
         self._closing = False
         self.linger = linger
@@ -215,8 +217,9 @@ class BackgroundWriter(Generic[T]):
 
     @property
     def dropped(self) -> int:
-        """Items dropped so far because the consumer fell behind, and lines lost to a write error."""
-        return self._offer_dropped + self._side_dropped + self._lost
+        """Items dropped so far because the consumer fell behind, lines lost to a write error, and
+        lines given up at a close that timed out."""
+        return self._offer_dropped + self._side_dropped + self._lost + self._abandoned
 
     @property
     def waiting_bytes(self) -> int:
@@ -369,11 +372,17 @@ class BackgroundWriter(Generic[T]):
             self._lost += sum(n for _, n in batch)
 
     def close(self) -> bool:
-        """Stop accepting lines and drain the queue; False if it could not finish in time."""
+        """Stop accepting lines and drain the queue; False if it could not finish in time, and then
+        the lines not yet written are given up and counted in ``dropped`` (the stalled write may
+        still finish some of them after the run)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         if not self.threaded:
             return True
         self._thread.join(self.close_timeout)
-        return not self._thread.is_alive()
+        if not self._thread.is_alive():
+            return True
+        with self._cond:
+            self._abandoned = self.waiting_lines
+        return False
