@@ -66,8 +66,11 @@ def test_bf16_autocast_reports_a_consistent_scale(tmp_path: Path) -> None:
     run = build(
         cfg, Task(model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=batches), sinks=[sink]
     )
+    outputs: list[torch.dtype] = []
+    model.register_forward_hook(lambda _module, _inputs, out: outputs.append(out.dtype))
     end = run.run()
     assert end.status == "completed"
+    assert outputs == [torch.bfloat16] * 6  # every training forward ran under autocast
     batch = sink.of("train.batch")
     assert len(batch) == 6
     assert all(r.diagnostics["scale_ok"] is True for r in batch)
