@@ -6,7 +6,6 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import torch
@@ -160,12 +159,6 @@ class AccumulatingStep:
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
         """The run's position; ``create_trainer`` puts this object on ``state.progress``."""
-        self._autocast: Callable[[], AbstractContextManager[Any]] | None = (
-            (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-            if precision == "bf16"
-            else None
-        )
-        """The context of the forward pass under ``precision="bf16"``; None for fp32, which needs none."""
 
     def count_window(self, batches: Sequence[Any]) -> tuple[int, ...]:
         """n_b of each micro-batch, from ``count_items``: an integer (a float such as 2.7 is never
@@ -195,9 +188,9 @@ class AccumulatingStep:
 
     def forward_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
         """mean_loss_b: the loss function on the model's output, under autocast for ``precision="bf16"``."""
-        if self._autocast is None:
+        if self.precision != "bf16":  # fp32 needs no context
             return self.loss_fn(self.model(inputs), targets)
-        with self._autocast():
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
             return self.loss_fn(self.model(inputs), targets)
 
     def run_micro_batch(
