@@ -44,10 +44,11 @@ goes first, pays the run's cold start):
 - case 1, the plain loop with its own shadow, measures the method: its ratios should be 1.
 
 A window of traintel at ``every=10`` holds one emitted step; the last window of each
-epoch holds the epoch's end (the epoch record, Ignite's epoch events). traintel's
-background threads (the writers, the exporter) do about one Python call per step; what
-they do while the shadow runs is charged to the shadow. The per-run table shows what
-happens outside the loop (run.start, run.end, closing the sinks).
+epoch holds the epoch's end (the epoch record, Ignite's epoch events). What traintel's
+background threads (the writers, the exporter) do while the shadow runs is charged to the
+shadow. The per-run table shows what happens outside the loop (run.start, run.end, closing
+the sinks) and the CPU time of the other threads per step: the Python threads (traintel's)
+apart from the native ones (torch's workers), so that the first can be checked to be small.
 
 Every run of a model size starts from the same initial weights, copied into one
 working model (and one shadow model), and batches are a Python list of tensors, so
@@ -121,23 +122,46 @@ class Sample:
     """The shadow's time for the same windows."""
     steps: tuple[int, ...]
     """Optimizer steps in each window."""
-    other_threads_cpu_s: float | None
-    """CPU time of the process's other threads (traintel's writers and exporter, torch's workers)
-    over the loop; None where ``/proc`` has no per-thread ``schedstat``."""
+    python_threads_cpu_s: float | None
+    """CPU time over the loop of the process's other Python threads (``threading``'s: traintel's
+    writers and exporter); None where ``/proc`` has no per-thread ``schedstat``."""
+    native_threads_cpu_s: float | None
+    """CPU time over the loop of its threads that Python did not start (torch's workers)."""
 
 
-def other_threads_cpu_s() -> float | None:
-    """CPU seconds used so far by this process's threads other than the calling one."""
-    me = str(threading.get_native_id())
-    total = 0
+ThreadTimes = dict[int, tuple[bool, int]]
+"""Per thread id other than the caller's: (whether ``threading`` started it, CPU nanoseconds so far)."""
+
+
+def threads_cpu() -> ThreadTimes | None:
+    """The CPU time used so far by each of this process's threads but the calling one; None without
+    ``/proc``."""
+    me = threading.get_native_id()
+    python = {t.native_id for t in threading.enumerate()}
+    times: ThreadTimes = {}
     try:
         for task in os.scandir("/proc/self/task"):
-            if task.name != me:
+            tid = int(task.name)
+            if tid != me:
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
-                    total += int(Path(task.path, "schedstat").read_text().split()[0])
+                    times[tid] = (tid in python, int(Path(task.path, "schedstat").read_text().split()[0]))
     except OSError:
         return None
-    return total / 1e9
+    return times
+
+
+def cpu_between(start: ThreadTimes | None, end: ThreadTimes | None) -> tuple[float | None, float | None]:
+    """CPU seconds used between two ``threads_cpu`` readings: (Python threads, native threads).
+
+    A thread counts from its first reading, or from its start when it started in between; one that
+    ended in between is left out (its last CPU time is unknown)."""
+    if start is None or end is None:
+        return None, None
+    used = {True: 0, False: 0}
+    for tid, (python, ns) in end.items():
+        before = start.get(tid)
+        used[python] += ns - (before[1] if before is not None else 0)
+    return used[True] / 1e9, used[False] / 1e9
 
 
 @dataclass(frozen=True)
@@ -184,9 +208,9 @@ class Interleaved:
         self.starts: list[float] = []
         self.resumes: list[float] = []
         self.steps: list[int] = []
-        self.cpu_start: float | None = None
+        self.cpu_start: ThreadTimes | None = None
         self.end = float("nan")
-        self.cpu_end: float | None = None
+        self.cpu_end: ThreadTimes | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -196,7 +220,7 @@ class Interleaved:
         for first in range(0, len(self.data), size):
             window = self.data[first : first + size]
             if not self.starts:
-                self.cpu_start = other_threads_cpu_s()  # read before the clock starts
+                self.cpu_start = threads_cpu()  # read before the clock starts
             self.starts.append(time.perf_counter())
             plain_steps(self.shadow, self.optimizer, window)
             self.resumes.append(time.perf_counter())
@@ -204,22 +228,23 @@ class Interleaved:
             yield from window
 
     def finish(self) -> None:
-        """The loop has ended: its end time and the other threads' CPU time, read after it."""
+        """The loop has ended: its end time and the other threads' CPU times, read after it."""
         self.end = time.perf_counter()
-        self.cpu_end = other_threads_cpu_s()  # read after the clock stops
+        self.cpu_end = threads_cpu()  # read after the clock stops
 
     def sample(self, total_s: float) -> Sample:
         """The run's sample, once ``finish`` was called at the last epoch's end."""
         end = self.end
         ends = [*self.starts[1:], end]
-        cpu = None if self.cpu_start is None or self.cpu_end is None else self.cpu_end - self.cpu_start
+        python_cpu, native_cpu = cpu_between(self.cpu_start, self.cpu_end)
         return Sample(
             loop_s=end - self.starts[0],
             total_s=total_s,
             own_s=tuple(e - r for e, r in zip(ends, self.resumes, strict=True)),
             shadow_s=tuple(r - s for r, s in zip(self.resumes, self.starts, strict=True)),
             steps=tuple(self.steps),
-            other_threads_cpu_s=cpu,
+            python_threads_cpu_s=python_cpu,
+            native_threads_cpu_s=native_cpu,
         )
 
 
@@ -455,8 +480,12 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
                     (sum(own) - sum(shadow)) / n * 1e6
                     for (own, shadow, _), n in zip(kept, steps, strict=True)
                 ),
-                "other_threads_cpu_us_per_step": median_or_none(
-                    None if run.other_threads_cpu_s is None else run.other_threads_cpu_s / case.steps * 1e6
+                "python_threads_cpu_us_per_step": median_or_none(
+                    None if run.python_threads_cpu_s is None else run.python_threads_cpu_s / case.steps * 1e6
+                    for run in runs
+                ),
+                "native_threads_cpu_us_per_step": median_or_none(
+                    None if run.native_threads_cpu_s is None else run.native_threads_cpu_s / case.steps * 1e6
                     for run in runs
                 ),
                 "loop_ms": statistics.median(run.loop_s * 1e3 for run in runs),
@@ -539,17 +568,22 @@ def render(
         "",
         "Per-run cost outside the loop: the whole `engine.run()` / `run.run()` call minus the loop",
         "(for traintel: run.start, run.end, closing the sinks, stopping the Prometheus server); both",
-        "include the shadow's windows. Other threads: CPU time of the process's other threads during",
-        "the loop (traintel's writers and exporter, torch's workers) per step; what part of it ran",
-        "while the shadow trained is in the shadow's time, not the case's.",
+        "include the shadow's windows. Then the CPU time per step of the process's other threads during",
+        "the loop: its Python threads (traintel's writers and exporter) and the threads Python did not",
+        "start (torch's workers, which spin while they wait for work, so theirs grows with the loop's",
+        "wall time); what part of it ran while the shadow trained is in the shadow's time, not the case's.",
         "",
-        "| case | loop ms | whole call ms | outside loop ms | other threads' CPU us/step |",
-        "|---|---:|---:|---:|---:|",
+        "| case | loop ms | whole call ms | outside loop ms | Python threads' CPU us/step "
+        "| native threads' CPU us/step |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        loop, call, cpu = r["loop_ms"], r["run_call_ms"], r["other_threads_cpu_us_per_step"]
-        shown = "n/a" if cpu is None else f"{cpu:.1f}"
-        lines.append(f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} | {shown} |")
+        loop, call = r["loop_ms"], r["run_call_ms"]
+        python, native = (
+            "n/a" if cpu is None else f"{cpu:.1f}"
+            for cpu in (r["python_threads_cpu_us_per_step"], r["native_threads_cpu_us_per_step"])
+        )
+        lines.append(f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} | {python} | {native} |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,10 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     # the shadow stretches a run's wall time, so the delivery delay is stretched with it
     assert sorted(data["max_delay_seconds"]) == ["traintel", "traintel_every1", "traintel_large"]
     assert all(delay > 0.05 for delay in data["max_delay_seconds"].values())
+    # the plain loop and bare Ignite start no Python thread: nothing of theirs is counted as one
+    python_cpu = {c["key"]: c["python_threads_cpu_us_per_step"] for c in data["cases"]}
+    assert [python_cpu[k] for k in ("plain", "ignite", "plain_large")] == [0.0, 0.0, 0.0]
+    assert all(c["native_threads_cpu_us_per_step"] >= 0 for c in data["cases"])
     lines = proc.stdout.splitlines()
     header = (
         "| case | windows | us/step | plain us/step | ratio to plain | quartiles of the ratio "
