@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.children import CRASH_MESSAGE, write_crashing_task
 from traintel.schema import (
     ECS_SCHEMA_PATH,
     RecordValidationError,
@@ -190,11 +191,6 @@ def test_the_ecs_schema_rejects_lines_elastic_would_not_take_as_ecs(
 # ----------------------------------------------------------------------------- real runs
 
 _TASKS = """
-import torch
-
-from traintel.tasks.forecast import make_task as base
-
-
 class Flaky:
     name = "flaky"
 
@@ -210,31 +206,18 @@ class Flaky:
 
 def flaky(**params):
     return Flaky()
-
-
-def crashing(**params):
-    task = base(train_samples=320, val_samples=0)
-    calls = []
-
-    def loss_fn(out, y):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("loss exploded on micro-batch 7")
-        return torch.nn.functional.mse_loss(out, y)
-
-    task.loss_fn = loss_fn
-    return task
 """
 
 RUNS = {
     "run": ("--set", "trainer.max_epochs=2"),
     "sink-error": ("--set", "trainer.max_epochs=1", "--set", "sinks.extra=[{factory: 'ecs_tasks:flaky'}]"),
-    "crash": ("--set", "task.factory=ecs_tasks:crashing", "--set", "task.params={}"),
+    "crash": ("--set", "task.factory=crashing:make_task", "--set", "task.params={}"),
 }
 
 
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[bytes]:
     (tmp_path / "ecs_tasks.py").write_text(textwrap.dedent(_TASKS), encoding="utf-8")
+    write_crashing_task(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
@@ -286,17 +269,16 @@ def test_every_line_of_a_real_run_is_ecs_and_holds_the_default_profiles_values(
         assert {k: v for k, v in failed.items() if k not in {"@timestamp", "error.stack_trace"}} == {
             "log.level": "error", "message": "training failed", "ecs.version": ECS_VERSION,
             "event.dataset": "traintel.log", "log.logger": "traintel",
-            "error.type": "RuntimeError", "error.message": "loss exploded on micro-batch 7",
+            "error.type": "RuntimeError", "error.message": CRASH_MESSAGE,
         }  # fmt: skip
         trace = failed["error.stack_trace"]
         assert trace.startswith("Traceback (most recent call last):\n")
-        assert trace.endswith('    raise RuntimeError("loss exploded on micro-batch 7")\n'
-                              "RuntimeError: loss exploded on micro-batch 7\n")  # fmt: skip
+        assert trace.endswith(f"    raise RuntimeError({CRASH_MESSAGE!r})\nRuntimeError: {CRASH_MESSAGE}\n")
         end = records[-1]
         assert (end["log.level"], end["traintel.status"], end["traintel.reason"]) == (
-            "error", "failed", "RuntimeError: loss exploded on micro-batch 7",
+            "error", "failed", f"RuntimeError: {CRASH_MESSAGE}",
         )  # fmt: skip
-        assert (end["error.type"], end["error.message"]) == ("RuntimeError", "loss exploded on micro-batch 7")
+        assert (end["error.type"], end["error.message"]) == ("RuntimeError", CRASH_MESSAGE)
     if case != "crash":
         assert "error.message" not in records[-1]
 
