@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.children import write_crashing_task
+from tests.children import CRASH_MESSAGE, write_crashing_task
 
 pytestmark = pytest.mark.slow
 
@@ -88,11 +88,11 @@ def test_a_crash_in_training_ends_the_run_as_failed(tmp_path: Path) -> None:
     )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert err == "traintel: error: training failed: RuntimeError: loss exploded on micro-batch 7\n"
+    assert err == f"traintel: error: training failed: RuntimeError: {CRASH_MESSAGE}\n"
     lines = [json.loads(x) for x in out.splitlines()]
     end = lines[-1]
     assert (end["event"], end["level"], end["status"], end["reason"], end["step"]) == (
-        "run.end", "error", "failed", "RuntimeError: loss exploded on micro-batch 7", 2,
+        "run.end", "error", "failed", f"RuntimeError: {CRASH_MESSAGE}", 2,
     )  # fmt: skip
     diag_end = json.loads((tmp_path / "run" / "diagnostic.jsonl").read_text().splitlines()[-1])
     assert diag_end == end

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.children import CHILD_TIMEOUT, child_env, write_crashing_task
+from tests.children import CHILD_TIMEOUT, CRASH_MESSAGE, child_env, write_crashing_task
 from traintel import checkpoint
 from traintel.torchrun import exit_status
 
@@ -77,12 +77,12 @@ def test_a_worker_failing_in_training_exits_1(tmp_path: Path) -> None:
     proc = _launch(tmp_path, "traintel", "task.factory=crashing:make_task", "task.params={}")
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     assert proc.returncode == 1, err[-3000:]
-    assert "training failed: RuntimeError: loss exploded on micro-batch 7" in err
+    assert f"training failed: RuntimeError: {CRASH_MESSAGE}" in err
     assert "traintel.torchrun: exit 1 (a worker failed)" in err
     # rank 0 ends the run as failed on rank 1's error; torch's agent then stops it with SIGTERM
     end = _records(out)[-1]
     assert (end["event"], end["status"]) == ("run.end", "failed")
-    assert end["reason"].startswith("rank 1: RuntimeError: loss exploded on micro-batch 7"), end
+    assert end["reason"].startswith(f"rank 1: RuntimeError: {CRASH_MESSAGE}"), end
 
 
 @pytest.mark.slow
