@@ -480,13 +480,11 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
                     (sum(own) - sum(shadow)) / n * 1e6
                     for (own, shadow, _), n in zip(kept, steps, strict=True)
                 ),
-                "python_threads_cpu_us_per_step": median_or_none(
-                    None if run.python_threads_cpu_s is None else run.python_threads_cpu_s / case.steps * 1e6
-                    for run in runs
+                "python_threads_cpu_us_per_step": per_step_us(
+                    (r.python_threads_cpu_s for r in runs), case.steps
                 ),
-                "native_threads_cpu_us_per_step": median_or_none(
-                    None if run.native_threads_cpu_s is None else run.native_threads_cpu_s / case.steps * 1e6
-                    for run in runs
+                "native_threads_cpu_us_per_step": per_step_us(
+                    (r.native_threads_cpu_s for r in runs), case.steps
                 ),
                 "loop_ms": statistics.median(run.loop_s * 1e3 for run in runs),
                 "run_call_ms": statistics.median(run.total_s * 1e3 for run in runs),
@@ -495,8 +493,9 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
     return rows
 
 
-def median_or_none(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
+def per_step_us(seconds: Iterable[float | None], steps: int) -> float | None:
+    """The median of the runs' known ``seconds`` in microseconds per step; None when none is known."""
+    known = [s / steps * 1e6 for s in seconds if s is not None]
     return statistics.median(known) if known else None
 
 
