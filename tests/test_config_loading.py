@@ -81,8 +81,33 @@ def test_the_loader_is_libyamls_when_present() -> None:
         ),
         pytest.param(
             "base: &base {max_epochs: 3}\ntrainer:\n  <<: *base\n",
-            "line 1: YAML anchors and aliases are not allowed",
-            id="merge-key",
+            "line 3: trainer.<<: YAML merge keys are not supported; write the keys out",
+            id="merge-key-of-an-anchor",
+        ),
+        pytest.param(
+            "trainer:\n  <<: {max_epochs: 2}\n  max_epochs: 5\n",
+            "line 2: trainer.<<: YAML merge keys are not supported; write the keys out",
+            id="merge-key-beside-the-same-key",
+        ),
+        pytest.param(
+            "trainer:\n  <<: [{max_epochs: 2}, {max_epochs: 3}]\n",
+            "line 2: trainer.<<: YAML merge keys are not supported; write the keys out",
+            id="two-merges",
+        ),
+        pytest.param(
+            "run:\n  seed: 1\n<<: {run: {seed: 2}}\n",
+            "line 3: <<: YAML merge keys are not supported; write the keys out",
+            id="merge-key-at-the-top",
+        ),
+        pytest.param(
+            "sinks:\n  extra:\n    - factory: a:b\n      params: {x: 1, <<: {x: 3}}\n",
+            "line 4: sinks.extra[0].params.<<: YAML merge keys are not supported; write the keys out",
+            id="merge-key-in-a-list-item",
+        ),
+        pytest.param(
+            "trainer:\n  !!merge <<: {max_epochs: 2}\n",
+            "line 2: trainer.<<: YAML merge keys are not supported; write the keys out",
+            id="tagged-merge-key",
         ),
         pytest.param(
             "trainer:\n  max_epochs: 1\n  accumulation_steps: 2\n  max_epochs: 2\n",
@@ -233,6 +258,51 @@ def test_a_resumed_runs_config_is_read_the_same_way(tmp_path: Path) -> None:
     assert str(caught.value) == f"--resume: {str(path)!r} line 3: duplicate key 'run'"
 
 
+def test_a_resumed_runs_config_refuses_merge_keys(tmp_path: Path) -> None:
+    path = _file(tmp_path, "run:\n  name: x\ntrainer:\n  <<: {max_epochs: 2}\n", name="config.yaml")
+
+    with pytest.raises(ConfigError) as caught:
+        load_resume_config(tmp_path, environ={})
+
+    assert str(caught.value) == (
+        f"--resume: {str(path)!r} line 4: trainer.<<: YAML merge keys are not supported; write the keys out"
+    )
+
+
+def test_a_quoted_merge_key_is_an_ordinary_key(tmp_path: Path) -> None:
+    path = _file(tmp_path, "task:\n  params:\n    '<<': 1\n    x: {'<<': 2}\n")
+    assert load_config(path, environ={}).task.params == {"<<": 1, "x": {"<<": 2}}
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_merge_keys_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    _file(tmp_path, "trainer:\n  <<: {max_epochs: 2}\n  max_epochs: 5\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _file(
+        run_dir, "trainer:\n  max_epochs: 5\n  <<: [{max_epochs: 2}, {max_epochs: 3}]\n", name="config.yaml"
+    )
+    problem = "YAML merge keys are not supported; write the keys out"
+    cases = [
+        (["train", "--config", "cfg.yaml"], {}, f"--config: 'cfg.yaml' line 2: trainer.<<: {problem}"),
+        (["train", "--resume", "run"], {}, f"--resume: 'run/config.yaml' line 3: trainer.<<: {problem}"),
+        (["train", "--set", "trainer={<<: {max_epochs: 2}, max_epochs: 5}"], {}, f"trainer.<<: {problem}"),
+        (
+            ["config", "show"],
+            {"TRAINTEL__TRAINER": "{<<: {max_epochs: 2}}"},
+            f"trainer.<<: {problem} (set by TRAINTEL__TRAINER)",
+        ),
+    ]
+    for args, env, message in cases:
+        proc = run_cli(tmp_path, *args, env=env)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"traintel: error: {message}\n"), args
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "cfg.yaml",
+        "run",
+        "run/config.yaml",
+    ]
+
+
 def test_read_yaml_names_its_origin(tmp_path: Path) -> None:
     path = _file(tmp_path, "a: 1\na: 2\n")
     with pytest.raises(ConfigError) as caught:
@@ -262,6 +332,21 @@ def test_read_yaml_names_its_origin(tmp_path: Path) -> None:
             [], {"TRAINTEL__TASK__PARAMS__X": "[" * 5000 + "]" * 5000},
             "task.params.x: nesting deeper than 64 levels is not allowed (set by TRAINTEL__TASK__PARAMS__X)",
             id="environment-far-too-deep",
+        ),
+        pytest.param(
+            ["trainer={<<: {max_epochs: 2}, max_epochs: 5}"], {},
+            "trainer.<<: YAML merge keys are not supported; write the keys out",
+            id="set-merge-key",
+        ),
+        pytest.param(
+            ["task.params.x=[{a: 1, <<: [{a: 2}, {a: 3}]}]"], {},
+            "task.params.x[0].<<: YAML merge keys are not supported; write the keys out",
+            id="set-merge-key-in-a-list",
+        ),
+        pytest.param(
+            [], {"TRAINTEL__TRAINER": "{max_epochs: 5, <<: {max_epochs: 2}}"},
+            "trainer.<<: YAML merge keys are not supported; write the keys out (set by TRAINTEL__TRAINER)",
+            id="environment-merge-key",
         ),
     ],
 )  # fmt: skip
@@ -294,6 +379,12 @@ def test_parse_scalar_refuses_aliases() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_scalar("[&a 1, *a]")
     assert str(caught.value) == "--set: YAML anchors and aliases are not allowed"
+
+
+def test_parse_scalar_refuses_merge_keys() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_scalar("{a: 1, <<: {a: 2}}")
+    assert str(caught.value) == "--set: <<: YAML merge keys are not supported; write the keys out"
 
 
 # --------------------------------------------------------------------------- strict types

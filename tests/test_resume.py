@@ -426,3 +426,83 @@ def test_resume_auto_continues_a_run_killed_between_build_and_run(tmp_path: Path
     start, end = records[0], records[-1]
     assert (start["event"], start["run_id"], start["attempt"]) == ("run.start", "killed", 1)
     assert (end["event"], end["status"], end["step"]) == ("run.end", "completed", 1)  # 96 items: one step
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` and its bytes, to show that a refused start wrote nothing."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def resume_auto_config(tmp_path: Path, run_dir: Path, **run: Any) -> str:
+    """``auto.yaml`` in ``tmp_path``: the fixture's config for 2 epochs under ``run.resume: auto`` in
+    ``run_dir``, with ``run`` settings changed; returns its name."""
+    cfg = config(0)
+    cfg["run"].update({"dir": str(run_dir), "resume": "auto", **run})
+    cfg["trainer"]["max_epochs"] = 2
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(cfg))
+    return "auto.yaml"
+
+
+def test_resuming_with_another_seed_is_refused_naming_it(checkpointed: Path, tmp_path: Path) -> None:
+    before = files(checkpointed)
+    expected = (
+        f"traintel: error: run.seed: cannot change when resuming the run in {str(checkpointed)!r}: "
+        "its checkpoint has 7, this attempt 8"
+    )
+
+    via_env = refused(
+        ["--resume", str(checkpointed), "--set", "trainer.max_epochs=2"],
+        tmp_path,
+        {"TRAINTEL__RUN__SEED": "8"},
+    )
+    via_file = refused(["-c", resume_auto_config(tmp_path, checkpointed, seed=8)], tmp_path)
+
+    assert (via_env, via_file) == (expected, expected)
+    assert files(checkpointed) == before  # nothing written
+
+
+def test_resuming_with_another_run_id_is_refused_naming_both(checkpointed: Path, tmp_path: Path) -> None:
+    run_id = json.loads((checkpointed / checkpoint.DIRECTORY / "run.json").read_text())["run_id"]
+    before = files(checkpointed)
+    expected = (
+        f"traintel: error: run.id: cannot change when resuming the run in {str(checkpointed)!r}: its id is "
+        f"{run_id!r}, this attempt 'other'; leave run.id null or set it to {run_id!r}"
+    )
+
+    via_env = refused(
+        ["--resume", str(checkpointed), "--set", "trainer.max_epochs=2"],
+        tmp_path,
+        {"TRAINTEL__RUN__ID": "other"},
+    )
+    via_file = refused(["-c", resume_auto_config(tmp_path, checkpointed, id="other")], tmp_path)
+
+    assert (via_env, via_file) == (expected, expected)
+    assert files(checkpointed) == before  # nothing written
+
+
+def test_a_checkpoint_without_the_run_settings_still_resumes(checkpointed: Path, tmp_path: Path) -> None:
+    """A checkpoint written before ``run.seed`` was among its settings: the missing entry is no change."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed, run_dir)
+    directory = run_dir / checkpoint.DIRECTORY
+    found = checkpoint.newest(directory, 0)
+    assert found is not None
+    step, state = found[0].step, found[1]
+    assert state["settings"].pop("run") == {"seed": 7}
+    checkpoint.write(directory, step, 0, state)
+    run_id = json.loads((directory / "run.json").read_text())["run_id"]
+
+    resumed = traintel(["-c", resume_auto_config(tmp_path, run_dir, id=run_id)], tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    start = next(lines(resumed.stdout))
+    assert (start["run_id"], start["attempt"], start["resumed_from_step"]) == (run_id, 1, 4)
+    steps = [d["step"] for d in lines(resumed.stdout) if d["event"] == "train.step"]
+    assert steps == [5, 6, 7, 8]
+    newest = checkpoint.newest(directory, 0)
+    assert newest is not None
+    assert (newest[0].step, newest[1]["settings"]["run"]) == (8, {"seed": 7})

@@ -7,6 +7,7 @@ config's error messages use it, and a resumed run never takes a redacted URL for
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,13 @@ import pytest
 import yaml
 
 from tests.children import child_env, run_cli
+from tests.servers import free_port
 from traintel import config as config_module
 from traintel.config import Config, load_config, load_resume_config, validate
 from traintel.errors import ConfigError
-from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact, redact_url
+from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact, redact_url, redact_url_value
+from traintel.sinks import PrometheusSink, Pushgateway
+from traintel.testing import end_record, run_context
 
 SECRET_NAMES = [
     "password",
@@ -245,6 +249,31 @@ def test_has_redacted_url(text: str, redacted: bool) -> None:
     assert has_redacted_url(text) is redacted
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("http://u:s3cret@host:9091", "http://***@host:9091"),
+        ("u:s3cret@127.0.0.1:1", "***@127.0.0.1:1"),
+        ("u:s3c@ret@host", "***@host"),
+        ("u:s3:cret@host/x", "***@host/x"),
+        ("http://u:s3c/ret@host", "http://***@host"),
+        ("http://u:s3c#ret@host", "http://***@host"),
+        ("http://u:s3c?ret@host", "http://***@host"),
+        ("http://u:s3c ret@host", "http://***@host"),
+        ("http://u:s3c'ret@host:9091", "http://***@host:9091"),
+        ('http://u:s3c"ret@host', "http://***@host"),
+        ("http://u:s3c<ret>@host", "http://***@host"),
+        ("http:/u:s3cret@host", "http:/***@host"),
+        ("https://h/cb?access_token=abc&page=2", "https://h/cb?access_token=***&page=2"),
+        ("gw:9091?token=abc", "gw:9091?token=***"),
+        ("http://gw:9091", "http://gw:9091"),
+        ("", ""),
+    ],
+)
+def test_redact_url_value_hides_the_credentials_of_any_shape(value: str, shown: str) -> None:
+    assert redact_url_value(value) == shown
+
+
 def test_the_redaction_module_imports_neither_torch_nor_pydantic(tmp_path: Path) -> None:
     code = "import sys, traintel.redaction; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pydantic', 'yaml'}))"
     proc = subprocess.run(
@@ -353,6 +382,58 @@ def test_config_show_redacts_url_credentials(tmp_path: Path) -> None:
             id="pushgateway-url-unparsable",
         ),
         pytest.param(
+            ["sinks.prometheus.pushgateway.url=bob:s3cret@127.0.0.1:1"], {},
+            "sinks.prometheus.pushgateway.url: must be an http:// or https:// URL such as "
+            "'http://pushgateway:9091', got '***@127.0.0.1:1'",
+            id="pushgateway-url-without-scheme",
+        ),
+        pytest.param(
+            [], {"TRAINTEL__SINKS__PROMETHEUS__PUSHGATEWAY__URL": "bob:s3cret@x@gw:9091"},
+            "sinks.prometheus.pushgateway.url: must be an http:// or https:// URL such as "
+            "'http://pushgateway:9091', got '***@gw:9091' (set by TRAINTEL__SINKS__PROMETHEUS__PUSHGATEWAY__URL)",
+            id="pushgateway-url-without-scheme-from-environment",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret x@gw:9091"], {},
+            "sinks.prometheus.pushgateway.url: must be an http:// or https:// URL such as "
+            "'http://pushgateway:9091', got 'http://***@gw:9091'",
+            id="pushgateway-url-password-with-a-space",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret'x@gw:bad"], {},
+            "sinks.prometheus.pushgateway.url: port 'bad' is not a number from 1 to 65535, got 'http://***@gw:bad'",
+            id="pushgateway-url-password-with-a-quote",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret:x@gw:99999"], {},
+            "sinks.prometheus.pushgateway.url: port '99999' is not a number from 1 to 65535, got 'http://***@gw:99999'",
+            id="pushgateway-url-password-with-a-colon",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret/x@gw:9091"], {},
+            "sinks.prometheus.pushgateway.url: has an '@' after its host: percent-encode '/', '?' and '#' "
+            "in a user name or password (%2F, %3F, %23), got 'http://***@gw:9091'",
+            id="pushgateway-url-password-with-a-slash",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret#x@gw:9091"], {},
+            "sinks.prometheus.pushgateway.url: has an '@' after its host: percent-encode '/', '?' and '#' "
+            "in a user name or password (%2F, %3F, %23), got 'http://***@gw:9091'",
+            id="pushgateway-url-password-with-a-hash",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=http://u:s3cret\uff03x@gw:9091"], {},
+            "sinks.prometheus.pushgateway.url: is not a valid URL (characters that NFKC normalization turns "
+            "into '/', '?', '#', '@' or ':'), got 'http://***@gw:9091'",
+            id="pushgateway-url-password-with-a-fullwidth-hash",
+        ),
+        pytest.param(
+            ["sinks.prometheus.pushgateway.url=u:s3cret@gw", "sinks.prometheus.pushgateway.url.x=1"], {},
+            "sinks.prometheus.pushgateway.url: holds the value '***@gw', not a section; "
+            "cannot set sinks.prometheus.pushgateway.url.x",
+            id="pushgateway-url-not-a-section",
+        ),
+        pytest.param(
             ["sinks.prometheus.pushgateway.password=true"], {},
             "sinks.prometheus.pushgateway.password: input should be a valid string, not a boolean (got '***')",
             id="secret-key-wrong-type",
@@ -399,6 +480,25 @@ def test_pushgateway_url_with_credentials_and_a_port_is_valid() -> None:
         None, ["sinks.prometheus.pushgateway.url=https://u:s3cret@gw.example:9443/base"], environ={}
     )
     assert cfg.sinks.prometheus.pushgateway.url == "https://u:s3cret@gw.example:9443/base"
+
+
+def test_a_pushgateway_url_with_odd_characters_in_its_password_is_never_shown() -> None:
+    url = "http://ci:s3cret'x\"<y>@gw:9091"
+    cfg = load_config(None, [f"sinks.prometheus.pushgateway.url={url}"], environ={})
+
+    assert cfg.sinks.prometheus.pushgateway.url == url
+    assert cfg.to_dict(redact=True)["sinks"]["prometheus"]["pushgateway"]["url"] == "http://***@gw:9091"
+
+
+def test_a_failed_push_does_not_show_an_odd_password(tmp_path: Path) -> None:
+    refused = free_port()
+    sink = PrometheusSink(port=0, pushgateway=Pushgateway(url=f"http://ci:s3cret'x@127.0.0.1:{refused}"))
+    sink.open(run_context(tmp_path))
+    sink.emit(end_record())
+    message = f"push to http://***@127.0.0.1:{refused} failed: URLError: <urlopen error [Errno 111] Connection refused>"
+    with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
+        sink.push()
+    sink.close()
 
 
 # --------------------------------------------------------------------------- resume

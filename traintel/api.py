@@ -224,7 +224,8 @@ class Run:
 
     def _earlier_attempt(self, task: Task, must_resume: bool) -> resume.Resumption | None:
         """With ``run.resume: auto``, the earlier attempt in ``run.dir`` this one continues (its run id
-        and attempt number are then this run's), after checking that the maths is unchanged."""
+        and attempt number are then this run's), after checking that the maths is unchanged and that
+        a configured ``run.id`` is that run's."""
         cfg = self.config
         if cfg.run.resume != "auto":
             directory = self.run_dir / checkpoint.DIRECTORY

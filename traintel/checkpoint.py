@@ -195,8 +195,12 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_setting(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first dotted key whose value differs between two settings mappings, with both values."""
-    before, after = flatten(saved), flatten(current)
+    """The first dotted key whose value differs between two settings mappings, with both values.
+
+    An entry of ``current`` that ``saved`` lacks at the top (``run``, which an older checkpoint did
+    not record) is not compared: its value then is not known, so it is not a change."""
+    before = flatten(saved)
+    after = flatten({key: value for key, value in current.items() if key in saved})
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
             return key, before.get(key), after.get(key)

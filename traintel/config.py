@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from traintel.errors import ConfigError
-from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact_url
+from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact_url, redact_url_value
 from traintel.redaction import redact as _redact
 
 ENV_PREFIX = "TRAINTEL__"
@@ -245,24 +245,39 @@ class PushgatewayConfig(_Section):
 
 
 def _check_url(value: str) -> str:
-    """An ``http(s)://[user:password@]host[:port][/path]`` URL; the message shows it redacted."""
-    shown = redact_url(value)
+    """An ``http(s)://[user:password@]host[:port][/path]`` URL; a message shows it with its credentials
+    hidden whatever its shape (``redact_url_value``), and quotes no part of them."""
+    shown = redact_url_value(value)
     try:
         parts = urlsplit(value)
         hostname = parts.hostname
     except ValueError as exc:
-        raise ValueError(f"is not a valid URL ({exc}), got {shown!r}") from None
+        why = str(exc)
+        if "netloc" in why:  # urllib's NFKC check quotes the whole netloc, credentials and all
+            why = "characters that NFKC normalization turns into '/', '?', '#', '@' or ':'"
+        raise ValueError(f"is not a valid URL ({why}), got {shown!r}") from None
     if parts.scheme not in ("http", "https") or not hostname or re.search(r"\s", value):
         msg = f"must be an http:// or https:// URL such as 'http://pushgateway:9091', got {shown!r}"
+        raise ValueError(msg)
+    if "@" in parts.path + parts.query + parts.fragment:  # credentials cut short: the host is in them
+        msg = (
+            "has an '@' after its host: percent-encode '/', '?' and '#' in a user name or password "
+            f"(%2F, %3F, %23), got {shown!r}"
+        )
         raise ValueError(msg)
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        port_text = parts.netloc.rpartition(":")[2]
+        port_text = parts.netloc.rpartition("@")[2].rpartition(":")[2]
         raise ValueError(f"port {port_text!r} is not a number from 1 to 65535, got {shown!r}")
     return value
+
+
+URL_KEYS = ("sinks.prometheus.pushgateway.url",)
+"""The settings that hold one URL: shown with ``redact_url_value`` (config, errors), which hides
+credentials of any shape, where other strings go through ``redact_url``."""
 
 
 class PrometheusSinkConfig(_Section):
@@ -370,9 +385,20 @@ class Config(_Section):
 
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
         """Plain, YAML-ready data; ``redact`` masks the values of keys that name a secret and the
-        credentials of URLs in every string (``traintel.redaction``)."""
+        credentials of URLs in every string (``traintel.redaction``), those of ``URL_KEYS`` whatever
+        characters they hold."""
         data = self.model_dump(mode="json", by_alias=True)
-        return _redact(data) if redact else data
+        if not redact:
+            return data
+        shown: dict[str, Any] = _redact(data)
+        for key in URL_KEYS:
+            *sections, name = key.split(".")
+            raw, section = data, shown
+            for part in sections:
+                raw, section = raw[part], section[part]
+            if isinstance(raw[name], str):
+                section[name] = redact_url_value(raw[name])
+        return shown
 
 
 # --------------------------------------------------------------------------- YAML input
@@ -386,24 +412,40 @@ _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoade
 """libyaml's safe loader when PyYAML was built with it, else the pure-Python one."""
 
 
-class _Refused(Exception):
-    """YAML that parses but is not accepted: an anchor or alias, a duplicate key, too deep."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_MERGE_PROBLEM = "YAML merge keys are not supported; write the keys out"
 
-    def __init__(self, mark: Any, problem: str) -> None:
+
+class _Refused(Exception):
+    """YAML that parses but is not accepted: an anchor or alias, a merge key, a duplicate key, too deep.
+
+    ``key`` is a merge key's place in the document (``("trainer", "<<")``), None for the others."""
+
+    def __init__(self, mark: Any, problem: str, key: tuple[str | int, ...] | None = None) -> None:
         super().__init__(problem)
         self.line = None if mark is None else int(mark.line) + 1
         self.problem = problem
+        self.key = key
+
+    def place(self, prefix: str) -> str:
+        """The merge key's dotted place below ``prefix`` (``trainer.<<``); ``prefix`` for the others."""
+        place = prefix
+        for part in self.key or ():
+            place += f"[{part}]" if isinstance(part, int) else f".{part}" if place else part
+        return place
+
+    def at(self, prefix: str) -> str:
+        """The problem, after the merge key's place below ``prefix`` (``trainer.<<: ...``)."""
+        return self.problem if self.key is None else f"{self.place(prefix)}: {self.problem}"
 
 
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
     """The safe loader (libyaml's when present) refusing duplicate keys; ``1e-3`` is a float (YAML
-    1.2) rather than the string YAML 1.1 makes of it."""
+    1.2) rather than the string YAML 1.1 makes of it. Merge keys never reach it (``_check_events``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -422,26 +464,67 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _is_merge_key(event: yaml.NodeEvent) -> bool:
+    """A key the safe loader would merge: a plain ``<<`` or one tagged ``!!merge``."""
+    if not isinstance(event, yaml.ScalarEvent):
+        return False
+    return event.tag == _MERGE_TAG or (event.tag is None and event.implicit[0] and event.value == "<<")
+
+
+def _enter(open_: list[list[Any]], event: yaml.NodeEvent) -> None:
+    """Note a node starting inside the open collections (``[is a mapping, next node is a key, key or
+    index]`` each); a merge key is refused, named by its place."""
+    if open_ and open_[-1][0] and open_[-1][1]:  # a mapping's key
+        key = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+        if _is_merge_key(event):
+            raise _Refused(event.start_mark, _MERGE_PROBLEM, (*(c[2] for c in open_[:-1]), key))
+        open_[-1][2] = key
+
+
+def _leave(open_: list[list[Any]]) -> None:
+    """Note that a node ended: its mapping expects a key or a value next, its list the next index."""
+    if open_:
+        top = open_[-1]
+        if top[0]:
+            top[1] = not top[1]
+        else:
+            top[2] += 1
+
+
 def _check_events(text: str) -> None:
-    """Refuse anchors, aliases and deep nesting from the event stream, before anything is built:
-    a "billion laughs" document stops at its first anchor, whatever it would expand to."""
+    """Refuse merge keys, anchors, aliases and deep nesting from the event stream, before anything
+    is built: a "billion laughs" document is refused at its first anchor, whatever it would expand
+    to. A merge key (``<<: {...}``, ``<<: *base``) is named with its place even after the anchor it
+    merges, since writing its keys out is the fix for both."""
     too_deep = f"nesting deeper than {MAX_DEPTH} levels is not allowed"
-    depth = 0
+    anchor: _Refused | None = None
+    open_: list[list[Any]] = []
     try:
         for event in yaml.parse(text, Loader=_BaseLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise _Refused(event.start_mark, "YAML anchors and aliases are not allowed")
-            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
+            if anchor is None and (
+                isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None
+            ):
+                anchor = _Refused(event.start_mark, "YAML anchors and aliases are not allowed")
+            if isinstance(event, yaml.NodeEvent):
+                _enter(open_, event)
+                if not isinstance(event, yaml.CollectionStartEvent):
+                    _leave(open_)
+                elif len(open_) == MAX_DEPTH:
                     raise _Refused(event.start_mark, too_deep)
-            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-                depth -= 1
+                else:
+                    open_.append([isinstance(event, yaml.MappingStartEvent), True, 0])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                open_.pop()
+                _leave(open_)
     except yaml.MarkedYAMLError as exc:
+        if anchor is not None:
+            raise anchor from None
         # libyaml's scanner reads flow brackets ahead of the events and stops at 1000 levels itself
         if exc.problem and "nesting depth" in exc.problem:
             raise _Refused(exc.problem_mark, too_deep) from None
         raise
+    if anchor is not None:
+        raise anchor
 
 
 def _load(text: str) -> Any:
@@ -469,7 +552,7 @@ def parse_scalar(text: str) -> Any:
     try:
         return _parse_value(text)
     except _Refused as exc:
-        raise ConfigError("--set", exc.problem) from None
+        raise ConfigError("--set", exc.at("")) from None
 
 
 def _parse_value(text: str) -> Any:
@@ -521,7 +604,7 @@ def apply_overrides(
             parsed = _parse_value(value)
         except _Refused as exc:
             where = "" if origin == "--set" else f" (set by {origin})"
-            raise ConfigError(".".join(path), f"{exc.problem}{where}") from None
+            raise ConfigError(exc.place(".".join(path)), f"{exc.problem}{where}") from None
         _set_path(data, path, parsed)
         if sources is not None:
             sources[".".join(path)] = origin
@@ -576,7 +659,7 @@ def read_yaml(path: str | os.PathLike[str], origin: str = "--config") -> dict[st
     try:
         data = _load(text)
     except _Refused as exc:
-        raise ConfigError(origin, f"{str(p)!r} line {exc.line}: {exc.problem}") from None
+        raise ConfigError(origin, f"{str(p)!r} line {exc.line}: {exc.at('')}") from None
     except yaml.YAMLError as exc:
         line = _error_line(exc, text)
         where = f" at line {line}" if line is not None else ""
@@ -616,8 +699,12 @@ def _is_secret_path(key: str) -> bool:
 
 def _shown(key: str, value: Any) -> str:
     """``repr(value)`` for a message about ``key``: ``'***'`` when the key names a secret, and URL
-    credentials redacted."""
-    return repr(REDACTED) if _is_secret_path(key) else redact_url(repr(value))
+    credentials redacted (whatever their shape for a key of ``URL_KEYS``)."""
+    if _is_secret_path(key):
+        return repr(REDACTED)
+    if key in URL_KEYS and isinstance(value, str):
+        return repr(redact_url_value(value))
+    return redact_url(repr(value))
 
 
 def _problem(err: Mapping[str, Any], key: str) -> str:

@@ -24,7 +24,9 @@ word ``file``, ``path``, ``filename``, ``dir``, ``directory``, ``location``: ``k
 
 **URLs.** In any string, ``scheme://user:password@host`` becomes ``scheme://***@host`` (all of the
 userinfo, also a user alone, which is often a token), and a query or fragment parameter with a
-secret name keeps its name only (``?access_token=***``).
+secret name keeps its name only (``?access_token=***``). A string that is one URL (a setting's
+value, valid or not) goes through ``redact_url_value``, which needs no scheme and no particular
+characters: everything before its last ``@`` goes (``bob:p@ss'w@host`` -> ``***@host``).
 """
 
 from __future__ import annotations
@@ -113,6 +115,23 @@ def redact_url(text: str) -> str:
         return f"{m['scheme']}{userinfo}{_redact_params(m['rest'])}"
 
     return _URL.sub(url, text)
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/+")
+
+
+def redact_url_value(value: str) -> str:
+    """``value``, one URL, with its credentials replaced by ``***`` whatever its shape.
+
+    Everything between the scheme (``http://``, if any) and the last ``@`` is the credentials, so a
+    URL without a scheme (``bob:pw@host:1``) and a password holding ``@``, ``:``, ``/``, ``#``,
+    quotes or spaces are hidden too (``http://***@host``); secret query parameters as in
+    ``redact_url``. A ``@`` elsewhere (a path's) hides more than it must: never less.
+    """
+    scheme = _SCHEME.match(value)
+    start = 0 if scheme is None else scheme.end()
+    _, at, rest = value[start:].rpartition("@")
+    return f"{value[:start]}{REDACTED + at if at else ''}{_redact_params(rest)}"
 
 
 def has_redacted_url(text: str) -> bool:

@@ -32,8 +32,13 @@ FIXED_TRAINER_KEYS = (
     "precision",
     "on_nonfinite",
 )
-"""``trainer.*`` settings a resumed attempt must share with its checkpoint (with ``task.*``, the
-world size and the loader's batch size): they change what an optimizer step computes."""
+"""``trainer.*`` settings a resumed attempt must share with its checkpoint (with ``task.*``,
+``FIXED_RUN_KEYS``, the world size and the loader's batch size): they change what an optimizer step
+computes."""
+FIXED_RUN_KEYS = ("seed",)
+"""``run.*`` settings a resumed attempt must share with its checkpoint: the seed makes the task's
+data and model (the factory runs after it) and the shards' order. Checkpoints written before it was
+recorded have no ``run`` entry, which is no change (``checkpoint.changed_setting``)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ def fixed_settings(config: Config, world_size: int, batch_size: int | None) -> d
     """What must not change between a checkpoint and the attempt that continues from it."""
     data = config.to_dict(redact=True)
     return {
+        "run": {key: data["run"][key] for key in FIXED_RUN_KEYS},
         "task": data["task"],
         "trainer": {key: data["trainer"][key] for key in FIXED_TRAINER_KEYS},
         "world_size": world_size,

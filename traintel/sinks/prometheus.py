@@ -27,7 +27,7 @@ from traintel.records import (
     RunStartRecord,
     StepRecord,
 )
-from traintel.redaction import redact_url
+from traintel.redaction import redact_url, redact_url_value
 from traintel.sinks._http import MetricsServer, server_context
 from traintel.sinks.base import RunContext
 
@@ -351,13 +351,13 @@ class PrometheusSink:
         deadline = time.monotonic() + pg.timeout_seconds
         while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             if self._hurry.is_set():
-                msg = f"push to {redact_url(pg.url)} abandoned: the process was asked to stop"
+                msg = f"push to {redact_url_value(pg.url)} abandoned: the process was asked to stop"
                 raise OSError(msg)
             if time.monotonic() >= deadline:
-                msg = f"push to {redact_url(pg.url)} failed: no answer within {pg.timeout_seconds:g} s"
+                msg = f"push to {redact_url_value(pg.url)} failed: no answer within {pg.timeout_seconds:g} s"
                 raise OSError(msg)
         if failure:
-            msg = f"push to {redact_url(pg.url)} failed: {redact_url(one_line(failure[0]))}"
+            msg = f"push to {redact_url_value(pg.url)} failed: {redact_url(one_line(failure[0]))}"
             raise OSError(msg)
 
     @property
