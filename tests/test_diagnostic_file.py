@@ -36,12 +36,15 @@ class _FullDisk(DiagnosticSink):
         return open("/dev/full", "wb")
 
 
-def test_a_full_disk_is_reported_once_and_training_goes_on(tmp_path: Path) -> None:
+def test_a_disk_that_stays_full_is_reported_once_training_goes_on_and_the_lost_lines_are_counted(
+    tmp_path: Path,
+) -> None:
     stdout = io.BytesIO()
     mem = MemorySink()
+    diagnostic = _FullDisk()
     cfg = quiet_config(tmp_path, accumulation_steps=2, max_epochs=3)
     run = build(cfg, Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4] * 4)),
-                sinks=[_FullDisk(), mem, JsonSink(stdout)])  # fmt: skip
+                sinks=[diagnostic, mem, JsonSink(stdout)])  # fmt: skip
     end = run.run()
     assert end.status == "completed"
     assert len(mem.of("train.step")) == 6  # the other sinks lost nothing
@@ -49,10 +52,12 @@ def test_a_full_disk_is_reported_once_and_training_goes_on(tmp_path: Path) -> No
     assert [(e["sink"], e["error"]) for e in errors] == [
         (
             "diagnostic",
-            f"OSError: cannot write {str(tmp_path / 'run' / 'diagnostic.jsonl')!r}: OSError: [Errno 28] No space left on device",
+            f"OSError: cannot write {str(tmp_path / 'run' / 'diagnostic.jsonl')!r}: OSError: [Errno 28] No space left on device; retrying",
         )
     ]
     assert run.fanout.errors["diagnostic"] == 1
+    # never written, each tried until the end: run.start, 12 batch, 6 step, 3 epoch records, run.end
+    assert diagnostic.dropped == 23
 
 
 def test_user_strings_never_break_a_line(tmp_path: Path) -> None:

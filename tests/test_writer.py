@@ -1,17 +1,20 @@
 """The background writer's policies, which the sink gives it: when queued lines reach the stream,
-and which items are dropped behind a slow consumer (a line bound, and a byte bound on everything
-waiting)."""
+which items are dropped behind a slow consumer (a line bound, and a byte bound on everything
+waiting), and how it goes on after a write error."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
+import itertools
 import os
 import struct
 import termios
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 
 from traintel.records import Record, RunEndRecord
 from traintel.sinks._policy import DROP_FIRST, DROP_LAST, KEEP, droppable, urgent
-from traintel.sinks._writer import CHUNK_OVERHEAD, PIPE_BUF, BackgroundWriter, FdStream
+from traintel.sinks._writer import CHUNK_OVERHEAD, PIPE_BUF, BackgroundWriter, FdStream, IncompleteWrite
 from traintel.sinks.json_stdout import JsonSink
 from traintel.testing import batch_record, end_record, epoch_record, step_record
 
@@ -334,3 +337,141 @@ def test_a_long_line_waits_for_an_empty_pipe_instead_of_blocking_half_written() 
 
 def _unread(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def _numbered(record: Record, dropped: int) -> bytes:
+    """The event, the record's step and the dropped count."""
+    return f"{record.event} {getattr(record, 'step', '-')} {dropped}\n".encode()
+
+
+class _FillingDisk:
+    """A real file on which writing fails with ENOSPC while ``full`` is set: before writing anything,
+    or, the first time, after ``partial`` bytes of whole lines went out (a disk that fills during a
+    write); ``tries`` notes when each write was tried, ``wrote`` is set by a write that succeeded."""
+
+    def __init__(self, path: Path, *, fails: int, partial: int = 0) -> None:
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by the test
+        self.fails = fails
+        self.partial = partial
+        self.tries: list[float] = []
+        self.wrote = threading.Event()
+
+    def write(self, data: bytes, /) -> int:
+        self.tries.append(time.monotonic())
+        if self.fails:
+            self.fails -= 1
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written, self.partial = self.partial, 0
+            if written:
+                self.file.write(data[:written])
+                raise IncompleteWrite(full, written)
+            raise full
+        self.file.write(data)
+        self.wrote.set()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_a_write_error_is_tried_again_after_a_growing_delay_and_the_lines_are_written_once(
+    tmp_path: Path,
+) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=4)
+    writer: BackgroundWriter[Record] = BackgroundWriter("t", stream, retry=(0.02, 0.08), linger=0.0)
+    writer.offer_many([_step(1), _step(2)], _numbered)
+    assert stream.wrote.wait(10)
+    assert writer.close()
+    stream.file.close()
+    assert (tmp_path / "out").read_bytes() == b"train.step 1 0\ntrain.step 2 0\n"
+    assert (writer.failed, writer.failures, writer.dropped) == (None, 1, 0)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(stream.tries)]
+    assert len(gaps) == 4
+    assert [gap >= delay for gap, delay in zip(gaps, [0.02, 0.04, 0.08, 0.08], strict=True)] == [True] * 4
+
+
+def test_a_write_cut_short_goes_on_after_its_last_whole_line(tmp_path: Path) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=2, partial=len(b"train.step 1 0\n"))
+    writer: BackgroundWriter[Record] = BackgroundWriter("t", stream, retry=(0.01, 0.01), linger=0.0)
+    writer.offer_many([_step(1), _step(2), _step(3)], _numbered)
+    assert stream.wrote.wait(10)
+    assert writer.close()
+    stream.file.close()
+    assert (tmp_path / "out").read_bytes() == b"train.step 1 0\ntrain.step 2 0\ntrain.step 3 0\n"
+    assert writer.dropped == 0
+
+
+def test_while_writing_fails_the_queue_bounds_drop_and_count_and_the_waiting_lines_are_written_late(
+    tmp_path: Path,
+) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=1_000_000)
+    writer: BackgroundWriter[Record] = BackgroundWriter(
+        "t", stream, droppable=droppable, capacity=3, retry=(0.01, 0.05), linger=0.0
+    )
+    writer.offer_many([_step(1)], _numbered)
+    _wait_for(lambda: writer.failed is not None, "the write did not fail")
+    assert writer.waiting_lines == 1  # the line that failed is kept for the next try
+    batch = [batch_record(step=2), batch_record(step=2), _step(2), batch_record(step=2), epoch_record(step=2)]
+    assert writer.offer_many(batch, _numbered) == 4  # the third batch record: past the line bound
+    assert writer.dropped == 1
+    stream.fails = 0  # space is back
+    assert stream.wrote.wait(10)
+    writer.offer_many([_step(3)], _numbered)
+    assert writer.close()
+    stream.file.close()
+    assert (tmp_path / "out").read_text().splitlines() == [
+        "train.step 1 0", "train.batch 2 0", "train.batch 2 0", "train.step 2 0", "train.epoch 2 1",
+        "train.step 3 0",
+    ]  # fmt: skip
+    assert (writer.failed, writer.failures, writer.dropped) == (None, 1, 1)
+
+
+def test_drain_returns_false_at_once_while_writing_fails(tmp_path: Path) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=1_000_000)
+    writer: BackgroundWriter[Record] = BackgroundWriter("t", stream, retry=(0.01, 0.05), linger=0.0)
+    writer.offer_many([_step(1)], _numbered)
+    _wait_for(lambda: writer.failed is not None, "the write did not fail")
+    drained: list[bool] = []
+    waiter = threading.Thread(target=lambda: drained.append(writer.drain(600.0)), daemon=True)
+    waiter.start()
+    waiter.join(30)
+    assert drained == [False]  # returned long before its 600 s
+    assert writer.close()
+    stream.file.close()
+
+
+def test_a_close_while_writing_fails_tries_once_more_and_counts_the_lines_lost(tmp_path: Path) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=1_000_000)
+    writer: BackgroundWriter[Record] = BackgroundWriter(
+        "t", stream, retry=(60.0, 60.0), linger=0.0, close_timeout=30.0
+    )
+    writer.offer_many([_step(1), _step(2)], _numbered)
+    _wait_for(lambda: writer.failed is not None, "the write did not fail")
+    writer.offer_many([_step(3)], _numbered)
+    assert writer.close()  # not after the 60 s delay: at once, with one more try of each batch
+    stream.file.close()
+    assert len(stream.tries) == 3
+    assert writer.dropped == 3
+    assert (tmp_path / "out").read_bytes() == b""
+
+
+def test_without_retry_a_write_error_ends_the_writing_and_later_lines_are_counted_as_lost(
+    tmp_path: Path,
+) -> None:
+    stream = _FillingDisk(tmp_path / "out", fails=1)
+    writer: BackgroundWriter[Record] = BackgroundWriter("t", stream, linger=0.0)
+    writer.offer_many([_step(1)], _numbered)
+    _wait_for(lambda: writer.dropped == 1, "the line was not lost")
+    writer.offer_many([_step(2)], _numbered)
+    assert writer.close()
+    stream.file.close()
+    assert (tmp_path / "out").read_bytes() == b""
+    assert (writer.failures, writer.dropped, len(stream.tries)) == (1, 2, 1)
+    assert isinstance(writer.failed, OSError)

@@ -298,9 +298,11 @@ class Run:
             ) from None
 
     def _records_written(self) -> bool:
-        """Deliver the waiting records and wait (up to 5 s) until the sinks have written them out."""
+        """Deliver the waiting records and make them durable in the diagnostic file (written and
+        fsynced, waiting up to 5 s); False at once while it cannot write. Stdout is not waited
+        for: a reader that does not read cannot hold training. Without a diagnostic file: True."""
         self.telemetry.flush()
-        return self.fanout.sync(5.0)
+        return self.fanout.durable(5.0)
 
     def _shard(
         self, train: Iterable[Any], val: Iterable[Any] | None

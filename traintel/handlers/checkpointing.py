@@ -128,7 +128,11 @@ class Checkpointing:
             return False
         ok = self.commit_ready()
         if not ok:
-            _log.warning("no checkpoint at step %d: the sinks did not write its records in time", step)
+            _log.warning(
+                "no checkpoint at step %d: the diagnostic file cannot write its records now, or did not "
+                "within 5 s",
+                step,
+            )
         written = False
         if ok:
             try:

@@ -18,6 +18,15 @@ queued with ``submit`` (routed log lines, captured ``print`` text) follow the sa
 rank they are given. The writer knows nothing of records: the sink gives it both policies.
 ``close`` drains the queue within ``close_timeout`` seconds.
 
+A write error ends writing for good, unless the sink asks for ``retry`` (the diagnostic file: a
+full disk is often transient). Then the batch that failed is kept, from its first line not
+written (a stream whose write is cut short says how much of it went out: ``IncompleteWrite``),
+and tried again after a back-off that doubles from ``retry[0]`` to at most ``retry[1]`` seconds;
+meanwhile lines queue up under the usual bounds and drop policy, and once a write succeeds the
+waiting lines are written late, in order. ``failed`` holds the error while writing fails and
+``drain`` returns False at once then. At ``close`` each batch still waiting gets one more try;
+what that cannot write is lost and counted in ``dropped``.
+
 What a queued line costs: orjson returns a line in a buffer of several KiB whatever its
 length (a 300-byte line held about 8 KiB), so a queue of rendered lines pinned 25 times their
 size. Each call's lines are copied into one exact-size object (``b"".join``, ``bytes(memoryview)``
@@ -63,13 +72,24 @@ _ROOM_WAIT = 1.0  # how long a pipe that is read but never empty holds back a lo
 T = TypeVar("T")
 
 
+class IncompleteWrite(Exception):
+    """Raised by a stream whose write failed part-way: the first ``written`` bytes of the data
+    (whole lines) went out, the rest did not because of ``error``."""
+
+    def __init__(self, error: OSError, written: int) -> None:
+        super().__init__(error, written)
+        self.error = error
+        self.written = written
+
+
 def never(_item: object) -> bool:
     """The default policy: no item is droppable (False is ``KEEP``), none is urgent."""
     return False
 
 
 class Stream(Protocol):
-    """What the writer writes to: a binary file, a pipe, a rotating file."""
+    """What the writer writes to: a binary file, a pipe, a rotating file. ``write`` writes all of
+    the data or raises; ``IncompleteWrite`` when part of it (whole lines) went out."""
 
     def write(self, data: bytes, /) -> int: ...
 
@@ -168,6 +188,7 @@ class BackgroundWriter(Generic[T]):
         close_timeout: float = 5.0,
         linger: float = 0.25,
         threaded: bool = True,
+        retry: tuple[float, float] | None = None,
     ) -> None:
         self.name = name
         self.stream = stream
@@ -185,8 +206,15 @@ class BackgroundWriter(Generic[T]):
         works: True is DROP_LAST)."""
         self.urgent = urgent
         """Whether an item's line wakes the writer at once."""
+        self.retry = retry
+        """(first, longest) seconds between tries of a write that failed with an ``OSError``; None:
+        a write error ends writing, and the lines given later are counted as dropped."""
         self.failed: BaseException | None = None
-        """The first write error; lines queued after it are counted as dropped."""
+        """The write error while writing fails: with ``retry``, None again once a write succeeds."""
+        self.failures = 0
+        """How many times writing has started to fail (a write error after a successful write)."""
+        self.error: BaseException | None = None
+        """The latest write error, kept after writing succeeds again."""
         self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
         """(lines, how many) per call; appended by producers, popped from the left by the writer."""
         # the delivering thread's (offer_many)
@@ -217,8 +245,8 @@ class BackgroundWriter(Generic[T]):
 
     @property
     def dropped(self) -> int:
-        """Items dropped so far because the consumer fell behind, lines lost to a write error, and
-        lines given up at a close that timed out."""
+        """Items dropped so far because the consumer fell behind (or could not be written to),
+        lines lost to a write error, and lines given up at a close that timed out."""
         return self._offer_dropped + self._side_dropped + self._lost + self._abandoned
 
     @property
@@ -346,7 +374,8 @@ class BackgroundWriter(Generic[T]):
 
     def drain(self, timeout: float) -> bool:
         """Wait until every line queued so far is written (or lost to a write error); False if that
-        takes longer than ``timeout`` seconds. Called by the training thread, never by the writer."""
+        takes longer than ``timeout`` seconds, and at once while a write fails and is to be tried
+        again (``failed`` with ``retry``). Called by the training thread, never by the writer."""
         if not self.threaded:
             return True
         target = self._queued_bytes + self._side_bytes
@@ -355,21 +384,57 @@ class BackgroundWriter(Generic[T]):
             self._cond.notify_all()  # wake the writer now instead of after its linger
             while self._done_bytes < target:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self._thread.is_alive() or self._retrying():
                     return self._done_bytes >= target
                 self._cond.wait(left)
         return True
 
+    def _retrying(self) -> bool:
+        return self.retry is not None and self.failed is not None
+
     def _write(self, batch: list[tuple[bytes, int]]) -> None:
-        if self.failed is not None:
+        """Write a batch; on an error, count its lines as lost, or with ``retry`` try again after
+        the back-off until a write succeeds or the writer closes (then one more try)."""
+        if self.failed is not None and self.retry is None:
             self._lost += sum(n for _, n in batch)
             return
-        try:
-            self.stream.write(batch[0][0] if len(batch) == 1 else b"".join(chunk for chunk, _ in batch))
-            self.stream.flush()
-        except Exception as exc:  # a full disk, a closed pipe: count, keep draining
-            self.failed = exc
-            self._lost += sum(n for _, n in batch)
+        data = batch[0][0] if len(batch) == 1 else b"".join(chunk for chunk, _ in batch)
+        delay = self.retry[0] if self.retry is not None else 0.0
+        while True:
+            closing = self._closing
+            try:
+                if data:
+                    self.stream.write(data)
+                    data = b""
+                self.stream.flush()
+            except IncompleteWrite as exc:
+                data = data[exc.written :]
+                error: BaseException = exc.error
+            except Exception as exc:  # a full disk, a closed pipe
+                error = exc
+            else:
+                if self.failed is not None:
+                    with self._cond:
+                        self.failed = None
+                return
+            self.error = error
+            if self.failed is None:
+                self.failures += 1
+            with self._cond:
+                self.failed = error
+                self._cond.notify_all()  # a drain waiting for these lines returns now
+            if self.retry is None or closing or not isinstance(error, OSError):
+                self._lost += data.count(b"\n") if self.retry is not None else sum(n for _, n in batch)
+                return
+            self._back_off(delay)
+            delay = min(2 * delay, self.retry[1])
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next try, or less when the writer is being closed."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not self._closing and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def close(self) -> bool:
         """Stop accepting lines and drain the queue; False if it could not finish in time, and then

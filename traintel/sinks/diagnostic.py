@@ -13,12 +13,14 @@ from traintel.errors import ConfigError, one_line
 from traintel.records import Record
 from traintel.sinks._jsonline import LineRenderer, with_extras
 from traintel.sinks._policy import droppable, urgent
-from traintel.sinks._writer import BackgroundWriter
+from traintel.sinks._writer import BackgroundWriter, IncompleteWrite
 from traintel.sinks.base import RunContext
 
 _TAIL_CHUNK = 64 * 1024
 _RETRY_MIN = 64 * 1024
 """The least a file grows past a failed rotation before the next try."""
+WRITE_RETRY = (0.1, 2.0)
+"""Seconds before a failed write is tried again: the first delay, doubling up to the longest."""
 
 
 def cut_torn_tail(path: Path) -> int:
@@ -55,6 +57,11 @@ class RotatingFile:
     Rotation happens only between whole writes, so a line is never split across files. ``size``
     is what ``path`` held when it was opened (an appended file counts towards ``max_bytes``).
 
+    Lines are written with ``os.write`` on the file's descriptor: no buffer keeps part of a line.
+    A write that fails part-way (a disk that fills up) is cut back to the end of its last whole
+    line, so the file holds whole lines only, and raises ``IncompleteWrite`` saying how much of
+    the data went out; the writer tries the rest again later.
+
     The next part is opened (as ``name.next``) before the current one is renamed or closed, so a
     process out of descriptors (EMFILE) or space keeps a file to write to: when that open fails
     the lines go on into the current part past ``max_bytes``, ``rotation_failures`` counts the
@@ -77,17 +84,46 @@ class RotatingFile:
         """Rotate no earlier than at this size (set past a failed rotation)."""
 
     def write(self, data: bytes) -> int:
-        """Append whole lines, rotating between two lines when the next would pass ``max_bytes``."""
+        """Append whole lines, rotating between two lines when the next would pass ``max_bytes``;
+        ``IncompleteWrite`` when only part of ``data`` (whole lines) could be written."""
         if not self.max_bytes or self.size + len(data) <= max(self.max_bytes, self._retry_at):
-            self.file.write(data)
-            self.size += len(data)
+            self._append(data)
             return len(data)
-        for line in data.splitlines(keepends=True):
-            if self.size and self.size + len(line) > self.max_bytes and self.size >= self._retry_at:
-                self._rotate()
-            self.file.write(line)
-            self.size += len(line)
+        written = 0
+        try:
+            for line in data.splitlines(keepends=True):
+                if self.size and self.size + len(line) > self.max_bytes and self.size >= self._retry_at:
+                    self._rotate()
+                self._append(line)
+                written += len(line)
+        except IncompleteWrite as exc:
+            raise IncompleteWrite(exc.error, written + exc.written) from None
+        except OSError as exc:  # a rename of the rotation: the lines before it are written
+            raise IncompleteWrite(exc, written) from None
         return len(data)
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` at the end of the file; on an error, cut what went out back to its last
+        whole line and raise ``IncompleteWrite`` with the length kept. Where the cut fails, the
+        start of the line stays and ``written`` includes it: the rest follows it when tried again."""
+        fd = self.file.fileno()
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(fd, view[done:])
+        except OSError as exc:
+            whole = data.rfind(b"\n", 0, done) + 1
+            if whole < done:
+                try:
+                    end = os.lseek(fd, 0, os.SEEK_CUR) - (done - whole)
+                    os.ftruncate(fd, end)
+                    os.lseek(fd, end, os.SEEK_SET)
+                except OSError:
+                    whole = done
+            self.size += whole
+            raise IncompleteWrite(exc, whole) from None
+        self.size += done
 
     def _rotate(self) -> None:
         """Open the next part, then shift the names oldest first and close the old part.
@@ -100,7 +136,7 @@ class RotatingFile:
         spare = self.path.with_name(f"{self.path.name}.next")
         try:
             spare.unlink(missing_ok=True)  # left by a crash before the renames
-            new = open(spare, "xb")  # noqa: SIM115 - held open until close()
+            new = open(spare, "xb", buffering=0)  # noqa: SIM115 - held open until close()
         except OSError as exc:
             self.rotation_failures += 1
             if self.rotation_error is None:
@@ -155,9 +191,20 @@ class DiagnosticSink:
     file within a quarter second (``run.end`` at once); the file is fsynced on close. Past ``max_bytes`` the
     file rotates to ``diagnostic.jsonl.1`` ... ``.<backups>``; when the next part cannot be
     opened (no free descriptor) writing goes on in the current part and the first such failure
-    is raised once from ``emit``, its records already queued (``RotatingFile``). A write error
-    (a full disk) is raised once from ``emit`` (the fan-out reports it once) and later records
-    are counted as dropped; training goes on.
+    is raised once from ``emit``, its records already queued (``RotatingFile``).
+
+    A write error (a full disk) is raised from ``emit`` once each time writing starts to fail,
+    after the records are queued (the fan-out reports the first as a ``sink.error`` and counts
+    each); training goes on. The writer tries the lines again, the delay doubling from 0.1 s to
+    2 s (``WRITE_RETRY``), and the file keeps whole lines only (``RotatingFile``). Meanwhile the
+    records queue up under the usual bounds (``train.batch``, then ``train.step`` records are
+    dropped and counted in ``dropped``, and the next line written says how many); the lines
+    still queued when a write succeeds again are written then, late and in order. Those still
+    waiting at ``close`` get one more try, and what that cannot write is counted in ``dropped``.
+
+    The sink makes records durable (``durable``): ``sync`` waits until the lines given so far are
+    written and fsyncs the file; a checkpoint waits for it (``FanOut.durable``), and while the file
+    cannot be written it returns False at once.
 
     Lines are rendered by ``renderer``, which ``build_sinks`` shares with the JSON sink: a
     record whose public line the JSON sink has just written gets those bytes with the
@@ -166,6 +213,8 @@ class DiagnosticSink:
     """
 
     name = "diagnostic"
+    durable = True
+    """``sync`` makes the records given so far durable (written and fsynced): checkpoints wait for it."""
 
     def __init__(
         self,
@@ -188,7 +237,7 @@ class DiagnosticSink:
         self._writer: BackgroundWriter[Record] | None = None
         self._written = 0
         self._dropped = 0
-        self._reported: BaseException | None = None
+        self._failures_reported = 0
         self._rotation_reported = False
         self._deleted_reported = False
         self._made_dirs: list[Path] = []
@@ -196,11 +245,11 @@ class DiagnosticSink:
 
     @property
     def dropped(self) -> int:
-        """Records not written: dropped behind a slow disk, or lost after a write error."""
+        """Records not written: dropped behind a slow or failing disk, or still failing at close."""
         return self._writer.dropped if self._writer is not None else self._dropped
 
     def _open_file(self, path: Path) -> BinaryIO:
-        return open(path, "xb")
+        return open(path, "xb", buffering=0)
 
     def _append_file(self, path: Path) -> tuple[BinaryIO, bool]:
         """A resumed attempt's file: created when missing, else its torn tail cut and opened for
@@ -209,11 +258,12 @@ class DiagnosticSink:
             return self._open_file(path), True
         except FileExistsError:
             cut_torn_tail(path)
-            return open(path, "ab"), False
+            return open(path, "ab", buffering=0), False
 
     def open(self, context: RunContext) -> None:
         path = context.run_dir / self.filename
         self._written = 0
+        self._failures_reported = 0
         self._rotation_reported = False
         self._made_dirs = missing_dirs(context.run_dir)
         try:
@@ -237,6 +287,7 @@ class DiagnosticSink:
             urgent=urgent,
             capacity=self.capacity,
             close_timeout=self.close_timeout,
+            retry=WRITE_RETRY,
         )
 
     def render(self, record: Record, dropped: int = 0) -> bytes:
@@ -257,17 +308,19 @@ class DiagnosticSink:
         self.emit_many((record,))
 
     def emit_many(self, records: Sequence[Record]) -> None:
-        """Render ``records`` in order and queue their lines together; raise once (after queuing
-        them) when the file could not start a new part, so the fan-out reports it."""
+        """Render ``records`` in order and queue their lines together; then raise (the records
+        already queued) once each time writing started to fail, and once when the file could not
+        start a new part or lost its name, so the fan-out reports it."""
         writer = self._writer
         if writer is None:
             msg = "DiagnosticSink.emit called before open"
             raise RuntimeError(msg)
-        if writer.failed is not None and self._reported is None:
-            self._reported = writer.failed
-            msg = f"cannot write {str(self.path)!r}: {one_line(writer.failed)}"
-            raise OSError(msg)
         self._written += writer.offer_many(records, self.render)
+        error = writer.error  # set before ``failures`` grows
+        if error is not None and writer.failures > self._failures_reported:
+            self._failures_reported = writer.failures
+            msg = f"cannot write {str(self.path)!r}: {one_line(error)}; retrying"
+            raise OSError(msg)
         f = self._file
         if f is not None and f.rotation_error is not None and not self._rotation_reported:
             self._rotation_reported = True  # raised after queuing: no record is lost for it
@@ -282,13 +335,12 @@ class DiagnosticSink:
             raise OSError(msg)
 
     def sync(self, timeout: float) -> bool:
-        """Wait until the lines given so far are written, then fsync the file (see ``FanOut.sync``)."""
+        """Wait up to ``timeout`` seconds until the lines given so far are written, then fsync the
+        file; False when they are not, at once while writing fails (see ``FanOut.durable``)."""
         writer, f = self._writer, self._file
         if writer is None or f is None:
             return True
-        if not writer.drain(timeout):
-            return False
-        if writer.failed is not None:
+        if writer.failed is not None or not writer.drain(timeout) or writer.failed is not None:
             return False
         os.fsync(f.file.fileno())
         return True

@@ -121,11 +121,23 @@ class FanOut:
     def sync(self, timeout: float) -> bool:
         """Wait until every sink with a ``sync(timeout)`` method has written out what it was given
         (files flushed to disk); False when one could not within ``timeout`` seconds or raised."""
+        return self._sync(timeout, durable_only=False)
+
+    def durable(self, timeout: float) -> bool:
+        """Wait until the sinks that make records durable (a true ``durable`` attribute and a
+        ``sync(timeout)`` method: the diagnostic file) have written out and fsynced what they
+        were given, as a checkpoint needs; False when one could not within ``timeout`` seconds,
+        cannot write now (its ``sync`` says so at once), or raised. The other sinks are not
+        waited for (a stdout reader that does not read cannot hold training); True at once
+        when there is no such sink."""
+        return self._sync(timeout, durable_only=True)
+
+    def _sync(self, timeout: float, *, durable_only: bool) -> bool:
         deadline = time.monotonic() + timeout
         ok = True
         for sink in self.sinks:
             sync = getattr(sink, "sync", None)
-            if sync is None:
+            if sync is None or (durable_only and getattr(sink, "durable", False) is not True):
                 continue
             try:
                 ok = bool(sync(max(0.0, deadline - time.monotonic()))) and ok
