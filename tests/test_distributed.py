@@ -170,7 +170,11 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
 DISTRIBUTED_TASKS = Path(__file__).parent / "distributed"
 
 
-def traintel_under_torchrun(tmp_path: Path, *overrides: str) -> subprocess.Popen[str]:
+def traintel_under_torchrun(
+    tmp_path: Path, *overrides: str, launcher: str = "torch.distributed.run"
+) -> subprocess.Popen[str]:
+    """``python -m LAUNCHER --standalone --nproc-per-node=2 -m traintel train`` with ``--set`` each of
+    ``overrides`` (``traintel.torchrun`` exits with the workers' status, torch's own 1 on any failure)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(DISTRIBUTED_TASKS))
     sets = [
@@ -179,7 +183,7 @@ def traintel_under_torchrun(tmp_path: Path, *overrides: str) -> subprocess.Popen
         for arg in ("--set", o)
     ]
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+        [sys.executable, "-m", launcher, "--standalone", f"--nproc-per-node={WORLD}",
          "-m", "traintel", "train", *sets],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -270,3 +274,120 @@ def test_sigterm_to_torchrun_ends_every_rank_after_the_same_step(tmp_path: Path)
     assert (rank1[-1]["event"], rank1[-1]["status"]) == ("run.end", "terminated")
     assert (rank1[-1]["step"], rank1[-1]["items_total"]) == (end["step"], end["items_total"])
     assert end["step"] >= 1
+
+
+def rank_records(run_dir: Path, rank: int) -> list[dict[str, Any]]:
+    from tests.conftest import strict_object
+
+    name = "diagnostic.jsonl" if rank == 0 else f"diagnostic.rank{rank}.jsonl"
+    return [strict_object(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def test_a_subset_random_sampler_is_sharded_each_index_trained_once_per_epoch(tmp_path: Path) -> None:
+    """100 samples, a SubsetRandomSampler over the first 50 for training and one over the other 50
+    for validation: each epoch trains exactly the 50 training indices, 25 on each rank, in a new
+    order, and evaluates the 50 others."""
+    reads = tmp_path / "reads"
+    proc = traintel_under_torchrun(
+        tmp_path, "task.factory=tasks:split", f"task.params={{record: '{reads}'}}", "trainer.max_epochs=2"
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    records = rank_records(tmp_path / "run", 0)
+    epochs = [(r["epoch"], r["items"], r["batches"]) for r in records if r["event"] == "train.epoch"]
+    assert epochs == [(1, 50, 6), (2, 50, 6)]  # 25 per rank in batches of 10, 10, 5
+    evals = [(r["epoch"], r["items"], r["batches"]) for r in records if r["event"] == "eval.epoch"]
+    assert evals == [(1, 50, 6), (2, 50, 6)]
+    trained = [[int(i) for i in Path(f"{reads}.rank{r}").read_text().split()] for r in range(WORLD)]
+    assert [len(t) for t in trained] == [50, 50]
+    per_epoch = [[t[:25], t[25:]] for t in trained]
+    for epoch in (0, 1):
+        assert sorted(per_epoch[0][epoch] + per_epoch[1][epoch]) == list(range(50))
+    assert per_epoch[0][0] != per_epoch[0][1]  # one seeded permutation per epoch
+
+
+@pytest.mark.parametrize(
+    ("params", "line"),
+    [
+        (
+            "{sampler: weighted, loader: train}",
+            "traintel: error: task.train_loader: has a WeightedRandomSampler as its sampler, which traintel "
+            "cannot shard over the ranks (it shards a SequentialSampler, a RandomSampler without replacement "
+            "or num_samples, a SubsetRandomSampler); give it a DistributedSampler, or shard the data in the "
+            "task, for a run of several ranks",
+        ),
+        (
+            "{sampler: own, loader: val}",
+            "traintel: error: task.val_loader: has a TaskSampler as its sampler, which traintel cannot shard "
+            "over the ranks (it shards a SequentialSampler, a RandomSampler without replacement or "
+            "num_samples, a SubsetRandomSampler); give it a DistributedSampler, or shard the data in the "
+            "task, for a run of several ranks",
+        ),
+    ],
+    ids=["weighted-train", "own-val"],
+)
+def test_a_sampler_that_cannot_be_sharded_is_refused_with_exit_2(
+    tmp_path: Path, params: str, line: str
+) -> None:
+    proc = traintel_under_torchrun(
+        tmp_path, "task.factory=tasks:sampled", f"task.params={params}", launcher="traintel.torchrun"
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.splitlines().count(line) == WORLD  # each rank's one line
+    assert "Traceback" not in err.split("ChildFailedError")[0]
+    assert out == ""
+    assert [p for p in (tmp_path / "run").rglob("*") if not p.is_dir()] == []  # nothing written
+
+
+def test_one_training_sample_trains_on_rank_0_while_rank_1_takes_part_with_empty_windows(
+    tmp_path: Path,
+) -> None:
+    """Rank 1's share of one sample is empty (and of one validation sample): it joins every step with
+    an empty window and every evaluation with nothing, and the run logs what one process logs."""
+    params = ("task.params={train_samples: 1, val_samples: 1}", "trainer.max_epochs=2", "telemetry.every=1")
+    proc = traintel_under_torchrun(tmp_path, *params)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["event"], r.get("epoch"), r.get("step"), r.get("items"), r.get("batches")) for r in rows] == [
+        ("run.start", None, None, None, None),
+        ("train.batch", 1, 0, 1, 1),
+        ("train.step", 1, 1, 1, None),
+        ("train.epoch", 1, 1, 1, 1),
+        ("eval.epoch", 1, 1, 1, 1),
+        ("train.batch", 2, 1, 1, 1),
+        ("train.step", 2, 2, 1, None),
+        ("train.epoch", 2, 2, 1, 1),
+        ("eval.epoch", 2, 2, 1, 1),
+        ("run.end", 2, 2, None, None),
+    ]
+    assert (rows[-1]["status"], rows[-1]["items_total"]) == ("completed", 2)
+    rank1 = rank_records(tmp_path / "run", 1)
+    assert [
+        (r["event"], r.get("window_size"), r.get("items")) for r in rank1 if r["event"] != "run.start"
+    ] == [
+        ("train.step", 0, 1),
+        ("train.epoch", None, 1),
+        ("eval.epoch", None, 1),
+        ("train.step", 0, 1),
+        ("train.epoch", None, 1),
+        ("eval.epoch", None, 1),
+        ("run.end", None, None),
+    ]
+    assert rank1[-1]["status"] == "completed"
+
+    one = subprocess.run(
+        [sys.executable, "-m", "traintel", "train", *(a for p in params for a in ("--set", p)),
+         "--set", f"run.dir={tmp_path / 'one'}", "--set", "sinks.prometheus.enabled=false"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def losses(text: str) -> list[tuple[str, str]]:
+        return [
+            (r["event"], float(r["loss"]).hex()) for r in map(json.loads, text.splitlines()) if "loss" in r
+        ]
+
+    assert losses(out) == losses(one.stdout)  # rank 1's passes of zero weight change nothing

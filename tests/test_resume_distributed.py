@@ -3,6 +3,8 @@ and resumed, logs the same bits as one never interrupted."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,4 +123,62 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
     assert ("train.epoch", 1) in second and ("eval.epoch", 1) in second
     for logged in (first, second):
         assert {k: expected[k] for k in logged} == logged
+    assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A job whose rank 1 was killed with SIGKILL in step 7 (no restarts): its run directory (both
+    ranks hold checkpoints 4 and 6), stdout and stderr."""
+    where = tmp_path_factory.mktemp("world-killed")
+    (where / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"]
+    code, out, err = finished(torchrun(args, where, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"}))
+    assert code == 1, err
+    for rank in (0, 1):
+        assert [c.step for c in checkpoint.complete(where / "run" / checkpoint.DIRECTORY, rank)] == [6, 4]
+    return where / "run", out, err
+
+
+def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(killed: tuple[Path, str, str]) -> None:
+    _, out, err = killed
+    end = list(lines(out))[-1]
+    assert (end["event"], end["status"], end["rank"], end["step"]) == ("run.end", "failed", 0, 6)
+    prefix = "traintel: error: training failed: "
+    here = [line[len(prefix) :] for line in err.splitlines() if line.startswith(prefix)]
+    assert len(here) == 1  # rank 0's own error; rank 1 said nothing
+    assert any(m in here[0] for m in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"))
+    assert end["reason"] == f"rank 1 was lost: it ended without reporting an error (here: {here[0]})"
+
+
+def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_older_one(
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], killed: tuple[Path, str, str]
+) -> None:
+    """Rank 1's step 6 is bit-flipped in place (same size, another SHA-256): it is skipped with a
+    warning, and both ranks continue from step 4, the newest that every rank holds and loads."""
+    expected, final = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed[0], run_dir)
+    damaged = run_dir / checkpoint.DIRECTORY / checkpoint.state_name(6, 1)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+
+    code, out, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
+    assert code == 0, err
+    name = damaged.name
+    assert (
+        err.splitlines().count(
+            f"skipping checkpoint {name}: {name} does not match its manifest (size or SHA-256)"
+        )
+        == 1
+    )
+    start = next(lines(out))
+    assert (start["event"], start["attempt"], start["resumed_from_step"]) == ("run.start", 1, 4)
+    rank1 = [json.loads(line) for line in (run_dir / "diagnostic.rank1.jsonl").read_text().splitlines()]
+    starts = [(r["attempt"], r["resumed_from_step"]) for r in rank1 if r["event"] == "run.start"]
+    assert starts == [(0, None), (1, 4)]
+    resumed = losses(out)
+    assert sorted(k for k in resumed if isinstance(k, int)) == list(range(5, STEPS + 1))
+    assert {k: expected[k] for k in resumed} == resumed
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))

@@ -22,7 +22,7 @@ from traintel._dirs import missing_dirs, remove_empty
 from traintel.assembly import build_sinks
 from traintel.config import Config, coerce_config
 from traintel.distributed import Launch, shared_run_id
-from traintel.engine import ddp
+from traintel.engine import ddp, rng
 from traintel.engine.coordination import Coordinator, ProcessGroupCoordinator
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.shards import set_epoch, shard
@@ -209,6 +209,8 @@ class Run:
             step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
             on_nonfinite=tc.on_nonfinite,
         )
+        if windows and not self.data.batches_per_epoch():  # this rank's share is empty, the others' not
+            self._stand_in(task.train_loader, count_items)
         self.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_epoch(train_loader, e.state.epoch))
         self.evaluator: Engine | None = None
         if val_loader is not None:
@@ -322,6 +324,24 @@ class Run:
                 "task.train_loader", "needs a length in a run of several ranks (they step together)"
             )
         return train, None if val is None else share(val, "task.val_loader")
+
+    def _stand_in(self, loader: Iterable[Any], count_items: Callable[[Any], int]) -> None:
+        """Give a rank whose share of the training data is empty a batch to join each step's gradient
+        reduction with (``ddp.DistributedStep.take_part``: a pass of zero weight): the first batch
+        with items of rank 0's share, read with every generator put back afterwards, so that what
+        this rank draws later is as if it had read nothing. A loader the task shards itself gives
+        none here: the step then fails, naming the empty rank."""
+        c = self.coordinator
+        first = shard(loader, 0, c.world_size, self.config.run.seed)
+        saved, own = rng.capture(), [g.get_state() for g in rng.loader_generators(first)]
+        try:
+            batch = next((b for b in first if count_items(b)), None)
+        finally:
+            rng.set_loader_generators(first, own)
+            rng.restore(saved)
+        step = self.trainer._process_function
+        if batch is not None and isinstance(step, ddp.DistributedStep):
+            step._example = batch
 
     def _attach_progress_bar(self) -> None:
         """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry
@@ -520,11 +540,10 @@ class Run:
             logging.getLogger("traintel").exception("delivering the last records failed")
         if raised is not None:
             status, reason = "failed", one_line(raised)
-            if self.launch is not None:  # name the rank that failed first, when it said so
-                distributed.announce_failure(self.coordinator.rank, reason)
-                elsewhere = distributed.failure_elsewhere(self.coordinator.rank, self.coordinator.world_size)
-                if elsewhere is not None:
-                    reason = f"{elsewhere} (here: {reason})"
+            if self.launch is not None:  # name the rank the failure came from: one that said so, or one lost
+                c = self.coordinator
+                distributed.announce_failure(c.rank, reason)
+                reason = distributed.failure_reason(c.rank, c.world_size, reason)
         elif self.trainer.should_terminate:
             status, reason = "terminated", state.stop_reason or "terminate() called by a handler"
         else:

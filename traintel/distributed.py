@@ -167,19 +167,53 @@ def announce_failure(rank: int, reason: str) -> None:
             store.set(_FAILURE_KEY.format(rank), reason)
 
 
-def failure_elsewhere(rank: int, world_size: int, wait: float = 1.0) -> str | None:
-    """``rank <r>: <reason>`` of the first other rank that announced a failure, waiting up to ``wait``
-    seconds for one; None when none did (or the store is gone)."""
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""What gloo's error says when the connection to another rank closed under it: that rank's process
+ended (killed, out of memory) or its machine is gone."""
+
+
+def lost_peer(reason: str) -> bool:
+    """Whether a failure's one-line reason is a connection to another rank that closed under it."""
+    return any(marker in reason for marker in _PEER_LOST)
+
+
+def failure_reason(rank: int, world_size: int, reason: str, wait: float = 1.0) -> str:
+    """``reason`` (this rank's failure, announced with ``announce_failure``) as ``run.end`` gives it,
+    naming the rank the failure came from, after waiting up to ``wait`` seconds for the other ranks'
+    announcements:
+
+    - another rank failed on its own (its announced reason is not a lost connection):
+      ``rank <r>: <its reason> (here: <reason>)``;
+    - ``reason`` is a lost connection (``lost_peer``): the ranks that announced nothing were lost,
+      ``rank <r> was lost: it ended without reporting an error (here: <reason>)``, or ``another rank
+      was lost (here: <reason>)`` when the store cannot tell which;
+    - else ``reason``: this rank failed first.
+    """
     store: Any = _store()
-    if store is None:
-        return None
-    others = {r: _FAILURE_KEY.format(r) for r in range(world_size) if r != rank}
+    here_lost = lost_peer(reason)
+    others = [r for r in range(world_size) if r != rank]
+    announced: dict[int, str] = {}
+    reached = False
     deadline = time.monotonic() + wait
-    while True:
-        for r, key in others.items():
+    while store is not None:
+        for r in others:
+            key = _FAILURE_KEY.format(r)
             with contextlib.suppress(Exception):
-                if store.check([key]):
-                    return f"rank {r}: {store.get(key).decode()}"
-        if time.monotonic() >= deadline:
-            return None
+                if r not in announced and store.check([key]):
+                    announced[r] = store.get(key).decode()
+                reached = True
+        first = next((r for r in sorted(announced) if not lost_peer(announced[r])), None)
+        if first is not None:
+            return f"rank {first}: {announced[first]} (here: {reason})"
+        if len(announced) == len(others) or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
+    if not here_lost:
+        return reason
+    silent = [r for r in others if r not in announced]
+    if not reached or not silent:
+        return f"another rank was lost (here: {reason})"
+    if len(silent) == 1:
+        return f"rank {silent[0]} was lost: it ended without reporting an error (here: {reason})"
+    named = ", ".join(str(r) for r in silent)
+    return f"ranks {named} were lost: they ended without reporting an error (here: {reason})"

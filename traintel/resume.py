@@ -91,8 +91,10 @@ def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumpti
     """The earlier attempt this one continues, or None when the directory holds none.
 
     Every rank removes its leftover temporary files, then the ranks agree on the newest step
-    for which each holds a complete checkpoint. ``required`` (``--resume``): a directory
-    without a complete checkpoint is a ConfigError.
+    for which each holds a complete checkpoint that loads: each loads its newest among the
+    steps all hold complete (a damaged one is skipped with a warning); when the ranks' steps
+    differ, every step above the smallest is dropped and the ranks try again. ``required``
+    (``--resume``): a directory without such a checkpoint is a ConfigError.
     """
     directory = run_dir / checkpoint.DIRECTORY
     rank = coordinator.rank
@@ -100,15 +102,18 @@ def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumpti
     steps = {c.step for c in checkpoint.complete(directory, rank)}
     previous = read_run_file(directory)
     views = coordinator.gather((sorted(steps), previous))
-    common = set.intersection(*(set(s) for s, _ in views))
+    candidates = set.intersection(*(set(s) for s, _ in views))
     earlier = [p for _, p in views if p is not None]
-    loaded = checkpoint.newest(directory, rank, steps=common) if common else None
-    loaded_steps = coordinator.gather(None if loaded is None else loaded[0].step)
-    if len(set(loaded_steps)) > 1:
-        raise ConfigError(
-            "run.resume",
-            f"the ranks' newest loadable checkpoints differ (steps {loaded_steps}); cannot resume",
-        )
+    loaded: tuple[checkpoint.Complete, dict[str, Any]] | None = None
+    while True:
+        if loaded is None or loaded[0].step not in candidates:
+            loaded = checkpoint.newest(directory, rank, steps=candidates) if candidates else None
+        loaded_steps = coordinator.gather(None if loaded is None else loaded[0].step)
+        if len(set(loaded_steps)) == 1:
+            break
+        # some rank could not load a newer step: none of the ranks may continue from above its own
+        lowest = None if None in loaded_steps else min(loaded_steps)
+        candidates = {s for s in candidates if lowest is not None and s <= lowest}
     if loaded is None:
         if required:
             raise ConfigError("--resume", f"{str(directory)!r} holds no complete checkpoint to resume from")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,4 +41,61 @@ def slow(seconds: float = 0.05, **params: Any) -> Task:
         return torch.nn.functional.mse_loss(out, target)
 
     task.loss_fn = loss_fn
+    return task
+
+
+class Indexed(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Sample i is ``(i, 2i)`` as one-feature tensors; each read appends ``i`` to ``record`` (when given),
+    so a test sees which samples a rank trained, in order."""
+
+    def __init__(self, size: int, record: str | None = None) -> None:
+        self.size = size
+        self.record = record
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.record is not None:
+            with open(self.record, "a", encoding="utf-8") as f:
+                f.write(f"{i}\n")
+        return torch.tensor([float(i)]), torch.tensor([2.0 * i])
+
+
+def split(samples: int = 100, train: int = 50, batch_size: int = 10, record: str | None = None) -> Task:
+    """A linear model on ``Indexed``: the first ``train`` samples train (a ``SubsetRandomSampler``),
+    the rest validate (another); rank r's training reads go to ``<record>.rank<r>``."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+
+    here = os.environ.get("RANK", "0")
+    trained = Indexed(samples, None if record is None else f"{record}.rank{here}")
+    return Task(
+        model=torch.nn.Linear(1, 1),
+        loss_fn=torch.nn.functional.mse_loss,
+        train_loader=DataLoader(trained, batch_size=batch_size, sampler=SubsetRandomSampler(range(train))),
+        val_loader=DataLoader(
+            Indexed(samples), batch_size=batch_size, sampler=SubsetRandomSampler(range(train, samples))
+        ),
+    )
+
+
+def sampled(sampler: str = "weighted", loader: str = "train") -> Task:
+    """The ``split`` task with one loader's sampler replaced: ``weighted`` (a WeightedRandomSampler) or
+    ``own`` (a Sampler class of the task's own)."""
+    from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
+
+    class TaskSampler(Sampler[int]):
+        def __iter__(self) -> Iterator[int]:
+            return iter(range(0, 100, 2))
+
+        def __len__(self) -> int:
+            return 50
+
+    task = split()
+    chosen = WeightedRandomSampler([1.0] * 100, 50) if sampler == "weighted" else TaskSampler()
+    replaced = DataLoader(Indexed(100), batch_size=10, sampler=chosen)
+    if loader == "train":
+        task.train_loader = replaced
+    else:
+        task.val_loader = replaced
     return task
