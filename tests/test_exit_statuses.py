@@ -25,12 +25,14 @@ CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 TASKS = textwrap.dedent(
     """\
+    import pathlib
     import time
 
     from traintel.tasks.forecast import make_task as base
 
 
     def slow(**params):
+        pathlib.Path("factory-started").touch()
         time.sleep(60)  # a factory downloading its data
         return base(**params)
 
@@ -86,7 +88,10 @@ def test_a_signal_during_a_slow_task_factory_ends_the_start_up_within_a_second(
     tmp_path: Path, sig: signal.Signals, status: int
 ) -> None:
     proc = _start(tmp_path, "task.factory=user_code:slow")
-    time.sleep(6)  # torch is imported; the factory sleeps
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    while not (tmp_path / "factory-started").exists():  # torch is imported; the factory sleeps
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
     sent = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.children import CRASH_MESSAGE, write_crashing_task
+from tests.children import CHILD_TIMEOUT, CRASH_MESSAGE, write_crashing_task
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +151,96 @@ def test_sigterm_during_evaluation_stops_it_and_ends_the_run(tmp_path: Path) -> 
     assert events[-2:] == [("train.epoch", 2), ("run.end", 2)]
     assert ("eval.epoch", 2) not in events  # a partial evaluation is not reported as a mean
     assert (seen[-1]["status"], seen[-1]["reason"]) == ("terminated", "SIGTERM")
+
+
+_LINGERING_THREAD = """
+import sys
+import threading
+
+from traintel.tasks.forecast import make_task as base
+
+
+def wait_past_main():
+    threading.main_thread().join()  # returns once the interpreter's teardown has begun
+    sys.stderr.write("the main thread has ended\\n")
+    sys.stderr.flush()
+    threading.Event().wait()  # a thread that never ends: the interpreter waits for it
+
+
+def make_task():
+    threading.Thread(target=wait_past_main).start()
+    return base(train_samples=96, val_samples=0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("stopped", "code", "said"),
+    [(True, 143, "traintel: SIGTERM while stopping: exiting at once\n"), (False, 0, "")],
+    ids=["stopped-run", "completed-run"],
+)
+def test_a_signal_while_the_interpreter_waits_for_a_thread_exits_at_once_with_the_runs_status(
+    tmp_path: Path, stopped: bool, code: int, said: str
+) -> None:
+    """After ``main`` returned, a thread of the task keeps the process alive (the interpreter waits
+    for it): a signal then exits at once with the status the process was exiting with."""
+    (tmp_path / "lingering.py").write_text(_LINGERING_THREAD)
+    proc = _start(
+        tmp_path, "--set", "task.factory=lingering:make_task", "--set", "task.params={}",
+        "--set", f"trainer.max_epochs={100000 if stopped else 1}", pythonpath=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    if stopped:
+        assert json.loads(proc.stdout.readline())["event"] == "run.start"
+        proc.send_signal(signal.SIGTERM)
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "run.end":
+            break
+    assert proc.stderr.readline() == "the main thread has ended\n"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the signal did not end the process") from None
+    assert (proc.returncode, proc.stderr.read()) == (code, said)
+
+
+def test_a_second_signal_in_the_interpreters_last_teardown_keeps_the_status(tmp_path: Path) -> None:
+    """The interpreter's last teardown (after the atexit functions) takes the Python handlers away;
+    a second SIGTERM sent once the process no longer catches SIGTERM must not kill it by the
+    signal: it exits 143, as the first one asked."""
+    from tests.test_startup_signals import bits, signal_mask
+
+    proc = _start(tmp_path, "--set", "trainer.max_epochs=100000")
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["event"] == "run.start"
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "run.end":
+            break
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and signal_mask(proc.pid, "SigCgt") & bits(signal.SIGTERM):
+        assert time.monotonic() < deadline, "SIGTERM still caught 30 s after run.end"
+        time.sleep(0.0005)
+    assert proc.poll() is None, "exited before its last teardown was seen"
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    assert proc.wait(timeout=CHILD_TIMEOUT) == 143
+
+
+def test_a_second_signal_of_another_kind_while_stopping_exits_with_the_first_ones_status(
+    tmp_path: Path,
+) -> None:
+    """SIGINT stops the run; a SIGTERM while the step still runs exits at once, with SIGINT's 130.
+    (Sent in this order, SIGINT is handled first even when both are pending: lower numbers first.)"""
+    from tests.test_resume import paused
+
+    proc = paused(tmp_path, call=5, seconds=30)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert (proc.returncode, err.splitlines()[-1]) == (
+        130,
+        "traintel: SIGTERM while stopping: exiting at once",
+    )

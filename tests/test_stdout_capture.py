@@ -6,9 +6,11 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,3 +250,147 @@ def test_print_on_a_rank_above_0_becomes_a_log_line_on_its_stderr(tmp_path: Path
         ("stdout", "first loss on rank 1", "info")
     ]
     assert "first loss on rank 1" not in proc.stdout
+
+
+def test_a_forked_child_writes_its_own_lines_with_no_held_text_and_free_locks() -> None:
+    """A process forked while another thread holds the capture's lock and a partial line is held
+    (a DataLoader worker forked mid-print) prints whole lines of its own, without deadlock."""
+    read, write = os.pipe()
+
+    def emit(text: str) -> None:
+        os.write(write, f"{os.getpid()} {text}\n".encode())
+
+    capture = StdoutCapture(emit, None)
+    capture.write("held by the parent, ")
+    locked, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with capture._lock:
+            locked.set()
+            done.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    locked.wait()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        try:
+            print("printed in the child", file=capture)
+            capture.buffer.write("bytes in the child \u2713\n".encode())
+            capture.write("no newline")
+            capture.flush()
+        finally:
+            os._exit(0)
+    done.set()
+    holder.join()
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            raise AssertionError("the forked child hung on the capture's lock")
+        time.sleep(0.01)
+    capture.write("then ended\n")
+    os.close(write)
+    with os.fdopen(read, encoding="utf-8") as lines:
+        got = lines.read().splitlines()
+    assert got == [
+        f"{child} printed in the child",
+        f"{child} bytes in the child \u2713",
+        f"{child} no newline",
+        f"{os.getpid()} held by the parent, then ended",
+    ]
+
+
+_WORKERS_TASK = """
+import logging
+
+from torch.utils.data import DataLoader, Dataset
+
+from traintel.tasks.forecast import make_task as base
+
+
+class Printing(Dataset):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        print(f"sample {i}", end="")
+        print(" read in a worker")
+        if i % 2:
+            logging.getLogger("dataset").warning("sample %d is odd", i)
+        return self.inner[i]
+
+
+def make_task():
+    task = base(train_samples=8, val_samples=0)
+    task.train_loader = DataLoader(Printing(task.train_loader.dataset), batch_size=2, num_workers=2)
+    return task
+"""
+
+
+def train_task(tmp_path: Path, module: str, source: str) -> subprocess.CompletedProcess[str]:
+    """``traintel train`` for one epoch of ``module:make_task``, written from ``source`` into ``tmp_path``."""
+    (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+    cmd = [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
+           "--set", "sinks.prometheus.enabled=false", "--set", f"task.factory={module}:make_task",
+           "--set", "task.params={}", "--set", "trainer.max_epochs=1"]  # fmt: skip
+    env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
+    )
+
+
+@pytest.mark.slow
+def test_print_in_forked_dataloader_workers_becomes_log_lines(tmp_path: Path) -> None:
+    """Two DataLoader workers (forked: Linux's default) print and warn while the JSON sink owns
+    stdout: every line arrives, whole, as a JSON log line on stdout, none on stderr."""
+    proc = train_task(tmp_path, "workers", _WORKERS_TASK)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    out = [strict_object(line) for line in proc.stdout.splitlines()]
+    printed = sorted((x["event"], x["level"]) for x in out if x.get("logger") == "stdout")
+    assert printed == [(f"sample {i} read in a worker", "info") for i in range(8)]
+    warned = sorted((x["event"], x["level"]) for x in out if x.get("logger") == "dataset")
+    assert warned == [(f"sample {i} is odd", "warning") for i in (1, 3, 5, 7)]
+    assert (out[0]["event"], out[-1]["event"]) == ("run.start", "run.end")
+
+
+_PRINTING_AFTER_THE_RUN = """
+import sys
+import threading
+import time
+
+from traintel.tasks.forecast import make_task as base
+
+
+def print_after_the_run():
+    held = None
+    while held is None or sys.stdout is held:  # until the JSON sink has let go of sys.stdout
+        if type(sys.stdout).__name__ == "StdoutCapture":
+            held = sys.stdout
+        time.sleep(0.001)
+    print("printed after the run")
+    print("through the capture it kept", file=held, flush=True)
+    sys.stdout.buffer.write(b"and as bytes\\n")
+
+
+def make_task():
+    threading.Thread(target=print_after_the_run).start()
+    return base(train_samples=64, val_samples=0)
+"""
+
+
+@pytest.mark.slow
+def test_text_printed_after_the_run_goes_to_stderr(tmp_path: Path) -> None:
+    """A thread of the task prints once the JSON sink has closed (through ``sys.stdout`` and through
+    the capture it kept): stdout stays JSON lines ending with run.end, the text is on stderr."""
+    proc = train_task(tmp_path, "late", _PRINTING_AFTER_THE_RUN)
+    assert (proc.returncode, proc.stderr) == (
+        0,
+        "printed after the run\nthrough the capture it kept\nand as bytes\n",
+    )
+    out = [strict_object(line) for line in proc.stdout.splitlines()]
+    assert (out[-1]["event"], out[-1]["status"]) == ("run.end", "completed")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from traintel.errors import (
     EXIT_BAD_INPUT,
@@ -22,7 +21,7 @@ from traintel.errors import (
     one_line,
     signal_exit,
 )
-from traintel.signals import StartupInterrupted, remember_early
+from traintel.signals import exit_on_signal, remember_early
 
 _EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM.
@@ -137,6 +136,14 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(
             "sinks.json", "stdout is closed; give the process a stdout or set sinks.json.enabled=false"
         )
+    if cfg.sinks.json_.enabled and cfg.sinks.json_.format != "console" and not _stdout_is_tty():
+        # stdout carries JSON lines only: what is printed outside the run (before the sinks open,
+        # after they close: a thread still printing) goes to stderr; inside it the JSON sink
+        # captures it as log lines
+        from traintel.sinks._stdout_capture import StderrForStdout
+
+        sys.stdout.flush()
+        sys.stdout = StderrForStdout(sys.stdout.fileno())
     from traintel.api import build
     from traintel.engine.coordination import PEER_STOP_REASON
     from traintel.signals import early_signal
@@ -150,17 +157,6 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_FAILED if end.status == "failed" else EXIT_OK
 
 
-def _exit_now(status: int) -> NoReturn:
-    """Exit without the interpreter's teardown, which takes a second or more once torch is
-    imported: a start-up stopped by a signal has written nothing that teardown would finish."""
-    import os
-
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
-    os._exit(status)
-
-
 def _stdout_open() -> bool:
     """Whether file descriptor 1 is open (``>&-`` closes it, and Python then has no sys.stdout)."""
     import os
@@ -172,11 +168,33 @@ def _stdout_open() -> bool:
     return True
 
 
+def _stdout_is_tty() -> bool:
+    import os
+
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    For ``train``, the process's stop signals are traintel's from the first step until the process
+    exits (``traintel.signals``): a signal during start-up ends it with one line, one during the run
+    stops the run, and one after the run exits at once with the status returned here.
+    """
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        remember_early()
+    if args.command != "train":
+        return _command(args, parser)
+    remember_early()
+    status = _command(args, parser)
+    exit_on_signal(status)
+    return status
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
     commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
         ("train", None): lambda: _train(args),
@@ -192,9 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command()
     except ConfigError as exc:
         return _fail(str(exc), exc.exit_code)
-    except StartupInterrupted as exc:
-        _fail(f"{exc.name} during start-up: stopped before training", signal_exit(exc.name))
-        _exit_now(signal_exit(exc.name))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_SIGINT)
     except Exception as exc:

@@ -1,70 +1,292 @@
-"""SIGTERM, SIGINT and SIGHUP: stop a run cleanly instead of dying mid-step.
+"""SIGTERM, SIGINT and SIGHUP: stop a run cleanly instead of dying mid-step, and exit with the
+documented status whenever the signal comes.
 
-Two phases. From the command line's start until the run opens its sinks (importing torch,
-joining the process group, calling the task factory: seconds, or far longer for a factory that
-downloads data), ``remember_early`` makes the first signal end the start-up at once: it raises
-``StartupInterrupted`` in the main thread, whatever the start-up is doing in Python, and nothing
-has been written yet. Once ``hold_early`` is called (the sinks are about to open), a signal is
-only noted, so the run starts and ends at once as terminated. While the run trains, ``handled``
-calls back with the signal's name; the run decides what it means (finish the optimizer step and
-end, or cut the exporter's linger short once ended).
+``traintel train`` goes through four phases:
+
+1. Start-up, from ``remember_early`` (the command line's first step) to ``hold_early`` (the run is
+   about to open its sinks): importing torch, building the config, joining the process group,
+   calling the task factory. The first stop signal ends the process then and there: the handler
+   writes ``traintel: error: SIGTERM during start-up: stopped before training`` to stderr with
+   ``os.write`` and leaves with ``os._exit`` (143, 130, 129). Nothing is raised into the code the
+   signal interrupted (an import, pydantic building a schema, C++ calling back into Python), which
+   could not always unwind from it. Nothing has been written yet, and what the start-up made is
+   undone first (``on_early_exit``: the empty run directory). Leaving with ``os._exit`` skips the
+   ``finally`` blocks of the interrupted code (a task factory's clean-up of a half-made download),
+   the ``atexit`` functions, text still buffered in ``sys.stdout``/``sys.stderr`` (a partial line;
+   whole lines on stderr are already out), and, under torchrun, ``destroy_process_group``: the
+   process group this rank joined is left as a killed rank leaves it, and torchrun stops the other
+   ranks. A Python signal handler runs only when the main thread runs Python code, so a thread
+   started by ``remember_early`` also wakes on the signal (``signal.set_wakeup_fd``) and does the
+   same: a rank blocked in C++ waiting for its peers (the rendezvous, a collective) stops too.
+2. Opening, from ``hold_early`` until the run's own handlers take over (``handled``): a signal is
+   only noted (``early_signal``), and the run starts and ends at once as terminated, so its files
+   are never left half made.
+3. Running: ``handled`` calls back with the signal's name; the run decides what it means (finish
+   the optimizer step and end, exit at once on a second signal, cut the exporter's linger short).
+4. Exiting, from ``exit_on_signal(status)`` (the command is done) until the process exits: a signal
+   ends the process at once with ``os._exit(status)``, the status it was exiting with anyway. The
+   interpreter's last teardown (after the ``atexit`` functions) would put the default disposition
+   back, under which a signal kills the process instead; there the signals are ignored instead,
+   and the process ends with its status.
+
+Before ``remember_early`` (the interpreter starting) the default dispositions apply. A process
+forked during start-up (``multiprocessing`` in a task factory) gets the default handlers back.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from types import FrameType
+
+from traintel.errors import signal_exit
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-_early: list[str] = []
-_abort_early = [True]
+_Handler = Callable[[int, FrameType | None], object] | int | None
+
+_STARTING, _HOLDING, _EXITING = "starting", "holding", "exiting"
+
+_phase = [_HOLDING]
+"""Where ``traintel train`` is (module docstring); ``_HOLDING`` outside the command line."""
+_exit_status = [0]
+"""The status given to ``exit_on_signal``."""
+_noted: list[str] = []
+"""Signals that came while holding: the first is the start-up's (``early_signal``)."""
+_lock = threading.RLock()
+"""Held while deciding (and leaving), so the watcher thread and the main thread never both act,
+and ``hold_early`` does not return while the start-up is being ended."""
+_previous: dict[int, _Handler] = {}
+"""The handlers ``remember_early`` replaced: a forked child gets them back."""
+_wakeup: list[int] = []
+"""[write end, the previous wakeup fd] while the watcher thread is on."""
+_owner = [0]
+"""The process these handlers are for (a forked child is not it)."""
+_registered = [False]
+_undo: list[Callable[[], object]] = []
+"""What ``on_early_exit`` asked to undo if a signal ends the start-up."""
 
 
-class StartupInterrupted(BaseException):
-    """A stop signal arrived before the run opened its sinks (a BaseException, so a task factory's
-    ``except Exception`` cannot swallow it)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"{name} during start-up")
+def _write_stderr(text: str) -> None:
+    data = text.encode()
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(2, data) :]
 
 
-def _remember(signum: int, _frame: FrameType | None) -> None:
-    name = signal.Signals(signum).name
-    if not _early:
-        _early.append(name)
-        if _abort_early[0]:
-            raise StartupInterrupted(name)
+def _react(name: str) -> None:
+    """What a stop signal does in the current phase (module docstring); called by the handler in the
+    main thread or by the watcher thread, whichever runs first."""
+    if os.getpid() != _owner[0]:  # a forked child that still has these handlers
+        _as_without_us(name)
+        return
+    with _lock:
+        phase = _phase[0]
+        if phase == _STARTING:
+            for undo in reversed(_undo):
+                with contextlib.suppress(Exception):
+                    undo()
+            _write_stderr(f"traintel: error: {name} during start-up: stopped before training\n")
+            os._exit(signal_exit(name))
+        if phase == _EXITING:
+            status = _exit_status[0]
+            if status in {signal_exit(s.name) for s in STOP_SIGNALS}:
+                _write_stderr(f"traintel: {name} while stopping: exiting at once\n")
+            os._exit(status)
+        _noted.append(name)
+
+
+def _on_stop(signum: int, _frame: FrameType | None) -> None:
+    _react(signal.Signals(signum).name)
+
+
+def _watch(fd: int) -> None:
+    """The watcher thread, while starting up: it reads the signal numbers that the interpreter's
+    C-level handler writes (``signal.set_wakeup_fd``) and acts at once, even while the main thread
+    is blocked in C code that does not return to Python (a rank waiting for its peers)."""
+    names = {int(s): s.name for s in STOP_SIGNALS}
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        with _lock:
+            if _phase[0] != _STARTING:
+                return
+            for number in data:
+                if number in names:
+                    _react(names[number])
+
+
+def _default(sig: int) -> _Handler:
+    """The handler ``remember_early`` replaced (Python's own when it was not called)."""
+    return _previous.get(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def _as_without_us(name: str) -> None:
+    """In a forked child, from the main thread: put the replaced handler back and let the signal do
+    what it does there (end the process, or KeyboardInterrupt for SIGINT)."""
+    sig = signal.Signals[name]
+    handler = _default(sig)
+    signal.signal(sig, handler)
+    if callable(handler):
+        handler(sig, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(sig)
+
+
+_forking = threading.local()
+
+
+def _before_fork() -> None:
+    """While the watcher is on, its pipe is the interpreter's wakeup fd, which a forked child shares
+    until ``_after_fork_in_child`` lets go of it: a signal to the child in between would reach the
+    parent's watcher. The forking thread blocks the stop signals over the fork; the child gets
+    them once it has let go."""
+    if _wakeup:
+        _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    mask = getattr(_forking, "mask", None)
+    if mask is not None:
+        _forking.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (``multiprocessing`` in a task factory) is not the command line: its stop
+    signals act as they would without these handlers."""
+    with contextlib.suppress(ValueError, OSError):
+        if _wakeup:
+            previous = signal.set_wakeup_fd(-1)
+            if previous != _wakeup[0]:
+                signal.set_wakeup_fd(previous)
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is _on_stop:
+                signal.signal(sig, _default(sig))
+    _after_fork_in_parent()  # signals that came since the fork act now, without these handlers
+
+
+def _ignore_at_last() -> None:
+    """The last ``atexit`` function (it is registered first): flush stdout and stderr while a signal
+    still exits at once, then ignore the stop signals for the rest of the interpreter's teardown,
+    which would otherwise put their default disposition back (a signal would kill the process)."""
+    if _phase[0] != _EXITING or os.getpid() != _owner[0]:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd``, moved above 0, 1 and 2 when it took one of them (a closed stdout stays closed)."""
+    if fd > 2:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 def remember_early() -> None:
-    """Until ``handled`` takes over: the first SIGTERM, SIGINT or SIGHUP ends the start-up
-    (``StartupInterrupted``), or after ``hold_early`` is noted (``early_signal`` returns it)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _remember)
+    """Start-up (module docstring): from now until ``hold_early``, a SIGTERM, SIGINT or SIGHUP writes
+    the one start-up line to stderr and exits with its status (143, 130, 129). Called from the main
+    thread, first thing, by ``traintel train``."""
+    with _lock:
+        _owner[0] = os.getpid()
+        _phase[0] = _STARTING
+        _noted.clear()
+        if not _registered[0]:
+            _registered[0] = True
+            atexit.register(_ignore_at_last)
+            os.register_at_fork(
+                before=_before_fork,
+                after_in_parent=_after_fork_in_parent,
+                after_in_child=_after_fork_in_child,
+            )
+        for sig in STOP_SIGNALS:
+            replaced = signal.signal(sig, _on_stop)
+            if replaced is not _on_stop:
+                _previous[sig] = replaced
+        if _wakeup:
+            return
+        read, write = (_above_stdio(fd) for fd in os.pipe())
+        os.set_blocking(write, False)
+        _wakeup[:] = [write, signal.set_wakeup_fd(write, warn_on_full_buffer=False)]
+    threading.Thread(target=_watch, args=(read,), name="traintel-signals", daemon=True).start()
 
 
 def hold_early() -> None:
-    """From now on an early signal is noted, not raised: the run is opening its sinks and will
-    start and end at once as terminated, so its files are never left half made."""
-    _abort_early[0] = False
+    """From now on a signal is noted, not acted on: the run is opening its sinks and will start and
+    end at once as terminated, so its files are never left half made."""
+    with _lock:
+        if _phase[0] == _STARTING:
+            _phase[0] = _HOLDING
+        _undo.clear()
+        if not _wakeup:
+            return
+        write, previous = _wakeup
+        _wakeup.clear()
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(previous)
+        # the pipe stays open: a signal that arrived a moment ago may still write to it
+        with contextlib.suppress(OSError):
+            os.write(write, b"\0")  # the watcher wakes and ends
+
+
+def on_early_exit(undo: Callable[[], object]) -> None:
+    """While starting up: call ``undo`` (best effort, latest first) before a signal ends the start-up,
+    for what the start-up made that must not stay behind (the empty run directory it created); the
+    start-up ends for good at ``hold_early``, which forgets it. Elsewhere: nothing."""
+    with _lock:
+        if _phase[0] == _STARTING and os.getpid() == _owner[0]:
+            _undo.append(undo)
 
 
 def early_signal() -> str | None:
-    """The name of the signal noted by ``remember_early`` (``SIGTERM``/``SIGINT``/``SIGHUP``), if one came."""
-    return _early[0] if _early else None
+    """The name of the first signal noted after ``hold_early`` (``SIGTERM``/``SIGINT``/``SIGHUP``)
+    and before the run's handlers took over (``handled``), if one came."""
+    return _noted[0] if _noted else None
 
 
-@contextmanager
+def exit_on_signal(status: int) -> None:
+    """Exiting (module docstring): from now until the process exits, a stop signal ends it at once
+    with ``status`` (writing ``traintel: SIGTERM while stopping: exiting at once`` to stderr when
+    ``status`` is a signal's, 129/130/143). A signal noted since the run's handlers were removed
+    ends it now. Called by ``traintel train`` once its command is done, from the main thread."""
+    with _lock:
+        _exit_status[0] = status
+        _phase[0] = _EXITING
+        _undo.clear()
+        _owner[0] = os.getpid()
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers to install
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, _on_stop)
+        if _noted:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.flush()
+            _react(_noted[-1])
+
+
+@contextlib.contextmanager
 def handled(callback: Callable[[str], None]) -> Iterator[None]:
     """Call ``callback("SIGTERM")`` (``"SIGINT"``, ``"SIGHUP"``) on those signals inside the block.
 
     Signal handlers can only be installed from the main thread; elsewhere the block runs
-    without them. The previous handlers come back when the block ends.
+    without them. The previous handlers come back when the block ends, and the signals noted
+    before it (``early_signal``, which the block's code has taken) are forgotten.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -77,5 +299,6 @@ def handled(callback: Callable[[str], None]) -> Iterator[None]:
     try:
         yield
     finally:
+        _noted.clear()
         for s, h in previous.items():
             signal.signal(s, h)

@@ -12,6 +12,12 @@ holding the original ``sys.stdout`` or ``sys.__stdout__``) do not pass through i
 that someone still holds afterwards writes through to that previous stream. Text written while
 ``emit`` runs on the same thread (a handler that prints) or that ``emit`` fails on goes to
 stderr, so nothing recurses.
+
+A process forked while a capture is installed (a DataLoader worker) inherits it: there it starts
+with no held text and fresh locks (another thread may have held one at the fork), and hands its
+own lines to the same ``emit``, which must work in such a child (``JsonSink.write_line`` writes
+them itself there). ``StderrForStdout`` is the ``sys.stdout`` of ``traintel train`` outside the
+run: text to stderr, so that stdout carries JSON lines only.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
+import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -42,6 +50,10 @@ class _BinaryCapture(io.BufferedIOBase):
         self._text = text
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._lock = threading.Lock()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._decoder.reset()
 
     def writable(self) -> bool:
         return True
@@ -80,6 +92,15 @@ class StdoutCapture(io.TextIOBase):
         self._lock = threading.Lock()
         self._inside = threading.local()
         self._buffer = _BinaryCapture(self)
+        _captures.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's held text stays the parent's, and a lock that another
+        thread held at the fork would never be released here."""
+        self._held = []
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+        self._buffer._after_fork()
 
     @property
     def buffer(self) -> _BinaryCapture:
@@ -158,6 +179,67 @@ class StdoutCapture(io.TextIOBase):
         if self.previous is None:
             return len(text)
         return self.previous.write(text)
+
+
+_captures: weakref.WeakSet[StdoutCapture] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for capture in list(_captures):
+        capture._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class StderrForStdout(io.TextIOBase):
+    """``sys.stdout`` for a process whose stdout carries JSON lines only (``traintel train`` with
+    the JSON sink on): text written to it goes to ``sys.stderr`` (bytes to ``sys.stderr.buffer``);
+    ``fileno()`` is still stdout's descriptor, where the JSON sink writes its lines. A JSON sink
+    that opens over it captures ``sys.stdout`` as usual and puts this back when it closes, so what
+    is printed before the run's sinks open and after they close lands on stderr."""
+
+    encoding = "utf-8"
+    errors = "strict"
+    line_buffering = True
+    name = "<stdout>"
+    mode = "w"
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    @property
+    def buffer(self) -> Any:
+        return sys.stderr.buffer
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def reconfigure(self, **_options: Any) -> None:
+        """Accepted and ignored, as stderr's own settings apply."""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            msg = f"write() argument must be str, not {type(text).__name__}"
+            raise TypeError(msg)
+        if sys.stderr is None:
+            return len(text)
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """Closing ``sys.stdout`` flushes; stderr stays open."""
+        self.flush()
 
 
 def install(emit: Callable[[str], None]) -> StdoutCapture:

@@ -136,6 +136,8 @@ class JsonSink:
         self._writer: BackgroundWriter[Record] | None = None
         self._owned: FdStream | None = None
         self._capture: _stdout_capture.StdoutCapture | None = None
+        self._pid = os.getpid()
+        """The process that opened the sink (``write_line`` in a forked one writes itself)."""
         self._closed_dropped = 0
         self.renderer = renderer if renderer is not None else LineRenderer()
         layout: list[Processor] = [ecs_layout] if profile == "ecs" else []
@@ -182,6 +184,7 @@ class JsonSink:
             fd = stdout_fd if self._fd is None else self._fd
             stream = self._owned = FdStream(os.dup(fd))
             owns_stdout = fd == stdout_fd and not os.isatty(fd)
+        self._pid = os.getpid()
         self._writer = BackgroundWriter(
             self.name,
             stream,
@@ -243,14 +246,27 @@ class JsonSink:
         """Queue an already rendered line (a routed stdlib log record: always kept, and written
         at once; captured text: dropped like ``train.step`` records when the queue is full, rank
         ``DROP_LAST``); once the sink is closed (a sink closing after it logs), the line goes to
-        stderr instead of being lost."""
+        stderr instead of being lost. In a process forked while the sink was open (a DataLoader
+        worker), whose copy of the writer has no thread, the line is written at once, whole,
+        to the sink's descriptor (``FdStream``)."""
         writer = self._writer
         if writer is None:
             with contextlib.suppress(AttributeError, OSError, ValueError):
                 sys.stderr.buffer.write(line)
                 sys.stderr.flush()
+        elif os.getpid() != self._pid:
+            self._write_in_child(line)
         elif writer.failed is None:
             writer.submit(line, urgent=not rank, rank=rank)
+
+    def _write_in_child(self, line: bytes) -> None:
+        owned = self._owned
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            if owned is not None:
+                owned.write(line)
+            else:  # a stream of the caller's: its object is the parent's
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
 
     def sync(self, timeout: float) -> bool:
         """Wait until the lines given so far are written to the stream (see ``FanOut.sync``)."""
