@@ -3,10 +3,16 @@
 Everything it draws from a generator is something an exact resume must put back: the
 loader's shuffle order and workers' seeds, the noise each sample gets (torch's global
 generator in the main process, the worker's seed in a worker), dropout masks. The
-``RESUME_TEST_AT`` environment variable (``train:N``, ``eval:N``, ``sleep:N:S``) makes the
-N-th training (or evaluation) forward call kill the process with SIGKILL, or sleep S
-seconds, so a test can stop a run at an exact point; it is not part of the config, so a
-resumed run's settings are the same. Under torchrun it acts only on the rank named by
+``RESUME_TEST_AT`` environment variable makes the process stop or pause at an exact point:
+
+- ``train:N`` / ``eval:N``: the N-th training (evaluation) forward call kills the process with SIGKILL;
+- ``sleep:N:S``: the N-th training forward call pauses S seconds;
+- ``fetch:N:S``: the N-th training sample read (in the main process) pauses S seconds;
+- ``evalsleep:N:S``: the N-th evaluation forward call pauses S seconds.
+
+A pause first writes ``sleeping at N`` (``fetching at N``, ``evaluating at N``) on stderr, so a
+test can wait for it and send a signal. The variable is not part of the config, so a resumed
+run's settings are the same. Under torchrun it acts only on the rank named by
 ``RESUME_TEST_RANK`` (every rank when unset) and only before torchrun's first restart.
 """
 
@@ -16,6 +22,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,18 +31,46 @@ from torch.utils.data import DataLoader, Dataset
 from traintel.task import Task
 
 
-class NoisySet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Fixed samples, each returned with fresh noise from torch's global generator."""
+def _switch() -> tuple[str, int, float]:
+    """(kind, N, seconds) from ``RESUME_TEST_AT``; kind is empty where it does not apply."""
+    kind, _, rest = os.environ.get("RESUME_TEST_AT", "").partition(":")
+    at, _, pause = rest.partition(":")
+    rank = os.environ.get("RESUME_TEST_RANK")
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted or (rank is not None and rank != os.environ.get("RANK", "0")):
+        kind = ""
+    return kind, int(at or 0), float(pause or 0)
 
-    def __init__(self, n: int, seed: int) -> None:
+
+def _pause(what: str, at: int, seconds: float) -> None:
+    sys.stderr.write(f"{what} at {at}\n")  # the test waits for this line
+    sys.stderr.flush()
+    time.sleep(seconds)
+
+
+class NoisySet(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Fixed samples, each returned with fresh noise from torch's global generator; ``delay``
+    seconds per sample make a slow loader, and the training set counts its reads for ``fetch:N:S``."""
+
+    def __init__(self, n: int, seed: int, *, delay: float = 0.0, switched: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 8, generator=g)
         self.y = self.x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+        self.delay = delay
+        kind, self.at, self.pause = _switch()
+        self.fetch = switched and kind == "fetch"
+        self.reads = 0
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fetch:
+            self.reads += 1
+            if self.reads == self.at:
+                _pause("fetching", self.at, self.pause)
         return self.x[i] + 0.05 * torch.randn(8), self.y[i]
 
 
@@ -46,37 +82,52 @@ class Switched(torch.nn.Module):
         self.net = torch.nn.Sequential(
             torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)
         )
-        kind, _, rest = os.environ.get("RESUME_TEST_AT", "").partition(":")
-        at, _, pause = rest.partition(":")
-        self.kind, self.at, self.pause = kind, int(at or 0), float(pause or 0)
-        rank = os.environ.get("RESUME_TEST_RANK")
-        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-        if restarted or (rank is not None and rank != os.environ.get("RANK", "0")):
-            self.kind = ""
+        self.kind, self.at, self.pause = _switch()
         self.calls = {"train": 0, "eval": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = "train" if self.training else "eval"
         self.calls[mode] += 1
-        target = "train" if self.kind == "sleep" else self.kind
+        target = {"sleep": "train", "evalsleep": "eval"}.get(self.kind, self.kind)
         if mode == target and self.calls[mode] == self.at:
             if self.kind == "sleep":
-                sys.stderr.write(f"sleeping at {self.at}\n")  # the test waits for this line
-                sys.stderr.flush()
-                time.sleep(self.pause)
+                _pause("sleeping", self.at, self.pause)
+            elif self.kind == "evalsleep":
+                _pause("evaluating", self.at, self.pause)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
         out: torch.Tensor = self.net(x)
         return out
 
 
-def make_task(*, samples: int = 240, batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> Task:
+class Plain:
+    """A plain iterable over a loader: no length, no sampler, no generator to be seen."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.loader
+
+
+def make_task(
+    *,
+    samples: int = 240,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    seed: int = 0,
+    delay: float = 0.0,
+    plain: bool = False,
+) -> Task:
+    """The task; ``delay`` seconds per training sample, ``plain`` hides the training loader behind a
+    plain iterable (then it shuffles from torch's global generator, which a pass draws from)."""
     loader = DataLoader(
-        NoisySet(samples, seed),
+        NoisySet(samples, seed, delay=delay, switched=True),
         batch_size=batch_size,
         shuffle=True,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=None if plain else torch.Generator().manual_seed(seed),
     )
     val = DataLoader(NoisySet(48, seed + 1), batch_size=batch_size)
-    return Task(model=Switched(), loss_fn=torch.nn.functional.mse_loss, train_loader=loader, val_loader=val)
+    train = Plain(loader) if plain else loader
+    return Task(model=Switched(), loss_fn=torch.nn.functional.mse_loss, train_loader=train, val_loader=val)

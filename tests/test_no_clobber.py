@@ -503,7 +503,8 @@ def test_a_resumed_attempt_still_appends_to_its_run_s_files(tmp_path: Path) -> N
     assert (first.status, first.attempt) == ("completed", 0)
     lines = (run_dir / "diagnostic.jsonl").read_text().splitlines()
 
-    again = build(config(run_dir, run__resume="auto", checkpoint__every_steps=100), task()).run()
+    more = config(run_dir, run__resume="auto", checkpoint__every_steps=100, trainer__max_epochs=2)
+    again = build(more, task()).run()
 
     assert (again.status, again.attempt) == ("completed", 1)  # no checkpoint: from the start, appended
     assert (run_dir / "diagnostic.jsonl").read_text().splitlines()[: len(lines)] == lines

@@ -37,9 +37,20 @@ from traintel.handlers.telemetry import TrainTelemetry
 from traintel.logs import route_stdlib_logging
 from traintel.optim import build_optimizer, build_scheduler
 from traintel.records import RunEndRecord, RunStartRecord, freeze
-from traintel.signals import handled, hold_early
+from traintel.signals import early_signal, handled, hold_early, on_early_exit
 from traintel.sinks.base import RunContext, Sink
 from traintel.task import Task, check_task, make_task
+
+_WINDOW_ON_ITS_WAY = frozenset(
+    (
+        Events.EPOCH_STARTED,
+        Events.GET_BATCH_STARTED,
+        Events.GET_BATCH_COMPLETED,
+        Events.DATALOADER_STOP_ITERATION,
+    )
+)
+"""The trainer's last event while the next window is being fetched: a stop then waits for that
+window's step (Ignite would end the run right after the fetch, leaving the window untrained)."""
 
 
 def new_run_id(name: str) -> str:
@@ -105,70 +116,93 @@ class Run:
         self.run_id = run_id if launch is None or config.run.id else shared_run_id(launch, run_id)
         self.run_dir = Path(config.run.dir or os.path.join("runs", self.run_id))
         self.stop_signal: str | None = None
-        found = self._earlier_attempt(task, must_resume)
-        self.attempt = 0 if found is None else found.attempt
-        """0 for a run's first attempt; n for the n-th attempt in the same run directory."""
-        self.resumed_from_step = None if found is None else found.step
-        """The optimizer step of the checkpoint this attempt continues from, if any."""
-        val_loader = self._make_engines(task)
-        self.checkpointing = self._checkpointing(task, None if found is None else found.state)
+        self._made_dirs: list[Path] = []
+        self._lock = self._lock_run_dir(config, must_resume)
+        try:
+            found = self._earlier_attempt(task, must_resume)
+            self.attempt = 0 if found is None else found.attempt
+            """0 for a run's first attempt; n for the n-th attempt in the same run directory."""
+            self.resumed_from_step = None if found is None else found.step
+            """The optimizer step of the checkpoint this attempt continues from, if any."""
+            val_loader = self._make_engines(task)
+            self.checkpointing = self._checkpointing(task, None if found is None else found.state)
 
-        built = build_sinks(
-            config.sinks,
-            extra=extra_sinks,
-            json_stream=json_stream,
-            rank=rank,
-            stdout_ranks=config.telemetry.ranks,
-            local_rank=launch.local_rank if launch is not None else 0,
-        )
-        self.fanout, self.json_sink, self.prometheus = built.fanout, built.json, built.prometheus
-        self._logs = built.logs
-        if self.json_sink is not None and self.json_sink.console:
-            self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
-        emit = self.fanout.emit
-        self.telemetry = TrainTelemetry(
-            emit,
-            self.run_id,
-            every=config.telemetry.every,
-            max_delay=config.telemetry.max_delay_seconds,
-            emit_many=self.fanout.emit_many,
-            coordinator=self.coordinator,
-            attempt=self.attempt,
-            on_nonfinite=config.trainer.on_nonfinite,
-        )
-        self.lifecycle = RunLifecycle(
-            emit,
-            self._start_record,
-            self.run_id,
-            rank=rank,
-            world_size=self.coordinator.world_size,
-            attempt=self.attempt,
-        )
-        self.telemetry.attach(self.trainer)
-        if self.evaluator is not None and val_loader is not None:
-            EvaluateEachEpoch(
-                self.evaluator, val_loader, emit, self.run_id, self.coordinator, attempt=self.attempt
-            ).attach(self.trainer)
-        if self.checkpointing is not None:
-            self.checkpointing.attach(self.trainer)  # after the epoch and evaluation records
+            built = build_sinks(
+                config.sinks,
+                extra=extra_sinks,
+                json_stream=json_stream,
+                rank=rank,
+                stdout_ranks=config.telemetry.ranks,
+                local_rank=launch.local_rank if launch is not None else 0,
+            )
+            self.fanout, self.json_sink, self.prometheus = built.fanout, built.json, built.prometheus
+            self._logs = built.logs
+            if self.json_sink is not None and self.json_sink.console:
+                self._attach_progress_bar()  # first, so the bar closes before an epoch's lines are printed
+            emit = self.fanout.emit
+            self.telemetry = TrainTelemetry(
+                emit,
+                self.run_id,
+                every=config.telemetry.every,
+                max_delay=config.telemetry.max_delay_seconds,
+                emit_many=self.fanout.emit_many,
+                coordinator=self.coordinator,
+                attempt=self.attempt,
+                on_nonfinite=config.trainer.on_nonfinite,
+            )
+            self.lifecycle = RunLifecycle(
+                emit,
+                self._start_record,
+                self.run_id,
+                rank=rank,
+                world_size=self.coordinator.world_size,
+                attempt=self.attempt,
+            )
+            self.evaluation = self._attach_handlers(val_loader)
 
-        context = RunContext(
-            run_id=self.run_id,
-            name=config.run.name,
-            run_dir=self.run_dir,
-            config=freeze(config.to_dict(redact=True)),
-            rank=rank,
-            world_size=self.coordinator.world_size,
-            attempt=self.attempt,
-        )
-        hold_early()  # from here a signal is noted, and the run starts and ends at once as terminated
-        self._open_run_dir(found, context)
+            context = RunContext(
+                run_id=self.run_id,
+                name=config.run.name,
+                run_dir=self.run_dir,
+                config=freeze(config.to_dict(redact=True)),
+                rank=rank,
+                world_size=self.coordinator.world_size,
+                attempt=self.attempt,
+            )
+            hold_early()  # from here a signal is noted, and the run starts and ends at once as terminated
+            self._open_run_dir(found, context)
+        except BaseException:
+            self._unlock_run_dir()
+            raise
 
         self._unroute: Callable[[], None] | None = None
         if self._logs is not None:
             if self._logs is not self.json_sink:
                 self._logs.open(context)
             self._unroute = route_stdlib_logging(self._logs)
+
+    def _attach_handlers(self, val_loader: Iterable[Any] | None) -> EvaluateEachEpoch | None:
+        """The telemetry, the evaluation (returned), the checkpoints and the stop at an epoch's end,
+        in the order their records must come at an epoch's end."""
+        self.telemetry.attach(self.trainer)
+        evaluation = None
+        if self.evaluator is not None and val_loader is not None:
+            evaluation = EvaluateEachEpoch(
+                self.evaluator,
+                val_loader,
+                self.fanout.emit,
+                self.run_id,
+                self.coordinator,
+                attempt=self.attempt,
+            )
+            evaluation.attach(self.trainer)
+        if self.checkpointing is not None:
+            if evaluation is not None:
+                cut = evaluation
+                self.checkpointing.unfinished_end = lambda: cut.unfinished
+            self.checkpointing.attach(self.trainer)  # after the epoch and evaluation records
+        self.trainer.add_event_handler(Events.EPOCH_COMPLETED, self._stop_after_epoch_end)
+        return evaluation
 
     def _make_engines(self, task: Task) -> Iterable[Any] | None:
         """The optimizer, scheduler, windows, trainer and evaluator; returns this rank's validation data."""
@@ -247,10 +281,30 @@ class Run:
         found = resume.find(self.run_dir, self.coordinator, required=must_resume)
         if found is None:
             return None
+        if cfg.run.id is not None and cfg.run.id != found.run_id:  # the run keeps its id: refuse, not ignore
+            raise ConfigError(
+                "run.id",
+                f"cannot change when resuming the run in {str(self.run_dir)!r}: its id is {found.run_id!r}, "
+                f"this attempt {cfg.run.id!r}; leave run.id null or set it to {found.run_id!r}",
+            )
         self.run_id = found.run_id
         if found.state is not None:
             resume.check_settings(found.state["settings"], self._settings(task), self.run_dir)
+        else:
+            self._refuse_completed()  # it completed before its first checkpoint
         return found
+
+    def _refuse_completed(self) -> None:
+        """A ConfigError when the run trained all of ``trainer.max_epochs`` already (``run.json`` says
+        so, where its last checkpoint may be older than its end)."""
+        max_epochs = self.config.trainer.max_epochs
+        completed = resume.completed(self.run_dir, self.coordinator)
+        if completed is not None and completed[1] >= max_epochs:
+            raise ConfigError(
+                "trainer.max_epochs",
+                f"the run completed its {completed[1]} epochs at step {completed[0]}, which reaches "
+                f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+            )
 
     def _settings(self, task: Task) -> dict[str, Any]:
         batch_size = getattr(task.train_loader, "batch_size", None)
@@ -292,6 +346,7 @@ class Run:
                 f"the checkpoint at step {state['step']} has {done} epochs done, which reaches "
                 f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
             )
+        self._refuse_completed()
         try:
             handler.restore(state, max_epochs)
         except (KeyError, ValueError, RuntimeError) as exc:
@@ -355,22 +410,49 @@ class Run:
             event_name=Events.ITERATION_COMPLETED(every=every),
         )
 
-    def _open_run_dir(self, found: resume.Resumption | None, context: RunContext) -> None:
-        """Create the run directory, check it, note the attempt and open the sinks; on failure,
-        what this did is undone. Sinks may write into the directory from ``open()``; one that stays
-        empty is removed again at ``close``."""
+    def _lock_run_dir(self, config: Config, must_resume: bool) -> rundir.RunDirLock | None:
+        """Create the run directory and, for a run that keeps files there, take its lock on rank 0
+        before anything in it is read or written (``rundir.lock``); under torchrun the ranks agree,
+        so all stop with the first rank's error. The directories made are removed again when the
+        run never starts (``_unlock_run_dir``)."""
         self._made_dirs = missing_dirs(self.run_dir)
+        made = self._made_dirs
+        on_early_exit(lambda: remove_empty(made))  # a signal ending the start-up leaves none behind
+        held: rundir.RunDirLock | ConfigError | None = None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}") from None
+            held = ConfigError("run.dir", f"cannot create {str(self.run_dir)!r}: {exc.strerror}")
+        else:
+            keeps_files = config.sinks.diagnostic.enabled or config.checkpoint.enabled or must_resume
+            if keeps_files and self.coordinator.rank == 0:
+                held = rundir.lock(self.run_dir)
+        problem = (held.key, held.problem) if isinstance(held, ConfigError) else None
+        first = next((view for view in self.coordinator.gather(problem) if view is not None), None)
+        if first is None:
+            return held if isinstance(held, rundir.RunDirLock) else None
+        if isinstance(held, rundir.RunDirLock):
+            held.release()
+        remove_empty(self._made_dirs)
+        raise ConfigError(*first)
+
+    def _unlock_run_dir(self) -> None:
+        """Release the run directory's lock, and remove the directories this run made that stayed empty."""
+        held, self._lock = self._lock, None
+        if held is not None:
+            held.release()
+        remove_empty(self._made_dirs)
+
+    def _open_run_dir(self, found: resume.Resumption | None, context: RunContext) -> None:
+        """Check the run directory, note the attempt and open the sinks; on failure, the note is
+        removed again. Sinks may write into the directory from ``open()``; one that stays empty is
+        removed again at ``close``."""
         try:
             self._check_run_dir(found)  # before any sink writes into it
             self._note_attempt()
             self.fanout.open(context)
         except BaseException:
             self._forget_attempt()
-            remove_empty(self._made_dirs)
             raise
 
     def _note_attempt(self) -> None:
@@ -436,22 +518,34 @@ class Run:
     def stop(self, reason: str) -> None:
         """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``.
 
-        Under torch.distributed the request goes into the next step's agreement, so every rank
-        finishes that same step and ends (an evaluation under way runs to its end on every rank).
+        The request goes into the next step's agreement, so a window already fetched (or being
+        fetched) is trained before the run ends: a checkpoint then holds exactly the windows
+        trained. Under torch.distributed every rank finishes that same step and ends (an evaluation
+        under way runs to its end on every rank). In one process the run ends at once when no
+        window is on its way, and an evaluation under way is cut: its epoch's end runs again when
+        the run resumes.
         """
         self.trainer.state.stop_reason = reason
+        self.coordinator.stop_requested = True
         if self.coordinator.distributed:
-            self.coordinator.stop_requested = True
             return
-        self.trainer.terminate()
-        if self.evaluator is not None:
-            self.evaluator.terminate()
+        if self.trainer.last_event_name not in _WINDOW_ON_ITS_WAY:
+            self.trainer.terminate()
+        if self.evaluation is not None:
+            self.evaluation.stop()
+
+    def _stop_after_epoch_end(self, engine: Engine) -> None:
+        """EPOCH_COMPLETED: in one process, end the run here when a stop was asked for while the
+        epoch's last window was fetched (the next epoch's first window would be on its way)."""
+        if self.coordinator.stop_requested and not self.coordinator.distributed:
+            engine.terminate()
 
     def _on_signal(self, name: str) -> None:
         if self.lifecycle.ended is None:
             if self.stop_signal is not None:  # a second signal while stopping: leave at once
-                sys.stderr.write(f"traintel: {name} while stopping: exiting at once\n")
-                os._exit(signal_exit(name))
+                with contextlib.suppress(OSError):  # os.write: it may interrupt a sys.stderr write
+                    os.write(2, f"traintel: {name} while stopping: exiting at once\n".encode())
+                os._exit(signal_exit(self.stop_signal))  # the first signal's status
             self.stop_signal = name
             self.stop(name)
         elif self.prometheus is not None:
@@ -473,11 +567,16 @@ class Run:
         if self.lifecycle.ended is not None:
             msg = "a Run runs once; build a new one"
             raise RuntimeError(msg)
-        if stop_signal is not None:
-            self.stop_signal = stop_signal
-            self.trainer.add_event_handler(Events.STARTED, lambda _: self.stop(stop_signal))
         raised: BaseException | None = None
         with handled(self._on_signal):  # a signal during the linger below cuts it short
+            # a signal noted before these handlers took over (also after the caller looked), or one
+            # that came before STARTED (trainer.run() resets terminate()), ends the run at once
+            noted = stop_signal or early_signal()
+            if noted is not None and self.stop_signal is None:
+                self.stop_signal = noted
+            self.trainer.add_event_handler(
+                Events.STARTED, lambda _: None if self.stop_signal is None else self.stop(self.stop_signal)
+            )
             try:
                 try:
                     if self._keeps_files and self.coordinator.rank == 0:
@@ -514,7 +613,11 @@ class Run:
         if cp is not None and self.resumed_from_step is not None:
             cp.restore_rng()
             if cp.pending_end:
+                if cp.epoch_logged:
+                    self.telemetry.logged_epoch = trainer.state.epoch
                 trainer._fire_event(Events.EPOCH_COMPLETED)
+                if self.coordinator.stop_requested and not self.coordinator.distributed:
+                    return  # stopped during that end: it is still to come
                 if trainer.state.epoch >= max_epochs:  # that end was all that was left
                     trainer._fire_event(Events.COMPLETED)
                     return
@@ -549,8 +652,23 @@ class Run:
         else:
             status, reason = "completed", "max_epochs"
         ended = self.lifecycle.end(status, reason, state.progress)
+        if status == "completed":
+            self._note_completed()
         self._push()
         return ended
+
+    def _note_completed(self) -> None:
+        """Rank 0 notes in ``run.json`` that this attempt trained all its epochs, so that resuming
+        the run asks for more epochs even where its last checkpoint is older than its end."""
+        cp = self.checkpointing
+        if cp is None or self.coordinator.rank != 0:
+            return
+        state = self.trainer.state
+        done = {"step": state.progress.run_steps, "epochs": state.epoch}
+        try:
+            resume.write_run_file(cp.directory, self.run_id, self.attempt, completed=done)
+        except OSError as exc:
+            logging.getLogger("traintel").warning("run.json not updated: %s", one_line(exc))
 
     def _push(self) -> None:
         """Push the final values, once ``run.end`` is on stdout and fsynced in the diagnostic file:
@@ -574,7 +692,7 @@ class Run:
             unroute()
         if self._logs is not None and self._logs is not self.json_sink:
             self._logs.close()
-        remove_empty(self._made_dirs)
+        self._unlock_run_dir()
         if self.launch is not None:
             distributed.stop()
 

@@ -82,9 +82,16 @@ def read_run_file(directory: Path) -> dict[str, Any] | None:
     return data
 
 
-def write_run_file(directory: Path, run_id: str, attempt: int) -> None:
+def write_run_file(
+    directory: Path, run_id: str, attempt: int, *, completed: Mapping[str, int] | None = None
+) -> None:
+    """``run.json``: the run id and the attempt that started; ``completed`` (``step``, ``epochs``)
+    once that attempt has trained all of its epochs."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / RUN_FILE, json.dumps({"run_id": run_id, "attempt": attempt}) + "\n")
+    data: dict[str, Any] = {"run_id": run_id, "attempt": attempt}
+    if completed is not None:
+        data["completed"] = dict(completed)
+    write_atomic(directory / RUN_FILE, json.dumps(data) + "\n")
 
 
 def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumption | None:
@@ -137,3 +144,14 @@ def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], where: 
         f"cannot change when resuming the run in {str(where)!r}: its checkpoint has {before!r}, "
         f"this attempt {after!r}",
     )
+
+
+def completed(run_dir: Path, coordinator: Coordinator) -> tuple[int, int] | None:
+    """``(step, epochs)`` when the run's newest attempt trained all its epochs (rank 0's ``run.json``
+    says so, on every rank), else None: its last checkpoint may be older than its end."""
+    note = read_run_file(run_dir / checkpoint.DIRECTORY) if coordinator.rank == 0 else None
+    done = note.get("completed") if note is not None else None
+    if not (isinstance(done, dict) and type(done.get("step")) is int and type(done.get("epochs")) is int):
+        done = None
+    shared = coordinator.gather(None if done is None else (done["step"], done["epochs"]))[0]
+    return None if shared is None else (int(shared[0]), int(shared[1]))

@@ -3,10 +3,13 @@
 A run that keeps files (the diagnostic file, checkpoints) writes ``config.yaml`` into its run
 directory. It never takes over a directory holding another run's files, and it learns that a
 directory cannot take its files (read-only, full) before any sink opens, not halfway through.
+While it runs, its rank 0 holds the directory's lock (``lock``), so a second process (a second
+``--resume`` of the same directory) is refused instead of writing the same files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -107,3 +110,41 @@ def _exists(path: Path) -> ConfigError:
     return ConfigError(
         "run.dir", f"{str(path)!r} already exists and is never overwritten; choose another run.dir"
     )
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on a run directory itself (its open descriptor): no file is made, and
+    the kernel releases it when the process dies, however it dies, so a directory left by a
+    killed run is free at once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def lock(run_dir: Path) -> RunDirLock | ConfigError | None:
+    """Take ``run_dir``'s lock (the directory exists) without waiting: the lock, a ConfigError when
+    another process holds it, or None where the file system offers no such lock (then the run goes
+    on without one, as before locks were taken)."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return ConfigError("run.dir", f"cannot read {str(run_dir)!r}: {exc.strerror or exc}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return ConfigError(
+            "run.dir",
+            f"{str(run_dir)!r} is in use by another traintel process; one run directory takes one "
+            "run at a time: wait for it to end, or choose another run.dir",
+        )
+    except OSError:
+        os.close(fd)
+        return None
+    return RunDirLock(fd)

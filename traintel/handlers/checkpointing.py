@@ -3,13 +3,16 @@
 A checkpoint is taken only at a window boundary (after an optimizer step): every
 ``every_steps`` optimizer steps, at the end of every ``every_epochs``-th epoch, and when a
 signal stops the run; never twice for one step. Before it is committed, the records of
-every step it covers are delivered and written out by the sinks (``commit_ready``), so a
-resumed run's logs have no gap.
+every step it covers are delivered and made durable in the diagnostic file (``commit_ready``),
+so a resumed run's logs have no gap.
 
-A checkpoint stands in one of three places, and ``restore`` continues from each: part-way
-through an epoch (the loader skips the windows done), after an epoch's end (the next epoch
-starts), or after an epoch's last step with its end still to come (the resumed run first
-fires ``EPOCH_COMPLETED`` for it: the epoch record, the evaluation, the user's handlers).
+A checkpoint describes exactly what was trained and logged. It stands in one of four places,
+and ``restore`` continues from each: part-way through an epoch (the windows trained so far; the
+loader skips them), after an epoch's end (the next epoch starts), after an epoch's last step with
+its end still to come (the resumed run first fires ``EPOCH_COMPLETED`` for it: the epoch record,
+the evaluation, the user's handlers), or in an epoch's end whose evaluation a stop cut short (the
+epoch record was logged: the resumed run fires ``EPOCH_COMPLETED`` again without it, and the
+evaluation draws from the generators as they were when the cut one began).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Checkpointing:
         every_epochs: int | None = None,
         commit_ready: Callable[[], bool] = lambda: True,
         coordinator: Coordinator | None = None,
+        unfinished_end: Callable[[], Mapping[str, Any] | None] = lambda: None,
     ) -> None:
         self.directory = directory
         self.trainer = trainer
@@ -65,15 +69,23 @@ class Checkpointing:
         self.every_steps = every_steps
         self.every_epochs = every_epochs
         self.commit_ready = commit_ready
-        """Deliver the waiting records and wait until the sinks have written them; False if they
-        could not (a stalled stdout reader), and then no checkpoint is committed."""
+        """Deliver the waiting records and make them durable (written and fsynced in the diagnostic
+        file); False if they are not (it cannot write now, or is slow), and then no checkpoint is
+        committed."""
         self.coordinator = coordinator if coordinator is not None else Coordinator()
+        self.unfinished_end = unfinished_end
+        """At EPOCH_COMPLETED: the generators' states when the epoch's evaluation began, if a stop cut
+        it (``EvaluateEachEpoch.unfinished``); None when the epoch's end finished."""
         self.rank = self.coordinator.rank
         self.saved_step: int | None = None
         """The optimizer step of the newest checkpoint taken or restored."""
         self._epoch_ended = False
+        self._end_rng: Mapping[str, Any] | None = None
+        """The generators at the start of this epoch's cut evaluation; None unless it was cut."""
         self.pending_end = False
         """After ``restore``: the checkpoint's epoch had its last step but not yet its end."""
+        self.epoch_logged = False
+        """After ``restore`` with ``pending_end``: the epoch's record was logged before its end was cut."""
         self.restore_rng: Callable[[], None] = lambda: None
         """After ``restore``: put the generators back (for a checkpoint not part-way through an epoch)."""
 
@@ -87,6 +99,7 @@ class Checkpointing:
 
     def _epoch_started(self, _engine: TraintelEngine) -> None:
         self._epoch_ended = False
+        self._end_rng = None
 
     def _step_ended(self, engine: TraintelEngine) -> None:
         steps = engine.state.progress.run_steps
@@ -95,6 +108,9 @@ class Checkpointing:
         self.save("every_steps")
 
     def _epoch_ended_handler(self, engine: TraintelEngine) -> None:
+        self._end_rng = self.unfinished_end()
+        if self._end_rng is not None:
+            return  # a stop cut the evaluation: the epoch's end is still to come
         self._epoch_ended = True
         if self.every_epochs is not None and engine.state.epoch % self.every_epochs == 0:
             self.save("every_epochs")
@@ -103,19 +119,23 @@ class Checkpointing:
         """Everything an exact continuation needs, as tensors and plain values."""
         engine = self.trainer
         st = traintel_state(engine)
+        progress = st.progress
+        # the windows trained, not those the loader yielded: one fetched when a stop came is not done
+        loader = None if self._epoch_ended else {**self.data.state_dict(), "yielded": progress.windows}
         return {
             "format": checkpoint.FORMAT,
             **self.identity,
-            "step": st.progress.run_steps,
+            "step": progress.run_steps,
             "epoch_ended": self._epoch_ended,
+            "epoch_logged": self._end_rng is not None,
             "engine": {"iteration": st.iteration, "epoch": st.epoch, "epoch_length": st.epoch_length},
             "model": unwrapped(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "progress": st.progress.state_dict(),
-            "loader": None if self._epoch_ended else self.data.state_dict(),
+            "progress": progress.state_dict(),
+            "loader": loader,
             "rng": {
-                **rng.capture(),
+                **(self._end_rng if self._end_rng is not None else rng.capture()),
                 "loader": [g.get_state() for g in rng.loader_generators(self.data.loader)],
             },
         }
@@ -154,7 +174,8 @@ class Checkpointing:
         skipped the windows already trained on), or when the run starts for a checkpoint taken at
         an epoch's end (``restore_rng``, which ``Run.run`` calls). A checkpoint of an epoch's last
         step, taken before that epoch's end ran, sets ``pending_end``: the run then first fires
-        ``EPOCH_COMPLETED`` for that epoch (its duration is unknown: the epoch record says 0 s).
+        ``EPOCH_COMPLETED`` for that epoch (its duration is unknown: the epoch record says 0 s). One
+        taken in an end whose evaluation a stop cut sets ``epoch_logged`` too: its record was logged.
         """
         unwrapped(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -165,13 +186,17 @@ class Checkpointing:
         engine = state["engine"]
         st.iteration = engine["iteration"]
         length = st.epoch_length = engine["epoch_length"]
-        pending_end = not state["epoch_ended"] and length is not None and st.progress.windows >= length
+        logged = bool(state.get("epoch_logged", False))
+        pending_end = not state["epoch_ended"] and (
+            logged or (length is not None and st.progress.windows >= length)
+        )
         st.epoch = engine["epoch"] if state["epoch_ended"] or pending_end else engine["epoch"] - 1
         st.max_epochs = max_epochs
         self.saved_step = state["step"]
         self._epoch_ended = bool(state["epoch_ended"])
         saved_rng = state["rng"]
         self.pending_end = pending_end
+        self.epoch_logged = pending_end and logged
         if state["epoch_ended"] or pending_end:
             # the next pass draws from the loader's generators as they were at the checkpoint (set
             # now: nothing draws from them before the run starts) and from the global ones
