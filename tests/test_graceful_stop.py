@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
-from tests.test_resume import EPOCHS, ROOT, STEPS, config, final_state, lines, losses, same_tensors
+from tests.test_resume import EPOCHS, ROOT, STEPS, config, final_state, lines, losses, same_tensors, traintel
 from traintel import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -45,14 +45,6 @@ def stop_config(*, plain: bool = False, delay: float = 0.0, every_steps: int | N
         **({"every_steps": every_steps} if every_steps else {}),
     }
     return cfg
-
-
-def train(args: list[str], cwd: Path, at: str | None = None) -> subprocess.CompletedProcess[str]:
-    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **({"RESUME_TEST_AT": at} if at else {})}
-    return subprocess.run(
-        [sys.executable, "-m", "traintel", "train", *args],
-        cwd=cwd, env=child_env(extra=extra), capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
-    )  # fmt: skip
 
 
 def start(cwd: Path, cfg: dict[str, Any], at: str | None = None) -> subprocess.Popen[str]:
@@ -82,7 +74,7 @@ def sigterm_at(cwd: Path, cfg: dict[str, Any], at: str, line: str) -> tuple[int,
 
 def reference_run(where: Path, cfg: dict[str, Any]) -> tuple[dict[Any, str], dict[str, Any]]:
     (where / "config.yaml").write_text(yaml.safe_dump(cfg))
-    done = train(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+    done = traintel(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
     assert done.returncode == 0, done.stderr
     found = losses(done.stdout)
     assert sorted(k for k in found if isinstance(k, int)) == list(range(1, STEPS + 1))
@@ -139,7 +131,7 @@ def test_sigterm_while_a_window_is_fetched_trains_it_before_stopping(
     assert saved is not None and saved[0].step == 3
     assert (saved[1]["loader"]["yielded"], saved[1]["progress"]["windows"]) == (3, 3)
 
-    resumed = train(["--resume", str(run_dir)], tmp_path)
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert next(lines(resumed.stdout))["resumed_from_step"] == 3
     steps = [d["step"] for d in lines(resumed.stdout) if d["event"] == "train.step"]
@@ -163,7 +155,7 @@ def test_sigterm_during_an_evaluation_evaluates_that_epoch_again_on_resume(
     assert saved is not None
     assert (saved[0].step, saved[1]["epoch_ended"], saved[1].get("epoch_logged")) == (4, False, True)
 
-    resumed = train(["--resume", str(run_dir)], tmp_path)
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     records = [d["event"] for d in lines(resumed.stdout)]
     assert records[:2] == ["run.start", "eval.epoch"]  # epoch 1's evaluation first, its record once
@@ -189,7 +181,7 @@ def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_ends_that_epoch
     )
     run_dir = tmp_path / "run"
 
-    resumed = train(["--resume", str(run_dir)], tmp_path)
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     records = list(lines(resumed.stdout))
     assert [d["event"] for d in records] == ["run.start", "train.epoch", "eval.epoch", "run.end"]
@@ -233,7 +225,7 @@ def test_sigterm_at_random_moments_then_resume_logs_the_same_bits(
         assert proc.returncode == 143, err
         if not stopped:  # stopped in start-up, before anything was written
             assert err.splitlines()[-1] == "traintel: error: SIGTERM during start-up: stopped before training"
-        resumed = train(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+        resumed = traintel(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
         assert resumed.returncode == 0, resumed.stderr
         assert_continues(references[plain], stopped, resumed.stdout, where / "run")
         diagnostic = [

@@ -13,24 +13,16 @@ import pytest
 import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
-from tests.test_resume import ROOT, config, lines
+from tests.test_resume import ROOT, config, lines, traintel
 from traintel import checkpoint
 
 pytestmark = pytest.mark.slow
 
 
-def train(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "traintel", "train", *args],
-        cwd=cwd, env=child_env(extra=extra), capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
-    )  # fmt: skip
-
-
 def first_attempt(where: Path, cfg: dict[str, Any]) -> Path:
     """A finished run of ``cfg`` in ``where/run``."""
     (where / "config.yaml").write_text(yaml.safe_dump(cfg))
-    done = train(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+    done = traintel(["-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
     assert done.returncode == 0, done.stderr
     return where / "run"
 
@@ -53,7 +45,7 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
             raise AssertionError(f"the first resume ended early: exit {running.wait()}")
         diagnostic = (run_dir / "diagnostic.jsonl").read_bytes()
 
-        second = train(["--resume", str(run_dir), "--set", "trainer.max_epochs=2"], tmp_path)
+        second = traintel(["--resume", str(run_dir), "--set", "trainer.max_epochs=2"], tmp_path)
 
         assert (second.returncode, second.stdout) == (2, "")
         assert second.stderr == (
@@ -67,7 +59,7 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
         running.send_signal(signal.SIGKILL)
         running.wait(timeout=CHILD_TIMEOUT)
 
-    third = train(
+    third = traintel(
         ["--resume", str(run_dir), "--set", "trainer.max_epochs=2"], tmp_path
     )  # the kernel freed it
     assert third.returncode == 0, third.stderr
@@ -91,7 +83,7 @@ def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpo
     assert newest.step == (8 if every_steps == 4 else 6)
     before = sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*"))
 
-    again = train(["--resume", str(run_dir)], tmp_path)
+    again = traintel(["--resume", str(run_dir)], tmp_path)
 
     assert (again.returncode, again.stdout) == (2, "")
     assert again.stderr == (
@@ -100,7 +92,7 @@ def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpo
     )
     assert sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*")) == before
 
-    more = train(["--resume", str(run_dir), "--set", "trainer.max_epochs=3"], tmp_path)
+    more = traintel(["--resume", str(run_dir), "--set", "trainer.max_epochs=3"], tmp_path)
     assert more.returncode == 0, more.stderr
     records = list(lines(more.stdout))
     assert records[0]["resumed_from_step"] == newest.step
@@ -116,7 +108,7 @@ def test_a_completed_run_without_a_checkpoint_is_not_trained_again_under_resume_
     run_dir = first_attempt(tmp_path, cfg)
     assert checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0) == []
 
-    again = train(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path)
+    again = traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path)
 
     assert (again.returncode, again.stdout) == (2, "")
     assert again.stderr == (

@@ -396,7 +396,7 @@ class Run:
             rng.restore(saved)
         step = self.trainer._process_function
         if batch is not None and isinstance(step, ddp.DistributedStep):
-            step._example = batch
+            step.example = batch
 
     def _attach_progress_bar(self) -> None:
         """A tqdm bar (Ignite's ProgressBar, on stderr) with the step loss, refreshed at the telemetry
@@ -427,14 +427,14 @@ class Run:
             keeps_files = config.sinks.diagnostic.enabled or config.checkpoint.enabled or must_resume
             if keeps_files and self.coordinator.rank == 0:
                 held = rundir.lock(self.run_dir)
-        problem = (held.key, held.problem) if isinstance(held, ConfigError) else None
-        first = next((view for view in self.coordinator.gather(problem) if view is not None), None)
-        if first is None:
-            return held if isinstance(held, rundir.RunDirLock) else None
-        if isinstance(held, rundir.RunDirLock):
-            held.release()
-        remove_empty(self._made_dirs)
-        raise ConfigError(*first)
+        try:
+            self._agree(held if isinstance(held, ConfigError) else None)
+        except ConfigError:
+            if isinstance(held, rundir.RunDirLock):
+                held.release()
+            remove_empty(self._made_dirs)
+            raise
+        return held if isinstance(held, rundir.RunDirLock) else None
 
     def _unlock_run_dir(self) -> None:
         """Release the run directory's lock, and remove the directories this run made that stayed empty."""
@@ -492,6 +492,11 @@ class Run:
             if self._keeps_files
             else None
         )
+        self._agree(problem)
+
+    def _agree(self, problem: ConfigError | None) -> None:
+        """Raise the first rank's problem on every rank (under torchrun each rank checks its own:
+        all stop together), or nothing when no rank has one."""
         views = self.coordinator.gather(None if problem is None else (problem.key, problem.problem))
         first = next((view for view in views if view is not None), None)
         if first is not None:
@@ -534,10 +539,16 @@ class Run:
         if self.evaluation is not None:
             self.evaluation.stop()
 
+    @property
+    def _stopping_alone(self) -> bool:
+        """A stop was asked for in a run of one process, where it ends the run at the next boundary
+        (under torch.distributed the next step's agreement ends it)."""
+        return self.coordinator.stop_requested and not self.coordinator.distributed
+
     def _stop_after_epoch_end(self, engine: Engine) -> None:
         """EPOCH_COMPLETED: in one process, end the run here when a stop was asked for while the
         epoch's last window was fetched (the next epoch's first window would be on its way)."""
-        if self.coordinator.stop_requested and not self.coordinator.distributed:
+        if self._stopping_alone:
             engine.terminate()
 
     def _on_signal(self, name: str) -> None:
@@ -616,7 +627,7 @@ class Run:
                 if cp.epoch_logged:
                     self.telemetry.logged_epoch = trainer.state.epoch
                 trainer._fire_event(Events.EPOCH_COMPLETED)
-                if self.coordinator.stop_requested and not self.coordinator.distributed:
+                if self._stopping_alone:
                     return  # stopped during that end: it is still to come
                 if trainer.state.epoch >= max_epochs:  # that end was all that was left
                     trainer._fire_event(Events.COMPLETED)

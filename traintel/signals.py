@@ -180,13 +180,18 @@ def _ignore_at_last() -> None:
     which would otherwise put their default disposition back (a signal would kill the process)."""
     if _phase[0] != _EXITING or os.getpid() != _owner[0]:
         return
+    _flush_stdio()
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _flush_stdio() -> None:
+    """Flush ``sys.stdout`` and ``sys.stderr`` (best effort) before leaving with ``os._exit``."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             if stream is not None:
                 stream.flush()
-    for sig in STOP_SIGNALS:
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def _above_stdio(fd: int) -> int:
@@ -273,10 +278,7 @@ def exit_on_signal(status: int) -> None:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, _on_stop)
         if _noted:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    if stream is not None:
-                        stream.flush()
+            _flush_stdio()
             _react(_noted[-1])
 
 

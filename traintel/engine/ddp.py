@@ -45,13 +45,15 @@ class DistributedStep(AccumulatingStep):
     backward of zero weight on a batch it has already seen.
     """
 
-    _example: Any = None
+    example: Any = None
+    """A batch with items to take part with: the first this rank ran, or one given before the run
+    to a rank whose share is empty."""
 
     def run_micro_batch(
         self, batch: Any, items: int, window_items: int, last: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if items and self._example is None:
-            self._example = batch
+        if items and self.example is None:
+            self.example = batch
         if last:
             return super().run_micro_batch(batch, items, window_items, last)
         ddp: DistributedDataParallel = self.model  # type: ignore[assignment]
@@ -59,8 +61,8 @@ class DistributedStep(AccumulatingStep):
             return super().run_micro_batch(batch, items, window_items, last)
 
     def take_part(self) -> None:
-        if self._example is None:
+        if self.example is None:
             msg = "this rank has no training items to take part in a gradient reduction with"
             raise RuntimeError(msg)
-        inputs, targets = self.prepare(self._example, self.device)
+        inputs, targets = self.prepare(self.example, self.device)
         (self.forward_loss(inputs, targets) * 0.0).backward()

@@ -340,7 +340,7 @@ class DiagnosticSink:
         writer, f = self._writer, self._file
         if writer is None or f is None:
             return True
-        if writer.failed is not None or not writer.drain(timeout) or writer.failed is not None:
+        if not writer.drain(timeout) or writer.failed is not None:  # drain returns at once while failing
             return False
         os.fsync(f.file.fileno())
         return True
