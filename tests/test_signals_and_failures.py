@@ -206,6 +206,43 @@ def test_a_signal_while_the_interpreter_waits_for_a_thread_exits_at_once_with_th
     assert (proc.returncode, proc.stderr.read()) == (code, said)
 
 
+_SLOW_TEARDOWN = """
+import atexit
+import threading
+
+from traintel.tasks.forecast import make_task as base
+
+
+def make_task():
+    atexit.register(threading.Event().wait)  # a teardown that never ends
+    return base(train_samples=96, val_samples=0)
+"""
+
+
+def test_a_signal_after_the_end_leaves_at_once_without_the_interpreters_teardown(tmp_path: Path) -> None:
+    """A signal while the exporter lingers after ``run.end`` stops serving, and the process leaves at
+    once with the run's status: it does not go through the teardown (here, an atexit function of
+    the task's that never returns)."""
+    (tmp_path / "slow_teardown.py").write_text(_SLOW_TEARDOWN)
+    proc = _start(
+        tmp_path, "--set", "task.factory=slow_teardown:make_task", "--set", "task.params={}",
+        "--set", "trainer.max_epochs=1", "--set", "sinks.prometheus.linger_seconds=600",
+        pythonpath=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "run.end":
+            break
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the signal did not end the process") from None
+    assert (proc.returncode, proc.stdout.read(), proc.stderr.read()) == (0, "", "")
+
+
 def test_a_second_signal_in_the_interpreters_last_teardown_keeps_the_status(tmp_path: Path) -> None:
     """The interpreter's last teardown (after the atexit functions) takes the Python handlers away;
     a second SIGTERM sent once the process no longer catches SIGTERM must not kill it by the

@@ -88,6 +88,10 @@ class Run:
         so config.yaml too."""
         return self.config.sinks.diagnostic.enabled or self.checkpointing is not None
 
+    late_signal: str | None = None
+    """A stop signal that came after ``run.end``: the run cut its push and the exporter's linger
+    short, and the process that runs it should leave as soon as ``run()`` returns."""
+
     _run_file: Path | None = None
     """``checkpoints/run.json`` while this first attempt has written it and not started (see
     ``_note_attempt``); ``close`` removes it then."""
@@ -559,8 +563,10 @@ class Run:
                 os._exit(signal_exit(self.stop_signal))  # the first signal's status
             self.stop_signal = name
             self.stop(name)
-        elif self.prometheus is not None:
-            self.prometheus.hurry()  # the run already ended: abandon the push, stop serving, exit
+            return
+        self.late_signal = name  # the run already ended: abandon the push, stop serving, leave
+        if self.prometheus is not None:
+            self.prometheus.hurry()
 
     def run(self, stop_signal: str | None = None) -> RunEndRecord:
         """Train for ``trainer.max_epochs``; returns the ``run.end`` record.

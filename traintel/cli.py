@@ -146,10 +146,12 @@ def _train(args: argparse.Namespace) -> int:
         sys.stdout = StderrForStdout(sys.stdout.fileno())
     from traintel.api import build
     from traintel.engine.coordination import PEER_STOP_REASON
-    from traintel.signals import early_signal
+    from traintel.signals import early_signal, note_signal
 
     run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
+    if run.late_signal is not None:
+        note_signal(run.late_signal)  # the process leaves at once with its status (exit_on_signal)
     if run.stop_signal is not None:
         return signal_exit(run.stop_signal)
     if end.status == "terminated" and end.reason == PEER_STOP_REASON:

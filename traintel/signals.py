@@ -264,6 +264,14 @@ def early_signal() -> str | None:
     return _noted[0] if _noted else None
 
 
+def note_signal(name: str) -> None:
+    """Note a stop signal that the run took once it had ended (``Run.late_signal``): it asks the
+    process to leave at once, which ``exit_on_signal`` then does instead of the interpreter's
+    teardown (a second or more once torch is imported)."""
+    with _lock:
+        _noted.append(name)
+
+
 def exit_on_signal(status: int) -> None:
     """Exiting (module docstring): from now until the process exits, a stop signal ends it at once
     with ``status`` (writing ``traintel: SIGTERM while stopping: exiting at once`` to stderr when
