@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check traintel tests benchmarks examples docker/kubernetes
 	$(BIN)/ruff format --check traintel tests benchmarks examples docker/kubernetes
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

@@ -59,8 +59,8 @@ from ignite.engine import Engine, Events
 from overhead import IN_FEATURES, TINY_HIDDEN, environment, make_data, make_tiny, max_param_diff, quartiles
 from torch.nn.parallel import DistributedDataParallel
 
-from traintel.api import build
 from traintel.engine.ddp import sum_hook
+from traintel.run.api import build
 from traintel.task import Task
 
 K = 3

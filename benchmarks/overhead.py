@@ -89,8 +89,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from traintel.api import build
 from traintel.config import TelemetryConfig
+from traintel.run.api import build
 from traintel.task import Task
 
 K = 3

@@ -175,7 +175,7 @@ def run_case(n: int, args: argparse.Namespace, root: Path, tag: str) -> Sample:
 
     from ignite.engine import Events
 
-    from traintel.api import build
+    from traintel.run.api import build
 
     port = free_port()
     epochs = args.steps // STEPS_PER_EPOCH

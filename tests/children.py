@@ -18,7 +18,7 @@ HELP_COLUMNS = "80"
 PROBE = textwrap.dedent(
     """\
     import sys
-    from traintel.cli import main
+    from traintel.cli.main import main
     try:
         code = main(sys.argv[1:])
     except SystemExit as exc:

@@ -78,7 +78,7 @@ def train_in_memory(
     **trainer: Any,
 ) -> tuple[MemorySink, Any]:
     """Train ``batches`` with only a MemorySink; ``attach(run)`` may add handlers before the run."""
-    from traintel.api import build
+    from traintel.run.api import build
 
     cfg = quiet_config(tmp_path, **trainer)
     cfg["telemetry"]["every"] = every

@@ -95,7 +95,7 @@ def test_each_epoch_has_ceil_b_over_k_optimizer_and_scheduler_steps(tmp_path: Pa
 
 def test_gradients_are_zero_at_the_start_of_every_epoch(tmp_path: Path) -> None:
     from tests.conftest import quiet_config
-    from traintel.api import build
+    from traintel.run.api import build
     from traintel.task import Task
 
     model = make_model()
@@ -179,7 +179,7 @@ def test_the_original_bug_is_not_possible(tmp_path: Path) -> None:
 
 def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
     from tests.conftest import quiet_config
-    from traintel.api import build
+    from traintel.run.api import build
     from traintel.sinks.memory import MemorySink
     from traintel.task import Task
 
@@ -221,7 +221,7 @@ def test_empty_window_is_a_reported_skip(tmp_path: Path) -> None:
 def test_custom_item_counter_weights_by_items(tmp_path: Path) -> None:
     """A task that counts items itself (e.g. non-ignored tokens) gets item-weighted scaling."""
     from tests.conftest import quiet_config
-    from traintel.api import build
+    from traintel.run.api import build
     from traintel.sinks.memory import MemorySink
     from traintel.task import Task
 
@@ -322,7 +322,7 @@ def test_the_update_step_gives_a_plain_ignite_engine_a_tensor_output() -> None:
 def test_micro_batch_completed_holds_each_micro_batch_as_its_records_report_it(tmp_path: Path) -> None:
     """A handler on MICRO_BATCH_COMPLETED sees every micro-batch, in order, with the values of its
     train.batch record (a micro-batch without items included); without a handler no output is kept."""
-    from traintel.engine.step import MicroBatchOutput
+    from traintel.engine.outputs import MicroBatchOutput
 
     batches = make_batches([5, 3, 4, 2, 6])  # k=3: windows of 12 items, then one of 8
     seen: list[MicroBatchOutput] = []

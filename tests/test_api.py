@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from tests.conftest import make_batches, make_model, quiet_config, train_in_memory
-from traintel.api import build
 from traintel.config import Config, validate
+from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from traintel.assembly import build_sinks
 from traintel.config import SinksConfig
+from traintel.run.assembly import build_sinks
 from traintel.sinks import DiagnosticSink, MemorySink, Pushgateway
 from traintel.testing import batch_record, run_context
 

@@ -1,4 +1,4 @@
-"""``traintel.atomic.write_atomic`` on real files: content, mode, cleanup on failure, fsync order."""
+"""``traintel.sinks.io.atomic.write_atomic`` on real files: content, mode, cleanup on failure, fsync order."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from traintel import atomic
-from traintel.atomic import write_atomic
+from traintel.sinks.io import atomic
+from traintel.sinks.io.atomic import write_atomic
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_failure_leaves_the_old_file_intact_and_no_temporary_file(
 ) -> None:
     path = tmp_path / "report.png"
     path.write_bytes(b"old")
-    monkeypatch.setattr(f"traintel.atomic.os.{call}", _fail(exc))
+    monkeypatch.setattr(f"traintel.sinks.io.atomic.os.{call}", _fail(exc))
 
     with pytest.raises(type(exc)) as raised:
         write_atomic(path, b"new" * 1000)
@@ -151,8 +151,8 @@ def test_fsync_file_then_replace_then_fsync_directory(
         calls.append(("replace", Path(src).parent, Path(src).name.startswith(".config.yaml."), dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr("traintel.atomic.os.fsync", fsync)
-    monkeypatch.setattr("traintel.atomic.os.replace", replace)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.fsync", fsync)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.replace", replace)
 
     write_atomic(path, "new", mode=0o640)
 
@@ -177,7 +177,7 @@ def test_a_directory_that_cannot_be_fsynced_is_not_an_error(
             raise OSError(code, os.strerror(code))
         real_fsync(fd)
 
-    monkeypatch.setattr("traintel.atomic.os.fsync", fsync)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.fsync", fsync)
     write_atomic(path, b"new")
     monkeypatch.undo()
     assert path.read_bytes() == b"new"
@@ -195,7 +195,7 @@ def test_a_directory_fsync_error_is_raised_after_the_file_is_in_place(
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr("traintel.atomic.os.fsync", fsync)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.fsync", fsync)
     with pytest.raises(OSError, match="Input/output error"):
         write_atomic(path, b"new")
     monkeypatch.undo()

@@ -16,12 +16,12 @@ import torch
 from prometheus_client.core import Metric
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import Run
 from traintel.config import coerce_config
 from traintel.records import RECORD_TYPES, Record, RunStartRecord, SinkErrorRecord
+from traintel.run.api import Run
 from traintel.schema import parse_line, validate_line
 from traintel.sinks import LineRenderer, MemorySink
-from traintel.sinks.prometheus import RecordCollector
+from traintel.sinks.prometheus.sink import RecordCollector
 from traintel.task import Task, check_task
 from traintel.testing import T0, make_record, step_record
 

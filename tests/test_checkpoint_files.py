@@ -28,11 +28,12 @@ from ignite.engine import Events
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel import atomic, checkpoint
-from traintel.api import build
-from traintel.checkpoint import FORMAT, Complete, changed_setting, complete, load, newest, prune, write
 from traintel.engine.trainer import TraintelEngine
 from traintel.records import RunEndRecord
+from traintel.run import checkpoint
+from traintel.run.api import build
+from traintel.run.checkpoint import FORMAT, Complete, changed_setting, complete, load, newest, prune, write
+from traintel.sinks.io import atomic
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 
@@ -153,8 +154,10 @@ def test_one_write_fsyncs_renames_then_fsyncs_the_directory_for_the_state_then_t
         events.append(("replace", Path(src).name, Path(dst).name, os.stat(src).st_ino))
         real_replace(src, dst, **kwargs)
 
-    monkeypatch.setattr("traintel.atomic.os.fsync", fsync)  # the os module traintel.atomic uses
-    monkeypatch.setattr("traintel.atomic.os.replace", replace)
+    monkeypatch.setattr(
+        "traintel.sinks.io.atomic.os.fsync", fsync
+    )  # the os module traintel.sinks.io.atomic uses
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.replace", replace)
 
     write(directory, 12, 0, state_of(12))
 
@@ -336,7 +339,7 @@ FORK_SERVER = textwrap.dedent(
 
     import torch
 
-    from traintel import checkpoint
+    from traintel.run import checkpoint
 
     torch.set_num_threads(1)  # no thread pool across fork
     directory, size = Path(sys.argv[1]), int(sys.argv[2])
@@ -509,7 +512,7 @@ def test_a_write_error_keeps_the_previous_checkpoint_and_training_goes_on(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_atomic(path, data, mode=mode)
 
-    monkeypatch.setattr("traintel.checkpoint.write_atomic", full_disk_at_step_4)
+    monkeypatch.setattr("traintel.run.checkpoint.write_atomic", full_disk_at_step_4)
     cfg = quiet_config(tmp_path, accumulation_steps=1)  # one batch, one optimizer step
     cfg["checkpoint"] = {"every_steps": 2, "keep": 1}
     sink = MemorySink()

@@ -19,7 +19,7 @@ import yaml
 
 from tests.children import HELP_COLUMNS, probe_cli, run_cli
 from tests.conftest import strict_object
-from traintel.cli import make_parser
+from traintel.cli.main import make_parser
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import torch
 from ignite.engine import Engine, Events
 
 from tests.conftest import make_batches, make_model, quiet_config, strict_object
-from traintel.api import build
 from traintel.engine.trainer import TraintelEngine
 from traintel.records import Record
+from traintel.run.api import build
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
@@ -261,7 +261,7 @@ def test_timestamps_match_datetime_rounding() -> None:
     import random
     from datetime import datetime, timezone
 
-    from traintel.sinks._jsonline import iso_utc
+    from traintel.sinks.json.lines import iso_utc
 
     rng = random.Random(0)
     samples = [0.0, 1.9999995, 1.9999994, 59.9999996, 1_700_000_000.5, 1_700_000_000.0000005, -1.25]

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from traintel.errors import EXIT_BAD_INPUT, ConfigError
-from traintel.records import Record, rank_filename
+from traintel.records import Record
+from traintel.run.layout import rank_filename
 from traintel.schema import parse_line, validate_line
 from traintel.sinks import DiagnosticSink
 from traintel.sinks.diagnostic import cut_torn_tail

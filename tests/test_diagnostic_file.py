@@ -10,7 +10,7 @@ from typing import BinaryIO
 import torch
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import build
+from traintel.run.api import build
 from traintel.sinks import DiagnosticSink, JsonSink, MemorySink
 from traintel.task import Task
 from traintel.testing import batch_record, run_context

@@ -174,7 +174,7 @@ def traintel_under_torchrun(
     tmp_path: Path, *overrides: str, launcher: str = "torch.distributed.run"
 ) -> subprocess.Popen[str]:
     """``python -m LAUNCHER --standalone --nproc-per-node=2 -m traintel train`` with ``--set`` each of
-    ``overrides`` (``traintel.torchrun`` exits with the workers' status, torch's own 1 on any failure)."""
+    ``overrides`` (``traintel.cli.torchrun`` exits with the workers' status, torch's own 1 on any failure)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(DISTRIBUTED_TASKS))
     sets = [
@@ -330,7 +330,7 @@ def test_a_sampler_that_cannot_be_sharded_is_refused_with_exit_2(
     tmp_path: Path, params: str, line: str
 ) -> None:
     proc = traintel_under_torchrun(
-        tmp_path, "task.factory=tasks:sampled", f"task.params={params}", launcher="traintel.torchrun"
+        tmp_path, "task.factory=tasks:sampled", f"task.params={params}", launcher="traintel.cli.torchrun"
     )
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-3000:]

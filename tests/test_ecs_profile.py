@@ -35,7 +35,7 @@ from traintel.schema import (
     validate_lines,
 )
 from traintel.sinks import JsonSink
-from traintel.sinks._jsonline import ECS_VERSION
+from traintel.sinks.json.lines import ECS_VERSION
 from traintel.testing import end_record
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tests.servers import self_signed_cert
-from traintel.sinks._http import MetricsServer, server_context
-from traintel.sinks.prometheus import PrometheusSink
+from traintel.sinks.prometheus.server import MetricsServer, server_context
+from traintel.sinks.prometheus.sink import PrometheusSink
 from traintel.testing import run_context
 
 

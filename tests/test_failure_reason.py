@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from traintel.distributed import announce_failure, failure_reason
+from traintel.run.distributed import announce_failure, failure_reason
 
 LOST = "RuntimeError: [pair.cc:537] Read error [127.0.0.1]:4242: Connection reset by peer"
 """A rank's own error when the connection to another rank closed under it (gloo's text)."""

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from traintel.handlers.rss import rss_bytes
 from traintel.records import Record
-from traintel.rss import rss_bytes
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer, PrometheusSink
 from traintel.testing import batch_record, run_context, step_record
 

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.servers import free_port, http_get
-from traintel import checkpoint
 from traintel.records import SinkErrorRecord
+from traintel.run import checkpoint, layout
 from traintel.sinks import DiagnosticSink, FanOut, MemorySink
 from traintel.task import Task
 from traintel.testing import batch_record, epoch_record, run_context, step_record
@@ -238,7 +238,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _checkpoints(run_dir: Path) -> list[int]:
-    return sorted(c.step for c in checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0))
+    return sorted(c.step for c in checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.test_resume import EPOCHS, ROOT, STEPS, config, final_state, lines, losses, same_tensors, traintel
-from traintel import checkpoint
+from traintel.run import checkpoint, layout
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_sigterm_while_a_window_is_fetched_trains_it_before_stopping(
         3,
     )
     run_dir = tmp_path / "run"
-    saved = checkpoint.newest(run_dir / checkpoint.DIRECTORY, 0)
+    saved = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, 0)
     assert saved is not None and saved[0].step == 3
     assert (saved[1]["loader"]["yielded"], saved[1]["progress"]["windows"]) == (3, 3)
 
@@ -151,7 +151,7 @@ def test_sigterm_during_an_evaluation_evaluates_that_epoch_again_on_resume(
     end = list(lines(stopped))[-1]
     assert (end["event"], end["status"], end["step"], end["epoch"]) == ("run.end", "terminated", 4, 1)
     run_dir = tmp_path / "run"
-    saved = checkpoint.newest(run_dir / checkpoint.DIRECTORY, 0)
+    saved = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, 0)
     assert saved is not None
     assert (saved[0].step, saved[1]["epoch_ended"], saved[1].get("epoch_logged")) == (4, False, True)
 

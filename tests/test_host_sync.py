@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import build
+from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 

@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping, TerminateOnNan, Timer
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import Run, build
+from traintel.run.api import Run, build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 

@@ -32,7 +32,7 @@ KUBERNETES_VERSION = "1.31.0"
 CORE_KINDS = {"Service", "Job", "PersistentVolumeClaim", "ConfigMap"}
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}
 TINI = ["tini", "--"]
-LAUNCHER = "traintel-torchrun"  # traintel.torchrun: torchrun passing the workers' exit status through
+LAUNCHER = "traintel-torchrun"  # traintel.cli.torchrun: torchrun passing the workers' exit status through
 INDEX = "$(JOB_COMPLETION_INDEX)"
 
 
@@ -220,7 +220,7 @@ def test_the_launcher_is_a_console_script_of_the_package() -> None:
     # the image's regular install puts it on PATH next to traintel (no tomllib on Python 3.10)
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     scripts = text.split("\n[project.scripts]\n", 1)[1].split("\n[", 1)[0].splitlines()
-    assert f'{LAUNCHER} = "traintel.torchrun:main"' in scripts
+    assert f'{LAUNCHER} = "traintel.cli.torchrun:main"' in scripts
 
 
 def test_the_config_map_config_passes_config_show(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def _local_argv(index: int, port: int, config: Path) -> list[str]:
     assert argv[: len(TINI)] == TINI
     argv = argv[len(TINI) :]
     assert argv[0] == LAUNCHER
-    out = [sys.executable, "-m", "traintel.torchrun"]
+    out = [sys.executable, "-m", "traintel.cli.torchrun"]
     for arg in argv[1:]:
         if arg.startswith("--master-addr="):
             out.append("--master-addr=127.0.0.1")
@@ -321,7 +321,7 @@ def test_the_job_command_exits_2_on_a_bad_config_which_fails_the_job(tmp_path: P
     for index, (code, out, err) in enumerate(results):
         assert code in fail_job["onExitCodes"]["values"], (index, code, err[-3000:])
         assert "traintel: error: trainer.max_epochs: input should be greater than or equal to 1" in err
-        assert "traintel.torchrun: exit 2 (bad input)" in err
+        assert "traintel.cli.torchrun: exit 2 (bad input)" in err
         assert not [line for line in out.splitlines() if line.startswith("{")]
 
 

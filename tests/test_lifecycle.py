@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from tests.conftest import loss_failing_at, make_batches, make_model, quiet_config, strict_object
-from traintel.api import build
+from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 

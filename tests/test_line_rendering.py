@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import structlog
 
-from traintel.logs import JsonLogHandler
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
+from traintel.sinks.json.logs import JsonLogHandler
 from traintel.testing import batch_record, end_record, run_context, step_record
 
 BATCH_LINE = (

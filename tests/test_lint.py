@@ -20,11 +20,26 @@ BIN = Path(sys.executable).parent
         ["ruff", "check", "traintel", "tests", "benchmarks", "examples", "docker/kubernetes"],
         ["ruff", "format", "--check", "traintel", "tests", "benchmarks", "examples", "docker/kubernetes"],
         ["mypy"],
+        ["lint-imports"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    ids=["ruff-check", "ruff-format", "mypy", "import-contracts"],
 )
 def test_tool_is_clean(argv: list[str]) -> None:
     result = subprocess.run(
         [str(BIN / argv[0]), *argv[1:]], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("module", ["traintel.sinks.base", "traintel.sinks", "traintel.sinks.memory"])
+def test_what_a_plugin_sink_imports_loads_no_heavy_library(module: str) -> None:
+    """A plug-in sink's imports load neither structlog, prometheus_client, matplotlib, torch nor
+    Ignite (checked in a fresh interpreter, where nothing else has loaded them)."""
+    code = (
+        f"import sys, {module}\n"
+        "from traintel.sinks import RunContext, Sink\n"
+        "heavy = ('structlog', 'prometheus_client', 'matplotlib', 'torch', 'ignite')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout == "[]\n"

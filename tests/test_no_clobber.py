@@ -34,12 +34,13 @@ import yaml
 
 from tests.children import child_env, run_child, run_cli
 from tests.conftest import make_batches, make_model
-from traintel import atomic, checkpoint, resume
-from traintel.api import build
-from traintel.assembly import RESERVED_NAMES
-from traintel.atomic import NotRegularFile, probe_write, write_atomic
-from traintel.cli import main
+from traintel.cli.main import main
 from traintel.errors import ConfigError
+from traintel.run import layout, resume
+from traintel.run.api import build
+from traintel.run.layout import RESERVED_NAMES
+from traintel.sinks.io import atomic
+from traintel.sinks.io.atomic import NotRegularFile, probe_write, write_atomic
 from traintel.task import Task
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -157,8 +158,8 @@ def test_dev_null_is_refused_before_anything_is_written(
         raise AssertionError("the report went on to write")
 
     # Were the check missing, nothing reaches /dev/null: neither the PNG nor a temporary file in /dev.
-    monkeypatch.setattr("traintel.report.write_atomic", must_not_write)
-    monkeypatch.setattr("traintel.atomic.tempfile.mkstemp", must_not_write)
+    monkeypatch.setattr("traintel.cli.report.write_atomic", must_not_write)
+    monkeypatch.setattr("traintel.sinks.io.atomic.tempfile.mkstemp", must_not_write)
     code = cli("report", "run", "--output", os.devnull)
 
     assert (code, *capsys.readouterr()) == (
@@ -204,7 +205,7 @@ def test_an_obstacle_appearing_while_the_figure_is_drawn_is_not_replaced(
     make: Callable[[Path], None],
     what: str,
 ) -> None:
-    from traintel import report
+    from traintel.cli import report
 
     (reported / "target.png").write_bytes(b"the user's picture")
     real = report.build_figure
@@ -248,7 +249,7 @@ def test_overwrite_regular_refuses_before_making_a_temporary_file(
     def must_not_make(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a temporary file was made")
 
-    monkeypatch.setattr("traintel.atomic.tempfile.mkstemp", must_not_make)
+    monkeypatch.setattr("traintel.sinks.io.atomic.tempfile.mkstemp", must_not_make)
     with pytest.raises(NotRegularFile) as raised:
         write_atomic(tmp_path / "out", b"png", overwrite="regular")
     assert (raised.value.kind, str(raised.value)) == (
@@ -313,7 +314,7 @@ def test_an_entry_that_appears_at_the_link_is_not_replaced(
         os.mkfifo(dst)  # between the last look and the link itself
         real_link(src, dst)
 
-    monkeypatch.setattr("traintel.atomic.os.link", link)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.link", link)
     with pytest.raises(NotRegularFile):
         write_atomic(path, b"ours", overwrite="regular")
     monkeypatch.undo()
@@ -328,7 +329,7 @@ def test_without_hard_links_the_file_is_renamed_into_place(
     def link(*_args: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr("traintel.atomic.os.link", link)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.link", link)
     write_atomic(tmp_path / "out", b"ours", overwrite=overwrite)
     monkeypatch.undo()
     assert (tmp_path / "out").read_bytes() == b"ours"
@@ -344,7 +345,7 @@ def test_probe_write_leaves_nothing_and_raises_a_full_disk(
     def full(*_args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("traintel.atomic.os.write", full)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.write", full)
     with pytest.raises(OSError, match="No space left on device"):
         probe_write(tmp_path, "run: {}\n")
     monkeypatch.undo()
@@ -403,10 +404,8 @@ def test_a_diagnostic_filename_that_is_no_file_name_is_refused(tmp_path: Path, n
 
 
 def test_the_reserved_names_are_the_ones_the_run_uses() -> None:
-    from traintel import report
-
-    assert set(RESERVED_NAMES) == {report.CONFIG_FILENAME, checkpoint.DIRECTORY, report.REPORT_FILENAME,
-                                   resume.RUN_FILE}  # fmt: skip
+    assert set(RESERVED_NAMES) == {layout.CONFIG_FILENAME, layout.CHECKPOINT_DIRECTORY, layout.REPORT_FILENAME,
+                                   layout.RUN_FILE}  # fmt: skip
 
 
 def _fill(run_dir: Path, names: list[str]) -> Snapshot:
@@ -486,7 +485,7 @@ def test_an_empty_directory_or_one_with_other_files_is_fine(tmp_path: Path, name
 
 def test_a_config_yaml_directory_is_refused_on_a_resumed_attempt_too(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    resume.write_run_file(run_dir / checkpoint.DIRECTORY, "second-run", 0)  # an attempt started here
+    resume.write_run_file(run_dir / layout.CHECKPOINT_DIRECTORY, "second-run", 0)  # an attempt started here
     before = _fill(run_dir, ["config.yaml/", "diagnostic.jsonl"])
     cfg = config(run_dir, run__resume="auto", checkpoint__every_steps=1)
 
@@ -619,13 +618,13 @@ def test_a_config_yaml_directory_is_exit_2_before_start(tmp_path: Path) -> None:
 FULL_DISK = textwrap.dedent(
     """\
     import errno, sys
-    import traintel.atomic
+    import traintel.sinks.io.atomic
 
     def full(fd, payload):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    traintel.atomic._write_all = full  # every file the run writes whole, and the start-up probe
-    from traintel.cli import main
+    traintel.sinks.io.atomic._write_all = full  # every file the run writes whole, and the start-up probe
+    from traintel.cli.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

@@ -23,7 +23,7 @@ import pytest
 
 from traintel.schema import validate_lines
 from traintel.sinks import JsonSink, LineRenderer
-from traintel.sinks._jsonline import escape_surrogates, with_extras
+from traintel.sinks.json.lines import escape_surrogates, with_extras
 from traintel.testing import end_record
 
 pytestmark = pytest.mark.slow

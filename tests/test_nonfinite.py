@@ -22,10 +22,11 @@ from ignite.engine import Events
 
 from tests.children import run_cli
 from tests.conftest import make_batches, make_model, quiet_config, strict_object
-from traintel.api import Run, build
 from traintel.engine.coordination import Coordinator
 from traintel.engine.progress import Progress
 from traintel.errors import NonFiniteLoss
+from traintel.run import layout
+from traintel.run.api import Run, build
 from traintel.task import Task
 
 SIZES = [4, 3, 5, 2, 4, 1, 3, 2]
@@ -399,7 +400,7 @@ def test_two_ranks_skip_the_same_step_when_one_rank_has_the_nan(tmp_path: Path) 
 def test_stop_keeps_the_last_checkpoint_taken_before_the_bad_step(tmp_path: Path) -> None:
     """Every step is checkpointed, but a checkpoint is committed only after its step's records are
     delivered, and delivering step 3's records is where the NaN is found: step 2's stays the newest."""
-    from traintel import checkpoint
+    from traintel.run import checkpoint
 
     cfg = quiet_config(tmp_path, accumulation_steps=1, on_nonfinite="stop")
     cfg["telemetry"] = {"every": 1, "max_delay_seconds": 60}  # delivered only when a checkpoint asks
@@ -408,5 +409,5 @@ def test_stop_keeps_the_last_checkpoint_taken_before_the_bad_step(tmp_path: Path
     run = build(cfg, task)
     with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at step 3 \(trainer.on_nonfinite=stop\)$"):
         run.run()
-    directory = tmp_path / "run" / checkpoint.DIRECTORY
+    directory = tmp_path / "run" / layout.CHECKPOINT_DIRECTORY
     assert [c.step for c in checkpoint.complete(directory, 0)] == [2, 1]

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import build
 from traintel.records import Record
+from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 

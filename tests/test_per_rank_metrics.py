@@ -25,11 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import free_port, http_get, prometheus_server, pushgateway_server
 from tests.test_dashboard import MULTI, RULES, VARIABLES, _dashboard, _substitute, _targets, regex_value
-from traintel.assembly import build_sinks
 from traintel.config import SinksConfig
 from traintel.errors import ConfigError
+from traintel.run.assembly import build_sinks
 from traintel.sinks import MemorySink, PrometheusSink, Pushgateway
-from traintel.sinks._jsonline import iso_utc
+from traintel.sinks.json.lines import iso_utc
 from traintel.testing import (
     T0,
     batch_record,

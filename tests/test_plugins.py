@@ -19,8 +19,8 @@ from prometheus_client import generate_latest
 from traintel_csv_sink import CsvSink
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.api import build
 from traintel.records import Record
+from traintel.run.api import build
 from traintel.sinks import DiagnosticSink, JsonSink, MemorySink, PrometheusSink, RunContext
 from traintel.task import Task
 from traintel.testing import SinkContractError, check_sink
@@ -225,9 +225,9 @@ def test_sinks_list_shows_built_in_and_installed_sinks(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
         "NAME         SOURCE             TARGET                                      NOTE\n"
-        "json         built-in           traintel.sinks.json_stdout:JsonSink         structlog JSON lines on stdout (sinks.json)\n"
+        "json         built-in           traintel.sinks.json.sink:JsonSink         structlog JSON lines on stdout (sinks.json)\n"
         "diagnostic   built-in           traintel.sinks.diagnostic:DiagnosticSink    <run dir>/diagnostic.jsonl (sinks.diagnostic)\n"
-        "prometheus   built-in           traintel.sinks.prometheus:PrometheusSink    HTTP /metrics exporter (sinks.prometheus)\n"
+        "prometheus   built-in           traintel.sinks.prometheus.sink:PrometheusSink    HTTP /metrics exporter (sinks.prometheus)\n"
         "memory       built-in           traintel.sinks.memory:MemorySink            keeps records in memory (Python API and tests)\n"
         "csv          traintel-csv-sink  traintel_csv_sink:CsvSink                   enable with sinks.extra: [{name: csv}]\n"
         "tensorboard  traintel           traintel.sinks.tensorboard:TensorBoardSink  enable with sinks.extra: [{name: tensorboard}]\n"

@@ -133,7 +133,7 @@ def test_secrets_never_reach_config_show_or_the_logs(tmp_path: Path) -> None:
     import torch
 
     from tests.conftest import make_batches, make_model, quiet_config
-    from traintel.api import build
+    from traintel.run.api import build
     from traintel.sinks import JsonSink
     from traintel.task import Task
 

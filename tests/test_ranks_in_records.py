@@ -22,12 +22,11 @@ from traintel.records import (
     RunStartRecord,
     SinkErrorRecord,
     layout,
-    rank_filename,
-    rank_of_filename,
 )
+from traintel.run.layout import rank_filename, rank_of_filename
 from traintel.schema import validate_lines
 from traintel.sinks import LineRenderer
-from traintel.sinks._jsonline import ecs_layout
+from traintel.sinks.json.lines import ecs_layout
 from traintel.testing import T0, make_record
 
 HEAD = ["timestamp", "level", "event", "run_id", "schema_version", "rank", "world_size", "attempt"]

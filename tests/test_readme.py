@@ -39,20 +39,3 @@ def test_the_sink_listing_is_the_example_module() -> None:
     example = (README.parent / "examples" / "csv-sink" / "traintel_csv_sink.py").read_text(encoding="utf-8")
     assert listing == example
     assert len(example.splitlines()) == 30
-
-
-def test_the_layout_lists_every_module() -> None:
-    text = README.read_text(encoding="utf-8")
-    block = text.split("## Layout\n", 1)[1].split("```\n", 2)[1]
-    words = set(block.split())
-    package = README.parent / "traintel"
-    missing = []
-    for path in sorted(package.rglob("*.py")):
-        inner = path.parent != package
-        if inner and path.name == "__init__.py":
-            continue  # a subpackage is listed by its folder
-        if path.name not in words and f"{path.parent.name}/{path.name}" not in words:
-            missing.append(str(path.relative_to(package)))
-        if inner and f"{path.parent.name}/" not in words and f"{path.parent.name}/{path.name}" not in words:
-            missing.append(f"{path.parent.name}/")
-    assert missing == []

@@ -28,9 +28,8 @@ import pytest
 import yaml
 
 from tests.children import probe_cli, run_child, run_cli
-from traintel.cli import main
-from traintel.config import load_config
-from traintel.report import (
+from traintel.cli.main import main
+from traintel.cli.report import (
     FIGURE_SIZE_PX,
     LABEL_BATCH_LOSS,
     LABEL_EPOCH_LOSS,
@@ -42,6 +41,7 @@ from traintel.report import (
     build_figure,
     load_run,
 )
+from traintel.config import load_config
 
 ROOT = Path(__file__).parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -415,7 +415,7 @@ def test_a_failed_write_is_a_one_line_error_and_keeps_the_old_report(
     def replace(*_args: object) -> None:
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("traintel.atomic.os.replace", replace)
+    monkeypatch.setattr("traintel.sinks.io.atomic.os.replace", replace)
     code = cli("report", str(run))
     monkeypatch.undo()
 
@@ -914,7 +914,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_import_is_light(tmp_path: Path) -> None:
-    code = "import sys, traintel.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    code = "import sys, traintel.cli.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     proc = run_child([sys.executable, "-c", code], tmp_path)
     assert (proc.returncode, proc.stdout) == (0, "False False\n"), proc.stderr
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
-from traintel import checkpoint
+from traintel.run import checkpoint, layout
 from traintel.schema import validate_line
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def same_tensors(a: Any, b: Any) -> bool:
 
 def final_state(run_dir: Path) -> dict[str, Any]:
     """The model, optimizer, scheduler and progress of the run's last checkpoint (step 12)."""
-    found = checkpoint.newest(run_dir / checkpoint.DIRECTORY, 0)
+    found = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, 0)
     assert found is not None
     assert found[0].step == STEPS
     return {k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")}
@@ -227,7 +227,7 @@ def test_sigterm_checkpoints_the_finished_step_and_the_resume_trains_no_step_twi
         "SIGTERM",
         6,
     )
-    assert [c.step for c in checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0)] == [6, 4]
+    assert [c.step for c in checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0)] == [6, 4]
 
     resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -274,7 +274,7 @@ def test_sigterm_on_the_built_in_task_ends_within_10_s_with_a_checkpoint(tmp_pat
     assert took < 10, took
     end = list(lines("".join(out) + rest))[-1]
     assert (end["event"], end["status"], end["reason"]) == ("run.end", "terminated", "SIGTERM")
-    newest = checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0)[0]
+    newest = checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0)[0]
     assert newest.step == end["step"]
 
     resumed = traintel(
@@ -470,7 +470,7 @@ def test_resuming_with_another_seed_is_refused_naming_it(checkpointed: Path, tmp
 
 
 def test_resuming_with_another_run_id_is_refused_naming_both(checkpointed: Path, tmp_path: Path) -> None:
-    run_id = json.loads((checkpointed / checkpoint.DIRECTORY / "run.json").read_text())["run_id"]
+    run_id = json.loads((checkpointed / layout.CHECKPOINT_DIRECTORY / "run.json").read_text())["run_id"]
     before = files(checkpointed)
     expected = (
         f"traintel: error: run.id: cannot change when resuming the run in {str(checkpointed)!r}: its id is "
@@ -494,7 +494,7 @@ def test_a_checkpoint_without_the_run_settings_still_resumes(checkpointed: Path,
 
     run_dir = tmp_path / "run"
     shutil.copytree(checkpointed, run_dir)
-    directory = run_dir / checkpoint.DIRECTORY
+    directory = run_dir / layout.CHECKPOINT_DIRECTORY
     found = checkpoint.newest(directory, 0)
     assert found is not None
     step, state = found[0].step, found[1]

@@ -17,7 +17,7 @@ import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.test_resume import ROOT, STEPS, config, lines, losses, same_tensors
-from traintel import checkpoint
+from traintel.run import checkpoint, layout
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def final_states(run_dir: Path) -> list[dict[str, Any]]:
     """Each rank's model, optimizer, scheduler and progress at the last checkpoint (step 12)."""
     states = []
     for rank in (0, 1):
-        found = checkpoint.newest(run_dir / checkpoint.DIRECTORY, rank)
+        found = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, rank)
         assert found is not None and found[0].step == STEPS
         states.append({k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")})
     return states
@@ -112,7 +112,7 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
     assert (end["event"], end["status"], end["step"]) == ("run.end", "terminated", 4)
     assert ("train.epoch", 1) not in losses(out)
     for rank in (0, 1):
-        assert checkpoint.complete(run_dir / checkpoint.DIRECTORY, rank)[0].step == 4
+        assert checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, rank)[0].step == 4
     time.sleep(0.5)  # torchrun's port is free again
 
     code, again, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
@@ -136,7 +136,10 @@ def killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     code, out, err = finished(torchrun(args, where, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"}))
     assert code == 1, err
     for rank in (0, 1):
-        assert [c.step for c in checkpoint.complete(where / "run" / checkpoint.DIRECTORY, rank)] == [6, 4]
+        assert [c.step for c in checkpoint.complete(where / "run" / layout.CHECKPOINT_DIRECTORY, rank)] == [
+            6,
+            4,
+        ]
     return where / "run", out, err
 
 
@@ -159,7 +162,7 @@ def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_old
     expected, final = reference
     run_dir = tmp_path / "run"
     shutil.copytree(killed[0], run_dir)
-    damaged = run_dir / checkpoint.DIRECTORY / checkpoint.state_name(6, 1)
+    damaged = run_dir / layout.CHECKPOINT_DIRECTORY / layout.state_name(6, 1)
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
     damaged.write_bytes(bytes(data))

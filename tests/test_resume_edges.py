@@ -14,7 +14,7 @@ import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.test_resume import ROOT, config, lines, traintel
-from traintel import checkpoint
+from traintel.run import checkpoint, layout
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpo
     cfg["trainer"]["max_epochs"] = 2
     cfg["checkpoint"] = {"every_steps": every_steps, "keep": 1}
     run_dir = first_attempt(tmp_path, cfg)
-    newest = checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0)[0]
+    newest = checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0)[0]
     assert newest.step == (8 if every_steps == 4 else 6)
     before = sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*"))
 
@@ -106,7 +106,7 @@ def test_a_completed_run_without_a_checkpoint_is_not_trained_again_under_resume_
     cfg["run"]["resume"] = "auto"
     cfg["checkpoint"] = {"every_steps": 100}  # never reached: the run keeps no checkpoint
     run_dir = first_attempt(tmp_path, cfg)
-    assert checkpoint.complete(run_dir / checkpoint.DIRECTORY, 0) == []
+    assert checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0) == []
 
     again = traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path)
 

@@ -46,8 +46,8 @@ import torch
 from ignite.engine import Events
 
 from tests.conftest import loss_failing_at, make_batches, make_model, quiet_config
-from traintel.api import build
 from traintel.records import RECORD_TYPES, SCHEMA_VERSION, Record
+from traintel.run.api import build
 from traintel.schema import SCHEMA_PATH, RecordValidationError, load_schema, validate_line, validate_lines
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from traintel import checkpoint
+from traintel.run import checkpoint, layout
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_checkpoints_do_not_wait_for_a_stdout_that_is_not_read(tmp_path: Path, d
     err: list[bytes] = []
     reader = threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True)
     reader.start()
-    directory = run_dir / checkpoint.DIRECTORY
+    directory = run_dir / layout.CHECKPOINT_DIRECTORY
     deadline = time.monotonic() + 120
     while not any(c.step == 22 for c in checkpoint.complete(directory, 0)):  # the last step's
         assert proc.poll() is None, "the run ended without its last checkpoint"

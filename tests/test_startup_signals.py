@@ -304,7 +304,7 @@ def test_sigterm_to_torchrun_while_a_rank_waits_for_its_peers_ends_within_second
     script.chmod(0o755)
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1", "TEST_PYTHON": sys.executable})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "traintel.torchrun", "--standalone", "--nproc-per-node=2", "--no-python",
+        [sys.executable, "-m", "traintel.cli.torchrun", "--standalone", "--nproc-per-node=2", "--no-python",
          str(script), "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
          "--set", "sinks.prometheus.port=0"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -321,5 +321,5 @@ def test_sigterm_to_torchrun_while_a_rank_waits_for_its_peers_ends_within_second
     assert (proc.returncode, out) == (143, "")
     assert [line for line in err.splitlines() if line.startswith("traintel")] == [
         startup_line(signal.SIGTERM).rstrip("\n"),
-        "traintel.torchrun: exit 143 (terminated)",
+        "traintel.cli.torchrun: exit 143 (terminated)",
     ]

@@ -19,8 +19,8 @@ import pytest
 
 from tests.children import CHILD_TIMEOUT, child_env
 from tests.conftest import strict_object
-from traintel.sinks._stdout_capture import StdoutCapture, install, release
-from traintel.sinks.json_stdout import JsonSink
+from traintel.sinks.json.capture import StdoutCapture, install, release
+from traintel.sinks.json.sink import JsonSink
 from traintel.testing import batch_record, end_record, run_context, step_record
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"

@@ -153,7 +153,7 @@ def test_contract_and_event_files_match_the_records_after_float32_rounding(tmp_p
 
 
 def test_run_via_entry_point_matches_memory_sink_and_diagnostic_file(tmp_path: Path) -> None:
-    from traintel.api import build
+    from traintel.run.api import build
 
     cfg = quiet_config(tmp_path, max_epochs=2, accumulation_steps=2, grad_clip_norm=1.0)
     cfg["sinks"]["diagnostic"] = {"enabled": True}
@@ -244,7 +244,7 @@ def test_lifecycle_errors_and_idempotent_close(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flush_secs", [0, -1.0])
 def test_bad_flush_secs_is_a_config_error(tmp_path: Path, flush_secs: float) -> None:
-    from traintel.api import build
+    from traintel.run.api import build
 
     cfg = quiet_config(tmp_path)
     cfg["sinks"]["extra"] = [{"name": "tensorboard", "params": {"flush_secs": flush_secs}}]

@@ -1,4 +1,4 @@
-"""``python -m traintel.torchrun``: torch's torchrun, exiting with its workers' status.
+"""``python -m traintel.cli.torchrun``: torch's torchrun, exiting with its workers' status.
 
 Real launches (two gloo ranks on CPU): a bad config exits 2 where torchrun exits 1, a worker failing
 in training exits 1, and a SIGTERM to the launcher exits 143 once both ranks ended the run as
@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from tests.children import CHILD_TIMEOUT, CRASH_MESSAGE, child_env, write_crashing_task
-from traintel import checkpoint
-from traintel.torchrun import exit_status
+from traintel.cli.torchrun import exit_status
+from traintel.run import checkpoint, layout
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
-LAUNCHERS = {"traintel": "traintel.torchrun", "torch": "torch.distributed.run"}
+LAUNCHERS = {"traintel": "traintel.cli.torchrun", "torch": "torch.distributed.run"}
 
 
 def _launch(tmp_path: Path, launcher: str, *overrides: str) -> subprocess.Popen[str]:
@@ -78,7 +78,7 @@ def test_a_worker_failing_in_training_exits_1(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     assert proc.returncode == 1, err[-3000:]
     assert f"training failed: RuntimeError: {CRASH_MESSAGE}" in err
-    assert "traintel.torchrun: exit 1 (a worker failed)" in err
+    assert "traintel.cli.torchrun: exit 1 (a worker failed)" in err
     # rank 0 ends the run as failed on rank 1's error; torch's agent then stops it with SIGTERM
     end = _records(out)[-1]
     assert (end["event"], end["status"]) == ("run.end", "failed")
@@ -97,6 +97,8 @@ def test_sigterm_to_the_launcher_exits_143_after_the_ranks_end_the_run(tmp_path:
     assert proc.returncode == 143, err[-3000:]
     end = _records(out)[-1]
     assert (end["event"], end["status"], end["reason"]) == ("run.end", "terminated", "SIGTERM")
-    assert "SignalException" in err and "traintel.torchrun: exit 143 (terminated)" in err
+    assert "SignalException" in err and "traintel.cli.torchrun: exit 143 (terminated)" in err
     for rank in (0, 1):  # both ranks checkpointed the step they finished: a new pod resumes from it
-        assert checkpoint.complete(tmp_path / "run" / checkpoint.DIRECTORY, rank)[0].step == end["step"]
+        assert (
+            checkpoint.complete(tmp_path / "run" / layout.CHECKPOINT_DIRECTORY, rank)[0].step == end["step"]
+        )

@@ -22,8 +22,8 @@ import pytest
 
 from traintel.records import Record, RunEndRecord
 from traintel.sinks._policy import DROP_FIRST, DROP_LAST, KEEP, droppable, urgent
-from traintel.sinks._writer import CHUNK_OVERHEAD, PIPE_BUF, BackgroundWriter, FdStream, IncompleteWrite
-from traintel.sinks.json_stdout import JsonSink
+from traintel.sinks.io.writer import CHUNK_OVERHEAD, PIPE_BUF, BackgroundWriter, FdStream, IncompleteWrite
+from traintel.sinks.json.sink import JsonSink
 from traintel.testing import batch_record, end_record, epoch_record, step_record
 
 F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity

@@ -26,9 +26,9 @@ _EXPORTS = {
     "RunEndRecord": "traintel.records",
     "SinkErrorRecord": "traintel.records",
     "Task": "traintel.task",
-    "Run": "traintel.api",
-    "build": "traintel.api",
-    "train": "traintel.api",
+    "Run": "traintel.run.api",
+    "build": "traintel.run.api",
+    "train": "traintel.run.api",
     "TraintelEvents": "traintel.engine.events",
     "create_trainer": "traintel.engine.trainer",
     "WindowedLoader": "traintel.engine.windows",
@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from traintel.api import Run, build, train
     from traintel.config import Config, load_config
     from traintel.engine.events import TraintelEvents
     from traintel.engine.trainer import create_trainer
@@ -84,6 +83,7 @@ if TYPE_CHECKING:
         SinkErrorRecord,
         StepRecord,
     )
+    from traintel.run.api import Run, build, train
     from traintel.sinks.base import RunContext, Sink
     from traintel.sinks.fanout import FanOut
     from traintel.sinks.memory import MemorySink

@@ -2,6 +2,6 @@
 
 import sys
 
-from traintel.cli import main
+from traintel.cli.main import main
 
 sys.exit(main())

@@ -240,50 +240,6 @@ class SinkErrorRecord(Record):
     """The first exception's type and message."""
 
 
-def rank_filename(filename: str, rank: int) -> str:
-    """The name of rank ``rank``'s diagnostic file when rank 0's is ``filename``.
-
-    Rank 0 keeps ``filename``; rank r > 0 inserts ``.rank<r>`` before the last suffix
-    (``diagnostic.jsonl`` -> ``diagnostic.rank1.jsonl``, ``a.b.jsonl`` -> ``a.b.rank1.jsonl``),
-    and a name without one gets it appended (``diag`` -> ``diag.rank1``). The last suffix is the
-    text from the last dot when that dot is neither the first nor the last character, as a leading
-    dot (``.diag``) or a trailing one (``diag.``) does not start a suffix. Rotated parts of rank
-    r's file are ``rank_filename(filename, r) + ".<n>"``. ValueError when ``rank`` is negative
-    or not an int.
-    """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        msg = f"rank must be an int >= 0, got {rank!r}"
-        raise ValueError(msg)
-    if rank == 0:
-        return filename
-    head, tail = _split_suffix(filename)
-    return f"{head}.rank{rank}{tail}"
-
-
-def rank_of_filename(name: str, filename: str) -> int | None:
-    """The rank r > 0 whose file is ``name`` (``rank_filename(filename, r) == name``), else None.
-
-    Only a canonical decimal r counts (``diagnostic.rank01.jsonl`` and ``diagnostic.rank0.jsonl``
-    are no rank's file); rotated parts (``<rank file>.<n>``) are not rank files themselves.
-    """
-    head, tail = _split_suffix(filename)
-    if not (name.startswith(head + ".rank") and name.endswith(tail)):
-        return None
-    digits = name[len(head) + len(".rank") : len(name) - len(tail)]
-    if not (digits.isascii() and digits.isdecimal()) or digits.startswith("0"):
-        return None
-    rank = int(digits)
-    return rank if rank_filename(filename, rank) == name else None
-
-
-def _split_suffix(filename: str) -> tuple[str, str]:
-    """``filename`` cut before its last suffix (a dot neither first nor last, and what follows)."""
-    dot = filename.rfind(".")
-    if 0 < dot < len(filename) - 1:
-        return filename[:dot], filename[dot:]
-    return filename, ""
-
-
 RECORD_TYPES: tuple[type[Record], ...] = (
     BatchRecord,
     StepRecord,

@@ -256,11 +256,11 @@ def _ecs_object(schema: Mapping[str, Any], namespace: str, leave_out: frozenset[
 def derive_ecs_schema(schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``ecs`` profile's schema, derived from the default one (``schema``, by default
     :func:`load_schema`): the same record definitions, closed as they are, with ECS names (see
-    the module's docstring and ``traintel.sinks._jsonline.ecs_layout``), ``ecs.version``,
+    the module's docstring and ``traintel.sinks.json.lines.ecs_layout``), ``ecs.version``,
     ``event.dataset`` and ``event.action`` added, ``sink.error``'s ``error`` as ECS
     ``error.type`` and ``error.message``, the diagnostic file's extras left out, and a routed
     log line (``event.dataset`` ``traintel.log``) whose keys are ECS fields or ``traintel.*``."""
-    from traintel.sinks._jsonline import (  # orjson and the sinks only when deriving
+    from traintel.sinks.json.lines import (  # orjson and the sinks only when deriving
         ECS_NAMESPACE,
         ECS_VERSION,
         LOG_DATASET,

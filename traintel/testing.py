@@ -287,8 +287,8 @@ def check_sink(
     directories go under ``base_dir`` (kept), or a temporary directory removed on return.
     Returns one ContractResult per run; raises SinkContractError on a breach.
     """
-    from traintel.api import build
-    from traintel.plugins import check_sink as has_interface
+    from traintel.run.api import build
+    from traintel.run.plugins import check_sink as has_interface
 
     results = []
     keep = contextlib.nullcontext(str(base_dir)) if base_dir is not None else None

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Events
 
-from traintel.api import build
 from traintel.engine import ddp
 from traintel.engine.coordination import ProcessGroupCoordinator
 from traintel.engine.events import TraintelEvents
+from traintel.run.api import build
 from traintel.sinks.fanout import FanOut
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task

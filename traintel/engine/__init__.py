@@ -6,10 +6,11 @@ from traintel.engine.ddp import DistributedStep, sum_hook
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.loss import WindowLoss, loss_scale
+from traintel.engine.outputs import MicroBatchOutput, StepOutput
 from traintel.engine.progress import EpochLoss, Progress
 from traintel.engine.shards import ShardSampler, shard
 from traintel.engine.state import TraintelState
-from traintel.engine.step import AccumulatingStep, MicroBatchOutput, StepOutput
+from traintel.engine.step import AccumulatingStep
 from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import Window, WindowedLoader
 

@@ -11,7 +11,7 @@ from traintel.engine.loss import WindowLoss
 from traintel.engine.progress import Progress
 
 if TYPE_CHECKING:
-    from traintel.engine.step import MicroBatchOutput, StepOutput
+    from traintel.engine.outputs import MicroBatchOutput, StepOutput
 
 
 class TraintelState(State):

@@ -6,7 +6,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from ignite.engine import Engine
@@ -14,6 +14,7 @@ from ignite.engine import Engine
 from traintel.engine.coordination import PEER_STOP_REASON, Coordinator
 from traintel.engine.events import TraintelEvents
 from traintel.engine.loss import WindowLoss, loss_scale
+from traintel.engine.outputs import MicroBatchOutput, StepOutput
 from traintel.engine.progress import Progress
 from traintel.engine.state import TraintelState
 from traintel.engine.windows import Window
@@ -23,56 +24,6 @@ CountItems = Callable[[Any], int]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 _log = logging.getLogger("traintel")
-
-
-class MicroBatchOutput(NamedTuple):
-    """One micro-batch (``state.micro_batch`` during ``MICRO_BATCH_COMPLETED``): the tensors given
-    to backward, detached, still on the device."""
-
-    position: int
-    """1-based position in the window."""
-    batch: int
-    """1-based index in the epoch."""
-    items: int
-    """n_b."""
-    scale: float
-    """n_b / N (``loss_scale``; 0.0 for a micro-batch with no items)."""
-    raw_loss: torch.Tensor
-    """mean_loss_b (NaN when the micro-batch has no items and was not run)."""
-    loss: torch.Tensor
-    """s_b = raw_loss * scale: exactly what went to backward."""
-
-
-class StepOutput(NamedTuple):
-    """One optimizer step. Tensors stay on the device; handlers convert them when they emit."""
-
-    epoch: int
-    step: int
-    """Optimizer steps completed, including this one (unchanged when skipped)."""
-    window: Window
-    items: int
-    """N: the window's items."""
-    counts: tuple[int, ...]
-    """n_b of each micro-batch, in window order."""
-    raw_losses: tuple[torch.Tensor, ...]
-    """mean_loss_b of each micro-batch, detached (NaN for one with no items)."""
-    losses: tuple[torch.Tensor, ...]
-    """s_b = mean_loss_b * n_b / N of each micro-batch: exactly what went to backward, detached."""
-    window_loss: WindowLoss
-    """The step's objective, summed when first read (``loss``)."""
-    items_total: int
-    """Items processed since the run started, including this window."""
-    lr: float
-    """Learning rate of the first parameter group used by this step."""
-    grad_norm: torch.Tensor | None
-    skipped: bool
-    """No optimizer step: the window held no items, or its loss was not finite under
-    ``trainer.on_nonfinite=skip_step``."""
-
-    @property
-    def loss(self) -> torch.Tensor:
-        """Sum of the window's s_b, float64, detached, on the device: the objective of this step."""
-        return self.window_loss.resolve()
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

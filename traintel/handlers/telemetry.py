@@ -14,11 +14,11 @@ from ignite.engine import Engine, Events
 
 from traintel.engine.coordination import Coordinator
 from traintel.engine.loss import loss_scale
+from traintel.engine.outputs import StepOutput
 from traintel.engine.state import traintel_state
-from traintel.engine.step import StepOutput
 from traintel.errors import NonFiniteLoss
+from traintel.handlers.rss import rss_bytes
 from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
-from traintel.rss import rss_bytes
 
 Emit = Callable[[Record], None]
 EmitMany = Callable[[Sequence[Record]], None]

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from traintel._dirs import missing_dirs, remove_empty
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record
-from traintel.sinks._jsonline import LineRenderer, with_extras
 from traintel.sinks._policy import droppable, urgent
-from traintel.sinks._writer import BackgroundWriter, IncompleteWrite
 from traintel.sinks.base import RunContext
+from traintel.sinks.io.dirs import missing_dirs, remove_empty
+from traintel.sinks.io.writer import BackgroundWriter, IncompleteWrite
+from traintel.sinks.json.lines import LineRenderer, with_extras
 
 _TAIL_CHUNK = 64 * 1024
 _RETRY_MIN = 64 * 1024

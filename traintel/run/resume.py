@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from traintel import checkpoint
-from traintel.atomic import write_atomic
 from traintel.config import Config
 from traintel.engine.coordination import Coordinator
 from traintel.errors import ConfigError
-
-RUN_FILE = "run.json"
+from traintel.run import checkpoint, layout
+from traintel.sinks.io.atomic import write_atomic
 
 FIXED_TRAINER_KEYS = (
     "accumulation_steps",
@@ -70,7 +68,7 @@ def fixed_settings(config: Config, world_size: int, batch_size: int | None) -> d
 def read_run_file(directory: Path) -> dict[str, Any] | None:
     """``run.json``'s run id and attempt, or None when there is none (or it is unreadable)."""
     try:
-        data = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+        data = json.loads((directory / layout.RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if (
@@ -91,7 +89,7 @@ def write_run_file(
     data: dict[str, Any] = {"run_id": run_id, "attempt": attempt}
     if completed is not None:
         data["completed"] = dict(completed)
-    write_atomic(directory / RUN_FILE, json.dumps(data) + "\n")
+    write_atomic(directory / layout.RUN_FILE, json.dumps(data) + "\n")
 
 
 def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumption | None:
@@ -103,7 +101,7 @@ def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumpti
     differ, every step above the smallest is dropped and the ranks try again. ``required``
     (``--resume``): a directory without such a checkpoint is a ConfigError.
     """
-    directory = run_dir / checkpoint.DIRECTORY
+    directory = run_dir / layout.CHECKPOINT_DIRECTORY
     rank = coordinator.rank
     checkpoint.remove_temporary(directory, rank)
     steps = {c.step for c in checkpoint.complete(directory, rank)}
@@ -149,7 +147,7 @@ def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], where: 
 def completed(run_dir: Path, coordinator: Coordinator) -> tuple[int, int] | None:
     """``(step, epochs)`` when the run's newest attempt trained all its epochs (rank 0's ``run.json``
     says so, on every rank), else None: its last checkpoint may be older than its end."""
-    note = read_run_file(run_dir / checkpoint.DIRECTORY) if coordinator.rank == 0 else None
+    note = read_run_file(run_dir / layout.CHECKPOINT_DIRECTORY) if coordinator.rank == 0 else None
     done = note.get("completed") if note is not None else None
     if not (isinstance(done, dict) and type(done.get("step")) is int and type(done.get("epochs")) is int):
         done = None

@@ -19,14 +19,27 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from structlog.processors import ExceptionRenderer
 from structlog.tracebacks import ExceptionDictTransformer
 
-from traintel.sinks._jsonline import ecs_log_layout, iso_utc
-from traintel.sinks.json_stdout import JsonSink
+from traintel.sinks.json.lines import ecs_log_layout, iso_utc
+
+
+class LineSink(Protocol):
+    """What the handler writes through: a JSON sink's profile, renderer and line queue
+    (``traintel.sinks.json.sink.JsonSink``)."""
+
+    @property
+    def profile(self) -> str: ...
+
+    @property
+    def renderer(self) -> Any: ...
+
+    def write_line(self, line: bytes, *, rank: int = ...) -> None: ...
+
 
 _exception_dict = ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
@@ -87,7 +100,7 @@ class JsonLogHandler(logging.Handler):
     given to the sink are for records and do not run here.
     """
 
-    def __init__(self, sink: JsonSink, level: int = logging.WARNING) -> None:
+    def __init__(self, sink: LineSink, level: int = logging.WARNING) -> None:
         super().__init__(level)
         self.sink = sink
         layout: list[Any] = [_ecs_exception, ecs_log_layout] if sink.profile == "ecs" else [_exception_dict]
@@ -102,7 +115,7 @@ class JsonLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def route_stdlib_logging(sink: JsonSink, level: int = logging.WARNING) -> Callable[[], None]:
+def route_stdlib_logging(sink: LineSink, level: int = logging.WARNING) -> Callable[[], None]:
     """Install the handler on the root logger and capture ``warnings``; returns the undo."""
     handler = JsonLogHandler(sink, level)
     root = logging.getLogger()

@@ -25,12 +25,15 @@ from traintel.errors import ConfigError, one_line
 ENTRY_POINT_GROUP = "traintel.sinks"
 
 BUILTIN_SINKS: dict[str, tuple[str, str]] = {
-    "json": ("traintel.sinks.json_stdout:JsonSink", "structlog JSON lines on stdout (sinks.json)"),
+    "json": ("traintel.sinks.json.sink:JsonSink", "structlog JSON lines on stdout (sinks.json)"),
     "diagnostic": (
         "traintel.sinks.diagnostic:DiagnosticSink",
         "<run dir>/diagnostic.jsonl (sinks.diagnostic)",
     ),
-    "prometheus": ("traintel.sinks.prometheus:PrometheusSink", "HTTP /metrics exporter (sinks.prometheus)"),
+    "prometheus": (
+        "traintel.sinks.prometheus.sink:PrometheusSink",
+        "HTTP /metrics exporter (sinks.prometheus)",
+    ),
     "memory": ("traintel.sinks.memory:MemorySink", "keeps records in memory (Python API and tests)"),
 }
 

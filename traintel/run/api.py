@@ -17,11 +17,7 @@ from typing import Any, BinaryIO
 import torch
 from ignite.engine import Engine, Events
 
-from traintel import checkpoint, distributed, resume, rundir
-from traintel._dirs import missing_dirs, remove_empty
-from traintel.assembly import build_sinks
 from traintel.config import Config, coerce_config
-from traintel.distributed import Launch, shared_run_id
 from traintel.engine import ddp, rng
 from traintel.engine.coordination import Coordinator, ProcessGroupCoordinator
 from traintel.engine.evaluator import create_evaluator
@@ -30,15 +26,19 @@ from traintel.engine.step import AccumulatingStep, default_count_items, default_
 from traintel.engine.trainer import TraintelEngine, create_trainer
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import ConfigError, NonFiniteLoss, one_line, signal_exit
-from traintel.handlers.checkpointing import Checkpointing
 from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
-from traintel.logs import route_stdlib_logging
-from traintel.optim import build_optimizer, build_scheduler
 from traintel.records import RunEndRecord, RunStartRecord, freeze
-from traintel.signals import early_signal, handled, hold_early, on_early_exit
+from traintel.run import checkpoint, distributed, layout, resume, rundir
+from traintel.run.assembly import build_sinks
+from traintel.run.checkpointing import Checkpointing
+from traintel.run.distributed import Launch, shared_run_id
+from traintel.run.optim import build_optimizer, build_scheduler
+from traintel.run.signals import early_signal, handled, hold_early, on_early_exit
 from traintel.sinks.base import RunContext, Sink
+from traintel.sinks.io.dirs import missing_dirs, remove_empty
+from traintel.sinks.json.logs import route_stdlib_logging
 from traintel.task import Task, check_task, make_task
 
 _WINDOW_ON_ITS_WAY = frozenset(
@@ -268,7 +268,7 @@ class Run:
         a configured ``run.id`` is that run's."""
         cfg = self.config
         if cfg.run.resume != "auto":
-            directory = self.run_dir / checkpoint.DIRECTORY
+            directory = self.run_dir / layout.CHECKPOINT_DIRECTORY
             if cfg.checkpoint.enabled and checkpoint.complete(directory, self.coordinator.rank):
                 raise ConfigError(
                     "run.dir",
@@ -322,7 +322,7 @@ class Run:
         if not cc.enabled and state is None:
             return None
         handler = Checkpointing(
-            self.run_dir / checkpoint.DIRECTORY,
+            self.run_dir / layout.CHECKPOINT_DIRECTORY,
             trainer=self.trainer,
             model=self.model,
             optimizer=self.optimizer,
@@ -469,7 +469,7 @@ class Run:
         made = missing_dirs(directory)
         resume.write_run_file(directory, self.run_id, self.attempt)
         if self.attempt == 0:
-            self._run_file = directory / resume.RUN_FILE
+            self._run_file = directory / layout.RUN_FILE
             self._made_dirs = [*made, *self._made_dirs]
 
     def _forget_attempt(self) -> None:

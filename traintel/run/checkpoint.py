@@ -32,13 +32,11 @@ from typing import Any
 
 import torch
 
-from traintel.atomic import write_atomic
-from traintel.records import rank_filename
+from traintel.run.layout import manifest_name, state_name
+from traintel.sinks.io.atomic import write_atomic
 
 FORMAT = 1
 """Version of the state layout; a checkpoint of another format is refused."""
-DIRECTORY = "checkpoints"
-"""Where checkpoints go, inside the run directory."""
 
 _FILE = re.compile(r"^step-(\d{9})(?:\.rank([1-9]\d*))?\.(pt|json)$")
 _TEMP = re.compile(r"^\.step-\d{9}(?:\.rank([1-9]\d*))?\.(?:pt|json)\..+\.tmp$")
@@ -53,15 +51,6 @@ class Complete:
     path: Path
     sha256: str
     size: int
-
-
-def state_name(step: int, rank: int) -> str:
-    """``step-000000012.pt`` (rank 0), ``step-000000012.rank1.pt``."""
-    return rank_filename(f"step-{step:09d}.pt", rank)
-
-
-def manifest_name(step: int, rank: int) -> str:
-    return rank_filename(f"step-{step:09d}.json", rank)
 
 
 def _rank_of(match: re.Match[str]) -> int:

@@ -15,19 +15,14 @@ from typing import BinaryIO
 
 from traintel.config import PushgatewayConfig, SinksConfig
 from traintel.errors import ConfigError
-from traintel.plugins import make_sink
-from traintel.records import rank_filename
-from traintel.report import CONFIG_FILENAME, REPORT_FILENAME
-from traintel.sinks._jsonline import LineRenderer
+from traintel.run.layout import RESERVED_NAMES, rank_filename
+from traintel.run.plugins import make_sink
 from traintel.sinks.base import Sink
 from traintel.sinks.diagnostic import DiagnosticSink
 from traintel.sinks.fanout import FanOut
-from traintel.sinks.json_stdout import JsonSink
-from traintel.sinks.prometheus import PrometheusSink, Pushgateway
-
-RESERVED_NAMES = (CONFIG_FILENAME, "checkpoints", REPORT_FILENAME, "run.json")
-"""Names of traintel's own files in a run directory (``checkpoints`` is ``checkpoint.DIRECTORY``,
-``run.json`` ``resume.RUN_FILE``, inside it), which the diagnostic file may not take."""
+from traintel.sinks.json.lines import LineRenderer
+from traintel.sinks.json.sink import JsonSink
+from traintel.sinks.prometheus.sink import PrometheusSink, Pushgateway
 
 
 def check_diagnostic_filename(filename: str) -> None:

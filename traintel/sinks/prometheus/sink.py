@@ -28,8 +28,8 @@ from traintel.records import (
     StepRecord,
 )
 from traintel.redaction import redact_url, redact_url_value
-from traintel.sinks._http import MetricsServer, server_context
 from traintel.sinks.base import RunContext
+from traintel.sinks.prometheus.server import MetricsServer, server_context
 
 
 class _Latest(NamedTuple):

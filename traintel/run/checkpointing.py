@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from ignite.engine import Events
 
-from traintel import checkpoint
 from traintel.engine import rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.state import traintel_state
@@ -33,6 +32,7 @@ from traintel.engine.step import unwrapped
 from traintel.engine.trainer import TraintelEngine
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import one_line
+from traintel.run import checkpoint
 
 _log = logging.getLogger("traintel")
 

@@ -1,6 +1,6 @@
 """torchrun with the workers' exit status passed through.
 
-``python -m traintel.torchrun ARGS`` (or ``traintel-torchrun ARGS``) takes exactly torchrun's
+``python -m traintel.cli.torchrun ARGS`` (or ``traintel-torchrun ARGS``) takes exactly torchrun's
 arguments and runs torch's own launcher, ``torch.distributed.run.main``. torchrun exits 1 whenever a
 worker failed, or it was itself signalled, whatever the worker's own status; a scheduler reading the
 status (a Kubernetes ``podFailurePolicy``) then cannot tell bad input, which retrying cannot fix,
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 128 + int(exc.sigval)
     else:
         return 0
-    print(f"traintel.torchrun: exit {status} ({MEANING.get(status, 'signalled')})", file=sys.stderr)
+    print(f"traintel.cli.torchrun: exit {status} ({MEANING.get(status, 'signalled')})", file=sys.stderr)
     return status
 
 

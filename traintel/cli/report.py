@@ -27,7 +27,7 @@ their fields checked). The run id is that of rank 0's first record.
 
 Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
 unless ``--output`` says otherwise, written atomically with
-``traintel.atomic.write_atomic`` (a temporary file in the same directory, fsynced, then
+``traintel.sinks.io.atomic.write_atomic`` (a temporary file in the same directory, fsynced, then
 renamed; an existing report is replaced). The output is only ever a regular file: a new
 name, or an existing regular file that is not one of the files the report reads (its
 diagnostic parts, ``config.yaml``). A directory, a symbolic link (even to a regular file: it
@@ -112,21 +112,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from traintel.atomic import NotRegularFile, file_kind, write_atomic
 from traintel.errors import EXIT_OK, ConfigError
-from traintel.records import rank_filename, rank_of_filename
+from traintel.run.layout import (
+    CONFIG_FILENAME,
+    DIAGNOSTIC_FILENAME,
+    REPORT_FILENAME,
+    rank_filename,
+    rotated_parts,
+    stream_ranks,
+)
+from traintel.sinks.io.atomic import NotRegularFile, file_kind, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-DIAGNOSTIC_FILENAME = "diagnostic.jsonl"
-"""The diagnostic file's name when the run directory has no config.yaml naming another."""
-CONFIG_FILENAME = "config.yaml"
-"""The resolved config a run writes into its directory."""
 FILENAME_KEY = ("sinks", "diagnostic", "filename")
 """Where ``CONFIG_FILENAME`` names the diagnostic file."""
-REPORT_FILENAME = "report.png"
 FIGURE_SIZE_INCHES = (10.0, 8.0)
 FIGURE_DPI = 100
 FIGURE_SIZE_PX = (1000, 800)
@@ -282,34 +284,6 @@ def list_names(run_dir: Path) -> frozenset[str]:
         return frozenset(entry.name for entry in run_dir.iterdir())
     except OSError as exc:
         raise ConfigError(str(run_dir), f"cannot read: {exc.strerror}") from None
-
-
-def rotated_parts(run_dir: Path, filename: str, names: frozenset[str]) -> list[Path]:
-    """One stream's files among ``names``, oldest first: ``<filename>.<n>`` by decreasing n (a
-    canonical decimal n only), then ``<filename>`` itself when present; empty when none."""
-    numbered: list[tuple[int, str]] = []
-    for name in names:
-        suffix = name.removeprefix(filename + ".")
-        if suffix != name and suffix.isdecimal() and suffix.isascii() and str(int(suffix)) == suffix:
-            numbered.append((int(suffix), name))
-    parts = [run_dir / name for _, name in sorted(numbered, reverse=True)]
-    if filename in names:
-        parts.append(run_dir / filename)
-    return parts
-
-
-def stream_ranks(filename: str, names: frozenset[str]) -> list[int]:
-    """The ranks r > 0 with a file among ``names`` (``rank_filename(filename, r)`` or one of its
-    rotated parts), increasing."""
-    found: set[int] = set()
-    for name in names:
-        base, dot, suffix = name.rpartition(".")
-        candidates = (name, base) if dot and suffix.isdecimal() else (name,)
-        for candidate in candidates:
-            rank = rank_of_filename(candidate, filename)
-            if rank is not None:
-                found.add(rank)
-    return sorted(found)
 
 
 def diagnostic_streams(run_dir: Path) -> dict[int, list[Path]]:

@@ -13,11 +13,12 @@ import structlog
 from structlog.typing import Processor
 
 from traintel.records import BatchRecord, Record, StepRecord
-from traintel.sinks import _stdout_capture
-from traintel.sinks._jsonline import LineRenderer, ecs_layout, escape_surrogates
 from traintel.sinks._policy import DROP_LAST, droppable, urgent
-from traintel.sinks._writer import DEFAULT_MAX_BYTES, BackgroundWriter, FdStream
 from traintel.sinks.base import RunContext
+from traintel.sinks.io.writer import DEFAULT_MAX_BYTES, BackgroundWriter, FdStream
+from traintel.sinks.json import capture as _stdout_capture
+from traintel.sinks.json.lines import LineRenderer, ecs_layout, escape_surrogates
+from traintel.sinks.json.logs import JsonLogHandler
 
 ROUTINE = (BatchRecord, StepRecord)
 """The per-step records (a terminal's console view leaves them to the progress bar)."""
@@ -84,14 +85,14 @@ class JsonSink:
     and what waits for it is at most ``queue_bytes`` (``train.batch`` records are dropped first,
     once ``capacity`` lines or half of ``queue_bytes`` wait, then ``train.step`` records and
     captured text; the other records and routed log lines are always kept; see
-    ``traintel.sinks._writer``). On a pipe, lines are written whole (``FdStream``).
+    ``traintel.sinks.io.writer``). On a pipe, lines are written whole (``FdStream``).
     ``dropped`` counts what was lost so far. ``renderer`` is the strict JSON renderer, which
     ``build_sinks`` shares with the diagnostic file (a sink built alone makes its own).
 
     While open, a sink writing JSON lines to stdout's descriptor (no ``stream``, not a
     terminal, not ``console``) replaces ``sys.stdout`` when ``capture`` is true: text written to
     it becomes log lines with ``logger: "stdout"`` and level ``info`` in the same stream, one per
-    line of text (``traintel.sinks._stdout_capture``); ``close`` puts it back. With
+    line of text (``traintel.sinks.json.capture``); ``close`` puts it back. With
     ``capture_stdout``, a sink writing elsewhere (``fd``: a rank above 0's log lines on stderr)
     takes over ``sys.stdout`` the same way unless stdout is a terminal, so that stdout carries
     the lines of the rank that owns it and nothing else.
@@ -209,11 +210,9 @@ class JsonSink:
 
     def _text_line_writer(self) -> Callable[[str], None]:
         """What the stdout capture calls with each line of text: it renders the text as a routed
-        log line would be (``traintel.logs.JsonLogHandler``'s format, in this sink's profile) with
+        log line would be (``traintel.sinks.json.logs.JsonLogHandler``'s format, in this sink's profile) with
         logger ``stdout`` and level ``info``, and queues it; it is dropped (and counted) with the
         ``train.step`` records behind a stalled reader."""
-        from traintel.logs import JsonLogHandler  # here: traintel.logs imports this module
-
         handler = JsonLogHandler(self, logging.NOTSET)
 
         def write_text(text: str) -> None:

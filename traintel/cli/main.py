@@ -21,7 +21,7 @@ from traintel.errors import (
     one_line,
     signal_exit,
 )
-from traintel.signals import exit_on_signal, remember_early
+from traintel.run.signals import exit_on_signal, remember_early
 
 _EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM.
@@ -99,7 +99,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _sinks_list() -> int:
-    from traintel.plugins import list_sinks
+    from traintel.run.plugins import list_sinks
 
     rows = [("NAME", "SOURCE", "TARGET", "NOTE")]
     rows += [(e.name, e.source, e.target, e.note) for e in list_sinks()]
@@ -111,7 +111,7 @@ def _sinks_list() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from traintel.report import report
+    from traintel.cli.report import report
 
     return report(args.run_dir, args.output)
 
@@ -140,13 +140,13 @@ def _train(args: argparse.Namespace) -> int:
         # stdout carries JSON lines only: what is printed outside the run (before the sinks open,
         # after they close: a thread still printing) goes to stderr; inside it the JSON sink
         # captures it as log lines
-        from traintel.sinks._stdout_capture import StderrForStdout
+        from traintel.sinks.json.capture import StderrForStdout
 
         sys.stdout.flush()
         sys.stdout = StderrForStdout(sys.stdout.fileno())
-    from traintel.api import build
     from traintel.engine.coordination import PEER_STOP_REASON
-    from traintel.signals import early_signal, note_signal
+    from traintel.run.api import build
+    from traintel.run.signals import early_signal, note_signal
 
     run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     For ``train``, the process's stop signals are traintel's from the first step until the process
-    exits (``traintel.signals``): a signal during start-up ends it with one line, one during the run
+    exits (``traintel.run.signals``): a signal during start-up ends it with one line, one during the run
     stops the run, and one after the run exits at once with the status returned here.
     """
     parser = make_parser()

@@ -15,12 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from traintel import checkpoint
-from traintel.atomic import file_kind, probe_write, write_atomic
 from traintel.config import Config
 from traintel.errors import ConfigError
-from traintel.records import rank_filename
-from traintel.report import CONFIG_FILENAME, DIAGNOSTIC_FILENAME, REPORT_FILENAME, rotated_parts, stream_ranks
+from traintel.run import layout
+from traintel.run.layout import (
+    CONFIG_FILENAME,
+    DIAGNOSTIC_FILENAME,
+    REPORT_FILENAME,
+    rank_filename,
+    rotated_parts,
+    stream_ranks,
+)
+from traintel.sinks.io.atomic import file_kind, probe_write, write_atomic
 
 
 def config_text(config: Config) -> str:
@@ -80,7 +86,7 @@ def _taken(
     """A first attempt's problem with another run's files in ``run_dir`` (listed as ``names``)."""
     if writes_diagnostic and (own := rank_filename(diagnostic, rank)) in names:
         return _exists(run_dir / own)  # said as the diagnostic file's own check says it
-    held = {CONFIG_FILENAME, checkpoint.DIRECTORY, REPORT_FILENAME} & names
+    held = {CONFIG_FILENAME, layout.CHECKPOINT_DIRECTORY, REPORT_FILENAME} & names
     for diag in {diagnostic, DIAGNOSTIC_FILENAME}:
         for r in (0, *stream_ranks(diag, names)):
             held.update(p.name for p in rotated_parts(run_dir, rank_filename(diag, r), names))
@@ -89,7 +95,7 @@ def _taken(
     shown = sorted(held)
     listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
     advice = "choose another run.dir (a new or empty one)"
-    if checkpoint.DIRECTORY in held:
+    if layout.CHECKPOINT_DIRECTORY in held:
         advice = (
             "choose another run.dir, or continue that run with 'traintel train --resume' or run.resume=auto"
         )

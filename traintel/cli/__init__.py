@@ -1,0 +1,1 @@
+"""The command line: ``traintel`` (train, config, report, sinks) and ``traintel-torchrun``."""
