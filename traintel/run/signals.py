@@ -25,6 +25,8 @@ documented status whenever the signal comes.
    the optimizer step and end, exit at once on a second signal, cut the exporter's linger short).
 4. Exiting, from ``exit_on_signal(status)`` (the command is done) until the process exits: a signal
    ends the process at once with ``os._exit(status)``, the status it was exiting with anyway. The
+   watcher thread is on again, so this holds while the interpreter waits for a task's thread too
+   (the kernel may give the signal to that thread, which does not wake the main one). The
    interpreter's last teardown (after the ``atexit`` functions) would put the default disposition
    back, under which a signal kills the process instead; there the signals are ignored instead,
    and the process ends with its status.
@@ -107,9 +109,10 @@ def _on_stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def _watch(fd: int) -> None:
-    """The watcher thread, while starting up: it reads the signal numbers that the interpreter's
-    C-level handler writes (``signal.set_wakeup_fd``) and acts at once, even while the main thread
-    is blocked in C code that does not return to Python (a rank waiting for its peers)."""
+    """The watcher thread, while starting up and while exiting: it reads the signal numbers that the
+    interpreter's C-level handler writes (``signal.set_wakeup_fd``) and acts at once, even while the
+    main thread is blocked where a signal does not wake it (a rank waiting for its peers in C code;
+    the interpreter waiting for a thread, when the kernel gave the signal to that thread)."""
     names = {int(s): s.name for s in STOP_SIGNALS}
     while True:
         try:
@@ -117,7 +120,7 @@ def _watch(fd: int) -> None:
         except OSError:
             return
         with _lock:
-            if _phase[0] != _STARTING:
+            if _phase[0] not in (_STARTING, _EXITING):
                 return
             for number in data:
                 if number in names:
@@ -223,11 +226,17 @@ def remember_early() -> None:
             replaced = signal.signal(sig, _on_stop)
             if replaced is not _on_stop:
                 _previous[sig] = replaced
-        if _wakeup:
-            return
-        read, write = (_above_stdio(fd) for fd in os.pipe())
-        os.set_blocking(write, False)
-        _wakeup[:] = [write, signal.set_wakeup_fd(write, warn_on_full_buffer=False)]
+        _start_watcher()
+
+
+def _start_watcher() -> None:
+    """Start the watcher thread on the interpreter's wakeup fd, unless it is on. Called with
+    ``_lock`` held, from the main thread."""
+    if _wakeup:
+        return
+    read, write = (_above_stdio(fd) for fd in os.pipe())
+    os.set_blocking(write, False)
+    _wakeup[:] = [write, signal.set_wakeup_fd(write, warn_on_full_buffer=False)]
     threading.Thread(target=_watch, args=(read,), name="traintel-signals", daemon=True).start()
 
 
@@ -285,6 +294,7 @@ def exit_on_signal(status: int) -> None:
         with contextlib.suppress(ValueError):  # not the main thread: no handlers to install
             for sig in STOP_SIGNALS:
                 signal.signal(sig, _on_stop)
+            _start_watcher()
         if _noted:
             _flush_stdio()
             _react(_noted[-1])
