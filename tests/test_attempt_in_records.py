@@ -12,17 +12,18 @@ import io
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from prometheus_client.core import Metric
 
 from tests.conftest import make_batches, make_model, quiet_config
-from traintel.config import coerce_config
 from traintel.records import RECORD_TYPES, Record, RunStartRecord, SinkErrorRecord
-from traintel.run.api import Run
+from traintel.run import resume
+from traintel.run.api import build
 from traintel.schema import parse_line, validate_line
 from traintel.sinks import LineRenderer, MemorySink
 from traintel.sinks.prometheus.sink import RecordCollector
-from traintel.task import Task, check_task
+from traintel.task import Task
 from traintel.testing import T0, make_record, step_record
 
 
@@ -88,18 +89,6 @@ def test_a_fresh_run_start_counts_zero_items() -> None:
 # ----------------------------------------------------------------------------- a whole run
 
 
-class _Resumed(Run):
-    """A Run whose attempt is pinned to 2, whatever ``Run.__init__`` assigns."""
-
-    @property
-    def attempt(self) -> int:
-        return 2
-
-    @attempt.setter
-    def attempt(self, _value: int) -> None:
-        pass
-
-
 class _FailsOnSteps(MemorySink):
     def emit(self, record: Record) -> None:
         if record.event == "train.step":
@@ -107,7 +96,9 @@ class _FailsOnSteps(MemorySink):
         super().emit(record)
 
 
-def test_every_record_of_a_resumed_run_carries_its_attempt(tmp_path: Path) -> None:
+def test_every_record_of_a_resumed_run_carries_its_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Batch, step, epoch, eval, run.start, run.end and sink.error records (in memory, on stdout and
     in the diagnostic file) all say attempt 2."""
     cfg = quiet_config(tmp_path, accumulation_steps=2, max_epochs=2)
@@ -119,13 +110,9 @@ def test_every_record_of_a_resumed_run_carries_its_attempt(tmp_path: Path) -> No
     )  # fmt: skip
     memory = MemorySink()
     stream = io.BytesIO()
-    run = _Resumed(
-        coerce_config(cfg),
-        check_task(task),
-        device=torch.device("cpu"),
-        extra_sinks=[_FailsOnSteps("flaky"), memory],
-        json_stream=stream,
-    )
+    # the attempt is decided before the run is planned: pinned here to the third
+    monkeypatch.setattr(resume, "decide", lambda *_a, **_k: resume.Resumption("resumed-run", 2, None))
+    run = build(cfg, task, sinks=[_FailsOnSteps("flaky"), memory], json_stream=stream)
     assert run.run().status == "completed"
     events = {r.event for r in memory.records}
     assert events == {

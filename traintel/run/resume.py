@@ -153,3 +153,64 @@ def completed(run_dir: Path, coordinator: Coordinator) -> tuple[int, int] | None
         done = None
     shared = coordinator.gather(None if done is None else (done["step"], done["epochs"]))[0]
     return None if shared is None else (int(shared[0]), int(shared[1]))
+
+
+def decide(
+    config: Config,
+    run_dir: Path,
+    run_id: str,
+    settings: Mapping[str, Any],
+    coordinator: Coordinator,
+    *,
+    must_resume: bool,
+) -> Resumption:
+    """The attempt this process is: the first of a new run (``run_id``, attempt 0), or with
+    ``run.resume: auto`` the next attempt of the run in ``run_dir`` (its run id, from its newest
+    checkpoint when there is one), after checking that the settings that change the maths are the
+    checkpoint's, that a configured ``run.id`` is that run's and that epochs are left to train.
+    ``must_resume`` (``--resume``) makes a missing checkpoint a ConfigError."""
+    fresh = Resumption(run_id, 0, None)
+    cfg = config
+    if cfg.run.resume != "auto":
+        directory = run_dir / layout.CHECKPOINT_DIRECTORY
+        if cfg.checkpoint.enabled and checkpoint.complete(directory, coordinator.rank):
+            raise ConfigError(
+                "run.dir",
+                f"{str(run_dir)!r} holds an earlier run's checkpoints; continue it with "
+                "'traintel train --resume' or run.resume=auto, or choose another run.dir",
+            )
+        return fresh
+    if cfg.run.dir is None:
+        raise ConfigError("run.resume", "auto needs a fixed run.dir, where the checkpoints are kept")
+    if not must_resume and not cfg.checkpoint.enabled:
+        raise ConfigError(
+            "run.resume", "auto needs checkpoints: set checkpoint.every_steps or checkpoint.every_epochs"
+        )
+    found = find(run_dir, coordinator, required=must_resume)
+    if found is None:
+        return fresh
+    if cfg.run.id is not None and cfg.run.id != found.run_id:  # the run keeps its id: refuse, not ignore
+        raise ConfigError(
+            "run.id",
+            f"cannot change when resuming the run in {str(run_dir)!r}: its id is {found.run_id!r}, "
+            f"this attempt {cfg.run.id!r}; leave run.id null or set it to {found.run_id!r}",
+        )
+    max_epochs = cfg.trainer.max_epochs
+    if found.state is not None:
+        check_settings(found.state["settings"], settings, run_dir)
+        engine = found.state["engine"]
+        done = engine["epoch"] if found.state["epoch_ended"] else engine["epoch"] - 1
+        if done >= max_epochs:
+            raise ConfigError(
+                "trainer.max_epochs",
+                f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
+                f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+            )
+    ended = completed(run_dir, coordinator)  # run.json may know of an end newer than the checkpoint
+    if ended is not None and ended[1] >= max_epochs:
+        raise ConfigError(
+            "trainer.max_epochs",
+            f"the run completed its {ended[1]} epochs at step {ended[0]}, which reaches "
+            f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+        )
+    return found
