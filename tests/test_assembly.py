@@ -1,4 +1,4 @@
-"""build_sinks: config becomes plain sink parameters, one renderer is shared, sink health is exported."""
+"""build_sinks: config becomes plain sink parameters, each sink renders its own lines, sink health is exported."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def _config(**sections: Any) -> SinksConfig:
     return SinksConfig.model_validate({"prometheus": {"port": 0}, **sections})
 
 
-def test_sinks_come_in_delivery_order_and_share_one_renderer() -> None:
+def test_sinks_come_in_delivery_order_and_share_no_state() -> None:
     built = build_sinks(_config(json={"profile": "ecs"}), extra=[MemorySink()], json_stream=io.BytesIO())
     assert [s.name for s in built.fanout.sinks] == ["prometheus", "json", "diagnostic", "memory"]
     assert built.prometheus is built.fanout.sinks[0] and built.json is built.fanout.sinks[1]
     diagnostic = built.fanout.sinks[2]
     assert isinstance(diagnostic, DiagnosticSink)
-    assert built.json is not None and diagnostic.renderer is built.json.renderer
-    assert (built.json.profile, built.json.console, built.json.shares_lines) == ("ecs", False, False)
+    assert built.json is not None and diagnostic.renderer is not built.json.renderer
+    assert (built.json.profile, built.json.console) == ("ecs", False)
 
 
 def test_the_fanouts_health_is_served_by_the_exporter() -> None:
@@ -61,19 +61,18 @@ def test_the_pushgateway_section_becomes_plain_parameters() -> None:
     assert unset.prometheus is not None and unset.prometheus.pushgateway is None
 
 
-def test_the_diagnostic_file_appends_to_the_line_the_json_sink_wrote(tmp_path: Path) -> None:
+def test_the_diagnostic_file_holds_the_json_line_plus_its_extras(tmp_path: Path) -> None:
     out = io.BytesIO()
     built = build_sinks(_config(prometheus={"enabled": False}), json_stream=out)
     assert built.json is not None and built.prometheus is None
     record = batch_record(diagnostics=MappingProxyType({"scale_ok": True}))
     built.fanout.open(run_context(tmp_path))
     built.fanout.emit_many([record])
-    kept = built.json.renderer.remembered(record)
     built.fanout.close()
     line = (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
         b'"run_id":"r1","schema_version":"1.2.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3'
     )
-    assert kept == out.getvalue() == line + b"}\n"
+    assert out.getvalue() == line + b"}\n"
     assert (tmp_path / "diagnostic.jsonl").read_bytes() == line + b',"scale_ok":true}\n'

@@ -1,5 +1,6 @@
-"""The JSON sink's structlog chain (user processors run on every record line), the renderer shared
-with the diagnostic file, and routed stdlib log lines."""
+"""The JSON sink's structlog chain (user processors run on every record line), the diagnostic
+file's lines (each record's public line plus its extras, rendered by the file itself), and routed
+stdlib log lines."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 import structlog
 
-from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
+from traintel.config import SinksConfig
+from traintel.run.assembly import build_sinks
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink
 from traintel.sinks.json.logs import JsonLogHandler
 from traintel.testing import batch_record, end_record, run_context, step_record
 
@@ -107,53 +110,51 @@ def test_a_processor_can_drop_a_record_line() -> None:
     assert lines == [STEP_LINE + b"}\n"]
 
 
-def test_the_diagnostic_file_appends_its_extras_to_the_bytes_the_json_sink_wrote(tmp_path: Path) -> None:
-    renderer = LineRenderer()
+def test_the_diagnostic_file_renders_each_record_as_its_public_line_plus_its_extras(tmp_path: Path) -> None:
     out = io.BytesIO()
-    json_sink, diagnostic = JsonSink(out, renderer=renderer), DiagnosticSink(renderer=renderer)
+    json_sink, diagnostic = JsonSink(out), DiagnosticSink()
     fan = FanOut([json_sink, diagnostic])
     fan.open(run_context(tmp_path))
-    written: list[bytes] = []
-    real = renderer.remember
-
-    def spy(record: Any, line: bytes) -> None:
-        written.append(line)
-        real(record, line)
-
-    renderer.remember = spy  # type: ignore[method-assign]
     diag = MappingProxyType({"scale_ok": True, "rss_bytes": 7})
-    first, second = batch_record(diagnostics=diag), step_record()
-    fan.emit_many([first, second])
-    assert renderer.remembered(first) is written[0] and renderer.remembered(second) is written[1]
-    fan.emit(end_record())  # a new delivery: the kept lines are of this one only
-    assert renderer.remembered(first) is None and renderer.remembered(second) is None
+    fan.emit_many([batch_record(diagnostics=diag), step_record()])
+    fan.emit(end_record())
     fan.close()
     stdout = out.getvalue().splitlines(keepends=True)
     file = (tmp_path / "diagnostic.jsonl").read_bytes().splitlines(keepends=True)
-    assert stdout[0] == written[0] == BATCH_LINE + b"}\n"
+    assert stdout[0] == BATCH_LINE + b"}\n"
     assert file[0] == BATCH_LINE + b',"scale_ok":true,"rss_bytes":7}\n'
-    assert file[1:] == stdout[1:]
+    assert file[1:] == stdout[1:] and len(file) == 3
 
 
-def test_a_kept_line_serves_only_the_very_record_it_was_made_from() -> None:
-    renderer = LineRenderer()
-    record = batch_record()
-    renderer.remember(record, b"{}\n")
-    assert renderer.remembered(record) == b"{}\n"
-    assert renderer.remembered(batch_record()) is None  # equal values, another object
-    renderer.forget()
-    assert renderer.remembered(record) is None
+def test_non_finite_values_of_the_record_and_its_extras_are_named_in_one_nonfinite_last(
+    tmp_path: Path,
+) -> None:
+    """Through the sinks a run builds: stdout names the record's non-finite values, the diagnostic
+    file those and its extras' in one ``nonfinite``, last."""
+    out = io.BytesIO()
+    built = build_sinks(SinksConfig.model_validate({"prometheus": {"enabled": False}}), json_stream=out)
+    built.fanout.open(run_context(tmp_path))
+    diag = MappingProxyType({"observed_loss_scale": math.inf, "scale_ok": None})
+    built.fanout.emit_many(
+        [batch_record(raw_loss=math.nan, diagnostics=diag), batch_record(diagnostics=diag)]
+    )
+    built.fanout.close()
+    head = BATCH_LINE.replace(b'"raw_loss":0.75', b'"raw_loss":null')
+    assert out.getvalue() == head + b',"nonfinite":{"raw_loss":"nan"}}\n' + BATCH_LINE + b"}\n"
+    assert (tmp_path / "diagnostic.jsonl").read_bytes() == (
+        head + b',"observed_loss_scale":null,"scale_ok":null,'
+        b'"nonfinite":{"raw_loss":"nan","observed_loss_scale":"inf"}}\n'
+        + BATCH_LINE
+        + b',"observed_loss_scale":null,"scale_ok":null,"nonfinite":{"observed_loss_scale":"inf"}}\n'
+    )
 
 
-def test_the_diagnostic_file_does_not_take_lines_a_processor_changed(tmp_path: Path) -> None:
-    renderer = LineRenderer()
-    json_sink = JsonSink(io.BytesIO(), renderer=renderer, processors=[_AddHost()])
-    diagnostic = DiagnosticSink(renderer=renderer)
+def test_the_diagnostic_file_does_not_get_what_the_json_sinks_processors_add(tmp_path: Path) -> None:
+    json_sink = JsonSink(io.BytesIO(), processors=[_AddHost()])
+    diagnostic = DiagnosticSink()
     fan = FanOut([json_sink, diagnostic])
     fan.open(run_context(tmp_path))
-    record = batch_record(diagnostics=MappingProxyType({"scale_ok": True}))
-    fan.emit_many([record])
-    assert renderer.remembered(record) is None
+    fan.emit_many([batch_record(diagnostics=MappingProxyType({"scale_ok": True}))])
     fan.close()
     assert (tmp_path / "diagnostic.jsonl").read_bytes() == BATCH_LINE + b',"scale_ok":true}\n'
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -158,30 +160,18 @@ class TrainTelemetry:
         unemitted: Sequence[StepOutput] = ()
         if self._unemitted is not None:
             unemitted, self._unemitted = self._unemitted, []
-        values = _to_floats(pending, unemitted)
-        batches: list[list[Record]] = []
-        shares: list[float] = []
-        grad_norms: list[float | None] = []
+        values, unemitted_losses = _to_floats(pending, unemitted)
         rss = rss_bytes() if pending else None
         memory: dict[torch.device, dict[str, int | None]] = {}
-        at = 0
-        for out, when in pending:
-            records: list[Record] = []
+        batches: list[list[Record]] = []
+        for (out, when), step_values in zip(pending, values, strict=True):
             device = out.losses[0].device if out.losses else None
             if device is not None and device not in memory:
                 memory[device] = _memory(rss, device)
             mem = memory[device] if device is not None else {}
-            share, grad_norm, at = self._batch_records(
-                out, when, values=values, at=at, memory=mem, into=records
-            )
-            batches.append(records)
-            shares.append(share)
-            grad_norms.append(grad_norm)
-        checks: list[float] = []
-        for out in unemitted:
-            k = len(out.counts)
-            checks.append(_share(out.counts, values[at : at + k]))
-            at += k
+            batches.append(self._batch_records(out, when, step_values, memory=mem))
+        shares = [_share(out.counts, v.losses) for (out, _), v in zip(pending, values, strict=True)]
+        checks = [_share(out.counts, losses) for out, losses in zip(unemitted, unemitted_losses, strict=True)]
         sums = [*shares, *checks, *extra]
         if global_sums:
             sums = self.coordinator.sum_floats(sums)
@@ -189,52 +179,39 @@ class TrainTelemetry:
             logging.getLogger("traintel").warning(
                 "%d step records not delivered: their losses need the other ranks", len(pending)
             )
+        step_losses, check_losses, extra_sums = _split(sums, len(shares), len(checks), len(extra))
         step_records = global_sums or not self.coordinator.distributed
         delivery: list[Record] = []
-        for (out, when), records, step_loss, grad_norm in zip(
-            pending, batches, sums[: len(shares)], grad_norms, strict=True
+        for (out, when), records, step_loss, step_values in zip(
+            pending, batches, step_losses, values, strict=True
         ):
             delivery += records
             if step_records:
-                delivery.append(self._step_record(out, when, step_loss, grad_norm))
+                delivery.append(self._step_record(out, when, step_loss, step_values.grad_norm))
         self._delivered = time.time()
         if delivery:
             self.emit_many(delivery)
-        checked = len(shares) + len(checks)
         if self._unemitted is not None and global_sums:
             steps = [out for out, _ in pending] + list(unemitted)
-            losses = sums[:checked]
+            losses = step_losses + check_losses
             bad = [out.step for out, loss in zip(steps, losses, strict=True) if not math.isfinite(loss)]
             if bad:
                 raise NonFiniteLoss(min(bad))
-        return sums[checked:]
+        return extra_sums
 
     def _batch_records(
-        self,
-        out: StepOutput,
-        when: float,
-        *,
-        values: list[float],
-        at: int,
-        memory: dict[str, int | None],
-        into: list[Record],
-    ) -> tuple[float, float | None, int]:
-        """Append the step's batch records; returns this rank's share of the step loss, the step's
-        grad norm (when computed) and the index of the next step's values in ``values``.
-
-        ``values`` holds, per step, its raw losses, then its scaled losses, then its grad norm
-        when it has one (see ``_to_floats``). The share is ``_share`` of the scaled losses.
-        """
+        self, out: StepOutput, when: float, values: _StepValues, *, memory: dict[str, int | None]
+    ) -> list[Record]:
+        """The step's batch records, from its losses as floats (``values``)."""
         k = len(out.counts)
         run_id, epoch, total = self.run_id, out.epoch, out.items
         before = out.step if out.skipped else out.step - 1
         batches = out.window.batches_per_epoch
         first = out.window.first_batch
+        records: list[Record] = []
         if k:
             eps, dtype_name = _dtype_facts(out.losses[0].dtype)
-        for i in range(k):
-            raw, loss = values[at + i], values[at + k + i]
-            n = out.counts[i]
+        for i, (n, raw, loss) in enumerate(zip(out.counts, values.raw_losses, values.losses, strict=True)):
             scale = loss_scale(n, total)
             observed, ok = scale_check(raw, loss, scale, eps)
             fields: dict[str, Any] = {
@@ -246,7 +223,7 @@ class TrainTelemetry:
                 "loss_dtype": dtype_name,
             }
             fields.update(memory)
-            into.append(
+            records.append(
                 BatchRecord(
                     run_id=run_id, time=when, diagnostics=MappingProxyType(fields), rank=self.rank,
                     world_size=self.world_size, attempt=self.attempt, epoch=epoch, batch=first + i,
@@ -254,11 +231,7 @@ class TrainTelemetry:
                     window_size=k,
                 )
             )  # fmt: skip
-        share = _share(out.counts, values[at + k : at + 2 * k])
-        at += 2 * k
-        if out.grad_norm is None:
-            return share, None, at
-        return share, values[at], at + 1
+        return records
 
     def _step_record(self, out: StepOutput, when: float, loss: float, grad_norm: float | None) -> StepRecord:
         return StepRecord(
@@ -331,10 +304,22 @@ def _dtype_facts(dtype: torch.dtype) -> tuple[float, str]:
     return facts
 
 
-def _to_floats(pending: list[tuple[StepOutput, float]], unemitted: Sequence[StepOutput] = ()) -> list[float]:
-    """Every waiting step's raw losses, scaled losses and grad norm (when present), in order, then
-    the scaled losses of the ``unemitted`` steps, as Python floats: one stack and one
-    device-to-host transfer for all of them."""
+@dataclass(frozen=True, slots=True)
+class _StepValues:
+    """One emitted step's tensors as Python floats."""
+
+    raw_losses: list[float]
+    """mean_loss_b of each micro-batch."""
+    losses: list[float]
+    """s_b of each micro-batch."""
+    grad_norm: float | None
+
+
+def _to_floats(
+    pending: Sequence[tuple[StepOutput, float]], unemitted: Sequence[StepOutput] = ()
+) -> tuple[list[_StepValues], list[list[float]]]:
+    """Every waiting step's values (``_StepValues``), and the scaled losses of each ``unemitted``
+    step, as Python floats: one stack and one device-to-host transfer for all of them."""
     parts: list[torch.Tensor] = []
     for out, _ in pending:
         parts += out.raw_losses
@@ -343,10 +328,30 @@ def _to_floats(pending: list[tuple[StepOutput, float]], unemitted: Sequence[Step
             parts.append(out.grad_norm)
     for out in unemitted:
         parts += out.losses
-    if not parts:
-        return []
-    values: list[float] = torch.stack(parts).tolist()
-    return values
+    floats: Iterator[float] = iter(torch.stack(parts).tolist() if parts else [])  # in the order above
+    values = [
+        _StepValues(
+            raw_losses=_take(floats, len(out.raw_losses)),
+            losses=_take(floats, len(out.losses)),
+            grad_norm=None if out.grad_norm is None else next(floats),
+        )
+        for out, _ in pending
+    ]
+    return values, [_take(floats, len(out.losses)) for out in unemitted]
+
+
+def _take(floats: Iterator[float], n: int) -> list[float]:
+    """The next ``n`` values."""
+    return list(itertools.islice(floats, n))
+
+
+def _split(values: Sequence[float], *sizes: int) -> list[list[float]]:
+    """``values`` cut into consecutive parts of the given sizes (which add up to its length)."""
+    if len(values) != sum(sizes):
+        msg = f"{len(values)} values do not split into parts of {sizes}"
+        raise ValueError(msg)
+    floats = iter(values)
+    return [_take(floats, n) for n in sizes]
 
 
 def _memory(rss: int | None, device: torch.device) -> dict[str, int | None]:

@@ -1,8 +1,7 @@
 """Build a run's sinks from the ``sinks`` config section: the built-in ones, then plugins, then extras.
 
 This is where config meets the sinks (which never see config types): it converts each
-section to plain parameters, gives the JSON sink and the diagnostic file one shared
-``LineRenderer``, and registers the fan-out's sink health on the exporter's registry.
+section to plain parameters and registers the fan-out's sink health on the exporter's registry.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from traintel.run.plugins import make_sink
 from traintel.sinks.base import Sink
 from traintel.sinks.diagnostic import DiagnosticSink
 from traintel.sinks.fanout import FanOut
-from traintel.sinks.json.lines import LineRenderer
 from traintel.sinks.json.sink import JsonSink
 from traintel.sinks.prometheus.sink import PrometheusSink, Pushgateway
 
@@ -89,7 +87,6 @@ def build_sinks(
 ) -> SinkSet:
     """The configured sinks in delivery order (prometheus, json, diagnostic, ``sinks.extra``, ``extra``).
 
-    The JSON sink comes before the diagnostic file, so the file reuses the lines it just wrote.
     Under torch.distributed, rank 0 serves the metrics (with ``sinks.prometheus.per_rank``, every
     rank serves its own, labelled ``rank``, on ``port + local_rank``); stdout's JSON lines come
     from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``; with ``"zero"`` rank r > 0
@@ -98,7 +95,6 @@ def build_sinks(
     """
     check_diagnostic_filename(cfg.diagnostic.filename)  # before any sink is made
     sinks: list[Sink] = []
-    renderer = LineRenderer()
     prometheus: PrometheusSink | None = None
     if cfg.prometheus.enabled and (rank == 0 or cfg.prometheus.per_rank):
         p = cfg.prometheus
@@ -124,9 +120,7 @@ def build_sinks(
     json_sink: JsonSink | None = None
     logs: JsonSink | None = None
     if cfg.json_.enabled and rank > 0 and stdout_ranks == "zero":
-        logs = JsonSink(
-            fd=sys.stderr.fileno(), profile=cfg.json_.profile, renderer=renderer, capture_stdout=True
-        )
+        logs = JsonSink(fd=sys.stderr.fileno(), profile=cfg.json_.profile, capture_stdout=True)
     elif cfg.json_.enabled:
         j = cfg.json_
         console = j.format == "console" or (j.format == "auto" and json_stream is None and stdout_is_tty())
@@ -137,14 +131,13 @@ def build_sinks(
             close_timeout=j.close_timeout_seconds,
             profile=j.profile,
             console=console,
-            renderer=renderer,
         )
         sinks.append(json_sink)
         logs = json_sink
     if cfg.diagnostic.enabled:
         d = cfg.diagnostic
         name = rank_filename(d.filename, rank)
-        sinks.append(DiagnosticSink(name, max_bytes=d.max_bytes, backups=d.backups, renderer=renderer))
+        sinks.append(DiagnosticSink(name, max_bytes=d.max_bytes, backups=d.backups))
     for index, spec in enumerate(cfg.extra):
         if spec.enabled:
             sinks.append(make_sink(spec, index))

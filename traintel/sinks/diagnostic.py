@@ -14,7 +14,7 @@ from traintel.sinks._policy import droppable, urgent
 from traintel.sinks.base import RunContext
 from traintel.sinks.io.dirs import missing_dirs, remove_empty
 from traintel.sinks.io.writer import BackgroundWriter, IncompleteWrite
-from traintel.sinks.json.lines import LineRenderer, with_extras
+from traintel.sinks.json.lines import LineRenderer
 
 _TAIL_CHUNK = 64 * 1024
 _RETRY_MIN = 64 * 1024
@@ -206,10 +206,9 @@ class DiagnosticSink:
     written and fsyncs the file; a checkpoint waits for it (``FanOut.durable``), and while the file
     cannot be written it returns False at once.
 
-    Lines are rendered by ``renderer``, which ``build_sinks`` shares with the JSON sink: a
-    record whose public line the JSON sink has just written gets those bytes with the
-    diagnostics appended (the same line as a full rendering). Built alone, the sink makes its
-    own renderer.
+    Each line is rendered here from the record (its event dict, then its diagnostics) by
+    ``renderer``, the strict JSON renderer (a new ``LineRenderer`` unless given; it keeps no
+    state), independently of the JSON sink.
     """
 
     name = "diagnostic"
@@ -292,12 +291,6 @@ class DiagnosticSink:
 
     def render(self, record: Record, dropped: int = 0) -> bytes:
         """The record's line: its fields, then its diagnostics, then ``dropped`` when records were lost."""
-        if not dropped:
-            public = self.renderer.remembered(record)
-            if public is not None:
-                spliced = with_extras(public, record.diagnostics)
-                if spliced is not None:
-                    return spliced
         line = self.renderer.event_dict(record)
         line.update(record.diagnostics)
         if dropped:

@@ -1,2 +1,2 @@
-"""JSON lines: the stdout sink, the line renderer it shares with the diagnostic file, stdout
-capture and the stdlib logging route."""
+"""JSON lines: the stdout sink, the strict line renderer (the diagnostic file renders with it too),
+stdout capture and the stdlib logging route."""

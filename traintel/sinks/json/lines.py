@@ -13,7 +13,6 @@ Common Schema fields: every key is a field's full dotted name.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Mapping, MutableMapping
@@ -27,12 +26,8 @@ from traintel.records import SCHEMA_VERSION, Record, layout
 _NONFINITE_NAMES = {math.inf: "inf", -math.inf: "-inf"}
 
 
-@functools.lru_cache(maxsize=8)
 def iso_utc(unix_seconds: float) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z`` suffix, rounded as ``datetime.fromtimestamp`` rounds.
-
-    Cached: the records of one step share its time, so a step's four records format it once
-    (about 1.8 us a record, 1.2% of a small model's step at ``telemetry.every=1``)."""
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix, rounded as ``datetime.fromtimestamp`` rounds."""
     stamp = datetime.fromtimestamp(unix_seconds, tz=timezone.utc)
     return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -174,19 +169,11 @@ def _escaped_default(value: Any) -> Any:
 
 
 class LineRenderer:
-    """Render event dicts as strict JSON lines; one instance serves the JSON sink and the diagnostic file.
+    """Render event dicts as strict JSON lines (the JSON sink's and the diagnostic file's).
 
     Called as a structlog processor (the last of the JSON sink's chain) it returns the line's
-    bytes, newline included. It keeps the lines the JSON sink wrote for the records of the current
-    delivery (``remember``; each sink builds its own renderer when built alone, and ``build_sinks``
-    gives both the same one), so the diagnostic file can append its extras to those very bytes
-    rather than render the record again. The memo holds one delivery: each ``remember`` after a
-    ``forget`` starts afresh, and an entry is used only for the very record object it was made
-    from.
+    bytes, newline included. It keeps no state: each sink renders its own lines from the record.
     """
-
-    def __init__(self) -> None:
-        self._memo: dict[int, tuple[Record, bytes]] = {}
 
     @staticmethod
     def event_dict(record: Record) -> dict[str, Any]:
@@ -204,9 +191,11 @@ class LineRenderer:
         return line
 
     def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        """One strict JSON line with its newline, keys in the event dict's order (``nonfinite`` last);
-        values orjson does not know go through ``_default``. Text with lone surrogates is escaped
-        (``escape_surrogates``) instead of failing the line; valid text costs nothing extra."""
+        """One strict JSON line with its newline, keys in the event dict's order (``nonfinite`` last,
+        from ``strict_fields``, which changes ``event_dict``); values orjson does not know go
+        through ``_default``. Text with lone surrogates is escaped (``escape_surrogates``) instead
+        of failing the line; valid text costs nothing extra."""
+        strict_fields(event_dict)
         default = _default
         try:
             line = orjson.dumps(event_dict, default=default, option=orjson.OPT_APPEND_NEWLINE)
@@ -216,47 +205,4 @@ class LineRenderer:
             # other reason (an integer past 64 bits) raises again, as it did.
             event_dict, default = escape_surrogates(event_dict), _escaped_default
             line = orjson.dumps(event_dict, default=default, option=orjson.OPT_APPEND_NEWLINE)
-        if _may_hold_nonfinite(line, event_dict):
-            line = orjson.dumps(strict_fields(event_dict), default=default, option=orjson.OPT_APPEND_NEWLINE)
         return line
-
-    def remember(self, record: Record, line: bytes) -> None:
-        """Keep ``line`` as ``record``'s public line until the next ``forget``."""
-        self._memo[id(record)] = (record, line)
-
-    def remembered(self, record: Record) -> bytes | None:
-        """The public line kept for this very record in the current delivery, if any."""
-        kept = self._memo.get(id(record))
-        return kept[1] if kept is not None and kept[0] is record else None
-
-    def forget(self) -> None:
-        """Drop the kept lines (a new delivery begins)."""
-        self._memo.clear()
-
-
-def _may_hold_nonfinite(rendered: bytes, values: Mapping[str, Any]) -> bool:
-    """Whether orjson's rendering of ``values`` may hold a non-finite float, which it writes as null.
-
-    Only a rendering with more nulls than None values (or a string holding "null") needs the
-    field-by-field ``strict_fields``: skipping it otherwise saves about 1.2 us a rendering, and a
-    record is rendered twice (stdout, the diagnostic file's extras): 2% of a small model's step
-    at ``telemetry.every=1``.
-    """
-    return b"null" in rendered and rendered.count(b"null") != sum(v is None for v in values.values())
-
-
-def with_extras(line: bytes, extras: Mapping[str, Any]) -> bytes | None:
-    """``line`` (a rendered object and its newline) with ``extras`` appended as further keys, or
-    None when a non-finite value on either side needs the full rendering (one ``nonfinite``), or
-    the extras cannot be written as they are (text to escape)."""
-    if not extras:
-        return line
-    if b'"nonfinite"' in line:
-        return None
-    try:
-        tail = orjson.dumps(dict(extras), default=_default)
-    except orjson.JSONEncodeError:
-        return None
-    if _may_hold_nonfinite(tail, extras):
-        return None
-    return b"".join((line[:-2], b",", tail[1:], b"\n"))

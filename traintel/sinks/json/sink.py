@@ -86,8 +86,8 @@ class JsonSink:
     once ``capacity`` lines or half of ``queue_bytes`` wait, then ``train.step`` records and
     captured text; the other records and routed log lines are always kept; see
     ``traintel.sinks.io.writer``). On a pipe, lines are written whole (``FdStream``).
-    ``dropped`` counts what was lost so far. ``renderer`` is the strict JSON renderer, which
-    ``build_sinks`` shares with the diagnostic file (a sink built alone makes its own).
+    ``dropped`` counts what was lost so far. ``renderer`` is the strict JSON renderer (a new
+    ``LineRenderer`` unless given; it keeps no state).
 
     While open, a sink writing JSON lines to stdout's descriptor (no ``stream``, not a
     terminal, not ``console``) replaces ``sys.stdout`` when ``capture`` is true: text written to
@@ -154,24 +154,12 @@ class JsonSink:
         """Records (and captured text lines) dropped because stdout's reader fell behind."""
         return self._closed_dropped if self._writer is None else self._writer.dropped
 
-    @property
-    def shares_lines(self) -> bool:
-        """Whether the chain is the renderer alone, so a record's line (without ``dropped``) is
-        its public line, which the diagnostic file can reuse."""
-        return len(self.processors) == 1 and self.processors[0] is self.renderer
-
     def render(self, record: Record, dropped: int = 0) -> bytes:
         """The record's line, newline included: its event dict (plus ``dropped``) through the chain."""
         event_dict = self.renderer.event_dict(record)
         if dropped:
             event_dict["dropped"] = dropped
         return self._logger.line(record.level, event_dict)
-
-    def _render_shared(self, record: Record, dropped: int) -> bytes:
-        line = self.render(record, dropped)
-        if not dropped:
-            self.renderer.remember(record, line)
-        return line
 
     def open(self, context: RunContext) -> None:
         stream: BinaryIO | FdStream
@@ -235,11 +223,7 @@ class JsonSink:
             raise OSError(msg)
         if self.console:
             records = [r for r in records if not isinstance(r, ROUTINE)]
-        if self.shares_lines:
-            self.renderer.forget()
-            writer.offer_many(records, self._render_shared)
-        else:
-            writer.offer_many(records, self.render)
+        writer.offer_many(records, self.render)
 
     def write_line(self, line: bytes, *, rank: int = 0) -> None:
         """Queue an already rendered line (a routed stdlib log record: always kept, and written
