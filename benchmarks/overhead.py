@@ -1,6 +1,6 @@
 """Per-step overhead of traintel against a plain PyTorch loop and a bare Ignite Engine.
 
-What: one process trains the same tiny MLP on the same pre-built batches in five ways:
+What: one process trains MLPs on pre-built batches in nine cases (``--cases`` picks some):
 
 1. a plain PyTorch loop with gradient accumulation (k=3: forward, ``loss / k``
    backward, ``optimizer.step()`` and ``zero_grad()`` every k micro-batches), no logging;
@@ -11,16 +11,23 @@ What: one process trains the same tiny MLP on the same pre-built batches in five
    (``telemetry.every=10``);
 4. the same with ``telemetry.every=1``;
 5. a model with about 100x the compute per step, trained by the plain loop and by
-   traintel as in 3.
+   traintel as in 3;
+6. a realistic case: an MLP whose optimizer step of k=4 micro-batches takes a few
+   milliseconds (about 7-10 ms on a 2-core virtual machine; ``--realistic-hidden``,
+   ``--realistic-layers``), over enough steps (``--realistic-batches``, 300 steps by default)
+   that what happens outside the loop is under 1% of it: the plain loop (6a) and traintel at
+   ``every=10`` (6b) and ``every=1`` (6c).
 
-Each case is reported as wall time per optimizer step (k=3 micro-batches) and as a
-ratio to the plain loop.
+Each case is reported as wall time per optimizer step (k micro-batches: k=3, and k=4 in
+case 6, a property of the case) and as a ratio to the plain loop. Budgets, the most a
+traintel case's ratio should be: tiny model 1.15 at ``every=10`` and 1.30 at ``every=1``;
+realistic model 1.01 and 1.02; the report says whether each case is within its budget.
 
 Why: traintel adds a roughly fixed cost to every optimizer step (Ignite event
 dispatch, item-weighted loss scaling and bookkeeping tensors, and every N steps one
 host transfer and records fanned out to three sinks). On a model this small that cost
 is as large as it will ever be relative to the compute, so cases 2-4 are the worst
-case; case 5 shows how the same cost dilutes on a model that does some real work.
+case; cases 5 and 6 show how the same cost dilutes on a model that does some real work.
 
 How it measures: paired windows. A shared virtual machine's speed changes from one
 tenth of a second to the next (the plain loop alone swings between 1x and 2x), so two
@@ -41,7 +48,8 @@ goes first, pays the run's cold start):
 - typical window: the median over all windows of all rounds of case / shadow. It leaves
   out what happens in only a few windows (deliveries, epoch ends), so it shows the cost
   of the step itself.
-- case 1, the plain loop with its own shadow, measures the method: its ratios should be 1.
+- cases 1, 5a and 6a, the plain loop with its own shadow, measure the method: their ratios
+  should be 1.
 
 A window of traintel at ``every=10`` holds one emitted step; the last window of each
 epoch holds the epoch's end (the epoch record, Ignite's epoch events). What traintel's
@@ -62,7 +70,12 @@ rounds run every case once, in an order rotated by one each round.
 
 Usage::
 
-    python benchmarks/overhead.py [--repeats 11] [--epochs 3] [--json overhead.json]
+    python benchmarks/overhead.py [--repeats 11] [--epochs 3] [--threads 1] [--json overhead.json]
+    python benchmarks/overhead.py --cases traintel,traintel_realistic --repeats 5
+
+On a machine shared with other work, ``--threads 1`` keeps torch's worker threads from
+waiting on each other behind it (with two threads on two busy cores the realistic case's
+windows swung by up to 10x).
 """
 
 from __future__ import annotations
@@ -94,7 +107,9 @@ from traintel.run.api import build
 from traintel.task import Task
 
 K = 3
-"""Micro-batches per optimizer step (gradient accumulation)."""
+"""Micro-batches per optimizer step (gradient accumulation) of the tiny and large cases."""
+REALISTIC_K = 4
+"""Micro-batches per optimizer step of the realistic cases."""
 DEFAULT_WINDOW = 10
 """Optimizer steps per timed window: the default cadence, so each window of traintel at
 ``every=10`` holds one emitted step's work."""
@@ -171,23 +186,29 @@ class Case:
     key: str
     label: str
     kind: Kind
+    model_name: str
+    """"tiny", "large" or "realistic"."""
     model: torch.nn.Module
     """Initial weights, never trained: each run copies them into a working model."""
     data: list[Batch]
     epochs: int
     every: int = 10
+    k: int = K
+    """Micro-batches per optimizer step."""
 
     @property
     def steps(self) -> int:
-        return self.epochs * len(self.data) // K
+        return self.epochs * len(self.data) // self.k
 
 
-def plain_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> None:
-    """The plain loop's body over whole steps of ``K`` micro-batches: case 1 and every shadow."""
+def plain_steps(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], k: int
+) -> None:
+    """The plain loop's body over whole steps of ``k`` micro-batches: the plain cases and every shadow."""
     for i, (x, y) in enumerate(batches, start=1):
-        loss = F.mse_loss(model(x), y) / K
+        loss = F.mse_loss(model(x), y) / k
         loss.backward()
-        if i % K == 0:
+        if i % k == 0:
             optimizer.step()
             optimizer.zero_grad()
 
@@ -200,9 +221,10 @@ class Interleaved:
     case's window plus the shadow's.
     """
 
-    def __init__(self, data: list[Batch], shadow: torch.nn.Module, window: int) -> None:
+    def __init__(self, data: list[Batch], shadow: torch.nn.Module, window: int, k: int) -> None:
         self.data = data
-        self.size = window * K
+        self.k = k
+        self.size = window * k
         self.shadow = shadow
         self.optimizer = torch.optim.SGD(shadow.parameters(), lr=LR)
         self.starts: list[float] = []
@@ -222,9 +244,9 @@ class Interleaved:
             if not self.starts:
                 self.cpu_start = threads_cpu()  # read before the clock starts
             self.starts.append(time.perf_counter())
-            plain_steps(self.shadow, self.optimizer, window)
+            plain_steps(self.shadow, self.optimizer, window, self.k)
             self.resumes.append(time.perf_counter())
-            self.steps.append(len(window) // K)
+            self.steps.append(len(window) // self.k)
             yield from window
 
     def finish(self) -> None:
@@ -295,7 +317,7 @@ class Bench:
     def run(self, case: Case) -> Sample:
         """Reset the working and shadow models and train them once as ``case`` says, timed."""
         model = self.model_for(case, "working")
-        data = Interleaved(case.data, self.model_for(case, "shadow"), self.window)
+        data = Interleaved(case.data, self.model_for(case, "shadow"), self.window, case.k)
         if case.kind == "plain":
             return run_plain(model, data, case.epochs)
         if case.kind == "ignite":
@@ -309,7 +331,7 @@ class Bench:
             "run": {"dir": str(self.root / run_id), "id": run_id},
             "trainer": {
                 "max_epochs": case.epochs,
-                "accumulation_steps": K,
+                "accumulation_steps": case.k,
                 "optimizer": {"name": "sgd", "lr": LR},
                 "device": "cpu",
             },
@@ -340,7 +362,7 @@ def run_plain(model: torch.nn.Module, data: Interleaved, epochs: int) -> Sample:
     gc.collect()
     t0 = time.perf_counter()
     for _ in range(epochs):
-        plain_steps(model, optimizer, data)
+        plain_steps(model, optimizer, data, data.k)
     data.finish()
     return data.sample(data.end - t0)
 
@@ -348,12 +370,13 @@ def run_plain(model: torch.nn.Module, data: Interleaved, epochs: int) -> Sample:
 def run_ignite(model: torch.nn.Module, data: Interleaved, epochs: int) -> Sample:
     """Case 2: a bare Ignite Engine, one iteration per micro-batch, no handlers but the timer."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    k = data.k
 
     def update(engine: Engine, batch: Batch) -> None:
         x, y = batch
-        loss = F.mse_loss(model(x), y) / K
+        loss = F.mse_loss(model(x), y) / k
         loss.backward()
-        if engine.state.iteration % K == 0:  # the iteration count runs across epochs; B % k == 0
+        if engine.state.iteration % k == 0:  # the iteration count runs across epochs; B % k == 0
             optimizer.step()
             optimizer.zero_grad()
 
@@ -394,28 +417,69 @@ def make_large(hidden: int, layers: int, seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(*modules)
 
 
+CASE_KEYS = (
+    "plain",
+    "ignite",
+    "traintel",
+    "traintel_every1",
+    "plain_large",
+    "traintel_large",
+    "plain_realistic",
+    "traintel_realistic",
+    "traintel_realistic_every1",
+)
+"""Every case, in the tables' order; ``--cases`` picks some of them."""
+BUDGETS = {
+    "traintel": 1.15,
+    "traintel_every1": 1.30,
+    "traintel_realistic": 1.01,
+    "traintel_realistic_every1": 1.02,
+}
+"""The most a traintel case's ratio to plain (median over rounds) should be."""
+
+
 def make_cases(args: argparse.Namespace) -> list[Case]:
-    tiny, large = make_tiny(args.seed), make_large(args.large_hidden, args.large_layers, args.seed)
-    data = make_data(args.batches, args.batch_size, args.seed)
-    large_data = data[: args.large_batches]
-    if len(large_data) < args.large_batches:
-        large_data = make_data(args.large_batches, args.batch_size, args.seed)
-    return [
-        Case("plain", "1. plain PyTorch loop (k=3)", "plain", tiny, data, args.epochs),
-        Case("ignite", "2. bare Ignite Engine, no handlers", "ignite", tiny, data, args.epochs),
-        Case("traintel", "3. traintel, 3 sinks, every=10", "traintel", tiny, data, args.epochs, 10),
-        Case("traintel_every1", "4. traintel, 3 sinks, every=1", "traintel", tiny, data, args.epochs, 1),
-        Case("plain_large", "5a. plain PyTorch loop, large model", "plain", large, large_data, 1),
-        Case(
-            "traintel_large",
-            "5b. traintel, 3 sinks, every=10, large model",
-            "traintel",
-            large,
-            large_data,
-            1,
-            10,
-        ),
-    ]
+    """The cases ``--cases`` names, in ``CASE_KEYS`` order; a model is built only for a case that uses it."""
+    wanted = set(args.cases)
+    cases: list[Case] = []
+    if wanted & {"plain", "ignite", "traintel", "traintel_every1"}:
+        tiny, data = make_tiny(args.seed), make_data(args.batches, args.batch_size, args.seed)
+        n = args.epochs
+        cases += [
+            Case("plain", "1. plain PyTorch loop (k=3)", "plain", "tiny", tiny, data, n),
+            Case("ignite", "2. bare Ignite Engine, no handlers", "ignite", "tiny", tiny, data, n),
+            Case("traintel", "3. traintel, 3 sinks, every=10", "traintel", "tiny", tiny, data, n, 10),
+            Case("traintel_every1", "4. traintel, 3 sinks, every=1", "traintel", "tiny", tiny, data, n, 1),
+        ]
+    if wanted & {"plain_large", "traintel_large"}:
+        large = make_large(args.large_hidden, args.large_layers, args.seed)
+        data = make_data(args.large_batches, args.batch_size, args.seed)
+        cases += [
+            Case("plain_large", "5a. plain PyTorch loop, large model", "plain", "large", large, data, 1),
+            Case(
+                "traintel_large", "5b. traintel, 3 sinks, every=10, large model", "traintel", "large", large,
+                data, 1, 10,
+            ),
+        ]  # fmt: skip
+    if wanted & {"plain_realistic", "traintel_realistic", "traintel_realistic_every1"}:
+        real = make_large(args.realistic_hidden, args.realistic_layers, args.seed)
+        data = make_data(args.realistic_batches, args.batch_size, args.seed)
+        k = REALISTIC_K
+        cases += [
+            Case(
+                "plain_realistic", f"6a. plain PyTorch loop, realistic model (k={k})", "plain", "realistic",
+                real, data, 1, k=k,
+            ),
+            Case(
+                "traintel_realistic", "6b. traintel, 3 sinks, every=10, realistic model", "traintel",
+                "realistic", real, data, 1, 10, k,
+            ),
+            Case(
+                "traintel_realistic_every1", "6c. traintel, 3 sinks, every=1, realistic model", "traintel",
+                "realistic", real, data, 1, 1, k,
+            ),
+        ]  # fmt: skip
+    return [case for case in cases if case.key in wanted]
 
 
 def max_param_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -465,6 +529,8 @@ def summarize(cases: Sequence[Case], rounds: Sequence[dict[str, Sample]]) -> lis
             {
                 "key": case.key,
                 "case": case.label,
+                "model": case.model_name,
+                "k": case.k,
                 "steps_per_run": case.steps,
                 "windows": len(pairs),
                 "us_per_step": statistics.median(
@@ -531,14 +597,14 @@ def render(
     env: dict[str, Any], sizes: dict[str, int], args: argparse.Namespace, rows: Sequence[dict[str, Any]]
 ) -> str:
     by_key = {r["key"]: r for r in rows}
-    large_vs_tiny = by_key["plain_large"]["plain_us_per_step"] / by_key["plain"]["plain_us_per_step"]
-    h = args.large_hidden
+    models = {r["model"] for r in rows}
     lines = [
         f"torch {env['torch']}, pytorch-ignite {env['pytorch-ignite']}, traintel {env['traintel']}, "
         f"Python {env['python']}; torch threads {env['torch_threads']} (interop "
         f"{env['torch_interop_threads']}), usable CPUs {env['cpus_usable']}; {env['platform']}",
         "",
-        f"- step = one optimizer step = {K} micro-batches of {args.batch_size} items; {args.repeats} rounds.",
+        f"- step = one optimizer step = k micro-batches of {args.batch_size} items (k={K}; "
+        f"k={REALISTIC_K} for the realistic model); {args.repeats} rounds.",
         f"- window = {args.window} steps; each is paired with the plain loop (the case's shadow) on the same "
         "batches just before it.",
         "- every run's first window is left out (the shadow, which goes first, pays the cold start).",
@@ -546,11 +612,27 @@ def render(
         "included; medians over rounds (quartiles of the ratio over rounds).",
         "- typical window: the median over all windows of case / shadow (without the few windows that "
         "deliver records or end an epoch).",
-        f"- tiny model: Linear({IN_FEATURES},{TINY_HIDDEN})-ReLU-Linear({TINY_HIDDEN},1) "
-        f"({sizes['plain']:,} parameters), {args.epochs} epochs x {args.batches} micro-batches per run.",
-        f"- large model: Linear({IN_FEATURES},{h})-ReLU-{args.large_layers}x[Linear({h},{h})-ReLU]-"
-        f"Linear({h},1) ({sizes['plain_large']:,} parameters), 1 epoch x {args.large_batches} micro-batches "
-        f"per run; its plain step takes {large_vs_tiny:.0f}x the tiny one's.",
+    ]
+    tiny_us = by_key["plain"]["plain_us_per_step"] if "plain" in by_key else None
+    if "tiny" in models:
+        lines.append(
+            f"- tiny model: Linear({IN_FEATURES},{TINY_HIDDEN})-ReLU-Linear({TINY_HIDDEN},1) "
+            f"({sizes['tiny']:,} parameters), {args.epochs} epochs x {args.batches} micro-batches per run."
+        )
+    for group, hidden, layers, batches in (
+        ("large", args.large_hidden, args.large_layers, args.large_batches),
+        ("realistic", args.realistic_hidden, args.realistic_layers, args.realistic_batches),
+    ):
+        if group not in models:
+            continue
+        plain_us = statistics.median(r["plain_us_per_step"] for r in rows if r["model"] == group)
+        versus = f"; its plain step takes {plain_us / tiny_us:.0f}x the tiny one's" if tiny_us else ""
+        lines.append(
+            f"- {group} model: Linear({IN_FEATURES},{hidden})-ReLU-{layers}x[Linear({hidden},{hidden})-ReLU]-"
+            f"Linear({hidden},1) ({sizes[group]:,} parameters), 1 epoch x {batches} micro-batches per run; "
+            f"plain step {plain_us / 1e3:.2f} ms{versus}."
+        )
+    lines += [
         "",
         "| case | windows | us/step | plain us/step | ratio to plain | quartiles of the ratio "
         "| typical window | overhead us/step |",
@@ -563,6 +645,13 @@ def render(
             f"| {r['case']} | {r['windows']} | {r['us_per_step']:.1f} | {r['plain_us_per_step']:.1f} "
             f"| {ratio:.3f} | {low:.3f}-{high:.3f} | {r['typical_window_ratio']:.3f} | {extra:+.1f} |"
         )
+    budgeted = [r for r in rows if r["key"] in BUDGETS]
+    if budgeted:
+        lines += ["", "Budgets (ratio to plain, median over rounds):", ""]
+        for r in budgeted:
+            budget, ratio = BUDGETS[r["key"]], r["ratio_to_plain"]
+            verdict = "within" if ratio <= budget else "OVER"
+            lines.append(f"- {r['case']}: {ratio:.3f} <= {budget:.2f}: {verdict}")
     lines += [
         "",
         "Per-run cost outside the loop: the whole `engine.run()` / `run.run()` call minus the loop",
@@ -572,9 +661,9 @@ def render(
         "start (torch's workers, which spin while they wait for work, so theirs grows with the loop's",
         "wall time); what part of it ran while the shadow trained is in the shadow's time, not the case's.",
         "",
-        "| case | loop ms | whole call ms | outside loop ms | Python threads' CPU us/step "
-        "| native threads' CPU us/step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | loop ms | whole call ms | outside loop ms | outside, % of loop "
+        "| Python threads' CPU us/step | native threads' CPU us/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         loop, call = r["loop_ms"], r["run_call_ms"]
@@ -582,7 +671,11 @@ def render(
             "n/a" if cpu is None else f"{cpu:.1f}"
             for cpu in (r["python_threads_cpu_us_per_step"], r["native_threads_cpu_us_per_step"])
         )
-        lines.append(f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} | {python} | {native} |")
+        share = (call - loop) / loop * 100
+        lines.append(
+            f"| {r['case']} | {loop:.1f} | {call:.1f} | {call - loop:.1f} | {share:.2f} "
+            f"| {python} | {native} |"
+        )
     return "\n".join(lines)
 
 
@@ -596,6 +689,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--large-hidden", type=int, default=1024, help="large model width (default 1024)")
     add("--large-layers", type=int, default=8, help="large model hidden-to-hidden layers (default 8)")
     add("--large-batches", type=int, default=150, help="large-model micro-batches, 1 epoch (default 150)")
+    add("--realistic-hidden", type=int, default=512, help="realistic model width (default 512)")
+    add("--realistic-layers", type=int, default=2, help="realistic model hidden-to-hidden layers (default 2)")
+    add(
+        "--realistic-batches",
+        type=int,
+        default=1200,
+        help="realistic-model micro-batches, 1 epoch (default 1200: 300 steps)",
+    )
+    add(
+        "--cases",
+        type=lambda text: [key.strip() for key in text.split(",") if key.strip()],
+        default=list(CASE_KEYS),
+        metavar="KEY,...",
+        help=f"run only these cases (default all: {','.join(CASE_KEYS)})",
+    )
     add(
         "--window",
         type=int,
@@ -615,13 +723,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "large_hidden",
         "large_layers",
         "large_batches",
+        "realistic_hidden",
+        "realistic_layers",
+        "realistic_batches",
     )
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("batches", "large_batches"):
-        if getattr(args, name) % K:
-            parser.error(f"--{name.replace('_', '-')} must be a multiple of k={K}: every step gets k batches")
+    for name, k in (("batches", K), ("large_batches", K), ("realistic_batches", REALISTIC_K)):
+        if getattr(args, name) % k:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of k={k}: every step gets k batches")
+    unknown = [key for key in args.cases if key not in CASE_KEYS]
+    if unknown or not args.cases:
+        parser.error(
+            f"--cases: unknown {', '.join(unknown) or 'none given'}; choose from {', '.join(CASE_KEYS)}"
+        )
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     return args
@@ -644,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = measure(bench, cases, args.repeats)
     rows = summarize(cases, rounds)
     env = environment()
-    sizes = {c.key: sum(p.numel() for p in c.model.parameters()) for c in cases}
+    sizes = {c.model_name: sum(p.numel() for p in c.model.parameters()) for c in cases}
     print(render(env, sizes, args, rows))
     worst = max(diffs.values())
     print(f"\nwarm-up check: max |weight difference| to the plain loop (its shadow), any case: {worst:.2e}")
@@ -658,8 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {
             "env": env,
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "k": K,
-            "unit": f"microseconds per optimizer step ({K} micro-batches)",
+            "k": {case.key: case.k for case in cases},
+            "unit": "microseconds per optimizer step (k micro-batches, k per case)",
             "model_parameters": sizes,
             "warmup_max_weight_diff": diffs,
             "max_delay_seconds": bench.max_delay,

@@ -321,7 +321,8 @@ def test_the_update_step_gives_a_plain_ignite_engine_a_tensor_output() -> None:
 
 def test_micro_batch_completed_holds_each_micro_batch_as_its_records_report_it(tmp_path: Path) -> None:
     """A handler on MICRO_BATCH_COMPLETED sees every micro-batch, in order, with the values of its
-    train.batch record (a micro-batch without items included); without a handler no output is kept."""
+    train.batch record (a micro-batch without items included); without a handler the state holds the
+    last micro-batch all the same."""
     from traintel.engine.outputs import MicroBatchOutput
 
     batches = make_batches([5, 3, 4, 2, 6])  # k=3: windows of 12 items, then one of 8
@@ -349,4 +350,45 @@ def test_micro_batch_completed_holds_each_micro_batch_as_its_records_report_it(t
     assert run.trainer.state.micro_batch is seen[-1]
 
     _, quiet = train_in_memory(tmp_path / "unlistened", batches, accumulation_steps=3)
-    assert quiet.trainer.state.micro_batch is None
+    last = quiet.trainer.state.micro_batch
+    assert last is not None
+    assert (last.position, last.batch, last.items, last.scale) == (2, 5, 6, 6 / 8)
+    assert (float(last.raw_loss), float(last.loss)) == (float(seen[-1].raw_loss), float(seen[-1].loss))
+
+
+def test_a_plain_ignite_engine_fires_traintel_events_once_it_registers_them() -> None:
+    """The update step fires its events on a plain Ignite ``Engine`` that registered them, and runs
+    without them on one that did not (its ``fire_event`` would raise for an unregistered event)."""
+    from traintel.engine.step import AccumulatingStep
+
+    def run(register: bool) -> tuple[list[tuple[str, int, int]], Engine]:
+        model = make_model()
+        step = AccumulatingStep(
+            model,
+            torch.nn.functional.mse_loss,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            device=torch.device("cpu"),
+        )
+        engine = Engine(step)
+        seen: list[tuple[str, int, int]] = []
+        if register:
+            engine.register_events(*TraintelEvents)
+            engine.add_event_handler(
+                TraintelEvents.MICRO_BATCH_COMPLETED,
+                lambda e: seen.append(("micro", e.state.micro_batch.batch, e.state.micro_batch.items)),
+            )
+            engine.add_event_handler(
+                TraintelEvents.OPTIMIZER_STEP_STARTED, lambda e: seen.append(("step", e.state.iteration, 0))
+            )
+        engine.run(WindowedLoader(make_batches([4, 3, 5, 2, 6]), 2), max_epochs=2)
+        return seen, engine
+
+    seen, engine = run(register=True)
+    epoch = [("micro", 1, 4), ("micro", 2, 3), ("step", 1, 0), ("micro", 3, 5), ("micro", 4, 2), ("step", 2, 0),
+             ("micro", 5, 6), ("step", 3, 0)]  # fmt: skip
+    assert seen == epoch + [(kind, b if kind == "micro" else b + 3, n) for kind, b, n in epoch]
+    assert engine.state.iteration == 6
+    quiet, plain = run(register=False)
+    assert quiet == [] and plain.state.iteration == 6
+    last = plain.state.micro_batch  # type: ignore[attr-defined]  # an extra attribute of Ignite's State
+    assert (last.batch, last.items) == (5, 6)

@@ -21,41 +21,54 @@ CASES = [
     "4. traintel, 3 sinks, every=1",
     "5a. plain PyTorch loop, large model",
     "5b. traintel, 3 sinks, every=10, large model",
+    "6a. plain PyTorch loop, realistic model (k=4)",
+    "6b. traintel, 3 sinks, every=10, realistic model",
+    "6c. traintel, 3 sinks, every=1, realistic model",
 ]
+KEYS = ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large", "plain_realistic",
+        "traintel_realistic", "traintel_realistic_every1"]  # fmt: skip
+SMALL = ["--repeats", "2", "--epochs", "2", "--batches", "30", "--large-batches", "6", "--large-hidden", "64",
+         "--large-layers", "1", "--realistic-batches", "8", "--realistic-hidden", "32", "--realistic-layers", "1"]  # fmt: skip
 
 
-def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
-    """Every case and its plain-loop shadow end with the same weights; the windows are paired."""
-    out = tmp_path / "overhead.json"
-    args = ["--repeats", "2", "--epochs", "2", "--batches", "30", "--large-batches", "6",
-            "--large-hidden", "64", "--large-layers", "1", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(
+def overhead(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    """Every case and its plain-loop shadow end with the same weights; the windows are paired."""
+    out = tmp_path / "overhead.json"
+    proc = overhead(*SMALL, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    keys = ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large"]
+    keys = KEYS
     assert data["warmup_max_weight_diff"] == dict.fromkeys(keys, 0.0)
     assert [c["case"] for c in data["cases"]] == CASES
-    assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2]
-    # tiny runs: 2 windows of 10 steps, the first left out; large runs: one window of 2 steps, kept
-    assert [c["windows"] for c in data["cases"]] == [2, 2, 2, 2, 2, 2]
+    assert data["k"] == dict.fromkeys(keys[:6], 3) | dict.fromkeys(keys[6:], 4)
+    assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2, 2, 2, 2]
+    # tiny runs: 2 windows of 10 steps, the first left out; large and realistic runs: one window of
+    # 2 steps, kept
+    assert [c["windows"] for c in data["cases"]] == [2] * 9
     assert len(data["rounds"]) == 2
     for timed in data["rounds"]:
-        assert [timed[k]["steps"] for k in keys] == [[10, 10]] * 4 + [[2]] * 2
+        assert [timed[k]["steps"] for k in keys] == [[10, 10]] * 4 + [[2]] * 5
         for k in keys:
             assert len(timed[k]["own_s"]) == len(timed[k]["shadow_s"]) == len(timed[k]["steps"])
             assert min(timed[k]["own_s"]) > 0 and min(timed[k]["shadow_s"]) > 0
     # the shadow stretches a run's wall time, so the delivery delay is stretched with it
-    assert sorted(data["max_delay_seconds"]) == ["traintel", "traintel_every1", "traintel_large"]
+    assert sorted(data["max_delay_seconds"]) == [
+        "traintel", "traintel_every1", "traintel_large", "traintel_realistic", "traintel_realistic_every1"
+    ]  # fmt: skip
     assert all(delay > 0.05 for delay in data["max_delay_seconds"].values())
     # the plain loop and bare Ignite start no Python thread: nothing of theirs is counted as one
     python_cpu = {c["key"]: c["python_threads_cpu_us_per_step"] for c in data["cases"]}
-    assert [python_cpu[k] for k in ("plain", "ignite", "plain_large")] == [0.0, 0.0, 0.0]
+    assert [python_cpu[k] for k in ("plain", "ignite", "plain_large", "plain_realistic")] == [0.0] * 4
     assert all(c["native_threads_cpu_us_per_step"] >= 0 for c in data["cases"])
     lines = proc.stdout.splitlines()
     header = (
@@ -64,11 +77,32 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     )
     assert lines.count(header) == 1
     rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:6]] == CASES
-    assert [row.split(" | ")[1] for row in rows[:6]] == ["2"] * 6
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:9]] == CASES
+    assert [row.split(" | ")[1] for row in rows[:9]] == ["2"] * 9
+    budgets = [
+        line.split(": ")[0] for line in lines if line.startswith("- ") and line.endswith(("within", "OVER"))
+    ]
+    assert budgets == ["- " + CASES[i] for i in (2, 3, 7, 8)]
     assert (
         "warm-up check: max |weight difference| to the plain loop (its shadow), any case: 0.00e+00" in lines
     )
+
+
+def test_overhead_benchmark_runs_only_the_cases_asked_for(tmp_path: Path) -> None:
+    """``--cases`` runs the named cases alone, in the table's order; an unknown name is refused."""
+    out = tmp_path / "overhead.json"
+    proc = overhead(*SMALL, "--cases", "traintel_realistic,plain", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert [c["key"] for c in data["cases"]] == ["plain", "traintel_realistic"]
+    assert [sorted(timed) for timed in data["rounds"]] == [["plain", "traintel_realistic"]] * 2
+    assert data["warmup_max_weight_diff"] == {"plain": 0.0, "traintel_realistic": 0.0}
+    assert data["model_parameters"] == {"tiny": 2177, "realistic": 32 * 32 + 32 + 32 * 32 + 32 + 32 + 1}
+    rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith(("| 1.", "| 6b."))]
+    assert rows == ["| " + CASES[0], "| " + CASES[7]] * 2  # the main table, then the per-run one
+    refused = overhead("--cases", "traintel,tiny")
+    assert refused.returncode == 2
+    assert "--cases: unknown tiny; choose from plain, ignite," in refused.stderr
 
 
 def test_distributed_benchmark_compares_like_for_like(tmp_path: Path) -> None:

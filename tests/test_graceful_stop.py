@@ -143,7 +143,7 @@ def test_sigterm_during_an_evaluation_evaluates_that_epoch_again_on_resume(
     tmp_path: Path, references: dict[bool, Any]
 ) -> None:
     """Epoch 1 ends at step 4, which no every_steps checkpoint covers: the checkpoint of the signal
-    says the epoch's record was logged and its evaluation is still to come."""
+    says the epoch ended (its record was logged) and its evaluation is owed."""
     code, stopped = sigterm_at(tmp_path, stop_config(), "evalsleep:2:1.5", "evaluating at 2")
     assert code == 143
     assert [d["epoch"] for d in epoch_records(stopped, "train.epoch")] == [1]
@@ -153,7 +153,7 @@ def test_sigterm_during_an_evaluation_evaluates_that_epoch_again_on_resume(
     run_dir = tmp_path / "run"
     saved = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, 0)
     assert saved is not None
-    assert (saved[0].step, saved[1]["epoch_ended"], saved[1].get("epoch_logged")) == (4, False, True)
+    assert (saved[0].step, saved[1]["epoch_ended"], saved[1]["evaluation_owed"]) == (4, True, True)
 
     resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -164,11 +164,11 @@ def test_sigterm_during_an_evaluation_evaluates_that_epoch_again_on_resume(
     assert_continues(references[False], stopped, resumed.stdout, run_dir)
 
 
-def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_ends_that_epoch_on_resume(
+def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_evaluates_that_epoch_on_resume(
     tmp_path: Path, references: dict[bool, Any]
 ) -> None:
-    """Epoch 3's last step (12) has an every_steps checkpoint taken before the epoch's end: the
-    resumed run runs that end, whose epoch record (duration unknown: 0 s) it logs again."""
+    """Epoch 3's last step (12) is due an every_steps checkpoint, which is taken after the epoch's
+    end (its record logged, its evaluation cut): the resumed run only evaluates epoch 3."""
     at = 2 * EVAL_CALLS + 2
     code, stopped = sigterm_at(tmp_path, stop_config(), f"evalsleep:{at}:1.5", f"evaluating at {at}")
     assert code == 143
@@ -184,17 +184,10 @@ def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_ends_that_epoch
     resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     records = list(lines(resumed.stdout))
-    assert [d["event"] for d in records] == ["run.start", "train.epoch", "eval.epoch", "run.end"]
-    assert (records[0]["resumed_from_step"], records[1]["duration_seconds"], records[-1]["status"]) == (
-        STEPS,
-        0.0,
-        "completed",
-    )
+    assert [d["event"] for d in records] == ["run.start", "eval.epoch", "run.end"]
+    assert (records[0]["resumed_from_step"], records[-1]["status"]) == (STEPS, "completed")
     expected, final = references[False]
-    assert losses(resumed.stdout) == {
-        ("train.epoch", EPOCHS): expected[("train.epoch", EPOCHS)],
-        ("eval.epoch", EPOCHS): expected[("eval.epoch", EPOCHS)],
-    }
+    assert losses(resumed.stdout) == {("eval.epoch", EPOCHS): expected[("eval.epoch", EPOCHS)]}
     assert same_tensors(final_state(run_dir), final) is True
 
 

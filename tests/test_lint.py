@@ -43,3 +43,21 @@ def test_what_a_plugin_sink_imports_loads_no_heavy_library(module: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout == "[]\n"
+
+
+def test_traintel_reads_no_private_ignite_name() -> None:
+    """No attribute of Ignite's Engine or State whose name starts with an underscore (``_fire_event``,
+    ``_event_handlers``, ``_process_function``...) is read or set anywhere in the package."""
+    import ast
+
+    from ignite.engine import Engine, State
+
+    engine = Engine(lambda _engine, _batch: None)
+    names = {*dir(Engine), *vars(engine), *dir(State), *vars(State())}
+    private = {n for n in names if n.startswith("_") and not n.startswith("__")}
+    found = []
+    for path in sorted((ROOT / "traintel").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert found == []

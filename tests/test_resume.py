@@ -135,7 +135,8 @@ def newest_checkpoint(done: int) -> int:
 
 def kill_points(workers: int) -> list[tuple[str, str]]:
     """(what, RESUME_TEST_AT): inside a window, right after a checkpoint, in an epoch's last step, and
-    (one process) during the last epoch's evaluation, after its last step's checkpoint."""
+    (one process) during the last epoch's evaluation, before its last step's checkpoint (which is
+    taken after the epoch's end)."""
     rng = random.Random(1234 + workers)
     epoch_calls = sum(WINDOWS)
     inside = epoch_calls + 4 * rng.randrange(0, 3) + rng.randrange(2, 5)  # micro-batch 2-4 of step 5, 6 or 7
@@ -166,7 +167,8 @@ def test_sigkill_then_resume_logs_the_same_bits(
 
     kind, _, number = at.partition(":")
     done = steps_done_before(int(number)) if kind == "train" else STEPS
-    restart_at = newest_checkpoint(done) if kind == "train" else STEPS
+    # killed in the last epoch's evaluation: its last step's checkpoint comes only after that end
+    restart_at = newest_checkpoint(done if kind == "train" else STEPS - 1)
 
     resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -73,8 +73,8 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
 def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpoint(
     tmp_path: Path, every_steps: int
 ) -> None:
-    """The run's 2 epochs end at step 8. Its last checkpoint is that step's, taken before the
-    epoch's end ran (every 4 steps), or step 6's (every 3 steps): either way it completed."""
+    """The run's 2 epochs end at step 8. Its last checkpoint is that step's, taken after the
+    epoch's end (every 4 steps), or step 6's (every 3 steps): either way it completed."""
     cfg = config(0)
     cfg["trainer"]["max_epochs"] = 2
     cfg["checkpoint"] = {"every_steps": every_steps, "keep": 1}

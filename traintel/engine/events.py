@@ -8,7 +8,7 @@ One Ignite iteration is one optimizer step over an accumulation window::
         for micro_batch in window:            # N_t = items in the window, counted first
             forward, loss = raw * n_b / N_t
             loss.backward()
-            MICRO_BATCH_COMPLETED             # state.micro_batch: this micro-batch (with a handler only)
+            MICRO_BATCH_COMPLETED             # state.micro_batch: this micro-batch
         clip gradients (optional)
         OPTIMIZER_STEP_STARTED                # gradients are complete: inspect .grad here
         optimizer.step(); scheduler.step(); optimizer.zero_grad()

@@ -11,7 +11,7 @@ from traintel.engine.windows import Window
 
 
 class MicroBatchOutput(NamedTuple):
-    """One micro-batch (``state.micro_batch`` during ``MICRO_BATCH_COMPLETED``): the tensors given
+    """One micro-batch (``state.micro_batch`` from its ``MICRO_BATCH_COMPLETED`` on): the tensors given
     to backward, detached, still on the device."""
 
     position: int

@@ -31,8 +31,7 @@ class TraintelState(State):
         self.step_output: StepOutput | None = None
         """The last optimizer step, from ITERATION_COMPLETED on."""
         self.micro_batch: MicroBatchOutput | None = None
-        """The micro-batch just run, during MICRO_BATCH_COMPLETED (set only while a handler is attached
-        to that event)."""
+        """The micro-batch just run, from its MICRO_BATCH_COMPLETED on (the step's last until the next)."""
         self.stop_reason: str | None = None
         """Why the run is being stopped (a signal's name), when something stops it."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,8 +63,9 @@ class AccumulatingStep:
     1. ``count_items`` of every micro-batch, then ``window_items``: N, before any backward
        (the coordinator adds up the ranks' counts);
     2. ``run_micro_batch`` for each (told which is the last to run backward: the place for
-       the gradient reduction that DDP puts off until then), or ``take_part`` when this rank has
-       no items in a window that others have;
+       the gradient reduction that DDP puts off until then), each followed by ``state.micro_batch``
+       and ``MICRO_BATCH_COMPLETED``, or ``take_part`` when this rank has no items in a window that
+       others have;
     3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
        ``on_nonfinite="skip_step"`` and ``window_finite`` finds a NaN or infinite loss on some rank
        (then the gradients are cleared and the step is not taken);
@@ -110,6 +112,20 @@ class AccumulatingStep:
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.progress = Progress(device)
         """The run's position; ``create_trainer`` puts this object on ``state.progress``."""
+        self._events_on: weakref.ref[Engine] | None = None
+        """The engine last found to have ``TraintelEvents`` registered (they cannot be unregistered)."""
+
+    def fires_events(self, engine: Engine) -> bool:
+        """Whether ``engine`` has ``TraintelEvents`` registered, so the step fires them: a trainer from
+        ``create_trainer`` has; a plain Ignite ``Engine`` has after ``register_events(*TraintelEvents)``,
+        and before that no handler can be attached to them (its ``fire_event`` would raise)."""
+        known = self._events_on
+        if known is not None and known() is engine:
+            return True
+        if all(engine.has_registered_events(event) for event in TraintelEvents):
+            self._events_on = weakref.ref(engine)
+            return True
+        return False
 
     def count_window(self, batches: Sequence[Any]) -> tuple[int, ...]:
         """n_b of each micro-batch, from ``count_items``: an integer (a float such as 2.7 is never
@@ -170,7 +186,8 @@ class AccumulatingStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
         elif self.report_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
-        engine._fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)  # a plain Engine may lack the event
+        if self.fires_events(engine):
+            engine.fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -208,16 +225,17 @@ class AccumulatingStep:
             last -= 1
         if total and last < 0:
             self.take_part()
+        fires = self.fires_events(engine)
         for position, batch in enumerate(batches):
             n = counts[position]
             raw, loss = self.run_micro_batch(batch, n, total, position == last)
             raws.append(raw)
             losses.append(loss)
-            if _listened(engine, TraintelEvents.MICRO_BATCH_COMPLETED):
-                _set_state(engine, "micro_batch", MicroBatchOutput(
-                    position + 1, window.first_batch + position, n, loss_scale(n, total), raw, loss
-                ))  # fmt: skip
-                engine._fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)  # a plain Engine may lack the event
+            _set_state(engine, "micro_batch", MicroBatchOutput(
+                position + 1, window.first_batch + position, n, loss_scale(n, total), raw, loss
+            ))  # fmt: skip
+            if fires:
+                engine.fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))
@@ -243,18 +261,19 @@ class AccumulatingStep:
         if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
             if getattr(engine.state, "stop_reason", None) is None:
                 _set_state(engine, "stop_reason", PEER_STOP_REASON)
-            engine.terminate()
+            if not epochs_last_step(engine):  # that one ends after its epoch's end (create_trainer)
+                engine.terminate()
         # Ignite stores this as state.output; a TraintelState sums it only when it is read
         return window_loss if isinstance(engine.state, TraintelState) else window_loss.resolve()
-
-
-def _listened(engine: Engine, event: TraintelEvents) -> bool:
-    """Whether a handler is attached to ``event``: a micro-batch's output is built and its event
-    fired only for one (nothing else can observe either)."""
-    return bool(engine._event_handlers.get(event))
 
 
 def _set_state(engine: Engine, name: str, value: Any) -> None:
     """Set a traintel attribute on the engine's state (declared on ``TraintelState``; a plain Ignite
     ``State`` takes it as an extra attribute)."""
     setattr(engine.state, name, value)
+
+
+def epochs_last_step(engine: Engine) -> bool:
+    """Whether the step under way is its epoch's last (of a known epoch length)."""
+    length = engine.state.epoch_length
+    return length is not None and engine.state.iteration % length == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,51 +23,19 @@ from traintel.engine.step import (
 
 
 class TraintelEngine(Engine):
-    """An Ignite ``Engine`` that fires events without a debug message per event.
-
-    Ignite formats a debug log message for every event it fires, handled or not (an
-    iteration fires four), and asks its logger each time. This engine asks once per epoch
-    (at STARTED and EPOCH_STARTED): while the logger is not at DEBUG it runs the handlers
-    itself, with Ignite's calling convention (the engine first when the handler was
-    registered with it, then the event's arguments, then the handler's own); at DEBUG it
-    fires exactly as Ignite does.
-    """
-
-    _debug = True
-    """Whether the logger was at DEBUG when the run or the current epoch started."""
+    """An Ignite ``Engine`` whose state is a ``TraintelState`` (the run's ``Progress``, the step's
+    output); events are fired by Ignite itself."""
 
     state: TraintelState
+    update_step: AccumulatingStep | None = None
+    """The update step ``create_trainer`` made the process function (its model, optimizer, coordinator),
+    without reading Ignite's private ``_process_function``; None for an engine made otherwise."""
 
     def __init__(
         self, process_function: Callable[[Engine, Any], Any], progress: Progress | None = None
     ) -> None:
         super().__init__(process_function)
         self.state = TraintelState(progress)  # output may be a step loss summed when first read
-
-    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if event_name is Events.EPOCH_STARTED or event_name is Events.STARTED:
-            self._debug = self.logger.isEnabledFor(logging.DEBUG)
-        if self._debug:
-            super()._fire_event(event_name, *event_args, **event_kwargs)
-            return
-        self.last_event_name = event_name
-        handlers = self._event_handlers.get(event_name)
-        if not handlers:
-            return
-        for func, args, kwargs in handlers:
-            if event_kwargs:
-                kwargs.update(event_kwargs)
-            if args and isinstance(args[0], weakref.ref):
-                engine = args[0]()
-                if engine is None:
-                    msg = "Engine reference not resolved. Cannot execute event handler."
-                    raise RuntimeError(msg)
-                if len(args) == 1 and not event_args and not kwargs:
-                    func(engine)  # the common case, without argument unpacking
-                else:
-                    func(engine, *event_args, *args[1:], **kwargs)
-            else:
-                func(*event_args, *args, **kwargs)
 
 
 def create_trainer(
@@ -93,9 +59,10 @@ def create_trainer(
     Any Ignite handler attaches to it as usual. ``state.output`` is the step's loss
     tensor (float64, detached, on the device; summed when first read); ``state.step_output``
     holds the full ``StepOutput`` and ``state.progress`` the run's ``Progress``;
-    ``TraintelEvents`` are registered. ``coordinator`` and ``step_class`` make it one rank of a
-    torch.distributed run (see ``traintel.engine.ddp``). ``on_nonfinite="skip_step"`` does not take
-    the optimizer step of a window whose loss is not finite (``trainer.on_nonfinite``).
+    ``TraintelEvents`` are registered; ``update_step`` is the step. ``coordinator`` and
+    ``step_class`` make it one rank of a torch.distributed run (see ``traintel.engine.ddp``).
+    ``on_nonfinite="skip_step"`` does not take the optimizer step of a window whose loss is not
+    finite (``trainer.on_nonfinite``).
     """
     step = step_class(
         model,
@@ -112,6 +79,8 @@ def create_trainer(
         on_nonfinite=on_nonfinite,
     )
     engine = TraintelEngine(step, step.progress)
+    engine.update_step = step
+    engine.add_event_handler(Events.EPOCH_COMPLETED, _end_if_agreed, step.coordinator)
     engine.register_events(*TraintelEvents)
     engine.add_event_handler(Events.EPOCH_STARTED, _start_epoch)
     return engine
@@ -121,3 +90,10 @@ def _start_epoch(engine: TraintelEngine) -> None:
     """The epoch's counts start at zero, visible in ``state.progress`` from EPOCH_STARTED on (an epoch
     restored part-way keeps its counts)."""
     engine.state.progress.start_epoch(engine.state.epoch)
+
+
+def _end_if_agreed(engine: TraintelEngine, coordinator: Coordinator) -> None:
+    """EPOCH_COMPLETED: a stop the ranks agreed on in the epoch's last step ends the run here, after
+    the epoch's end (its record, evaluation and checkpoint), never between that step and its end."""
+    if coordinator.last.stop:
+        engine.terminate()

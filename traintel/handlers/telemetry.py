@@ -94,9 +94,6 @@ class TrainTelemetry:
         self.world_size = self.coordinator.world_size
         self.attempt = attempt
         """The run's attempt (0, or n for its n-th resumption), copied into every record."""
-        self.logged_epoch: int | None = None
-        """An epoch whose record was logged before a stop cut its end (a resumed run fires that end
-        again): its ``EPOCH_COMPLETED`` does not log the record twice."""
         self._pending: list[tuple[StepOutput, float]] = []
         self._unemitted: list[StepOutput] | None = [] if on_nonfinite == "stop" else None
         """Under ``trainer.on_nonfinite=stop`` only: the steps since the last delivery that are not
@@ -243,9 +240,6 @@ class TrainTelemetry:
     def emit_epoch(self, engine: Engine) -> None:
         """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record (summed over the ranks
         in the same collective as the steps' losses)."""
-        if engine.state.epoch == self.logged_epoch:
-            self.flush()
-            return
         progress = traintel_state(engine).progress
         loss_sum, batches = self.flush([float(progress.loss_sum), float(progress.batches)])
         duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 from ignite.engine import Events
 
 from traintel.config import Config, coerce_config
+from traintel.engine.events import TraintelEvents
 from traintel.errors import NonFiniteLoss, one_line, signal_exit
 from traintel.records import RunEndRecord
 from traintel.run import distributed, resume, rundir, session
@@ -28,6 +29,9 @@ _WINDOW_ON_ITS_WAY = frozenset(
 )
 """The trainer's last event while the next window is being fetched: a stop then waits for that
 window's step (Ignite would end the run right after the fetch, leaving the window untrained)."""
+_IN_A_STEP = frozenset((Events.ITERATION_STARTED, Events.ITERATION_COMPLETED, *TraintelEvents))
+"""The trainer's last event during a step: a stop in an epoch's last step ends the run after that
+epoch's end (its record, its evaluation, its checkpoint), so no checkpoint falls between them."""
 _log = logging.getLogger("traintel")
 
 
@@ -47,18 +51,11 @@ class Run:
 
     def __init__(self, plan: Plan, resources: contextlib.ExitStack, note: session.AttemptNote) -> None:
         self.plan, self._resources, self._note = plan, resources, note
-        self.config, self.task, self.trainer, self.evaluator = (
-            plan.config,
-            plan.task,
-            plan.trainer,
-            plan.evaluator,
-        )
+        self.config, self.task = plan.config, plan.task
+        self.trainer, self.evaluator = plan.trainer, plan.evaluator
         self.model, self.optimizer, self.scheduler = plan.model, plan.optimizer, plan.scheduler
-        self.fanout, self.prometheus, self.checkpointing = (
-            plan.sinks.fanout,
-            plan.sinks.prometheus,
-            plan.checkpointing,
-        )
+        self.fanout, self.prometheus = plan.sinks.fanout, plan.sinks.prometheus
+        self.checkpointing = plan.checkpointing
         self.coordinator, self.run_dir = plan.where.coordinator, plan.run_dir
         self.run_id, self.attempt = plan.attempt.run_id, plan.attempt.attempt
         """The run's id; 0 for a run's first attempt, n for the n-th attempt in the same run directory."""
@@ -83,10 +80,7 @@ class Run:
             msg = "a Run runs once; build a new one"
             raise RuntimeError(msg)
         raised: BaseException | None = None
-        with (
-            handled(self._on_signal),
-            self._resources,
-        ):  # a signal while the sinks close cuts the linger short
+        with handled(self._on_signal), self._resources:  # a signal as the sinks close cuts the linger
             # a signal noted before these handlers took over, or one before STARTED (trainer.run()
             # resets terminate()), ends the run at once
             self.stop_signal = self.stop_signal or stop_signal or early_signal()
@@ -107,27 +101,21 @@ class Run:
             ended = plan.lifecycle.end(status, reason, plan.trainer.state.progress)
             if status == "completed":
                 session.note_completed(plan)
-            self._push()
+            session.push_final(plan)
         if raised is not None:
             raise raised
         return ended
 
     def _train(self) -> None:
-        """``trainer.run()``; a resumed attempt first puts back what its checkpoint holds beyond the
-        weights (``Checkpointing.restore``): the generators, and an epoch's end still to come."""
+        """``trainer.run()``; a resumed attempt first puts back the generators its checkpoint holds
+        and runs what of that epoch's end is owed (``Plan.finish_owed_end``)."""
         plan, cp = self.plan, self.checkpointing
         trainer, max_epochs = plan.trainer, self.config.trainer.max_epochs
         if cp is not None and self.resumed_from_step is not None:
             cp.restore_rng()
-            if cp.pending_end:
-                if cp.epoch_logged:
-                    plan.telemetry.logged_epoch = trainer.state.epoch
-                trainer.fire_event(Events.EPOCH_COMPLETED)
-                if plan.stopping_alone:
-                    return  # stopped during that end: it is still to come
-                if trainer.state.epoch >= max_epochs:  # that end was all that was left
-                    trainer.fire_event(Events.COMPLETED)
-                    return
+            plan.finish_owed_end()
+            if plan.stopping_alone or trainer.state.epoch >= max_epochs:
+                return  # stopped while finishing it, or it was all that was left
         trainer.run(plan.data, max_epochs=max_epochs, epoch_length=plan.epoch_length)
 
     def _outcome(self, raised: BaseException | None) -> tuple[str, str, BaseException | None]:
@@ -136,8 +124,8 @@ class Run:
         find a non-finite loss (``trainer.on_nonfinite=stop``) and so fail the run."""
         plan, state = self.plan, self.trainer.state
         try:
-            if raised is None and state.stop_reason is not None:
-                self._checkpoint_on_stop()
+            if raised is None and state.stop_reason is not None and self.checkpointing is not None:
+                self.checkpointing.save_on_stop()
         except NonFiniteLoss as exc:  # found delivering the records the checkpoint covers
             raised = exc
         if raised is not None:  # the traceback as a structured log record
@@ -159,46 +147,29 @@ class Run:
             return "terminated", state.stop_reason or "terminate() called by a handler", None
         return "completed", "max_epochs", None
 
-    def _checkpoint_on_stop(self) -> None:
-        """A checkpoint of the step a stop request finished, when ``checkpoint.on_signal``."""
-        cc, cp = self.config.checkpoint, self.checkpointing
-        if cp is None or not (cc.enabled and cc.on_signal) or not self.trainer.state.progress.run_steps:
-            return
-        try:
-            cp.save("signal")
-        except NonFiniteLoss:
-            raise
-        except Exception:  # the run still ends as terminated; the failure is logged
-            _log.exception("the checkpoint on stopping failed")
-
-    def _push(self) -> None:
-        """Push the final values once ``run.end`` is on stdout and durable in the diagnostic file;
-        a failed or abandoned push is a ``sink.error`` (after ``run.end``)."""
-        prometheus = self.prometheus
-        if prometheus is None or prometheus.pushgateway is None:
-            return
-        self.fanout.sync(2.0)
-        try:
-            prometheus.push()
-        except OSError as exc:
-            self.fanout.report(prometheus, exc)
-
     def stop(self, reason: str) -> None:
         """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``.
 
         The request goes into the next step's agreement, so a window already fetched (or being
         fetched) is trained before the run ends: a checkpoint then holds exactly the windows
-        trained. Under torch.distributed every rank finishes that same step and ends (an evaluation
-        under way runs to its end on every rank). In one process the run ends at once when no
-        window is on its way, and an evaluation under way is cut: its epoch's end runs again when
-        the run resumes.
+        trained; when that step is its epoch's last, the run ends after the epoch's end, so a
+        checkpoint never falls between the two. Under torch.distributed every rank finishes that
+        same step and ends (an evaluation under way runs to its end on every rank). In one process
+        the run ends at once when no window is on its way, and an evaluation under way is cut (or
+        one still to come skipped): the resumed run evaluates that epoch first.
         """
         self.trainer.state.stop_reason = reason
         self.coordinator.stop_requested = True
         if self.coordinator.distributed:
             return
-        if self.trainer.last_event_name not in _WINDOW_ON_ITS_WAY:
-            self.trainer.terminate()
+        state = self.trainer.state
+        in_epochs_last_step = (
+            self.trainer.last_event_name in _IN_A_STEP
+            and state.epoch_length is not None
+            and state.iteration % state.epoch_length == 0
+        )
+        if self.trainer.last_event_name not in _WINDOW_ON_ITS_WAY and not in_epochs_last_step:
+            self.trainer.terminate()  # else after the step, or after the epoch's end it leads to
         if self.plan.evaluation is not None:
             self.plan.evaluation.stop()
 

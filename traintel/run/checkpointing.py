@@ -6,19 +6,20 @@ signal stops the run; never twice for one step. Before it is committed, the reco
 every step it covers are delivered and made durable in the diagnostic file (``commit_ready``),
 so a resumed run's logs have no gap.
 
-A checkpoint describes exactly what was trained and logged. It stands in one of four places,
-and ``restore`` continues from each: part-way through an epoch (the windows trained so far; the
-loader skips them), after an epoch's end (the next epoch starts), after an epoch's last step with
-its end still to come (the resumed run first fires ``EPOCH_COMPLETED`` for it: the epoch record,
-the evaluation, the user's handlers), or in an epoch's end whose evaluation a stop cut short (the
-epoch record was logged: the resumed run fires ``EPOCH_COMPLETED`` again without it, and the
-evaluation draws from the generators as they were when the cut one began).
+A checkpoint describes exactly what was trained and logged: the run's position. It stands in
+one of three places, and ``restore`` continues from each: part-way through an epoch (the windows
+trained so far; the loader skips them), after an epoch's end (the next epoch starts), or after an
+epoch's end whose evaluation a stop cut short (``owed``: the resumed run first evaluates that epoch,
+drawing from the generators as they were when the cut evaluation began, then takes that end's
+checkpoint if one is due). A checkpoint of an epoch's last step is taken after that epoch's end
+(its record, its evaluation), never before, so no position lies between a step and its epoch's end.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from traintel.engine.state import traintel_state
 from traintel.engine.step import unwrapped
 from traintel.engine.trainer import TraintelEngine
 from traintel.engine.windows import WindowedLoader
-from traintel.errors import one_line
+from traintel.errors import NonFiniteLoss, one_line
 from traintel.run import checkpoint
 
 _log = logging.getLogger("traintel")
@@ -56,6 +57,7 @@ class Checkpointing:
         commit_ready: Callable[[], bool] = lambda: True,
         coordinator: Coordinator | None = None,
         unfinished_end: Callable[[], Mapping[str, Any] | None] = lambda: None,
+        on_signal: bool = False,
     ) -> None:
         self.directory = directory
         self.trainer = trainer
@@ -76,16 +78,18 @@ class Checkpointing:
         self.unfinished_end = unfinished_end
         """At EPOCH_COMPLETED: the generators' states when the epoch's evaluation began, if a stop cut
         it (``EvaluateEachEpoch.unfinished``); None when the epoch's end finished."""
+        self.on_signal = on_signal
+        """Whether a stop (a signal) takes a checkpoint of the step it finished (``checkpoint.on_signal``)."""
         self.rank = self.coordinator.rank
         self.saved_step: int | None = None
         """The optimizer step of the newest checkpoint taken or restored."""
-        self._epoch_ended = False
-        self._end_rng: Mapping[str, Any] | None = None
-        """The generators at the start of this epoch's cut evaluation; None unless it was cut."""
-        self.pending_end = False
-        """After ``restore``: the checkpoint's epoch had its last step but not yet its end."""
-        self.epoch_logged = False
-        """After ``restore`` with ``pending_end``: the epoch's record was logged before its end was cut."""
+        self._ended = False
+        """Whether the current epoch's end ran (its record logged), so that a checkpoint now holds no
+        loader position: the next epoch starts on resume."""
+        self._cut: Mapping[str, Any] | None = None
+        """The generators at the start of this epoch's evaluation when a stop cut it; else None."""
+        self.owed: OwedEnd | None = None
+        """After ``restore``: what of the checkpoint's epoch end is still to run (``finish``)."""
         self.restore_rng: Callable[[], None] = lambda: None
         """After ``restore``: put the generators back (for a checkpoint not part-way through an epoch)."""
 
@@ -95,25 +99,35 @@ class Checkpointing:
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         if self.every_steps is not None:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._step_ended)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_ended_handler)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_ended)
 
     def _epoch_started(self, _engine: TraintelEngine) -> None:
-        self._epoch_ended = False
-        self._end_rng = None
+        self._ended = False
+        self._cut = None
 
     def _step_ended(self, engine: TraintelEngine) -> None:
-        steps = engine.state.progress.run_steps
-        if self.every_steps is None or steps % self.every_steps or steps == self.saved_step:
-            return
-        self.save("every_steps")
+        progress, length = engine.state.progress, engine.state.epoch_length
+        if length is not None and progress.windows >= length:
+            return  # the epoch's last step: its checkpoint comes after the epoch's end
+        if self._steps_due(progress.run_steps):
+            self.save("every_steps")
 
-    def _epoch_ended_handler(self, engine: TraintelEngine) -> None:
-        self._end_rng = self.unfinished_end()
-        if self._end_rng is not None:
-            return  # a stop cut the evaluation: the epoch's end is still to come
-        self._epoch_ended = True
+    def _steps_due(self, steps: int) -> bool:
+        return self.every_steps is not None and steps % self.every_steps == 0 and steps != self.saved_step
+
+    def epoch_ended(self, engine: TraintelEngine) -> None:
+        """EPOCH_COMPLETED, after the epoch's record and evaluation (or the end a restored checkpoint
+        owed, ``Plan.finish_owed_end``): the epoch is done, though a stop may have cut its evaluation,
+        which is then owed. Its checkpoint is taken when one is due, and after an owed end was run
+        again at the checkpoint's step, since that checkpoint still owes it."""
+        self._ended = True
+        self._cut = self.unfinished_end()
+        finished, self.owed = self.owed is not None, None
+        steps = engine.state.progress.run_steps
         if self.every_epochs is not None and engine.state.epoch % self.every_epochs == 0:
-            self.save("every_epochs")
+            self.save("every_epochs", again=finished)
+        elif self._steps_due(steps) or finished:
+            self.save("every_steps", again=finished)
 
     def state(self) -> dict[str, Any]:
         """Everything an exact continuation needs, as tensors and plain values."""
@@ -121,13 +135,13 @@ class Checkpointing:
         st = traintel_state(engine)
         progress = st.progress
         # the windows trained, not those the loader yielded: one fetched when a stop came is not done
-        loader = None if self._epoch_ended else {**self.data.state_dict(), "yielded": progress.windows}
+        loader = None if self._ended else {**self.data.state_dict(), "yielded": progress.windows}
         return {
             "format": checkpoint.FORMAT,
             **self.identity,
             "step": progress.run_steps,
-            "epoch_ended": self._epoch_ended,
-            "epoch_logged": self._end_rng is not None,
+            "epoch_ended": self._ended,
+            "evaluation_owed": self._cut is not None,
             "engine": {"iteration": st.iteration, "epoch": st.epoch, "epoch_length": st.epoch_length},
             "model": unwrapped(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -135,16 +149,17 @@ class Checkpointing:
             "progress": progress.state_dict(),
             "loader": loader,
             "rng": {
-                **(self._end_rng if self._end_rng is not None else rng.capture()),
+                **(self._cut if self._cut is not None else rng.capture()),
                 "loader": [g.get_state() for g in rng.loader_generators(self.data.loader)],
             },
         }
 
-    def save(self, why: str) -> bool:
+    def save(self, why: str, *, again: bool = False) -> bool:
         """Commit a checkpoint of the current step (every rank at the same step); False when none
-        was written. A write error is logged and leaves the earlier checkpoints as they were."""
+        was written. A step is saved once unless ``again`` (its position has changed since). A write
+        error is logged and leaves the earlier checkpoints as they were."""
         step = traintel_state(self.trainer).progress.run_steps
-        if step == self.saved_step:
+        if step == self.saved_step and not again:
             return False
         ok = self.commit_ready()
         if not ok:
@@ -166,16 +181,27 @@ class Checkpointing:
         checkpoint.prune(self.directory, self.rank, self.keep)
         return True
 
+    def save_on_stop(self) -> None:
+        """A checkpoint of the step a stop finished, with ``on_signal``. A failure other than a
+        non-finite loss found delivering its records is logged: the run still ends as terminated."""
+        if not self.on_signal or not traintel_state(self.trainer).progress.run_steps:
+            return
+        try:
+            self.save("signal")
+        except NonFiniteLoss:
+            raise
+        except Exception:
+            _log.exception("the checkpoint on stopping failed")
+
     def restore(self, state: Mapping[str, Any], max_epochs: int) -> None:
         """Continue the run from ``state`` (a checkpoint loaded by ``checkpoint.newest``).
 
         The model, optimizer, scheduler, progress and Ignite's counters are set at once; the
         generators are put back when the next pass over the data begins (after the loader has
         skipped the windows already trained on), or when the run starts for a checkpoint taken at
-        an epoch's end (``restore_rng``, which ``Run.run`` calls). A checkpoint of an epoch's last
-        step, taken before that epoch's end ran, sets ``pending_end``: the run then first fires
-        ``EPOCH_COMPLETED`` for that epoch (its duration is unknown: the epoch record says 0 s). One
-        taken in an end whose evaluation a stop cut sets ``epoch_logged`` too: its record was logged.
+        an epoch's end (``restore_rng``, which ``Run.run`` calls). ``owed`` says what of the epoch's
+        end is still to run: its evaluation, cut by a stop; for a checkpoint an earlier traintel took
+        at an epoch's last step before its end, that end's record too.
         """
         unwrapped(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -186,21 +212,46 @@ class Checkpointing:
         engine = state["engine"]
         st.iteration = engine["iteration"]
         length = st.epoch_length = engine["epoch_length"]
-        logged = bool(state.get("epoch_logged", False))
-        pending_end = not state["epoch_ended"] and (
-            logged or (length is not None and st.progress.windows >= length)
-        )
-        st.epoch = engine["epoch"] if state["epoch_ended"] or pending_end else engine["epoch"] - 1
+        ended = bool(state["epoch_ended"])
+        cut = bool(state.get("evaluation_owed", False))
+        if not ended:  # an earlier traintel's checkpoint of an epoch's last step, before its end
+            logged = bool(state.get("epoch_logged", False))
+            if logged or (length is not None and st.progress.windows >= length):
+                self.owed = OwedEnd(record=not logged, evaluation=True)
+        elif cut:
+            self.owed = OwedEnd(record=False, evaluation=True)
+        st.epoch = engine["epoch"] if ended or self.owed is not None else engine["epoch"] - 1
         st.max_epochs = max_epochs
         self.saved_step = state["step"]
-        self._epoch_ended = bool(state["epoch_ended"])
         saved_rng = state["rng"]
-        self.pending_end = pending_end
-        self.epoch_logged = pending_end and logged
-        if state["epoch_ended"] or pending_end:
+        if ended or self.owed is not None:
+            self._ended = True
             # the next pass draws from the loader's generators as they were at the checkpoint (set
             # now: nothing draws from them before the run starts) and from the global ones
             rng.set_loader_generators(self.data.loader, saved_rng["loader"])
             self.restore_rng = lambda: rng.restore(saved_rng)
         else:
             self.data.load_state_dict(state["loader"], after=lambda: rng.restore(saved_rng))
+
+
+@dataclass(frozen=True)
+class OwedEnd:
+    """What of a restored checkpoint's epoch end is still to run before the next epoch."""
+
+    record: bool
+    """The epoch's record (``train.epoch``): only for a checkpoint taken before its epoch's end."""
+    evaluation: bool
+    """The epoch's evaluation (``eval.epoch``), when the run evaluates."""
+
+
+def epochs_done(state: Mapping[str, Any]) -> int:
+    """The epochs a checkpoint's run has trained and fully ended: the epoch it stands in counts
+    unless part of its end is owed (its evaluation, or for a checkpoint an earlier traintel took at
+    an epoch's last step, that whole end), which a resumed run runs first."""
+    engine, progress = state["engine"], state["progress"]
+    length = engine["epoch_length"]
+    ended = bool(state["epoch_ended"])
+    owed = bool(state.get("evaluation_owed", False) or state.get("epoch_logged", False))
+    if not ended and length is not None and progress.get("windows", 0) >= length:
+        owed = True
+    return int(engine["epoch"]) if ended and not owed else int(engine["epoch"]) - 1

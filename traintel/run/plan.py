@@ -81,6 +81,21 @@ class Plan:
         so config.yaml too."""
         return self.config.sinks.diagnostic.enabled or self.checkpointing is not None
 
+    def finish_owed_end(self) -> None:
+        """Run what of a restored checkpoint's epoch end is owed (``Checkpointing.owed``): traintel's
+        own duties for that epoch, in their order (the epoch record for a checkpoint an earlier
+        traintel took before its epoch's end, the evaluation, the epoch's checkpoint). Ignite's
+        EPOCH_COMPLETED is not fired again: the handlers of the interrupted attempt ran for it."""
+        cp = self.checkpointing
+        owed = cp.owed if cp is not None else None
+        if cp is None or owed is None:
+            return
+        if owed.record:
+            self.telemetry.emit_epoch(self.trainer)
+        if owed.evaluation and self.evaluation is not None:
+            self.evaluation(self.trainer)
+        cp.epoch_ended(self.trainer)
+
     @property
     def stopping_alone(self) -> bool:
         """A stop was asked for in a run of one process, where it ends the run at the next boundary
@@ -207,6 +222,7 @@ def make_plan(
             every_epochs=cc.every_epochs,
             commit_ready=records_written,
             coordinator=coordinator,
+            on_signal=cc.enabled and cc.on_signal,
         )
         if evaluation is not None:
             cut = evaluation
@@ -366,7 +382,7 @@ def _stand_in(
     finally:
         rng.set_loader_generators(first, own)
         rng.restore(saved)
-    step = trainer._process_function
+    step = trainer.update_step
     if batch is not None and isinstance(step, ddp.DistributedStep):
         step.example = batch
 

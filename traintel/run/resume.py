@@ -20,6 +20,7 @@ from traintel.config import Config
 from traintel.engine.coordination import Coordinator
 from traintel.errors import ConfigError
 from traintel.run import checkpoint, layout
+from traintel.run.checkpointing import epochs_done
 from traintel.sinks.io.atomic import write_atomic
 
 FIXED_TRAINER_KEYS = (
@@ -198,19 +199,17 @@ def decide(
     max_epochs = cfg.trainer.max_epochs
     if found.state is not None:
         check_settings(found.state["settings"], settings, run_dir)
-        engine = found.state["engine"]
-        done = engine["epoch"] if found.state["epoch_ended"] else engine["epoch"] - 1
-        if done >= max_epochs:
-            raise ConfigError(
-                "trainer.max_epochs",
-                f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
-                f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
-            )
-    ended = completed(run_dir, coordinator)  # run.json may know of an end newer than the checkpoint
+    ended = completed(run_dir, coordinator)  # run.json knows of an end, which the checkpoint may predate
     if ended is not None and ended[1] >= max_epochs:
         raise ConfigError(
             "trainer.max_epochs",
             f"the run completed its {ended[1]} epochs at step {ended[0]}, which reaches "
+            f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+        )
+    if found.state is not None and (done := epochs_done(found.state)) >= max_epochs:
+        raise ConfigError(
+            "trainer.max_epochs",
+            f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
             f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
         )
     return found

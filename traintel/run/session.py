@@ -195,3 +195,18 @@ def note_completed(plan: Plan) -> None:
         resume.write_run_file(cp.directory, plan.attempt.run_id, plan.attempt.attempt, completed=done)
     except OSError as exc:
         logging.getLogger("traintel").warning("run.json not updated: %s", exc.strerror or exc)
+
+
+def push_final(plan: Plan) -> None:
+    """Push the final values to the Pushgateway once ``run.end`` is on stdout and durable in the
+    diagnostic file (network work comes after the records are safe); a failed or abandoned push is
+    a ``sink.error``, after ``run.end``."""
+    sinks = plan.sinks
+    prometheus = sinks.prometheus
+    if prometheus is None or prometheus.pushgateway is None:
+        return
+    sinks.fanout.sync(2.0)
+    try:
+        prometheus.push()
+    except OSError as exc:
+        sinks.fanout.report(prometheus, exc)
