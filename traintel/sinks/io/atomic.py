@@ -180,12 +180,10 @@ def probe_write(directory: Path, data: bytes | str) -> None:
 
 def _fsync_dir(directory: Path) -> None:
     """Make the rename durable: fsync the directory that holds the new entry."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
     try:
-        dir_fd = os.open(directory, flags)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        # A directory we may write but not read (mode -wx), or Windows, which cannot open one.
-        if exc.errno in (errno.EACCES, errno.EPERM) or os.name == "nt":
+        if exc.errno in (errno.EACCES, errno.EPERM):  # a directory we may write but not read (mode -wx)
             return
         raise
     try:
