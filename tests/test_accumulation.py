@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -392,3 +393,24 @@ def test_a_plain_ignite_engine_fires_traintel_events_once_it_registers_them() ->
     assert quiet == [] and plain.state.iteration == 6
     last = plain.state.micro_batch  # type: ignore[attr-defined]  # an extra attribute of Ignite's State
     assert (last.batch, last.items) == (5, 6)
+
+
+def test_the_trainer_fires_its_events_once_a_handler_listens_alone_or_in_a_list(tmp_path: Path) -> None:
+    """The trainer fires MICRO_BATCH_COMPLETED and OPTIMIZER_STEP_STARTED once a handler is attached
+    to them, on its own or in an events list."""
+    seen: list[tuple[str, int]] = []
+
+    def attach(run: Any) -> None:
+        run.trainer.add_event_handler(
+            TraintelEvents.MICRO_BATCH_COMPLETED, lambda e: seen.append(("micro", e.state.micro_batch.batch))
+        )
+        run.trainer.add_event_handler(
+            TraintelEvents.OPTIMIZER_STEP_STARTED | Events.EPOCH_COMPLETED,
+            lambda e: seen.append(("step", e.state.progress.run_steps)),
+        )
+
+    train_in_memory(tmp_path, make_batches([4, 3, 5, 2, 6]), attach=attach, accumulation_steps=2)
+    assert seen == [
+        ("micro", 1), ("micro", 2), ("step", 0), ("micro", 3), ("micro", 4), ("step", 1), ("micro", 5),
+        ("step", 2), ("step", 3),
+    ]  # fmt: skip

@@ -21,6 +21,8 @@ from traintel.engine.step import (
     default_prepare,
 )
 
+_TRAINTEL_EVENT_NAMES = frozenset(event.name for event in TraintelEvents)
+
 
 class TraintelEngine(Engine):
     """An Ignite ``Engine`` whose state is a ``TraintelState`` (the run's ``Progress``, the step's
@@ -36,6 +38,20 @@ class TraintelEngine(Engine):
     ) -> None:
         super().__init__(process_function)
         self.state = TraintelState(progress)  # output may be a step loss summed when first read
+        self.listened: set[str] = set()
+        """The names of the ``TraintelEvents`` a handler was ever attached to: the update step fires
+        only those (``AccumulatingStep.fires``)."""
+
+    def add_event_handler(
+        self, event_name: Any, handler: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Ignite's ``add_event_handler``, noting a handler on one of ``TraintelEvents`` (filtered or
+        not) in ``listened``; an ``EventsList`` comes back here once per event."""
+        handle = super().add_event_handler(event_name, handler, *args, **kwargs)
+        name = getattr(event_name, "name", None)
+        if name in _TRAINTEL_EVENT_NAMES:
+            self.listened.add(name)
+        return handle
 
 
 def create_trainer(
