@@ -52,8 +52,9 @@ class Run:
     def __init__(self, plan: Plan, resources: contextlib.ExitStack, note: session.AttemptNote) -> None:
         self.plan, self._resources, self._note = plan, resources, note
         self.config, self.task = plan.config, plan.task
-        self.trainer, self.evaluator = plan.trainer, plan.evaluator
-        self.model, self.optimizer, self.scheduler = plan.model, plan.optimizer, plan.scheduler
+        engines = plan.engines
+        self.trainer, self.evaluator = engines.trainer, engines.evaluator
+        self.model, self.optimizer, self.scheduler = engines.model, engines.optimizer, engines.scheduler
         self.fanout, self.prometheus = plan.sinks.fanout, plan.sinks.prometheus
         self.checkpointing = plan.checkpointing
         self.coordinator, self.run_dir = plan.where.coordinator, plan.run_dir
@@ -116,7 +117,7 @@ class Run:
             plan.finish_owed_end()
             if plan.stopping_alone or trainer.state.epoch >= max_epochs:
                 return  # stopped while finishing it, or it was all that was left
-        trainer.run(plan.data, max_epochs=max_epochs, epoch_length=plan.epoch_length)
+        trainer.run(plan.engines.data, max_epochs=max_epochs, epoch_length=plan.engines.epoch_length)
 
     def _outcome(self, raised: BaseException | None) -> tuple[str, str, BaseException | None]:
         """The run's status, reason and failure: a stop's checkpoint is taken (when

@@ -61,19 +61,17 @@ class Plan:
     where: Where
     attempt: resume.Resumption
     run_dir: Path
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    data: WindowedLoader
-    epoch_length: int | None
-    trainer: TraintelEngine
-    evaluator: Engine | None
+    engines: Engines
     sinks: SinkSet
     telemetry: TrainTelemetry
     lifecycle: RunLifecycle
     evaluation: EvaluateEachEpoch | None
     checkpointing: Checkpointing | None
     context: RunContext
+
+    @property
+    def trainer(self) -> TraintelEngine:
+        return self.engines.trainer
 
     @property
     def keeps_files(self) -> bool:
@@ -253,13 +251,7 @@ def make_plan(
         where=where,
         attempt=attempt,
         run_dir=run_dir,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=data,
-        epoch_length=engines.epoch_length,
-        trainer=trainer,
-        evaluator=engines.evaluator,
+        engines=engines,
         sinks=sinks,
         telemetry=telemetry,
         lifecycle=lifecycle,
@@ -270,7 +262,10 @@ def make_plan(
 
 
 @dataclass(frozen=True)
-class _Engines:
+class Engines:
+    """The model on its device, its optimizer and scheduler, the windows, the trainer and the evaluator
+    (with this rank's validation data)."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -281,7 +276,7 @@ class _Engines:
     val_loader: Iterable[Any] | None
 
 
-def _make_engines(config: Config, task: Task, where: Where) -> _Engines:
+def _make_engines(config: Config, task: Task, where: Where) -> Engines:
     """The model on its device, the optimizer, scheduler, windows (this rank's share under
     torchrun), trainer and evaluator."""
     coordinator, launch, tc = where.coordinator, where.launch, config.trainer
@@ -331,7 +326,7 @@ def _make_engines(config: Config, task: Task, where: Where) -> _Engines:
             precision=tc.precision,
         )
 
-    return _Engines(model, optimizer, scheduler, data, epoch_length, trainer, evaluator, val_loader)
+    return Engines(model, optimizer, scheduler, data, epoch_length, trainer, evaluator, val_loader)
 
 
 def _restore(handler: Checkpointing, state: dict[str, Any], max_epochs: int) -> None:
