@@ -224,13 +224,13 @@ def test_sinks_list_shows_built_in_and_installed_sinks(tmp_path: Path) -> None:
     proc = _cli(tmp_path, "sinks", "list")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
-        "NAME         SOURCE             TARGET                                      NOTE\n"
-        "json         built-in           traintel.sinks.json.sink:JsonSink         structlog JSON lines on stdout (sinks.json)\n"
-        "diagnostic   built-in           traintel.sinks.diagnostic:DiagnosticSink    <run dir>/diagnostic.jsonl (sinks.diagnostic)\n"
-        "prometheus   built-in           traintel.sinks.prometheus.sink:PrometheusSink    HTTP /metrics exporter (sinks.prometheus)\n"
-        "memory       built-in           traintel.sinks.memory:MemorySink            keeps records in memory (Python API and tests)\n"
-        "csv          traintel-csv-sink  traintel_csv_sink:CsvSink                   enable with sinks.extra: [{name: csv}]\n"
-        "tensorboard  traintel           traintel.sinks.tensorboard:TensorBoardSink  enable with sinks.extra: [{name: tensorboard}]\n"
+        "NAME         SOURCE             TARGET                                         NOTE\n"
+        "json         built-in           traintel.sinks.json.sink:JsonSink              structlog JSON lines on stdout (sinks.json)\n"
+        "diagnostic   built-in           traintel.sinks.diagnostic:DiagnosticSink       <run dir>/diagnostic.jsonl (sinks.diagnostic)\n"
+        "prometheus   built-in           traintel.sinks.prometheus.sink:PrometheusSink  HTTP /metrics exporter (sinks.prometheus)\n"
+        "memory       built-in           traintel.sinks.memory:MemorySink               keeps records in memory (Python API and tests)\n"
+        "csv          traintel-csv-sink  traintel_csv_sink:CsvSink                      enable with sinks.extra: [{name: csv}]\n"
+        "tensorboard  traintel           traintel.sinks.tensorboard:TensorBoardSink     enable with sinks.extra: [{name: tensorboard}]\n"
     )  # fmt: skip
 
 

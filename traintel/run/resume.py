@@ -199,17 +199,17 @@ def decide(
     max_epochs = cfg.trainer.max_epochs
     if found.state is not None:
         check_settings(found.state["settings"], settings, run_dir)
+    if found.state is not None and (done := epochs_done(found.state)) >= max_epochs:
+        raise ConfigError(
+            "trainer.max_epochs",
+            f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
+            f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
+        )
     ended = completed(run_dir, coordinator)  # run.json knows of an end, which the checkpoint may predate
     if ended is not None and ended[1] >= max_epochs:
         raise ConfigError(
             "trainer.max_epochs",
             f"the run completed its {ended[1]} epochs at step {ended[0]}, which reaches "
-            f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
-        )
-    if found.state is not None and (done := epochs_done(found.state)) >= max_epochs:
-        raise ConfigError(
-            "trainer.max_epochs",
-            f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
             f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
         )
     return found
