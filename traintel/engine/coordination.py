@@ -47,6 +47,13 @@ class Coordinator:
     def distributed(self) -> bool:
         return False
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop ends the run at the next boundary: the ranks agreed on one in the last
+        step, or, in a run of one process, one was asked for since (a signal during the step, or
+        during an epoch's end)."""
+        return self.last.stop or (self.stop_requested and not self.distributed)
+
     def agree(self, items: int) -> Agreement:
         """This window's items over all ranks, and whether to stop or deliver after this step."""
         self.last = Agreement(items, self.stop_requested, self.deliver_requested)

@@ -96,7 +96,7 @@ def create_trainer(
     )
     engine = TraintelEngine(step, step.progress)
     engine.update_step = step
-    engine.add_event_handler(Events.EPOCH_COMPLETED, _end_if_agreed, step.coordinator)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, _end_if_stopping, step.coordinator)
     engine.register_events(*TraintelEvents)
     engine.add_event_handler(Events.EPOCH_STARTED, _start_epoch)
     return engine
@@ -108,8 +108,8 @@ def _start_epoch(engine: TraintelEngine) -> None:
     engine.state.progress.start_epoch(engine.state.epoch)
 
 
-def _end_if_agreed(engine: TraintelEngine, coordinator: Coordinator) -> None:
-    """EPOCH_COMPLETED: a stop the ranks agreed on in the epoch's last step ends the run here, after
-    the epoch's end (its record, evaluation and checkpoint), never between that step and its end."""
-    if coordinator.last.stop:
+def _end_if_stopping(engine: TraintelEngine, coordinator: Coordinator) -> None:
+    """EPOCH_COMPLETED: a stop (``Coordinator.stopping``) ends the run here, after the epoch's end (its
+    record, evaluation and checkpoint), never between the epoch's last step and its end."""
+    if coordinator.stopping:
         engine.terminate()

@@ -115,7 +115,7 @@ class Run:
         if cp is not None and self.resumed_from_step is not None:
             cp.restore_rng()
             plan.finish_owed_end()
-            if plan.stopping_alone or trainer.state.epoch >= max_epochs:
+            if self.coordinator.stopping or trainer.state.epoch >= max_epochs:
                 return  # stopped while finishing it, or it was all that was left
         trainer.run(plan.engines.data, max_epochs=max_epochs, epoch_length=plan.engines.epoch_length)
 

@@ -113,7 +113,7 @@ class Checkpointing:
             self.save("every_steps")
 
     def _steps_due(self, steps: int) -> bool:
-        return self.every_steps is not None and steps % self.every_steps == 0 and steps != self.saved_step
+        return self.every_steps is not None and steps % self.every_steps == 0
 
     def epoch_ended(self, engine: TraintelEngine) -> None:
         """EPOCH_COMPLETED, after the epoch's record and evaluation (or the end a restored checkpoint
@@ -211,20 +211,14 @@ class Checkpointing:
         st.progress.load_state_dict(state["progress"])
         engine = state["engine"]
         st.iteration = engine["iteration"]
-        length = st.epoch_length = engine["epoch_length"]
-        ended = bool(state["epoch_ended"])
-        cut = bool(state.get("evaluation_owed", False))
-        if not ended:  # an earlier traintel's checkpoint of an epoch's last step, before its end
-            logged = bool(state.get("epoch_logged", False))
-            if logged or (length is not None and st.progress.windows >= length):
-                self.owed = OwedEnd(record=not logged, evaluation=True)
-        elif cut:
-            self.owed = OwedEnd(record=False, evaluation=True)
-        st.epoch = engine["epoch"] if ended or self.owed is not None else engine["epoch"] - 1
+        st.epoch_length = engine["epoch_length"]
+        self.owed = owed_end(state)
+        ended = bool(state["epoch_ended"]) or self.owed is not None  # its windows all trained
+        st.epoch = engine["epoch"] if ended else engine["epoch"] - 1
         st.max_epochs = max_epochs
         self.saved_step = state["step"]
         saved_rng = state["rng"]
-        if ended or self.owed is not None:
+        if ended:
             self._ended = True
             # the next pass draws from the loader's generators as they were at the checkpoint (set
             # now: nothing draws from them before the run starts) and from the global ones
@@ -244,14 +238,21 @@ class OwedEnd:
     """The epoch's evaluation (``eval.epoch``), when the run evaluates."""
 
 
+def owed_end(state: Mapping[str, Any]) -> OwedEnd | None:
+    """What of the epoch end a checkpoint stands in is still to run: the evaluation a stop cut; for
+    a checkpoint an earlier traintel took at an epoch's last step before its end, that end's record
+    too (unless it was logged before a stop cut the evaluation). None when nothing is owed."""
+    if state["epoch_ended"]:
+        return OwedEnd(record=False, evaluation=True) if state.get("evaluation_owed", False) else None
+    logged = bool(state.get("epoch_logged", False))
+    length = state["engine"]["epoch_length"]
+    if logged or (length is not None and state["progress"].get("windows", 0) >= length):
+        return OwedEnd(record=not logged, evaluation=True)
+    return None
+
+
 def epochs_done(state: Mapping[str, Any]) -> int:
     """The epochs a checkpoint's run has trained and fully ended: the epoch it stands in counts
-    unless part of its end is owed (its evaluation, or for a checkpoint an earlier traintel took at
-    an epoch's last step, that whole end), which a resumed run runs first."""
-    engine, progress = state["engine"], state["progress"]
-    length = engine["epoch_length"]
-    ended = bool(state["epoch_ended"])
-    owed = bool(state.get("evaluation_owed", False) or state.get("epoch_logged", False))
-    if not ended and length is not None and progress.get("windows", 0) >= length:
-        owed = True
-    return int(engine["epoch"]) if ended and not owed else int(engine["epoch"]) - 1
+    unless part of its end is owed (``owed_end``), which a resumed run runs first."""
+    epoch = int(state["engine"]["epoch"])
+    return epoch if state["epoch_ended"] and owed_end(state) is None else epoch - 1

@@ -94,13 +94,6 @@ class Plan:
             self.evaluation(self.trainer)
         cp.epoch_ended(self.trainer)
 
-    @property
-    def stopping_alone(self) -> bool:
-        """A stop was asked for in a run of one process, where it ends the run at the next boundary
-        (under torch.distributed the next step's agreement ends it)."""
-        c = self.where.coordinator
-        return c.stop_requested and not c.distributed
-
 
 def load_task(config: Config, task: Any, *, stdout_is_json: bool) -> Task:
     """The task given in code (checked), or the one ``task.factory`` makes, after seeding torch with
@@ -183,7 +176,7 @@ def make_plan(
     )
 
     # the handlers in the order their records come at an epoch's end: the epoch record, the
-    # evaluation, the checkpoint, the stop
+    # evaluation, the checkpoint (the stop at an epoch's end is create_trainer's)
     telemetry.attach(trainer)
     evaluation = None
     if engines.evaluator is not None and engines.val_loader is not None:
@@ -229,18 +222,11 @@ def make_plan(
         if attempt.state is not None:
             _restore(checkpointing, attempt.state, tc.max_epochs)
 
-    def stop_after_epoch_end(engine: Engine) -> None:
-        """In one process, end the run here when a stop was asked for while the epoch's last window
-        was fetched (the next epoch's first window would be on its way)."""
-        if coordinator.stop_requested and not coordinator.distributed:
-            engine.terminate()
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, stop_after_epoch_end)
     context = RunContext(
         run_id=attempt.run_id,
         name=config.run.name,
         run_dir=run_dir,
-        config=freeze(config.to_dict(redact=True)),
+        config=shown,
         rank=coordinator.rank,
         world_size=coordinator.world_size,
         attempt=attempt.attempt,
