@@ -173,6 +173,17 @@ def make_task():
 """
 
 
+def _wait_for_the_end(proc: subprocess.Popen[str]) -> None:
+    """Wait for the process a signal was just sent to; it is killed, and the test fails, when it is
+    still running 30 s later."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the signal did not end the process") from None
+
+
 @pytest.mark.parametrize(
     ("stopped", "code", "said"),
     [(True, 143, "traintel: SIGTERM while stopping: exiting at once\n"), (False, 0, "")],
@@ -197,12 +208,7 @@ def test_a_signal_while_the_interpreter_waits_for_a_thread_exits_at_once_with_th
             break
     assert proc.stderr.readline() == "the main thread has ended\n"
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError("the signal did not end the process") from None
+    _wait_for_the_end(proc)
     assert (proc.returncode, proc.stderr.read()) == (code, said)
 
 
@@ -234,12 +240,7 @@ def test_a_signal_after_the_end_leaves_at_once_without_the_interpreters_teardown
         if json.loads(line)["event"] == "run.end":
             break
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError("the signal did not end the process") from None
+    _wait_for_the_end(proc)
     assert (proc.returncode, proc.stdout.read(), proc.stderr.read()) == (0, "", "")
 
 

@@ -90,9 +90,7 @@ class Run:
             )
             try:
                 if plan.keeps_files and self.coordinator.rank == 0:
-                    rundir.save_config(
-                        self.run_dir, rundir.config_text(self.config), first_attempt=self.attempt == 0
-                    )
+                    rundir.save_config(self.run_dir, plan.config_text, first_attempt=self.attempt == 0)
                 self._note.started()
                 plan.lifecycle.start()
                 self._train()
@@ -228,7 +226,16 @@ def build(
             cfg, where.coordinator.world_size, batch_size if isinstance(batch_size, int) else None
         )
         attempt = resume.decide(cfg, run_dir, run_id, settings, where.coordinator, must_resume=must_resume)
-        plan = make_plan(cfg, checked, attempt, run_dir, where, extra_sinks=sinks, json_stream=json_stream)
+        plan = make_plan(
+            cfg,
+            checked,
+            attempt,
+            run_dir,
+            where,
+            settings=settings,
+            extra_sinks=sinks,
+            json_stream=json_stream,
+        )
         hold_early()  # from here a signal is noted, and the run starts and ends at once as terminated
         session.check_run_dir(plan)  # before any sink writes into it
         note = session.acquire_attempt_note(stack, plan)

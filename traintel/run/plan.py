@@ -10,9 +10,10 @@ and a resumed attempt's checkpoint is put into the model, optimizer and progress
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +34,7 @@ from traintel.handlers.evaluation import EvaluateEachEpoch
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
 from traintel.records import RunStartRecord, freeze
-from traintel.run import distributed, layout, resume
+from traintel.run import distributed, layout, resume, rundir
 from traintel.run.assembly import SinkSet, build_sinks
 from traintel.run.checkpointing import Checkpointing
 from traintel.run.optim import build_optimizer, build_scheduler
@@ -72,6 +73,12 @@ class Plan:
     @property
     def trainer(self) -> TraintelEngine:
         return self.engines.trainer
+
+    @functools.cached_property
+    def config_text(self) -> str:
+        """``config.yaml``'s text (``rundir.config_text``), made once for the run directory's check
+        and the file."""
+        return rundir.config_text(self.config)
 
     @property
     def keeps_files(self) -> bool:
@@ -112,10 +119,12 @@ def make_plan(
     run_dir: Path,
     where: Where,
     *,
+    settings: Mapping[str, Any],
     extra_sinks: Sequence[Sink] = (),
     json_stream: BinaryIO | None = None,
 ) -> Plan:
-    """Build the run's parts for ``attempt`` (restored from its checkpoint, if it has one)."""
+    """Build the run's parts for ``attempt`` (restored from its checkpoint, if it has one);
+    ``settings`` (``resume.fixed_settings``) go into each checkpoint."""
     coordinator, launch = where.coordinator, where.launch
     tc = config.trainer
     engines = _make_engines(config, task, where)
@@ -148,6 +157,8 @@ def make_plan(
         on_nonfinite=tc.on_nonfinite,
     )
 
+    shown = freeze(config.to_dict(redact=True))  # secrets redacted: for run.start and the sinks
+
     def start_record() -> RunStartRecord:
         return RunStartRecord(
             run_id=attempt.run_id,
@@ -158,7 +169,7 @@ def make_plan(
             name=config.run.name,
             run_dir=str(run_dir),
             device=str(where.device),
-            config=freeze(config.to_dict(redact=True)),
+            config=shown,
             metrics_url=sinks.prometheus.url if sinks.prometheus is not None else None,
             backend=where.backend,
             restart_count=launch.restart_count if launch is not None else 0,
@@ -196,10 +207,6 @@ def make_plan(
             telemetry.flush()
             return fanout.durable(5.0)
 
-        batch_size = getattr(task.train_loader, "batch_size", None)
-        settings = resume.fixed_settings(
-            config, coordinator.world_size, batch_size if isinstance(batch_size, int) else None
-        )
         checkpointing = Checkpointing(
             run_dir / layout.CHECKPOINT_DIRECTORY,
             trainer=trainer,
@@ -207,7 +214,7 @@ def make_plan(
             optimizer=optimizer,
             scheduler=scheduler,
             data=data,
-            identity={"run_id": attempt.run_id, "attempt": attempt.attempt, "settings": settings},
+            identity={"run_id": attempt.run_id, "attempt": attempt.attempt, "settings": dict(settings)},
             keep=cc.keep,
             every_steps=cc.every_steps,
             every_epochs=cc.every_epochs,

@@ -171,32 +171,31 @@ def decide(
     checkpoint's, that a configured ``run.id`` is that run's and that epochs are left to train.
     ``must_resume`` (``--resume``) makes a missing checkpoint a ConfigError."""
     fresh = Resumption(run_id, 0, None)
-    cfg = config
-    if cfg.run.resume != "auto":
+    if config.run.resume != "auto":
         directory = run_dir / layout.CHECKPOINT_DIRECTORY
-        if cfg.checkpoint.enabled and checkpoint.complete(directory, coordinator.rank):
+        if config.checkpoint.enabled and checkpoint.complete(directory, coordinator.rank):
             raise ConfigError(
                 "run.dir",
                 f"{str(run_dir)!r} holds an earlier run's checkpoints; continue it with "
                 "'traintel train --resume' or run.resume=auto, or choose another run.dir",
             )
         return fresh
-    if cfg.run.dir is None:
+    if config.run.dir is None:
         raise ConfigError("run.resume", "auto needs a fixed run.dir, where the checkpoints are kept")
-    if not must_resume and not cfg.checkpoint.enabled:
+    if not must_resume and not config.checkpoint.enabled:
         raise ConfigError(
             "run.resume", "auto needs checkpoints: set checkpoint.every_steps or checkpoint.every_epochs"
         )
     found = find(run_dir, coordinator, required=must_resume)
     if found is None:
         return fresh
-    if cfg.run.id is not None and cfg.run.id != found.run_id:  # the run keeps its id: refuse, not ignore
+    if config.run.id is not None and config.run.id != found.run_id:  # keeps its id: refuse, not ignore
         raise ConfigError(
             "run.id",
             f"cannot change when resuming the run in {str(run_dir)!r}: its id is {found.run_id!r}, "
-            f"this attempt {cfg.run.id!r}; leave run.id null or set it to {found.run_id!r}",
+            f"this attempt {config.run.id!r}; leave run.id null or set it to {found.run_id!r}",
         )
-    max_epochs = cfg.trainer.max_epochs
+    max_epochs = config.trainer.max_epochs
     if found.state is not None:
         check_settings(found.state["settings"], settings, run_dir)
     if found.state is not None and (done := epochs_done(found.state)) >= max_epochs:

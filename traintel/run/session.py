@@ -31,7 +31,7 @@ import torch
 
 from traintel.config import Config
 from traintel.engine.coordination import Coordinator, ProcessGroupCoordinator
-from traintel.errors import ConfigError
+from traintel.errors import ConfigError, one_line
 from traintel.run import distributed, layout, resume, rundir
 from traintel.run.plan import Plan, Where
 from traintel.run.signals import on_early_exit
@@ -121,7 +121,7 @@ def check_run_dir(plan: Plan) -> None:
             diagnostic=diagnostic.filename,
             writes_diagnostic=diagnostic.enabled,
             continuing=plan.attempt.attempt > 0,
-            config_text=rundir.config_text(plan.config),
+            config_text=plan.config_text,
         )
     agree(plan.where.coordinator, problem)
 
@@ -194,7 +194,7 @@ def note_completed(plan: Plan) -> None:
     try:
         resume.write_run_file(cp.directory, plan.attempt.run_id, plan.attempt.attempt, completed=done)
     except OSError as exc:
-        logging.getLogger("traintel").warning("run.json not updated: %s", exc.strerror or exc)
+        logging.getLogger("traintel").warning("run.json not updated: %s", one_line(exc))
 
 
 def push_final(plan: Plan) -> None:
