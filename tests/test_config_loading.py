@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from tests.children import child_env, run_cli
-from traintel import config as config_module
 from traintel.config import (
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
@@ -29,6 +28,7 @@ from traintel.config import (
     load_resume_config,
     parse_scalar,
     read_yaml,
+    reading,
 )
 from traintel.errors import ConfigError
 
@@ -58,8 +58,8 @@ def _nested(levels: int) -> str:
 
 def test_the_loader_is_libyamls_when_present() -> None:
     expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
-    assert config_module._BaseLoader is expected
-    assert issubclass(config_module._Loader, expected)
+    assert reading._BaseLoader is expected
+    assert issubclass(reading._Loader, expected)
     assert (MAX_CONFIG_BYTES, MAX_DEPTH) == (1024 * 1024, 64)
 
 
@@ -468,6 +468,10 @@ def test_sink_params_stay_free_form() -> None:
         ("{name: linear_warmup, warmup_steps: 0}", "trainer.scheduler.warmup_steps: input should be greater than or equal to 1 (got 0)"),
         ("{name: cosine, last_epoch: 3}", "trainer.scheduler.last_epoch: unknown key for the cosine scheduler (it takes T_max, eta_min)"),
         ("{name: step, step_size: 2, T_max: 3}", "trainer.scheduler.T_max: unknown key for the step scheduler (it takes step_size, gamma)"),
+        ("{T_max: 3}", "trainer.scheduler.name: must be one of 'cosine', 'step', 'exponential' or 'linear_warmup' (got none)"),
+        ("{name: onecycle}", "trainer.scheduler.name: must be one of 'cosine', 'step', 'exponential' or 'linear_warmup' (got 'onecycle')"),
+        ("cosine", "trainer.scheduler: must be null or a mapping such as {name: cosine} (got 'cosine')"),
+        ("[cosine]", "trainer.scheduler: must be null or a mapping such as {name: cosine} (got ['cosine'])"),
     ],
 )  # fmt: skip
 def test_scheduler_arguments(scheduler: str, message: str) -> None:
@@ -475,20 +479,19 @@ def test_scheduler_arguments(scheduler: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("scheduler", "extra"),
+    ("scheduler", "expected"),
     [
-        ("{name: cosine}", {}),
-        ("{name: cosine, T_max: 100, eta_min: 0}", {"T_max": 100, "eta_min": 0}),
-        ("{name: step, step_size: 10, gamma: 0.5}", {"step_size": 10, "gamma": 0.5}),
-        ("{name: step, step_size: 10}", {"step_size": 10}),
-        ("{name: exponential, gamma: 1}", {"gamma": 1}),
-        ("{name: linear_warmup, warmup_steps: 5}", {"warmup_steps": 5}),
+        ("{name: cosine}", {"name": "cosine", "T_max": None, "eta_min": 0.0}),
+        ("{name: cosine, T_max: 100, eta_min: 0}", {"name": "cosine", "T_max": 100, "eta_min": 0}),
+        ("{name: step, step_size: 10, gamma: 0.5}", {"name": "step", "step_size": 10, "gamma": 0.5}),
+        ("{name: step, step_size: 10}", {"name": "step", "step_size": 10, "gamma": 0.1}),
+        ("{name: exponential, gamma: 1}", {"name": "exponential", "gamma": 1}),
+        ("{name: linear_warmup, warmup_steps: 5}", {"name": "linear_warmup", "warmup_steps": 5}),
     ],
 )
-def test_scheduler_arguments_that_are_fine(scheduler: str, extra: dict[str, Any]) -> None:
+def test_scheduler_arguments_that_are_fine(scheduler: str, expected: dict[str, Any]) -> None:
     cfg = load_config(None, [f"trainer.scheduler={scheduler}"], environ={})
-    assert cfg.trainer.scheduler is not None
-    assert cfg.trainer.scheduler.model_extra == extra
+    assert cfg.to_dict()["trainer"]["scheduler"] == expected
 
 
 @pytest.mark.parametrize(
@@ -517,5 +520,54 @@ def test_scheduler_arguments_with_capitals_can_be_set_from_the_environment() -> 
     }
     cfg = load_config(environ=environ)
     assert cfg.trainer.scheduler is not None
-    assert cfg.trainer.scheduler.model_extra == {"T_max": 7, "eta_min": 0.001}
+    assert cfg.to_dict()["trainer"]["scheduler"] == {"name": "cosine", "T_max": 7, "eta_min": 0.001}
     assert cfg.task.params == {"t_max": 3}
+
+
+def test_the_pushgateway_password_is_a_secret_str_that_plain_data_still_carries() -> None:
+    cfg = load_config(None, ["sinks.prometheus.pushgateway.password=1234"], environ={})
+    password = cfg.sinks.prometheus.pushgateway.password
+    assert password is not None
+    assert password.get_secret_value() == "1234"  # a number given as an override is the text
+    assert "1234" not in repr(cfg)
+    assert "1234" not in str(cfg.sinks.prometheus.pushgateway)
+    assert cfg.to_dict()["sinks"]["prometheus"]["pushgateway"]["password"] == "1234"
+    assert cfg.to_dict(redact=True)["sinks"]["prometheus"]["pushgateway"]["password"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "message"),
+    [
+        ({"name": "step", "step_size": 2, "gamma": 0.1}, "{name: step, step_size: 2}", None),
+        ({"name": "step", "step_size": 2}, "{name: step, step_size: 2, gamma: 0.1}", None),
+        ({"name": "cosine"}, "{name: cosine, eta_min: 0}", None),
+        (
+            {"name": "step", "step_size": 2},
+            "{name: step, step_size: 2, gamma: 0.5}",
+            "trainer.scheduler.gamma: cannot change when resuming the run in 'rd': its checkpoint has "
+            "None, this attempt 0.5",
+        ),
+        (
+            None,
+            "{name: cosine}",
+            "trainer.scheduler.name: cannot change when resuming the run in 'rd': its checkpoint has "
+            "None, this attempt 'cosine'",
+        ),
+    ],
+)
+def test_a_scheduler_argument_left_at_its_default_is_the_same_setting_on_resume(
+    saved: dict[str, Any] | None, current: str, message: str | None
+) -> None:
+    """A checkpoint's scheduler is compared without the arguments at their defaults, whichever way
+    the checkpoint or the attempt gave them."""
+    from traintel.run.resume import check_settings, fixed_settings
+
+    cfg = load_config(None, [f"trainer.scheduler={current}"], environ={})
+    now = fixed_settings(cfg, world_size=1, batch_size=4)
+    before = {**now, "trainer": {**now["trainer"], "scheduler": saved}}
+    if message is None:
+        check_settings(before, now, Path("rd"))
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_settings(before, now, Path("rd"))
+    assert str(caught.value) == message

@@ -71,7 +71,7 @@ def _pushgateway(cfg: PushgatewayConfig) -> Pushgateway | None:
         url=cfg.url,
         job=cfg.job,
         username=cfg.username,
-        password=cfg.password,
+        password=None if cfg.password is None else cfg.password.get_secret_value(),
         timeout_seconds=cfg.timeout_seconds,
     )
 

@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from traintel.config import OptimizerConfig, SchedulerConfig
+from traintel.config import (
+    CosineSchedule,
+    ExponentialSchedule,
+    LinearWarmupSchedule,
+    OptimizerConfig,
+    SchedulerConfig,
+    StepSchedule,
+)
 from traintel.errors import ConfigError
 
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -17,7 +24,7 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def _extras(cfg: Any) -> dict[str, Any]:
+def _extras(cfg: OptimizerConfig) -> dict[str, Any]:
     return dict(cfg.model_extra or {})
 
 
@@ -33,29 +40,22 @@ def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) 
 def build_scheduler(
     cfg: SchedulerConfig | None, optimizer: torch.optim.Optimizer, total_steps: int | None
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """``trainer.scheduler``: a torch scheduler stepped once per optimizer step."""
-    if cfg is None:
-        return None
-    kwargs = _extras(cfg)
+    """``trainer.scheduler``: a torch scheduler stepped once per optimizer step (its arguments were
+    checked by the config's models)."""
     sched = torch.optim.lr_scheduler
-    try:
-        if cfg.name == "cosine":
-            if "T_max" not in kwargs:
+    match cfg:
+        case None:
+            return None
+        case CosineSchedule(T_max=t_max, eta_min=eta_min):
+            if t_max is None:
                 if total_steps is None:
                     raise ConfigError("trainer.scheduler.T_max", "is required when the loader has no length")
-                kwargs["T_max"] = total_steps
-            return sched.CosineAnnealingLR(optimizer, **kwargs)
-        if cfg.name == "step":
-            return sched.StepLR(optimizer, **kwargs)
-        if cfg.name == "exponential":
-            return sched.ExponentialLR(optimizer, **kwargs)
-        warmup = kwargs.pop("warmup_steps", None)
-        if kwargs:
-            raise ConfigError(
-                "trainer.scheduler", f"linear_warmup takes only warmup_steps, got {sorted(kwargs)}"
-            )
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-            raise ConfigError("trainer.scheduler.warmup_steps", f"must be an integer >= 1, got {warmup!r}")
-        return sched.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("trainer.scheduler", f"{cfg.name} rejected its arguments: {exc}") from None
+                t_max = total_steps
+            return sched.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=eta_min)
+        case StepSchedule(step_size=step_size, gamma=gamma):
+            return sched.StepLR(optimizer, step_size=step_size, gamma=gamma)
+        case ExponentialSchedule(gamma=gamma):
+            return sched.ExponentialLR(optimizer, gamma=gamma)
+        case LinearWarmupSchedule(warmup_steps=warmup):
+            return sched.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    raise AssertionError(cfg)  # the union has no other member

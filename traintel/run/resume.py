@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from traintel.config import Config
+from pydantic import TypeAdapter, ValidationError
+
+from traintel.config import Config, SchedulerConfig
 from traintel.engine.coordination import Coordinator
 from traintel.errors import ConfigError
 from traintel.run import checkpoint, layout
@@ -57,10 +59,12 @@ class Resumption:
 def fixed_settings(config: Config, world_size: int, batch_size: int | None) -> dict[str, Any]:
     """What must not change between a checkpoint and the attempt that continues from it."""
     data = config.to_dict(redact=True)
+    trainer = {key: data["trainer"][key] for key in FIXED_TRAINER_KEYS}
+    trainer["scheduler"] = _given_schedule(trainer["scheduler"])
     return {
         "run": {key: data["run"][key] for key in FIXED_RUN_KEYS},
         "task": data["task"],
-        "trainer": {key: data["trainer"][key] for key in FIXED_TRAINER_KEYS},
+        "trainer": trainer,
         "world_size": world_size,
         "batch_size": batch_size,
     }
@@ -132,8 +136,23 @@ def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumpti
     return Resumption(str(state["run_id"]), 1 + max(attempts), state)
 
 
+_SCHEDULE = TypeAdapter(SchedulerConfig)
+
+
+def _given_schedule(value: Any) -> Any:
+    """A scheduler's settings without the arguments at their defaults: ``{name: step, step_size: 2}``
+    and ``{name: step, step_size: 2, gamma: 0.1}`` are one setting, whichever a checkpoint holds."""
+    try:
+        return _SCHEDULE.validate_python(value).model_dump(mode="json", exclude_defaults=True)
+    except ValidationError:  # null, or what an older checkpoint holds as it is
+        return value
+
+
 def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
     """A ConfigError naming the first setting that differs from the checkpoint's."""
+    trainer = saved.get("trainer")
+    if isinstance(trainer, Mapping) and "scheduler" in trainer:
+        saved = {**saved, "trainer": {**trainer, "scheduler": _given_schedule(trainer["scheduler"])}}
     changed = checkpoint.changed_setting(saved, current)
     if changed is None:
         return

@@ -1,21 +1,4 @@
-"""Test helpers for sink authors: record builders, an in-memory sink, and a contract check that
-drives a real run.
-
-``batch_record(**overrides)``, ``step_record``, ``epoch_record``, ``eval_record``,
-``end_record`` and ``make_record(event, **overrides)`` build one record with fixed, plausible
-values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test overrides where it matters
-(``attempt=1`` for a resumed run's records); ``run_context(run_dir)`` is the matching
-``RunContext`` (``run_context(run_dir, attempt=1)`` for a resumed attempt).
-
-``check_sink(factory)`` builds sinks from ``factory`` and runs each through a short,
-real training run (two runs, so a sink survives open/close twice). It asserts the
-sink contract: ``open`` exactly once before any record, every record delivered once,
-in order and unchanged (the very objects the in-memory reference sink received),
-``close`` exactly once after the last record and harmless when repeated, and no
-exception from the sink (the fan-out would have isolated it). With ``read_back``, the
-values the sink wrote are compared with the reference records: a field present in
-both must hold the identical value.
-"""
+"""``check_sink``: the sink contract, checked by driving sinks through real training runs."""
 
 from __future__ import annotations
 
@@ -28,99 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traintel.records import BatchRecord, EpochRecord, EvalRecord, Record, RunEndRecord, StepRecord
+from traintel.records import Record
 from traintel.sinks.base import RunContext, Sink
 from traintel.sinks.memory import MemorySink
-
-__all__ = [
-    "T0",
-    "ContractResult",
-    "MemorySink",
-    "SinkContractError",
-    "batch_record",
-    "check_sink",
-    "contract_config",
-    "end_record",
-    "epoch_record",
-    "eval_record",
-    "make_record",
-    "run_context",
-    "step_record",
-]
-
-T0 = 1_764_000_000.25
-"""The builders' record time: 2025-11-24T16:00:00.250000Z."""
-
-
-def run_context(run_dir: Path, **overrides: Any) -> RunContext:
-    """A ``RunContext`` for run ``r1`` named ``demo`` in ``run_dir``."""
-    return RunContext(**{"run_id": "r1", "name": "demo", "run_dir": run_dir, **overrides})
-
-
-def batch_record(**overrides: Any) -> BatchRecord:
-    """A ``train.batch`` record: micro-batch 2 of 10 in epoch 1, 4 items, raw loss 0.75 scaled by 1/3
-    to 0.25 (values chosen so that ``loss == raw_loss * loss_scale`` holds exactly)."""
-    fields: dict[str, Any] = {
-        "run_id": "r1", "time": T0, "epoch": 1, "batch": 2, "batches": 10, "step": 0, "items": 4,
-        "raw_loss": 0.75, "loss": 0.25, "loss_scale": 1 / 3, "window_size": 3,
-    }  # fmt: skip
-    return BatchRecord(**{**fields, **overrides})
-
-
-def step_record(**overrides: Any) -> StepRecord:
-    """A ``train.step`` record: step 1 of epoch 1 over 12 items, one second after ``T0``."""
-    fields: dict[str, Any] = {
-        "run_id": "r1", "time": T0 + 1, "epoch": 1, "step": 1, "items": 12, "items_total": 12,
-        "window_size": 3, "loss": 0.6875, "lr": 0.001, "grad_norm": None, "skipped": False,
-    }  # fmt: skip
-    return StepRecord(**{**fields, **overrides})
-
-
-def epoch_record(**overrides: Any) -> EpochRecord:
-    """A ``train.epoch`` record: epoch 1, one step, 12 items in 2 seconds, two seconds after ``T0``."""
-    fields: dict[str, Any] = {
-        "run_id": "r1", "time": T0 + 2, "epoch": 1, "step": 1, "loss": 0.5, "items": 12, "batches": 3,
-        "duration_seconds": 2.0, "items_per_second": 6.0, "items_total": 12, "steps": 1,
-    }  # fmt: skip
-    return EpochRecord(**{**fields, **overrides})
-
-
-def eval_record(**overrides: Any) -> EvalRecord:
-    """An ``eval.epoch`` record: epoch 1, 8 items in 2 batches, two seconds after ``T0``."""
-    fields: dict[str, Any] = {
-        "run_id": "r1", "time": T0 + 2, "epoch": 1, "step": 1, "loss": 0.625, "items": 8, "batches": 2,
-        "duration_seconds": 0.5, "items_per_second": 16.0,
-    }  # fmt: skip
-    return EvalRecord(**{**fields, **overrides})
-
-
-def end_record(**overrides: Any) -> RunEndRecord:
-    """A ``run.end`` record: completed after epoch 1 (``max_epochs``), three seconds after ``T0``."""
-    fields: dict[str, Any] = {
-        "run_id": "r1", "time": T0 + 3, "status": "completed", "reason": "max_epochs", "epoch": 1,
-        "step": 1, "items_total": 12, "duration_seconds": 3.0,
-    }  # fmt: skip
-    return RunEndRecord(**{**fields, **overrides})
-
-
-_BUILDERS: dict[str, Callable[..., Record]] = {
-    "train.batch": batch_record,
-    "train.step": step_record,
-    "train.epoch": epoch_record,
-    "eval.epoch": eval_record,
-    "run.end": end_record,
-}
-
-
-def make_record(event: str, **overrides: Any) -> Record:
-    """The builder of ``event`` (``train.batch``, ``train.step``, ``train.epoch``, ``eval.epoch`` or
-    ``run.end``) called with ``overrides``."""
-    builder = _BUILDERS.get(event)
-    if builder is None:
-        msg = f"event must be one of {sorted(_BUILDERS)}, got {event!r}"
-        raise ValueError(msg)
-    return builder(**overrides)
-
 
 ReadBack = Callable[[Any], Sequence[Mapping[str, Any]]]
 
