@@ -17,6 +17,13 @@ the process and one silent TLS client blocks every later scrape and the shutdown
   that from training (``_pause``). A scrape waits in the kernel meanwhile; it is not refused.
 
 Every connection closed early is counted by reason; ``collect()`` exports the counts.
+
+Why not ``asyncio.start_server`` (with ``ssl_handshake_timeout``): it would take over the TLS
+handshake's states (a dozen lines of ``_advance``), but the rest stays: evicting the longest idle
+connection means tracking and cancelling each connection's task, the deadline covers the request
+and the answer too (a timeout per connection, not per handshake), and the CPU share needs a pause
+shared by every connection's coroutine. It would add an event loop on its own thread, and its
+teardown, to a sink that must close within the run's shutdown. The selector loop stays.
 """
 
 from __future__ import annotations
