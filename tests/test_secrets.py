@@ -18,7 +18,7 @@ import yaml
 
 from tests.children import child_env, run_cli
 from tests.servers import free_port
-from traintel import config as config_module
+from traintel import redaction
 from traintel.config import Config, load_config, load_resume_config, validate
 from traintel.errors import ConfigError
 from traintel.redaction import REDACTED, has_redacted_url, is_secret_key, redact, redact_url, redact_url_value
@@ -36,6 +36,7 @@ SECRET_NAMES = [
     "db-password",
     "dbpassword",
     "password2",
+    "db_password_2",
     "passphrase",
     "ssh_passphrase",
     "secret",
@@ -51,7 +52,8 @@ SECRET_NAMES = [
     "githubtoken",
     "HF_TOKEN",
     "id_token",
-    "token_type",
+    "auth_token",
+    "AWS_SESSION_TOKEN",
     "api_key",
     "apikey",
     "apiKey",
@@ -60,6 +62,9 @@ SECRET_NAMES = [
     "api-keys",
     "x-api-key",
     "X-Api-Key",
+    "api.key",
+    "API Key",
+    "api_key_2",
     "access_key",
     "accessKey",
     "secret_key",
@@ -73,6 +78,9 @@ SECRET_NAMES = [
     "encryption_key",
     "master_key",
     "hmac_key",
+    "auth_key",
+    "account_key",
+    "Ocp-Apim-Subscription-Key",
     "credential",
     "credentials",
     "gcp_credentials",
@@ -94,8 +102,10 @@ SECRET_NAMES = [
     "auth",
     "basic_auth",
     "http.auth",
+    "oauth",
 ]
-"""Key names whose values are replaced by ``***``."""
+"""Key names whose values are replaced by ``***``: each is, or ends with, one of ``SECRET_NAMES``
+once normalised."""
 
 VISIBLE_NAMES = [
     "key",
@@ -116,7 +126,12 @@ VISIBLE_NAMES = [
     "eos_token",
     "eos_token_id",
     "bos_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
     "mask_token",
+    "pad_token_id",
+    "decoder_start_token_id",
     "special_tokens",
     "sort_key",
     "label_key",
@@ -131,6 +146,12 @@ VISIBLE_NAMES = [
     "credentials_file",
     "auth_url",
     "auth_type",
+    "token_type",
+    "token_url",
+    "api_key_id",
+    "password_hash",
+    "secretKeyRef",
+    "cookie_name",
     "oauth_scope",
     "session",
     "session_length",
@@ -144,7 +165,8 @@ VISIBLE_NAMES = [
     "lr",
     "",
 ]
-"""Key names whose values stay visible."""
+"""Key names whose values stay visible: a secret name followed by more (``token_type``,
+``password_file``), a word that only contains one (``tokenizer``), a tokenizer's token."""
 
 
 @pytest.mark.parametrize("name", SECRET_NAMES)
@@ -157,6 +179,22 @@ def test_secret_names_are_redacted(name: str) -> None:
 def test_other_names_stay_visible(name: str) -> None:
     assert not is_secret_key(name)
     assert redact({name: "value"}) == {name: "value"}
+
+
+def test_the_module_docstring_lists_the_names() -> None:
+    doc = redaction.__doc__ or ""
+    listed = doc.split("one of ``SECRET_NAMES``::\n\n", 1)[1].split("\n\n", 1)[0]
+    tokens = re.search(r"a tokenizer's tokens:\s+``([a-z ]+)``", doc)
+    assert tokens is not None
+    assert tuple(listed.split()) == redaction.SECRET_NAMES
+    assert frozenset(tokens[1].split()) == redaction.NOT_SECRET_NAMES
+
+
+def test_each_name_that_is_not_a_secret_ends_with_a_secret_name() -> None:
+    """``NOT_SECRET_NAMES`` only holds the exceptions the rule needs."""
+    unneeded = [n for n in sorted(redaction.NOT_SECRET_NAMES) if not n.endswith(redaction.SECRET_NAMES)]
+    assert unneeded == []
+    assert [n for n in sorted(redaction.NOT_SECRET_NAMES) if is_secret_key(n)] == []
 
 
 def test_a_key_that_is_not_a_string_is_not_a_secret() -> None:
@@ -338,7 +376,11 @@ def test_to_dict_without_redact_keeps_every_value() -> None:
 
 
 def test_config_redacted_is_the_redaction_modules() -> None:
-    assert config_module.REDACTED == REDACTED == "***"
+    assert (
+        _secret_config().to_dict(redact=True)["sinks"]["prometheus"]["pushgateway"]["password"]
+        == REDACTED
+        == "***"
+    )
 
 
 def test_config_show_redacts_url_credentials(tmp_path: Path) -> None:

@@ -2,25 +2,23 @@
 
 No torch, no pydantic: the config, the sinks and the error messages all use it.
 
-**Secret names.** A key is split into lower-case words at ``_``, ``-``, ``.``, spaces and camelCase
-(``secretKey`` -> ``secret key``, ``X-API-Key`` -> ``x api key``). It names a secret when
+**Secret names.** A key is normalised (lower-cased, every character but a letter or a digit
+dropped, then any trailing digits: ``API-Key``, ``api_key``, ``apiKey`` and ``api.key`` all become
+``apikey``; ``password2`` becomes ``password``). It names a secret when the normalised key is, or ends
+with, one of ``SECRET_NAMES``::
 
-* one of its words is, or ends with, ``password``, ``passwd``, ``pwd``, ``passphrase``, ``secret``,
-  ``secrets``, ``token``, ``credential``, ``credentials``, ``cookie``, ``cookies``, ``authorization``,
-  ``apikey``, ``sessionid``, ``sessid`` (so ``dbpassword``, ``githubtoken``, ``JSESSIONID`` too);
-* its last word is ``auth`` (``auth``, ``basic_auth``; not ``auth_type`` or ``auth_url``);
-* a ``key``/``keys`` word follows ``api``, ``access``, ``secret``, ``private``, ``signing``,
-  ``encryption``, ``auth``, ``master``, ``session``, ``account``, ``license``, ``subscription``,
-  ``shared`` or ``hmac`` (``api_key``, ``secretKey``, ``private-key``), or a word ends with one of
-  those joined to ``key`` (``apikey``, ``accesskey``, ``privatekey``);
-* a ``session`` word is followed by ``id`` (``session_id``, ``sessionId``).
+    password passwd pwd passphrase secret secrets token credential credentials
+    auth authorization cookie cookies sessionid sessid apikey apikeys
+    accesskey secretkey privatekey signingkey encryptionkey masterkey hmackey sessionkey
+    authkey accountkey licensekey subscriptionkey sharedkey
 
-Not secrets: ``key`` alone and other ``..._key`` (``sort_key``, ``label_key``, ``cache_key``), words
-that merely contain a secret word (``tokenizer``, ``max_tokens``, ``monkey``, ``keyboard``), a
-tokenizer's tokens (``token`` after ``pad``, ``eos``, ``bos``, ``unk``, ``sep``, ``cls``, ``mask``,
-``special``, ``start``, ``end``: ``pad_token``, ``eos_token_id``), and names of files and paths (last
-word ``file``, ``path``, ``filename``, ``dir``, ``directory``, ``location``: ``keyfile``,
-``password_file``, ``private_key_path``): a path is not the secret.
+(so ``db_password``, ``github_token``, ``client_secret``, ``aws_secret_access_key``, ``basic_auth``,
+``Set-Cookie``, ``JSESSIONID``), unless it is one of ``NOT_SECRET_NAMES``, a tokenizer's tokens:
+``padtoken eostoken bostoken unktoken septoken clstoken masktoken`` (``pad_token``, ``eos_token``).
+
+Everything else stays visible, in particular a name with more after the secret word: ``tokenizer``,
+``max_tokens``, ``eos_token_id``, ``token_type``, ``sort_key``, and the paths of secrets
+(``password_file``, ``private_key_path``, ``secret_dir``): a path is not the secret.
 
 **URLs.** In any string, ``scheme://user:password@host`` becomes ``scheme://***@host`` (all of the
 userinfo, also a user alone, which is often a token), and a query or fragment parameter with a
@@ -32,52 +30,40 @@ characters: everything before its last ``@`` goes (``bob:p@ss'w@host`` -> ``***@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
 REDACTED = "***"
 """What a secret is replaced with."""
 
-_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-_SECRET_WORD = re.compile(
-    r"(?:password|passwd|pwd|passphrase|secrets?|token|credentials?|cookies?|authorization|sessionid"
-    r"|sessid|(?:api|access|secret|private|signing|encryption|auth|master|session|account|license"
-    r"|subscription|shared|hmac)keys?)$"
+SECRET_NAMES = (
+    "password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "credential", "credentials",
+    "auth", "authorization", "cookie", "cookies", "sessionid", "sessid", "apikey", "apikeys",
+    "accesskey", "secretkey", "privatekey", "signingkey", "encryptionkey", "masterkey", "hmackey",
+    "sessionkey", "authkey", "accountkey", "licensekey", "subscriptionkey", "sharedkey",
+)  # fmt: skip
+"""A key names a secret when its normalised form (``_normal``) is, or ends with, one of these."""
+
+NOT_SECRET_NAMES = frozenset(
+    {"padtoken", "eostoken", "bostoken", "unktoken", "septoken", "clstoken", "masktoken"}
 )
-_KEY_QUALIFIERS = frozenset(
-    {"api", "access", "secret", "private", "signing", "encryption", "auth", "master", "session"}
-    | {"account", "license", "subscription", "shared", "hmac"}
-)
-_TOKENIZER_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "start", "end"})
-_PATH_WORDS = frozenset({"file", "path", "filename", "dir", "directory", "location"})
+"""Normalised keys that end with a secret name but are a tokenizer's tokens, not secrets."""
+
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
-def _words(name: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(name)]
-
-
-def _secret_word(words: Sequence[str], i: int) -> bool:
-    word = words[i]
-    before = words[i - 1] if i else ""
-    after = words[i + 1] if i + 1 < len(words) else ""
-    if word == "token" and before in _TOKENIZER_WORDS:
-        return False
-    return (
-        _SECRET_WORD.search(word) is not None
-        or (word in ("key", "keys") and before in _KEY_QUALIFIERS)
-        or (word == "session" and after == "id")
-    )
+def _normal(name: str) -> str:
+    """``name`` lower-cased, without its separators and trailing digits (``API_Key_2`` -> ``apikey``)."""
+    return _NOT_ALNUM.sub("", name.lower()).rstrip("0123456789")
 
 
 def is_secret_key(name: object) -> bool:
     """Whether a key with this name holds a secret (see the module's docstring for the rule)."""
     if not isinstance(name, str):
         return False
-    words = _words(name)
-    if not words or words[-1] in _PATH_WORDS:
-        return False
-    return words[-1] == "auth" or any(_secret_word(words, i) for i in range(len(words)))
+    normal = _normal(name)
+    return normal.endswith(SECRET_NAMES) and normal not in NOT_SECRET_NAMES
 
 
 # scheme://[userinfo@]rest; userinfo runs to the last "@" before the first "/", "?", "#" or space,
