@@ -207,15 +207,17 @@ class Checkpointing:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        st = traintel_state(self.trainer)
-        st.progress.load_state_dict(state["progress"])
+        traintel_state(self.trainer).progress.load_state_dict(state["progress"])
         engine = state["engine"]
-        st.iteration = engine["iteration"]
-        st.epoch_length = engine["epoch_length"]
         self.owed = owed_end(state)
         ended = bool(state["epoch_ended"]) or self.owed is not None  # its windows all trained
-        st.epoch = engine["epoch"] if ended else engine["epoch"] - 1
-        st.max_epochs = max_epochs
+        # Ignite's counters through its own API: the epochs done are the iterations' whole epochs
+        # (an epoch's last window trained counts its epoch as done: its end is owed or was run)
+        counters = {"iteration": engine["iteration"], "epoch_length": engine["epoch_length"]}
+        self.trainer.load_state_dict({**counters, "max_epochs": max_epochs})
+        if self.trainer.state.epoch != (engine["epoch"] if ended else engine["epoch"] - 1):
+            msg = f"checkpoint of step {state['step']}: iteration {engine['iteration']} is not in its epoch"
+            raise ValueError(msg)
         self.saved_step = state["step"]
         saved_rng = state["rng"]
         if ended:
