@@ -18,7 +18,7 @@ from tests.conftest import make_batches, make_model, quiet_config, strict_object
 from traintel.engine.trainer import TraintelEngine
 from traintel.records import Record
 from traintel.run.api import build
-from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 from traintel.testing import batch_record, run_context, step_record
@@ -185,10 +185,9 @@ def test_a_failing_emit_many_is_reported_once_to_the_other_sinks(tmp_path: Path)
 
 
 def _lines(tmp_path: Path, records: list[Record]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The stdout and diagnostic-file lines of ``records``, the two sinks sharing one renderer."""
+    """The stdout and diagnostic-file lines of ``records``."""
     out = io.BytesIO()
-    renderer = LineRenderer()
-    json_sink, diag = JsonSink(out, capacity=100, renderer=renderer), DiagnosticSink(renderer=renderer)
+    json_sink, diag = JsonSink(out, capacity=100), DiagnosticSink()
     fan = FanOut([json_sink, diag])
     fan.open(run_context(tmp_path))
     fan.emit_many(records)

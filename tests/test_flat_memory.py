@@ -16,7 +16,7 @@ import pytest
 
 from traintel.handlers.rss import rss_bytes
 from traintel.records import Record
-from traintel.sinks import DiagnosticSink, FanOut, JsonSink, LineRenderer, PrometheusSink
+from traintel.sinks import DiagnosticSink, FanOut, JsonSink, PrometheusSink
 from traintel.testing import batch_record, run_context, step_record
 
 pytestmark = pytest.mark.slow
@@ -55,10 +55,10 @@ def test_a_million_records_leave_rss_and_the_scrape_flat(tmp_path: Path) -> None
         # Lines waiting for a writer are bounded by each sink's queue capacity, and a disk that
         # stalls on dirty pages fills the queue; 1,000 lines (about 0.5 MB) keeps that bound well
         # under the 5 MB this test allows, so what it measures is what the process keeps.
-        # as build_sinks builds them: one renderer, the JSON sink before the diagnostic file
-        prom, renderer = PrometheusSink(port=0), LineRenderer()
-        json_sink = JsonSink(devnull, capacity=1_000, renderer=renderer)
-        diagnostic = DiagnosticSink(capacity=1_000, renderer=renderer)
+        # as build_sinks builds them: the JSON sink before the diagnostic file
+        prom = PrometheusSink(port=0)
+        json_sink = JsonSink(devnull, capacity=1_000)
+        diagnostic = DiagnosticSink(capacity=1_000)
         fan = FanOut([prom, json_sink, diagnostic])
         prom.register(fan.health_collector())
         fan.open(run_context(tmp_path / "run", name="flat"))

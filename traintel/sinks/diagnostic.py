@@ -207,8 +207,7 @@ class DiagnosticSink:
     cannot be written it returns False at once.
 
     Each line is rendered here from the record (its event dict, then its diagnostics) by
-    ``renderer``, the strict JSON renderer (a new ``LineRenderer`` unless given; it keeps no
-    state), independently of the JSON sink.
+    the strict JSON renderer, independently of the JSON sink.
     """
 
     name = "diagnostic"
@@ -223,10 +222,9 @@ class DiagnosticSink:
         backups: int = 3,
         capacity: int = 10_000,
         close_timeout: float = 10.0,
-        renderer: LineRenderer | None = None,
     ) -> None:
         self.filename = filename
-        self.renderer = renderer if renderer is not None else LineRenderer()
+        self.renderer = LineRenderer()
         self.max_bytes = max_bytes
         self.backups = backups
         self.capacity = capacity

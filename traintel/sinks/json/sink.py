@@ -86,8 +86,7 @@ class JsonSink:
     once ``capacity`` lines or half of ``queue_bytes`` wait, then ``train.step`` records and
     captured text; the other records and routed log lines are always kept; see
     ``traintel.sinks.io.writer``). On a pipe, lines are written whole (``FdStream``).
-    ``dropped`` counts what was lost so far. ``renderer`` is the strict JSON renderer (a new
-    ``LineRenderer`` unless given; it keeps no state).
+    ``dropped`` counts what was lost so far.
 
     While open, a sink writing JSON lines to stdout's descriptor (no ``stream``, not a
     terminal, not ``console``) replaces ``sys.stdout`` when ``capture`` is true: text written to
@@ -109,7 +108,6 @@ class JsonSink:
         profile: str = "default",
         console: bool = False,
         processors: Sequence[Processor] = (),
-        renderer: LineRenderer | None = None,
         fd: int | None = None,
         queue_bytes: int = DEFAULT_MAX_BYTES,
         capture: bool = True,
@@ -140,7 +138,7 @@ class JsonSink:
         self._pid = os.getpid()
         """The process that opened the sink (``write_line`` in a forked one writes itself)."""
         self._closed_dropped = 0
-        self.renderer = renderer if renderer is not None else LineRenderer()
+        self.renderer = LineRenderer()
         layout: list[Processor] = [ecs_layout] if profile == "ecs" else []
         ending: list[Processor] = [_console_view, _ConsoleLine()] if console else [*layout, self.renderer]
         self.processors: list[Processor] = [*processors, *ending]
