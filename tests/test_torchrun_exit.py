@@ -1,13 +1,14 @@
 """``python -m traintel.cli.torchrun``: torch's torchrun, exiting with its workers' status.
 
 Real launches (two gloo ranks on CPU): a bad config exits 2 where torchrun exits 1, a worker failing
-in training exits 1, and a SIGTERM to the launcher exits 143 once both ranks ended the run as
-terminated and checkpointed it.
+in training exits 1 (and torchrun's own failure summary shows each rank's one-line reason), and a
+SIGTERM to the launcher exits 143 once both ranks ended the run as terminated and checkpointed it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,26 @@ def _launch(tmp_path: Path, launcher: str, *overrides: str) -> subprocess.Popen[
 
 def _records(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _summary(err: str) -> tuple[dict[int, dict[str, str]], int]:
+    """torchrun's failure summary on stderr: each failed worker's fields (``exitcode``,
+    ``error_file``, ``traceback``...) by global rank, and the rank of its root cause."""
+    failures: dict[int, dict[str, str]] = {}
+    fields: dict[str, str] | None = None
+    root, in_root = -1, False
+    for line in err.splitlines():
+        if line.startswith("Root Cause (first observed failure):"):
+            in_root = True
+        elif re.fullmatch(r"\[\d+\]:", line):
+            fields = {}
+        elif fields is not None and (field := re.fullmatch(r"  (\w+)\s*: (.*)", line)):
+            fields[field[1]] = field[2].rstrip()
+            if field[1] == "rank":
+                rank = int(field[2].split()[0])
+                failures[rank] = fields
+                root = rank if in_root else root
+    return failures, root
 
 
 @pytest.mark.parametrize(
@@ -83,6 +104,33 @@ def test_a_worker_failing_in_training_exits_1(tmp_path: Path) -> None:
     end = _records(out)[-1]
     assert (end["event"], end["status"]) == ("run.end", "failed")
     assert end["reason"].startswith(f"rank 1: RuntimeError: {CRASH_MESSAGE}"), end
+
+
+@pytest.mark.slow
+def test_torchruns_failure_summary_shows_each_ranks_one_line_reason(tmp_path: Path) -> None:
+    """Each worker leaves its ``run.end`` reason in torchelastic's error file: torchrun's summary
+    shows it for rank 1, which failed, and for rank 0, which lost it and names it. The root cause
+    is the earliest error file by the second, a tie going to the worker torchrun saw end first:
+    rank 1, or rank 0 that names it."""
+    write_crashing_task(tmp_path, rank=1)
+    proc = _launch(tmp_path, "torch", "task.factory=crashing:make_task", "task.params={}")
+    _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 1, err[-3000:]
+    failures, root = _summary(err)
+    reason = f"RuntimeError: {CRASH_MESSAGE}"
+    failed = failures[1]
+    assert (failed["rank"], failed["exitcode"].split(" (pid")[0]) == ("1 (local_rank: 1)", "1")
+    assert Path(failed["error_file"]).parts[-2:] == ("1", "error.json")
+    assert failed["traceback"] == f"traintel.run.distributed.RunFailed: {reason}"
+    assert failures[0]["traceback"].startswith(
+        f"traintel.run.distributed.RunFailed: rank 1: {reason} (here: "
+    )
+    assert root == 1 or failures[root]["traceback"].startswith(
+        f"traintel.run.distributed.RunFailed: rank 1: {reason}"
+    )
+    # each line once: the worker's own, and the summary's
+    assert err.count(f"traintel: error: training failed: {reason}\n") == 1
+    assert err.count(f"  traceback : traintel.run.distributed.RunFailed: {reason}\n") == 1
 
 
 @pytest.mark.slow

@@ -139,8 +139,10 @@ class Run:
             reason = one_line(raised)
             if plan.where.launch is not None:  # name the rank the failure came from, or one lost
                 c = self.coordinator
-                distributed.announce_failure(c.rank, reason)
-                reason = distributed.failure_reason(c.rank, c.world_size, reason)
+                store = plan.where.store
+                distributed.announce_failure(store, c.rank, reason)
+                reason = distributed.failure_reason(store, c.rank, c.world_size, reason)
+                distributed.record_failure(reason)  # for torchrun's summary of the failed workers
             return "failed", reason, raised
         if self.trainer.should_terminate:
             return "terminated", state.stop_reason or "terminate() called by a handler", None

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -98,8 +98,17 @@ def backend_for(cfg: DistributedConfig, device: torch.device) -> str:
     return cfg.backend
 
 
-def start(cfg: DistributedConfig, device: torch.device, restart_count: int = 0) -> str:
-    """Join the default process group (``env://``); returns the backend.
+class KeyValueStore(Protocol):
+    """What traintel uses of a ``torch.distributed.Store``: the one the process group was joined
+    with (``start``), where the ranks announce their failures (``announce_failure``)."""
+
+    def set(self, key: str, value: str) -> None: ...
+    def check(self, keys: list[str]) -> bool: ...
+    def get(self, key: str) -> bytes: ...
+
+
+def start(cfg: DistributedConfig, device: torch.device, restart_count: int = 0) -> tuple[str, KeyValueStore]:
+    """Join the default process group (``env://``); returns the backend and the group's store.
 
     torchrun keeps one key-value store across the restarts of its workers (``--max-restarts``),
     so the keys of the previous attempt's process group are still there: a rank that reaches the
@@ -107,15 +116,15 @@ def start(cfg: DistributedConfig, device: torch.device, restart_count: int = 0) 
     Each restart therefore gets its own key prefix, ``traintel/restart<n>/``.
     """
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import PrefixStore
+    from torch.distributed import PrefixStore  # type: ignore[attr-defined]  # public, re-exported untyped
     from torch.distributed.rendezvous import rendezvous
 
     backend = backend_for(cfg, device)
     timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
-    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-    store = PrefixStore(f"traintel/restart{restart_count}/", store)
+    shared, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store = PrefixStore(f"traintel/restart{restart_count}/", shared)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return backend
+    return backend, store
 
 
 def stop() -> None:
@@ -149,19 +158,9 @@ def max_over_ranks(value: int, device: torch.device) -> int:
 _FAILURE_KEY = "traintel/failed/rank{}"
 
 
-def _store() -> object | None:
-    """The default process group's key-value store (torchrun's), when there is one."""
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
-    except Exception:  # no group, or a torch without it: failures stay unnamed
-        return None
-
-
-def announce_failure(rank: int, reason: str) -> None:
-    """Leave this rank's failure where the other ranks look for it (best effort)."""
-    store: Any = _store()
+def announce_failure(store: KeyValueStore | None, rank: int, reason: str) -> None:
+    """Leave this rank's failure in the group's ``store``, where the other ranks look for it (best
+    effort; nothing without a store)."""
     if store is not None:
         with contextlib.suppress(Exception):
             store.set(_FAILURE_KEY.format(rank), reason)
@@ -177,7 +176,9 @@ def lost_peer(reason: str) -> bool:
     return any(marker in reason for marker in _PEER_LOST)
 
 
-def failure_reason(rank: int, world_size: int, reason: str, wait: float = 1.0) -> str:
+def failure_reason(
+    store: KeyValueStore | None, rank: int, world_size: int, reason: str, wait: float = 1.0
+) -> str:
     """``reason`` (this rank's failure, announced with ``announce_failure``) as ``run.end`` gives it,
     naming the rank the failure came from, after waiting up to ``wait`` seconds for the other ranks'
     announcements:
@@ -189,7 +190,6 @@ def failure_reason(rank: int, world_size: int, reason: str, wait: float = 1.0) -
       was lost (here: <reason>)`` when the store cannot tell which;
     - else ``reason``: this rank failed first.
     """
-    store: Any = _store()
     here_lost = lost_peer(reason)
     others = [r for r in range(world_size) if r != rank]
     announced: dict[int, str] = {}
@@ -217,3 +217,29 @@ def failure_reason(rank: int, world_size: int, reason: str, wait: float = 1.0) -
         return f"rank {silent[0]} was lost: it ended without reporting an error (here: {reason})"
     named = ", ".join(str(r) for r in silent)
     return f"ranks {named} were lost: they ended without reporting an error (here: {reason})"
+
+
+class RunFailed(Exception):
+    """A rank's failure as ``run.end`` gives it (``failure_reason``), for torchrun's summary."""
+
+
+def record_failure(reason: str) -> None:
+    """Write this rank's failure, ``reason`` (``run.end``'s), into torchelastic's error file through
+    its public handler, so that torchrun's failure summary shows it for this rank, not ``<N/A>``.
+
+    Only under torchrun, which names a file for each worker in ``TORCHELASTIC_ERROR_FILE`` (without
+    it the handler writes nothing either). The summary prints the traceback the handler records,
+    here the one line ``traintel.run.distributed.RunFailed: <reason>``: no stack (the log record
+    ``training failed`` has it) and no more than the one-line reason, URL credentials redacted.
+    Best effort: a file that cannot be written changes nothing else.
+    """
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    try:
+        raise RunFailed(reason) from None
+    except RunFailed as exc:  # the handler records the exception being handled, with its traceback
+        exc.__traceback__ = None  # which is the exception's own (Python 3.11+): no stack, one line
+        with contextlib.suppress(OSError):
+            get_error_handler().record_exception(exc)

@@ -51,6 +51,8 @@ class Where:
     coordinator: Coordinator
     launch: distributed.Launch | None = None
     backend: str | None = None
+    store: distributed.KeyValueStore | None = None
+    """The process group's key-value store, where a failed rank leaves its reason."""
 
 
 @dataclass

@@ -64,8 +64,8 @@ def acquire_process_group(stack: contextlib.ExitStack, config: Config) -> Where:
         return Where(device, Coordinator())
     device = distributed.device_for(launch, device)
     stack.callback(distributed.stop)
-    backend = distributed.start(config.trainer.distributed, device, launch.restart_count)
-    return Where(device, ProcessGroupCoordinator(device), launch, backend)
+    backend, store = distributed.start(config.trainer.distributed, device, launch.restart_count)
+    return Where(device, ProcessGroupCoordinator(device), launch, backend, store)
 
 
 def agree(coordinator: Coordinator, problem: ConfigError | None) -> None:
