@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 9400
 
-.PHONY: setup run test test-quick lint bench kubernetes clean
+.PHONY: setup run test test-quick lint docs bench kubernetes clean
 
 $(STAMP): pyproject.toml constraints.txt examples/csv-sink/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check traintel tests benchmarks examples docker/kubernetes
-	$(BIN)/ruff format --check traintel tests benchmarks examples docker/kubernetes
+	$(BIN)/ruff check traintel tests benchmarks examples docker/kubernetes docs
+	$(BIN)/ruff format --check traintel tests benchmarks examples docker/kubernetes docs
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# the documentation site in site/; its reference pages are generated from the code (traintel/reference.py)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

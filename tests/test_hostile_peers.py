@@ -44,7 +44,8 @@ pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 
 SIGNAL_DEADLINE = 10.0
-"""Seconds from SIGTERM to the process's exit: ``docker stop``'s grace period (README: "well inside 10 s")."""
+"""Seconds from SIGTERM to the process's exit: ``docker stop``'s grace period
+(docs/concepts/lifecycle.md: "well inside 10 s")."""
 SCRAPE_DEADLINE = 3.0
 """Seconds a scrape may take while the exporter is being abused."""
 

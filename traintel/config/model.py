@@ -47,7 +47,9 @@ def _check_factory(value: str) -> str:
 
 class _Section(BaseModel):
     # Overrides are parsed as YAML, so `--set run.name=2024` arrives as an int: accept it for str fields.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, use_attribute_docstrings=True
+    )
 
 
 class RunConfig(_Section):
@@ -83,7 +85,7 @@ class TaskConfig(_Section):
 class OptimizerConfig(BaseModel):
     """Optimizer name and learning rate; further keys are passed to the optimizer."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, use_attribute_docstrings=True)
 
     name: Literal["sgd", "adamw", "adam"] = "adamw"
     """Optimizer: ``sgd``, ``adamw`` or ``adam``."""
@@ -97,13 +99,14 @@ NonNegativeFloat = Annotated[Float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class CosineSchedule(_Schedule):
     """``torch.optim.lr_scheduler.CosineAnnealingLR``."""
 
     name: Literal["cosine"]
+    """Selects this scheduler."""
     T_max: PositiveInt | None = None
     """Optimizer steps of the half cosine; null: the run's optimizer steps."""
     eta_min: NonNegativeFloat = 0.0
@@ -114,6 +117,7 @@ class StepSchedule(_Schedule):
     """``torch.optim.lr_scheduler.StepLR``."""
 
     name: Literal["step"]
+    """Selects this scheduler."""
     step_size: PositiveInt
     """Optimizer steps between decays."""
     gamma: PositiveFloat = 0.1
@@ -124,6 +128,7 @@ class ExponentialSchedule(_Schedule):
     """``torch.optim.lr_scheduler.ExponentialLR``."""
 
     name: Literal["exponential"]
+    """Selects this scheduler."""
     gamma: PositiveFloat
     """The factor applied at every optimizer step."""
 
@@ -132,6 +137,7 @@ class LinearWarmupSchedule(_Schedule):
     """A linear ramp to the optimizer's ``lr`` over ``warmup_steps``, then constant."""
 
     name: Literal["linear_warmup"]
+    """Selects this scheduler."""
     warmup_steps: PositiveInt
     """Optimizer steps of the ramp."""
 
@@ -205,6 +211,7 @@ class JsonSinkConfig(_Section):
     """structlog JSON lines on stdout."""
 
     enabled: Bool = True
+    """Write JSON lines on stdout."""
     format: Literal["auto", "json", "console"] = "auto"
     """``auto``: JSON lines, or, when stdout is a terminal, a console view (epoch, eval and run
     lines, warnings) with a progress bar showing the running step loss."""
@@ -223,6 +230,7 @@ class DiagnosticSinkConfig(_Section):
     """``<run dir>/diagnostic.jsonl`` with self-checks."""
 
     enabled: Bool = True
+    """Write the diagnostic file."""
     filename: str = Field(default="diagnostic.jsonl", pattern=r"^[^/\\]+$")
     """File name inside the run directory."""
     max_bytes: Int = Field(default=256 * 1024 * 1024, ge=0)
@@ -298,6 +306,7 @@ class PrometheusSinkConfig(_Section):
     """HTTP ``/metrics`` exporter on its own registry."""
 
     enabled: Bool = True
+    """Serve ``/metrics``."""
     host: str = Field(default="127.0.0.1", min_length=1)
     """Bind address; ``0.0.0.0`` exposes it beyond the host (containers)."""
     port: Int = Field(default=9400, ge=0, le=65535)
@@ -307,6 +316,7 @@ class PrometheusSinkConfig(_Section):
     certfile: str | None = None
     """Serve ``/metrics`` over TLS with this certificate (PEM) and ``keyfile``."""
     keyfile: str | None = None
+    """The certificate's private key (PEM), with ``certfile``."""
     client_cafile: str | None = None
     """Require client certificates signed by this CA (mutual TLS)."""
     max_connections: Int = Field(default=32, ge=1, le=1024)
@@ -342,6 +352,7 @@ class ExtraSinkConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the factory."""
     enabled: Bool = True
+    """Build and open this sink; false keeps the entry but leaves the sink out."""
 
     @field_validator("factory")
     @classmethod
@@ -383,7 +394,11 @@ class SinksConfig(_Section):
     """Plugin sinks, after the built-in ones, in this order."""
 
     model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, validate_assignment=True, coerce_numbers_to_str=True
+        extra="forbid",
+        populate_by_name=True,
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        use_attribute_docstrings=True,
     )
 
 

@@ -231,6 +231,11 @@ class PrometheusSink:
         """Serve ``collector``'s metrics too, and push them with the traintel metrics."""
         self._pushed.append(self._serve(collector))
 
+    @property
+    def pushed(self) -> tuple[Collector, ...]:
+        """The collectors pushed to the Pushgateway at the end: every one served but the process's."""
+        return tuple(self._pushed)
+
     def _serve(self, collector: Collector) -> Collector:
         served = _Labelled(collector, self.labels) if self.per_rank else collector
         self.registry.register(served)
