@@ -211,13 +211,12 @@ class Checkpointing:
         engine = state["engine"]
         self.owed = owed_end(state)
         ended = bool(state["epoch_ended"]) or self.owed is not None  # its windows all trained
-        # Ignite's counters through its own API: the epochs done are the iterations' whole epochs
-        # (an epoch's last window trained counts its epoch as done: its end is owed or was run)
-        counters = {"iteration": engine["iteration"], "epoch_length": engine["epoch_length"]}
-        self.trainer.load_state_dict({**counters, "max_epochs": max_epochs})
-        if self.trainer.state.epoch != (engine["epoch"] if ended else engine["epoch"] - 1):
-            msg = f"checkpoint of step {state['step']}: iteration {engine['iteration']} is not in its epoch"
-            raise ValueError(msg)
+        # Ignite's counters, set here and nowhere else. Not through Engine.load_state_dict: it needs
+        # the epoch's length, which an iterable without one has only after its first epoch ends.
+        # The epochs done count an epoch whose windows were all trained (its end is owed or was run).
+        st = self.trainer.state
+        st.iteration, st.epoch_length, st.max_epochs = engine["iteration"], engine["epoch_length"], max_epochs
+        st.epoch = engine["epoch"] if ended else engine["epoch"] - 1
         self.saved_step = state["step"]
         saved_rng = state["rng"]
         if ended:
