@@ -78,8 +78,9 @@ def test_a_run_serves_metrics_turns_healthy_and_stops_with_143(engine: Engine, i
             "-e", f"TRAINTEL__SINKS__PROMETHEUS__PORT={port}", "-e", "TRAINTEL__TRAINER__MAX_EPOCHS=100000",
             image,
         )  # fmt: skip
-        body = _metrics(f"http://127.0.0.1:{port}/metrics", deadline=time.monotonic() + 120)
-        assert "traintel_optimizer_step " in body
+        # the exporter answers before the first step's records arrive: wait for a step, not an answer
+        step = _first_step(f"http://127.0.0.1:{port}/metrics", deadline=time.monotonic() + 120)
+        assert step >= 1
         deadline = time.monotonic() + 60  # the image's HEALTHCHECK: every 15 s
         while (health := _inspect(engine, name, "{{.State.Health.Status}}")) != "healthy":
             assert health == "starting" and time.monotonic() < deadline, health
@@ -119,11 +120,17 @@ def _inspect(engine: Engine, name: str, template: str) -> str:
     return engine.docker("inspect", "-f", template, name).stdout.strip()
 
 
-def _metrics(url: str, deadline: float) -> str:
+def _first_step(url: str, deadline: float) -> float:
+    """``traintel_optimizer_step``'s value once a scrape of ``url`` shows one, polling until ``deadline``."""
+    body = ""
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                return str(response.read().decode())
+                body = response.read().decode()
         except OSError:
-            assert time.monotonic() < deadline, f"{url} never answered"
-            time.sleep(0.5)
+            pass
+        for line in body.splitlines():
+            if line.startswith("traintel_optimizer_step "):
+                return float(line.split()[1])
+        assert time.monotonic() < deadline, f"{url} showed no optimizer step: {body[-300:]!r}"
+        time.sleep(0.5)
