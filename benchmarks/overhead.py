@@ -68,6 +68,14 @@ loop. Every case gets one warm-up run, which also checks that each case ends wit
 exactly its shadow's weights (the comparison is like for like); then ``--repeats``
 rounds run every case once, in an order rotated by one each round.
 
+Under glibc, freed memory stays in the process's heap (``keep_heap``). With glibc's default
+thresholds each ``zero_grad`` let the heap shrink and the next backward grow it again: a page
+fault per 4 KiB of gradients (about 3 us each on the 2-core VM, up to 400 a realistic step,
+over 10% of it). How many a step took depended on where earlier allocations had landed, so
+the case and its shadow differed by tens of faults a step, and the realistic method check
+read 0.99 to 1.02 from one process to the next. ``--default-heap`` leaves glibc's thresholds
+as they are.
+
 Usage::
 
     python benchmarks/overhead.py [--repeats 11] [--epochs 3] [--threads 1] [--json overhead.json]
@@ -83,6 +91,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -118,6 +127,15 @@ DEFAULT_MAX_DELAY = TelemetryConfig.model_fields["max_delay_seconds"].default
 LR = 0.01
 IN_FEATURES = 32
 TINY_HIDDEN = 64
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameters (malloc.h)."""
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024
+"""Blocks up to this size come from the heap, not from a fresh ``mmap`` each (glibc's largest
+allowed value on 64-bit; the large model's biggest gradient is 4 MiB)."""
+HEAP_TRIM_THRESHOLD = 1 << 30
+"""Free memory at the heap's top kept before glibc gives it back to the kernel."""
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Kind = Literal["plain", "ignite", "traintel"]
@@ -177,6 +195,25 @@ def cpu_between(start: ThreadTimes | None, end: ThreadTimes | None) -> tuple[flo
         before = start.get(tid)
         used[python] += ns - (before[1] if before is not None else 0)
     return used[True] / 1e9, used[False] / 1e9
+
+
+def keep_heap() -> bool:
+    """Have glibc keep freed memory in the heap for reuse (``HEAP_MMAP_THRESHOLD``,
+    ``HEAP_TRIM_THRESHOLD``); whether it took them. False where the C library is not glibc.
+
+    Every step frees its gradients (``zero_grad``) and the next backward allocates them again
+    (1 MiB per 512x512 weight). With glibc's default, dynamic thresholds the heap's top is
+    given back to the kernel and taken again around them, and every 4 KiB taken again costs a
+    page fault: a cost set by the heap's layout, not by the loop, which differed between two
+    identical loops in one process (see the module's docstring). With the heap kept, neither the
+    plain loop nor traintel takes a page fault per step.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mmap_set = mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) == 1
+    trim_set = mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1
+    return mmap_set and trim_set
 
 
 @dataclass(frozen=True)
@@ -573,7 +610,7 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def environment() -> dict[str, Any]:
+def environment(heap_kept: bool) -> dict[str, Any]:
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
@@ -590,6 +627,7 @@ def environment() -> dict[str, Any]:
         "cpus_usable": affinity,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "heap_kept": heap_kept,
     }
 
 
@@ -602,6 +640,9 @@ def render(
         f"torch {env['torch']}, pytorch-ignite {env['pytorch-ignite']}, traintel {env['traintel']}, "
         f"Python {env['python']}; torch threads {env['torch_threads']} (interop "
         f"{env['torch_interop_threads']}), usable CPUs {env['cpus_usable']}; {env['platform']}",
+        "- heap: freed memory kept for reuse (glibc mallopt)"
+        if env["heap_kept"]
+        else "- heap: the C library's default thresholds (freed memory may go back to the kernel)",
         "",
         f"- step = one optimizer step = k micro-batches of {args.batch_size} items (k={K}; "
         f"k={REALISTIC_K} for the realistic model); {args.repeats} rounds.",
@@ -711,6 +752,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"steps per timed window (default {DEFAULT_WINDOW})",
     )
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    add(
+        "--default-heap",
+        action="store_true",
+        help="leave glibc's heap thresholds as they are (default: keep freed memory, see keep_heap)",
+    )
     add("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     add("--json", type=Path, default=None, metavar="PATH", help="also write the numbers to PATH")
     args = parser.parse_args(argv)
@@ -745,6 +791,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    heap_kept = not args.default_heap and keep_heap()  # before the models and batches are allocated
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cases = make_cases(args)
@@ -759,7 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         diffs = warm_up(bench, cases)
         rounds = measure(bench, cases, args.repeats)
     rows = summarize(cases, rounds)
-    env = environment()
+    env = environment(heap_kept)
     sizes = {c.model_name: sum(p.numel() for p in c.model.parameters()) for c in cases}
     print(render(env, sizes, args, rows))
     worst = max(diffs.values())
