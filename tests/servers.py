@@ -9,10 +9,10 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +26,25 @@ def need_tool(tool: str, package: str = "prometheus") -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], never: str | Callable[[], str], timeout: float = 60.0, interval: float = 0.05
+) -> T:
+    """Poll ``condition`` every ``interval`` seconds until it returns a true value, and return that
+    value; after ``timeout`` seconds fail with ``never`` (what never happened; a callable is asked
+    then, so it can say what was seen last). A test waits for what it needs, never for a time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{never if isinstance(never, str) else never()} (waited {timeout:g} s)")
+        time.sleep(interval)
 
 
 def free_port() -> int:

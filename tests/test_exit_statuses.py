@@ -8,6 +8,7 @@ exact stderr line and what reached stdout and the run directory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.children import CHILD_TIMEOUT, child_env
+from tests.servers import wait_until
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+TORCH_DIRECTORY = f"{Path(torch.__file__).parent}{os.sep}"
 
 TASKS = textwrap.dedent(
     """\
@@ -71,6 +75,18 @@ def _records(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
+def _importing_torch(pid: int) -> bool:
+    """Whether ``pid`` catches SIGTERM (``traintel train``'s start-up has begun: ``remember_early``)
+    and has mapped a library of torch's (its import is under way, or done)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # gone
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & 1 << (signal.SIGTERM - 1)) and TORCH_DIRECTORY in maps
+
+
 def _wait_for_event(proc: subprocess.Popen[str], event: str) -> list[dict[str, Any]]:
     assert proc.stdout is not None
     seen = []
@@ -104,7 +120,13 @@ def test_a_signal_during_a_slow_task_factory_ends_the_start_up_within_a_second(
 
 def test_a_signal_while_importing_torch_ends_the_start_up_at_once(tmp_path: Path) -> None:
     proc = _start(tmp_path)
-    time.sleep(0.3)  # the interpreter is importing torch
+    wait_until(
+        lambda: _importing_torch(proc.pid) or proc.poll() is not None,
+        "the child never caught SIGTERM with a library of torch's loaded", CHILD_TIMEOUT, interval=0.01,
+    )  # fmt: skip
+    assert proc.poll() is None, (
+        f"exited {proc.returncode} before it was seen importing torch: {proc.communicate()[1]!r}"
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     assert (proc.returncode, out, err) == (

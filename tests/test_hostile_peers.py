@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import strict_object
-from tests.servers import self_signed_cert
+from tests.servers import self_signed_cert, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -267,6 +268,42 @@ def _scrape(url: str, context: ssl.SSLContext | None = None) -> tuple[float, str
     return time.monotonic() - t0, body, ""
 
 
+def _sample(body: str, name: str, labels: dict[str, str]) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels`` in an exposition; None if absent."""
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def _wait_for_sample(
+    url: str,
+    name: str,
+    labels: dict[str, str],
+    holds: Callable[[float], bool],
+    *,
+    never: str,
+    timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Scrape ``url`` until the sample ``name{labels}`` has a value ``holds`` accepts (a cached
+    exposition may lag behind); fail with ``never`` and what the last scrape said after ``timeout``
+    seconds."""
+    last = ["no scrape was answered"]
+
+    def scraped() -> bool:
+        _, body, error = _scrape(url, context)
+        if body is None:
+            last[0] = f"the last scrape failed: {error}"
+            return False
+        value = _sample(body, name, labels)
+        last[0] = f"the last scrape had {name}{labels or ''} = {value}"
+        return value is not None and holds(value)
+
+    wait_until(scraped, lambda: f"{never}; {last[0]}", timeout)
+
+
 def _host_port(url: str) -> tuple[str, int]:
     netloc = url.split("://", 1)[1].split("/", 1)[0]
     host, _, port = netloc.rpartition(":")
@@ -338,7 +375,12 @@ def test_idle_connections_cannot_exhaust_the_process(tmp_path: Path, descriptors
         base_t1 = time.time()
         flood = _idle_flood(*_host_port(url), IDLE_CONNECTIONS)
         try:
-            time.sleep(0.5)  # the exporter sees them
+            # the flood has reached the exporter: its connections fill every slot, so a newer one
+            # (the flood's or a scrape's) has closed the longest idle one at least once
+            _wait_for_sample(
+                url, "traintel_exporter_connections_closed_total", {"reason": "limit"}, lambda n: n >= 1,
+                never="the flood never filled the exporter's connections (none closed for the limit)",
+            )  # fmt: skip
             flood_t0 = time.time()
             seconds, body, error = _scrape(url)
             found.expect(
@@ -396,19 +438,24 @@ def server_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_an_idle_tls_connection_blocks_no_scrape(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:
     """A client that connects and never starts its TLS handshake delays no other scrape and not
-    the shutdown."""
+    the shutdown. The exporter gives a connection 60 s here (``request_timeout_seconds``), so the
+    silent client is still connected when the scrape and SIGTERM come, however slow the machine."""
     cert, key = server_cert
     found = Findings()
     with child(
         tmp_path, "trainer.max_epochs=100000", f"sinks.prometheus.certfile={cert}",
-        f"sinks.prometheus.keyfile={key}",
+        f"sinks.prometheus.keyfile={key}", "sinks.prometheus.request_timeout_seconds=60",
     ) as c:  # fmt: skip
         url = c.started()["metrics_url"]
         assert url.startswith("https://"), url
         c.step_reached(3)
+        trusting = ssl.create_default_context(cafile=str(cert))
         with socket.create_connection(_host_port(url), timeout=5):  # sends nothing, stays open
-            time.sleep(0.3)  # the exporter has taken it
-            trusting = ssl.create_default_context(cafile=str(cert))
+            # the exporter has taken it: two open connections, the silent one and the scrape's own
+            _wait_for_sample(
+                url, "traintel_exporter_open_connections", {}, lambda n: n == 2,
+                never="the exporter never counted the silent connection", context=trusting,
+            )  # fmt: skip
             seconds, body, error = _scrape(url, trusting)
             found.expect(
                 body is not None and seconds <= SCRAPE_DEADLINE,

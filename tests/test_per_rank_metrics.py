@@ -5,6 +5,7 @@ rules work over them; a real Pushgateway keeps each rank's final values apart.""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, http_get, prometheus_server, pushgateway_server
+from tests.servers import free_port, http_get, prometheus_server, pushgateway_server, wait_until
 from tests.test_dashboard import MULTI, RULES, VARIABLES, _dashboard, _substitute, _targets, regex_value
 from traintel.config import SinksConfig
 from traintel.errors import ConfigError
@@ -292,6 +293,14 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
     assert proc.returncode == 0, stderr.read_text()[-3000:]  # torchrun exits 0 when every rank did
 
 
+def _scraped_alone(url: str, rank: int) -> Samples:
+    """The exposition at ``url`` if it was rendered with no other scraper connected (the Prometheus
+    scrapes it every second): ``traintel_exporter_open_connections`` 1, this scrape; else nothing."""
+    served = _samples(http_get(url).decode())
+    alone = served.get(("traintel_exporter_open_connections", (("rank", str(rank)),))) == 1.0
+    return served if alone else {}
+
+
 def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[str]]) -> Samples:
     """What a rank's exporter serves: the float of each value of its newest records."""
 
@@ -340,7 +349,10 @@ def test_each_rank_serves_its_own_records_on_port_plus_local_rank(ranks: Ranks) 
         start = records[0]
         assert start["event"] == "run.start"
         assert start["metrics_url"] == f"http://127.0.0.1:{port}/metrics"
-        served = _samples(http_get(start["metrics_url"]).decode())
+        served = wait_until(
+            functools.partial(_scraped_alone, start["metrics_url"], rank),
+            f"rank {rank}'s exporter never answered with no other scraper connected", 30,
+        )  # fmt: skip
         times = {name: served.pop((name, (("rank", str(rank)),))) for name in (
             "traintel_step_timestamp_seconds", "traintel_run_end_timestamp_seconds")}  # fmt: skip
         assert served == _expected(records, rank, health[rank]), rank
@@ -365,8 +377,11 @@ def test_the_dashboard_shows_each_rank_and_the_alert_rules_stay_quiet(ranks: Ran
         return {r["metric"]["rank"]: float(r["value"][1]) for r in _api(url, "query", query=promql)["result"]}
 
     def ready() -> bool:
-        """Both ranks scraped after their end, and 2 samples of items_total each for rate()."""
-        final = by_rank("traintel_optimizer_step") == {"0": ends[0]["step"], "1": ends[1]["step"]}
+        """Both ranks scraped after their end (run.end alone sets traintel_run_success; a scrape
+        with the final step may come before the last epoch's end), and 2 samples of items_total
+        each for rate()."""
+        final = by_rank("traintel_run_success") == {"0": 1.0, "1": 1.0}
+        final = final and by_rank("traintel_optimizer_step") == {"0": ends[0]["step"], "1": ends[1]["step"]}
         return final and by_rank("count_over_time(traintel_items_total[1m]) >= 2").keys() == {"0", "1"}
 
     deadline = time.monotonic() + 30

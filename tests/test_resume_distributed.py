@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,10 @@ import pytest
 import yaml
 
 from tests.children import CHILD_TIMEOUT, child_env
+from tests.servers import wait_until
 from tests.test_resume import ROOT, STEPS, config, lines, losses, same_tensors
-from traintel.run import checkpoint, layout
+from traintel.errors import ConfigError
+from traintel.run import checkpoint, layout, rundir
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,14 @@ def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) ->
 def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     return proc.returncode, out, err
+
+
+def unlocked(run_dir: Path) -> bool:
+    """Whether no process holds ``run_dir``'s lock (``rundir.lock``, taken and released here)."""
+    held = rundir.lock(run_dir)
+    if isinstance(held, rundir.RunDirLock):
+        held.release()
+    return not isinstance(held, ConfigError)
 
 
 def final_states(run_dir: Path) -> list[dict[str, Any]]:
@@ -113,7 +122,9 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
     assert ("train.epoch", 1) in losses(out) and ("eval.epoch", 1) in losses(out)
     for rank in (0, 1):
         assert checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, rank)[0].step == 4
-    time.sleep(0.5)  # torchrun's port is free again
+    # every rank of the stopped job has let go of the run directory (torchrun picks a new free port
+    # for each job: --standalone)
+    wait_until(lambda: unlocked(run_dir), f"the stopped job never released {run_dir}'s lock")
 
     code, again, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
     assert code == 0, err

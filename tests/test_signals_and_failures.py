@@ -113,13 +113,18 @@ def test_sigterm_while_lingering_stops_serving_and_exits_0(tmp_path: Path) -> No
 
 
 _SLOW_EVAL = """
+import sys
 import time
 from traintel.tasks.forecast import make_task as base
 
 class Slow:
     def __init__(self, loader):
         self.loader = loader
+        self.passes = 0
     def __iter__(self):
+        self.passes += 1
+        sys.stderr.write(f"evaluation {self.passes} has begun\\n")  # the test waits for this line
+        sys.stderr.flush()
         for batch in self.loader:
             time.sleep(0.2)
             yield batch
@@ -137,14 +142,18 @@ def test_sigterm_during_evaluation_stops_it_and_ends_the_run(tmp_path: Path) -> 
         tmp_path, "--set", "task.factory=slow_eval:make_task", "--set", "task.params={}",
         "--set", "trainer.max_epochs=50", pythonpath=str(tmp_path),
     )  # fmt: skip
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     seen = []
     for line in proc.stdout:
         seen.append(json.loads(line))
         if seen[-1]["event"] == "train.epoch" and seen[-1]["epoch"] == 2:
-            time.sleep(0.3)  # inside epoch 2's evaluation (8 batches of 0.2 s)
+            break
+    for text in proc.stderr:  # inside epoch 2's evaluation (8 batches of 0.2 s)
+        if text == "evaluation 2 has begun\n":
             proc.send_signal(signal.SIGTERM)
             break
+    else:
+        raise AssertionError(f"epoch 2's evaluation never began: exit {proc.wait(timeout=10)}, {seen[-3:]}")
     seen += [json.loads(x) for x in proc.stdout.read().splitlines()]
     assert proc.wait(timeout=10) == 143
     events = [(x["event"], x.get("epoch")) for x in seen]

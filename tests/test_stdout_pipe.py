@@ -18,11 +18,18 @@ from typing import Any
 import pytest
 
 from tests.conftest import strict_object
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
 F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
+WARM_RECORDS = 1_000
+"""Records in the diagnostic file before the first RSS sample: some 20 epochs (evaluations
+included), and far more lines than stdout's 64 KiB pipe holds, so it has long been full."""
+WINDOW_SECONDS = 25.0
+WINDOW_RECORDS = 1_000
+"""The second RSS sample comes at least this long and this many records after the first."""
 
 
 def _train(tmp_path: Path, *sets: str) -> subprocess.Popen[bytes]:
@@ -61,15 +68,21 @@ def _line_count(path: Path) -> int:
 def test_rss_stays_flat_while_nobody_reads_stdout(tmp_path: Path) -> None:
     proc = _train(tmp_path, "trainer.max_epochs=100000")
     diagnostic = tmp_path / "run" / "diagnostic.jsonl"
+
+    def records(at_least: int, after: float = 0.0) -> bool:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        return time.monotonic() >= after and _line_count(diagnostic) >= at_least
+
     try:
-        start = time.monotonic()
-        while not _diagnostic_has(diagnostic, "train.step"):  # torch imported, training under way
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() - start < 60, "training did not start"
-            time.sleep(0.1)
-        time.sleep(max(0.0, start + 5 - time.monotonic()))
-        early, early_lines = _vm_rss(proc.pid), _line_count(diagnostic)
-        time.sleep(max(0.0, start + 30 - time.monotonic()))
+        # warmed up (torch imported, the first epochs and evaluations done) with stdout long full
+        wait_until(
+            lambda: records(WARM_RECORDS), f"the run never wrote {WARM_RECORDS} records", 120, interval=0.2
+        )
+        early, early_lines, early_at = _vm_rss(proc.pid), _line_count(diagnostic), time.monotonic()
+        wait_until(
+            lambda: records(early_lines + WINDOW_RECORDS, early_at + WINDOW_SECONDS),
+            f"the run never wrote {WINDOW_RECORDS} more records while stdout was not read", 120, 0.2,
+        )  # fmt: skip
         late, late_lines = _vm_rss(proc.pid), _line_count(diagnostic)
         assert proc.poll() is None  # still training: stdout's reader never blocked it
     finally:
@@ -77,7 +90,7 @@ def test_rss_stays_flat_while_nobody_reads_stdout(tmp_path: Path) -> None:
         proc.wait()
     growth, lines = late - early, late_lines - early_lines
     report = f"RSS grew {growth / 2**20:.1f} MiB ({early >> 20} -> {late >> 20} MiB) over {lines} records"
-    assert lines > 1_000, report  # the diagnostic file has every record: training went on
+    assert lines >= WINDOW_RECORDS, report  # the diagnostic file has every record: training went on
     assert growth < 50 * 2**20, report
     # On a busy machine a slow run makes too few records in 25 s to reach 50 MB even unbounded
     # (each queued line used to pin about 8 KiB), so also: at most 2 KiB per record made, beyond
