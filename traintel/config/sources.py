@@ -104,13 +104,22 @@ def load_config(
 ) -> Config:
     """Resolve a Config: file < ``TRAINTEL__...`` environment < ``--set`` overrides."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    sources = _override(data, overrides, environ)
+    return validate(data, sources)
+
+
+def _override(
+    data: dict[str, Any], overrides: Sequence[str], environ: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Apply the ``TRAINTEL__...`` variables of ``environ`` (default: ``os.environ``), then the
+    ``--set`` ``overrides``, to ``data`` in place; returns the keys set by a variable, with its name."""
     sources: dict[str, str] = {}
     for item, variable in env_overrides(os.environ if environ is None else environ):
         apply_overrides(data, [item], origin=variable, sources=sources)
     for item in overrides:
         apply_overrides(data, [item], sources=sources)
         sources.pop(item.partition("=")[0].strip(), None)  # --set wins: the message names the key alone
-    return validate(data, sources)
+    return sources
 
 
 RESUMABLE_KEYS = ("trainer.max_epochs", "telemetry.", "sinks.", "checkpoint.")
@@ -188,12 +197,7 @@ def load_resume_config(
     saved = read_yaml(path, origin="--resume")
     redacted_urls = _redacted_urls(saved)
     data = _unredact(saved)
-    sources: dict[str, str] = {}
-    for item, variable in env_overrides(os.environ if environ is None else environ):
-        apply_overrides(data, [item], origin=variable, sources=sources)
-    for item in overrides:
-        apply_overrides(data, [item], sources=sources)
-        sources.pop(item.partition("=")[0].strip(), None)
+    sources = _override(data, overrides, environ)
     run = data.setdefault("run", {})
     if not isinstance(run, dict):
         raise ConfigError("--resume", f"{str(path)!r} has no run section")
