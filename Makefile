@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 9400
+# test processes (pytest-xdist); each test file stays on one, so its module fixtures are made once
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-quick lint docs bench kubernetes clean
 
@@ -21,10 +23,10 @@ run: $(STAMP)
 	$(BIN)/traintel train --config configs/default.yaml --set sinks.prometheus.port=$(PORT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow' -q
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m 'not slow' -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check traintel tests benchmarks examples docker/kubernetes docs

@@ -45,7 +45,9 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from tests.conftest import loss_failing_at, make_batches, make_model, quiet_config
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import quiet_config
+from tests.helpers.tasks import loss_failing_at, make_batches, make_model
 from traintel.records import RECORD_TYPES, SCHEMA_VERSION, Record
 from traintel.run.api import build
 from traintel.schema import SCHEMA_PATH, RecordValidationError, load_schema, validate_line, validate_lines
@@ -54,7 +56,7 @@ from traintel.task import Task
 
 jsonschema = pytest.importorskip("jsonschema")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 RECORD_EVENTS = [cls.event for cls in RECORD_TYPES]
 ENVELOPE = {"timestamp", "level", "event", "run_id", "schema_version"}
 SINCE_1_1 = {"rank", "world_size"}

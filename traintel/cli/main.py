@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from traintel.errors import (
     EXIT_BAD_INPUT,
@@ -22,6 +23,9 @@ from traintel.errors import (
     signal_exit,
 )
 from traintel.run.signals import exit_on_signal, remember_early
+
+if TYPE_CHECKING:
+    from traintel.config import Config
 
 _EPILOG = """exit status: 0 finished; 1 training failed; 2 bad input (config, task, port);
 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM.
@@ -116,13 +120,15 @@ def _report(args: argparse.Namespace) -> int:
     return report(args.run_dir, args.output)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, *, owns_process: bool) -> int:
     import logging
 
     from traintel.config import load_config
 
     # Ignite logs run failures as free text; the run.end record already carries them on stdout.
-    logging.getLogger("ignite").addHandler(logging.NullHandler())
+    ignite_log = logging.getLogger("ignite")
+    if not any(isinstance(h, logging.NullHandler) for h in ignite_log.handlers):
+        ignite_log.addHandler(logging.NullHandler())
 
     if args.resume is not None:
         if args.config is not None:
@@ -143,14 +149,24 @@ def _train(args: argparse.Namespace) -> int:
         from traintel.sinks.json.capture import StderrForStdout
 
         sys.stdout.flush()
+        stdout = sys.stdout
         sys.stdout = StderrForStdout(sys.stdout.fileno())
+        if not owns_process:
+            try:
+                return _train_run(args, cfg, owns_process=False)
+            finally:
+                sys.stdout = stdout
+    return _train_run(args, cfg, owns_process=owns_process)
+
+
+def _train_run(args: argparse.Namespace, cfg: Config, *, owns_process: bool) -> int:
     from traintel.engine.coordination import PEER_STOP_REASON
     from traintel.run.api import build
     from traintel.run.signals import early_signal, note_signal
 
     run = build(cfg, must_resume=args.resume is not None)
     end = run.run(stop_signal=early_signal())
-    if run.late_signal is not None:
+    if run.late_signal is not None and owns_process:
         note_signal(run.late_signal)  # the process leaves at once with its status (exit_on_signal)
     if run.stop_signal is not None:
         return signal_exit(run.stop_signal)
@@ -179,27 +195,31 @@ def _stdout_is_tty() -> bool:
         return False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status.
+def main(argv: Sequence[str] | None = None, *, owns_process: bool = True) -> int:
+    """Run the command line; returns the exit status (argparse's ``--help`` and usage errors raise
+    ``SystemExit`` with 0 and 2).
 
     For ``train``, the process's stop signals are traintel's from the first step until the process
     exits (``traintel.run.signals``): a signal during start-up ends it with one line, one during the run
-    stops the run, and one after the run exits at once with the status returned here.
+    stops the run, and one after the run exits at once with the status returned here. Likewise
+    ``sys.stdout`` then writes to stderr, so that stdout carries JSON lines only. A program that goes on
+    after calling ``main`` (a test, a notebook) passes ``owns_process=False``: its signal handlers stay
+    as they are outside the run, and ``sys.stdout`` comes back when ``main`` returns.
     """
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command != "train":
-        return _command(args, parser)
+    if args.command != "train" or not owns_process:
+        return _command(args, parser, owns_process=owns_process)
     remember_early()
-    status = _command(args, parser)
+    status = _command(args, parser, owns_process=True)
     exit_on_signal(status)
     return status
 
 
-def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser, *, owns_process: bool) -> int:
     sub = getattr(args, "config_command", None) or getattr(args, "sinks_command", None)
     commands: dict[tuple[str | None, str | None], Callable[[], int]] = {
-        ("train", None): lambda: _train(args),
+        ("train", None): lambda: _train(args, owns_process=owns_process),
         ("config", "show"): lambda: _config_show(args),
         ("sinks", "list"): _sinks_list,
         ("report", None): lambda: _report(args),

@@ -1,0 +1,98 @@
+"""The alerting rules in docker/prometheus/rules.yml are valid and pass their promtool unit tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import yaml
+
+from tests.helpers.paths import ROOT
+from tests.helpers.servers import need_tool
+
+RULES = ROOT / "docker" / "prometheus" / "rules.yml"
+RULE_TESTS = ROOT / "docker" / "prometheus" / "rules.test.yml"
+
+
+def _alerts() -> dict[str, dict[str, object]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    assert [g["name"] for g in groups] == ["traintel"]
+    return {rule["alert"]: rule for rule in groups[0]["rules"]}
+
+
+def test_the_rule_group_holds_the_documented_alerts() -> None:
+    alerts = _alerts()
+    assert set(alerts) == {
+        "TraintelTrainingStalled",
+        "TraintelNonFiniteLoss",
+        "TraintelSinkErrors",
+        "TraintelRecordsDropped",
+        "TraintelRankBehind",
+    }
+    for name, rule in alerts.items():
+        labels, annotations = rule["labels"], rule["annotations"]
+        assert isinstance(labels, dict) and isinstance(annotations, dict), name
+        assert labels["severity"] in {"info", "warning", "critical"}, name
+        for key in ("summary", "description"):
+            # every message names the target and the run
+            assert "{{ $labels.instance }}" in annotations[key], (name, key)
+            assert "{{ $labels.run_id }}" in annotations[key], (name, key)
+    assert alerts["TraintelTrainingStalled"]["for"] == "1m"
+    assert re.search(
+        r"time\(\) - traintel_step_timestamp_seconds(\{[^}]*\})? > 600",
+        str(alerts["TraintelTrainingStalled"]["expr"]),
+    )
+    # a rank is compared with the leading rank of its run 2 minutes back, over per-rank series only
+    behind = alerts["TraintelRankBehind"]
+    assert behind["for"] == "5m"
+    expr = str(behind["expr"])
+    assert expr.count("offset 2m") == 2 and "by(run_id)" in expr
+    selectors = re.findall(r"\btraintel_[a-z_]+(\{[^}]*\})", expr)
+    assert len(selectors) == 8 and all('rank!=""' in matchers for matchers in selectors), selectors
+    annotations = behind["annotations"]
+    assert isinstance(annotations, dict)
+    for key in ("summary", "description"):
+        assert "{{ $labels.rank }}" in annotations[key], key
+
+
+def test_only_live_exporters_are_watched() -> None:
+    """Final values pushed to a Pushgateway have no instance label and outlive their run: a stale
+    step timestamp there is no stalled run, and several runs' traintel_run_info there would make
+    the joins on (job, instance) many-to-many, an evaluation error for every target."""
+    for name, rule in _alerts().items():
+        selectors = re.findall(r"\btraintel_[a-z_]+\b(\{[^}]*\})?", str(rule["expr"]))
+        assert selectors, name
+        assert all('instance!=""' in matchers for matchers in selectors), (name, selectors)
+
+
+def test_every_alert_is_unit_tested_firing() -> None:
+    tests = yaml.safe_load(RULE_TESTS.read_text())
+    assert tests["rule_files"] == [RULES.name]
+    fired = {
+        case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"] if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test["alert_rule_test"]
+        if not case["exp_alerts"]
+    }
+    assert fired == quiet == set(_alerts())
+
+
+def test_promtool_check_rules() -> None:
+    promtool = need_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout, result.stdout + result.stderr
+
+
+def test_promtool_test_rules() -> None:
+    promtool = need_tool("promtool")
+    result = subprocess.run(
+        [promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "FAILED" not in result.stdout, result.stdout + result.stderr

@@ -1,0 +1,200 @@
+"""Two ranks under a real torchrun (gloo on CPU): a run restarted by torchrun, or stopped by SIGTERM
+and resumed, logs the same bits as one never interrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.paths import ROOT
+from tests.helpers.resume import STEPS, config, lines, losses, same_tensors
+from tests.helpers.servers import wait_until
+from traintel.errors import ConfigError
+from traintel.run import checkpoint, layout, rundir
+
+pytestmark = pytest.mark.slow
+
+
+def world_config() -> dict[str, Any]:
+    cfg = config(0)
+    cfg["task"]["params"]["samples"] = 480  # 240 per rank: the same 12 steps as one process
+    cfg["trainer"]["distributed"] = {"backend": "gloo", "timeout_seconds": 30}
+    return cfg
+
+
+def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = child_env(extra={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra or {})})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    return proc.returncode, out, err
+
+
+def unlocked(run_dir: Path) -> bool:
+    """Whether no process holds ``run_dir``'s lock (``rundir.lock``, taken and released here)."""
+    held = rundir.lock(run_dir)
+    if isinstance(held, rundir.RunDirLock):
+        held.release()
+    return not isinstance(held, ConfigError)
+
+
+def final_states(run_dir: Path) -> list[dict[str, Any]]:
+    """Each rank's model, optimizer, scheduler and progress at the last checkpoint (step 12)."""
+    states = []
+    for rank in (0, 1):
+        found = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, rank)
+        assert found is not None and found[0].step == STEPS
+        states.append({k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")})
+    return states
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[Any, str], list[dict[str, Any]]]:
+    where = tmp_path_factory.mktemp("world-reference")
+    (where / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    code, out, err = finished(
+        torchrun(["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
+    )
+    assert code == 0, err
+    found = losses(out)
+    assert sorted(k for k in found if isinstance(k, int)) == list(range(1, STEPS + 1))
+    return found, final_states(where / "run")
+
+
+def test_workers_restarted_by_torchrun_resume_from_the_newest_common_checkpoint(
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]]
+) -> None:
+    expected, final = reference
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    run_dir = tmp_path / "run"
+    args = ["--max-restarts=1", "-m", "traintel", "train", "-c", "config.yaml",
+            "--set", f"run.dir={run_dir}", "--set", "run.resume=auto"]  # fmt: skip
+    # rank 1 is killed in step 7 (epoch 2's third window): its last checkpoint is step 6
+    proc = torchrun(args, tmp_path, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"})
+    code, out, err = finished(proc)
+    assert code == 0, err
+    starts = [d for d in lines(out) if d["event"] == "run.start"]
+    assert [(s["attempt"], s["resumed_from_step"], s["restart_count"]) for s in starts] == [
+        (0, None, 0),
+        (1, 6, 1),
+    ]
+    assert starts[0]["run_id"] == starts[1]["run_id"]
+    second = losses(out[out.index('"event":"run.start"', out.index('"event":"run.start"') + 1) :])
+    assert sorted(k for k in second if isinstance(k, int)) == list(range(7, STEPS + 1))
+    assert {k: expected[k] for k in losses(out)} == losses(out)
+    assert {k: expected[k] for k in second} == second
+    assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
+
+
+def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]]
+) -> None:
+    expected, final = reference
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    run_dir = tmp_path / "run"
+    proc = torchrun(
+        ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"],
+        tmp_path,
+        {"RESUME_TEST_AT": "sleep:10:1.5", "RESUME_TEST_RANK": "0"},  # rank 0 pauses in step 3
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "sleeping at 10" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    code, out, _ = finished(proc)
+    assert code != 0  # torchrun's own status; the workers end as terminated (143)
+    end = list(lines(out))[-1]
+    # the stop goes into the next step's agreement: both ranks end after step 4, the last of epoch 1,
+    # and so after that epoch's end (its record, its evaluation, its checkpoint), never between them
+    assert (end["event"], end["status"], end["step"]) == ("run.end", "terminated", 4)
+    assert ("train.epoch", 1) in losses(out) and ("eval.epoch", 1) in losses(out)
+    for rank in (0, 1):
+        assert checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, rank)[0].step == 4
+    # every rank of the stopped job has let go of the run directory (torchrun picks a new free port
+    # for each job: --standalone)
+    wait_until(lambda: unlocked(run_dir), f"the stopped job never released {run_dir}'s lock")
+
+    code, again, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
+    assert code == 0, err
+    first, second = losses(out), losses(again)
+    assert sorted(k for k in first if isinstance(k, int)) == list(range(1, 5))
+    assert sorted(k for k in second if isinstance(k, int)) == list(range(5, STEPS + 1))
+    assert ("train.epoch", 1) not in second and ("eval.epoch", 1) not in second
+    assert ("train.epoch", 2) in second and ("eval.epoch", 2) in second
+    for logged in (first, second):
+        assert {k: expected[k] for k in logged} == logged
+    assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A job whose rank 1 was killed with SIGKILL in step 7 (no restarts): its run directory (both
+    ranks hold checkpoints 4 and 6), stdout and stderr."""
+    where = tmp_path_factory.mktemp("world-killed")
+    (where / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"]
+    code, out, err = finished(torchrun(args, where, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"}))
+    assert code == 1, err
+    for rank in (0, 1):
+        assert [c.step for c in checkpoint.complete(where / "run" / layout.CHECKPOINT_DIRECTORY, rank)] == [
+            6,
+            4,
+        ]
+    return where / "run", out, err
+
+
+def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(killed: tuple[Path, str, str]) -> None:
+    _, out, err = killed
+    end = list(lines(out))[-1]
+    assert (end["event"], end["status"], end["rank"], end["step"]) == ("run.end", "failed", 0, 6)
+    prefix = "traintel: error: training failed: "
+    here = [line[len(prefix) :] for line in err.splitlines() if line.startswith(prefix)]
+    assert len(here) == 1  # rank 0's own error; rank 1 said nothing
+    assert any(m in here[0] for m in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"))
+    assert end["reason"] == f"rank 1 was lost: it ended without reporting an error (here: {here[0]})"
+
+
+def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_older_one(
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], killed: tuple[Path, str, str]
+) -> None:
+    """Rank 1's step 6 is bit-flipped in place (same size, another SHA-256): it is skipped with a
+    warning, and both ranks continue from step 4, the newest that every rank holds and loads."""
+    expected, final = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed[0], run_dir)
+    damaged = run_dir / layout.CHECKPOINT_DIRECTORY / layout.state_name(6, 1)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+
+    code, out, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
+    assert code == 0, err
+    name = damaged.name
+    assert (
+        err.splitlines().count(
+            f"skipping checkpoint {name}: {name} does not match its manifest (size or SHA-256)"
+        )
+        == 1
+    )
+    start = next(lines(out))
+    assert (start["event"], start["attempt"], start["resumed_from_step"]) == ("run.start", 1, 4)
+    rank1 = [json.loads(line) for line in (run_dir / "diagnostic.rank1.jsonl").read_text().splitlines()]
+    starts = [(r["attempt"], r["resumed_from_step"]) for r in rank1 if r["event"] == "run.start"]
+    assert starts == [(0, None), (1, 4)]
+    resumed = losses(out)
+    assert sorted(k for k in resumed if isinstance(k, int)) == list(range(5, STEPS + 1))
+    assert {k: expected[k] for k in resumed} == resumed
+    assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
