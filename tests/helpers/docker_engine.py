@@ -181,11 +181,21 @@ def torch_index(constraints: Path) -> Path:
     return simple
 
 
+INDEX_PORT = 38_503
+"""The port ``served`` tries first. The index's URL is a build argument of the torch layer, so it is
+part of that layer's cache key: the same URL on every build keeps torch (and what follows it up to
+traintel's own code) cached, and a rebuild after a change to traintel takes seconds, not minutes."""
+
+
 @contextlib.contextmanager
 def served(directory: Path) -> Iterator[str]:
-    """Serve ``directory``'s parent on 127.0.0.1 (a free port); yields the URL of ``directory``."""
+    """Serve ``directory``'s parent on 127.0.0.1 (``INDEX_PORT``, or a free port when something else
+    holds it); yields the URL of ``directory``."""
     handler = functools.partial(_QuietHandler, directory=str(directory.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
