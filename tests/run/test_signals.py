@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from tests.helpers.children import CHILD_TIMEOUT, CRASH_MESSAGE, write_crashing_task
 from tests.helpers.paths import ROOT
+from tests.helpers.servers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -280,15 +282,61 @@ def test_a_second_signal_in_the_interpreters_last_teardown_keeps_the_status(tmp_
 def test_a_second_signal_of_another_kind_while_stopping_exits_with_the_first_ones_status(
     tmp_path: Path,
 ) -> None:
-    """SIGINT stops the run; a SIGTERM while the step still runs exits at once, with SIGINT's 130.
+    """SIGINT stops the run; a SIGTERM while the step still runs (asleep) exits at once, with SIGINT's 130.
     (Sent in this order, SIGINT is handled first even when both are pending: lower numbers first.)"""
     from tests.helpers.resume import paused
 
-    proc = paused(tmp_path, call=5, seconds=30)
+    proc = paused(tmp_path, call=5, seconds=120)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
     _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    took = time.monotonic() - sent
+    # the kernel may give SIGTERM to another thread while SIGINT is pending on the main one, which
+    # sleeps in the paused forward call: it must still be acted on at once, not after the pause
+    assert took < 60, f"exited {took:.0f} s after the second signal (the step pauses 120 s)"
     assert (proc.returncode, err.splitlines()[-1]) == (
         130,
         "traintel: SIGTERM while stopping: exiting at once",
     )
+
+
+def test_a_signal_the_kernel_gives_another_thread_reaches_the_handler_at_once() -> None:
+    """While the main thread sleeps in a system call, a stop signal delivered to another thread (the
+    kernel does so when the main thread has one pending already) still runs the handler at once:
+    the watcher wakes the main thread. The handler raises here, which ends the sleep."""
+    from traintel.run.signals import handled
+
+    class Woken(Exception):
+        pass
+
+    def callback(name: str) -> None:
+        raise Woken(name)
+
+    idle = threading.Event()
+    bystander = threading.Thread(target=idle.wait, name="bystander")  # like a sink's writer thread
+    bystander.start()
+    main = threading.get_native_id()
+
+    def send() -> None:
+        # once the main thread sleeps, give SIGTERM to the bystander thread only
+        stat = Path(f"/proc/self/task/{main}/stat")
+        wait_until(
+            lambda: stat.read_text().rpartition(")")[2].split()[0] == "S", "the main thread never slept"
+        )
+        assert bystander.ident is not None
+        signal.pthread_kill(bystander.ident, signal.SIGTERM)
+
+    sender = threading.Thread(target=send)
+    started = time.monotonic()
+    try:
+        with handled(callback):
+            sender.start()
+            with pytest.raises(Woken, match="SIGTERM"):
+                time.sleep(60)
+    finally:
+        idle.set()
+        bystander.join()
+        sender.join()
+    took = time.monotonic() - started
+    assert took < 30, f"the handler ran {took:.0f} s after the signal, when the sleep ended"

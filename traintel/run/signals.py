@@ -23,6 +23,12 @@ documented status whenever the signal comes.
    are never left half made.
 3. Running: ``handled`` calls back with the signal's name; the run decides what it means (finish
    the optimizer step and end, exit at once on a second signal, cut the exporter's linger short).
+   The kernel gives a process's signal to another thread when the main thread already has one
+   pending, and a Python handler runs only in the main thread, once it runs Python code again: a
+   second signal that came while the main thread slept or waited in a system call would wait until
+   that call returned. So the watcher thread is on here too, and wakes the main thread for each stop
+   signal with ``SIGURG`` (whose handler does nothing): its call is interrupted and the pending
+   handlers run at once.
 4. Exiting, from ``exit_on_signal(status)`` (the command is done) until the process exits: a signal
    ends the process at once with ``os._exit(status)``, the status it was exiting with anyway. The
    watcher thread is on again, so this holds while the interpreter waits for a task's thread too
@@ -71,6 +77,11 @@ _wakeup: list[int] = []
 _owner = [0]
 """The process these handlers are for (a forked child is not it)."""
 _registered = [False]
+_watcher: list[threading.Thread] = []
+"""The watcher thread while it is on."""
+NUDGE = signal.SIGURG
+"""What the watcher sends the main thread while running (module docstring): ignored by default,
+so the process's own use of it is unlikely; its handler does nothing."""
 _undo: list[Callable[[], object]] = []
 """What ``on_early_exit`` asked to undo if a signal ends the start-up."""
 
@@ -108,23 +119,30 @@ def _on_stop(signum: int, _frame: FrameType | None) -> None:
     _react(signal.Signals(signum).name)
 
 
-def _watch(fd: int) -> None:
-    """The watcher thread, while starting up and while exiting: it reads the signal numbers that the
-    interpreter's C-level handler writes (``signal.set_wakeup_fd``) and acts at once, even while the
-    main thread is blocked where a signal does not wake it (a rank waiting for its peers in C code;
-    the interpreter waiting for a thread, when the kernel gave the signal to that thread)."""
+def _watch(fd: int, write: int) -> None:
+    """The watcher thread on the pipe whose write end ``write`` is the interpreter's wakeup fd: it
+    reads the signal numbers that the interpreter's C-level handler writes (``signal.set_wakeup_fd``).
+    While starting up and while exiting it acts at once, even while the main thread is blocked where
+    a signal does not wake it (a rank waiting for its peers in C code; the interpreter waiting for a
+    thread, when the kernel gave the signal to that thread). While running (``handled``) it wakes the
+    main thread, whose handler decides. It ends once its pipe is no longer the wakeup fd."""
     names = {int(s): s.name for s in STOP_SIGNALS}
+    main = threading.main_thread().ident
     while True:
         try:
             data = os.read(fd, 64)
         except OSError:
             return
         with _lock:
-            if _phase[0] not in (_STARTING, _EXITING):
+            if not _wakeup or _wakeup[0] != write:
                 return
-            for number in data:
-                if number in names:
-                    _react(names[number])
+            stops = [names[number] for number in data if number in names]
+            if _phase[0] in (_STARTING, _EXITING):
+                for name in stops:
+                    _react(name)
+            elif stops and main is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    signal.pthread_kill(main, NUDGE)
 
 
 def _default(sig: int) -> _Handler:
@@ -237,7 +255,24 @@ def _start_watcher() -> None:
     read, write = (_above_stdio(fd) for fd in os.pipe())
     os.set_blocking(write, False)
     _wakeup[:] = [write, signal.set_wakeup_fd(write, warn_on_full_buffer=False)]
-    threading.Thread(target=_watch, args=(read,), name="traintel-signals", daemon=True).start()
+    thread = threading.Thread(target=_watch, args=(read, write), name="traintel-signals", daemon=True)
+    _watcher[:] = [thread]
+    thread.start()
+
+
+def _stop_watcher() -> threading.Thread | None:
+    """Put the previous wakeup fd back; the watcher wakes and ends (returned, to join if wanted).
+    Called with ``_lock`` held, from the main thread."""
+    if not _wakeup:
+        return None
+    write, previous = _wakeup
+    _wakeup.clear()
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(previous)
+    # the pipe stays open: a signal that arrived a moment ago may still write to it
+    with contextlib.suppress(OSError):
+        os.write(write, b"\0")  # the watcher wakes and ends
+    return _watcher.pop() if _watcher else None
 
 
 def hold_early() -> None:
@@ -247,15 +282,7 @@ def hold_early() -> None:
         if _phase[0] == _STARTING:
             _phase[0] = _HOLDING
         _undo.clear()
-        if not _wakeup:
-            return
-        write, previous = _wakeup
-        _wakeup.clear()
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(previous)
-        # the pipe stays open: a signal that arrived a moment ago may still write to it
-        with contextlib.suppress(OSError):
-            os.write(write, b"\0")  # the watcher wakes and ends
+        _stop_watcher()
 
 
 def on_early_exit(undo: Callable[[], object]) -> None:
@@ -315,10 +342,20 @@ def handled(callback: Callable[[str], None]) -> Iterator[None]:
     def handle(signum: int, _frame: FrameType | None) -> None:
         callback(signal.Signals(signum).name)
 
+    def nudged(_signum: int, _frame: FrameType | None) -> None:
+        """Nothing: being interrupted was the point (module docstring, running)."""
+
     previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    previous[NUDGE] = signal.signal(NUDGE, nudged)
+    with _lock:
+        _start_watcher()
     try:
         yield
     finally:
+        with _lock:
+            watcher = _stop_watcher()
+        if watcher is not None:
+            watcher.join(timeout=10)
         _noted.clear()
         for s, h in previous.items():
             signal.signal(s, h)
