@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Cli, child_env
 from tests.helpers.paths import ROOT
 from tests.helpers.resume import config, lines, traintel
 from traintel.run import checkpoint, layout
@@ -28,7 +28,9 @@ def first_attempt(where: Path, cfg: dict[str, Any]) -> Path:
     return where / "run"
 
 
-def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_frees_it(tmp_path: Path) -> None:
+def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_frees_it(
+    tmp_path: Path, cli: Cli
+) -> None:
     cfg = config(0)
     cfg["trainer"]["max_epochs"] = 1
     run_dir = first_attempt(tmp_path, cfg)
@@ -46,7 +48,7 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
             raise AssertionError(f"the first resume ended early: exit {running.wait()}")
         diagnostic = (run_dir / "diagnostic.jsonl").read_bytes()
 
-        second = traintel(["--resume", str(run_dir), "--set", "trainer.max_epochs=2"], tmp_path)
+        second = cli("train", "--resume", str(run_dir), "--set", "trainer.max_epochs=2")
 
         assert (second.returncode, second.stdout) == (2, "")
         assert second.stderr == (
@@ -72,7 +74,7 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
     "every_steps", [4, 3], ids=["checkpoint-at-the-last-step", "checkpoint-before-the-end"]
 )
 def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpoint(
-    tmp_path: Path, every_steps: int
+    tmp_path: Path, cli: Cli, every_steps: int
 ) -> None:
     """The run's 2 epochs end at step 8. Its last checkpoint is that step's, taken after the
     epoch's end (every 4 steps), or step 6's (every 3 steps): either way it completed."""
@@ -84,7 +86,7 @@ def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpo
     assert newest.step == (8 if every_steps == 4 else 6)
     before = sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*"))
 
-    again = traintel(["--resume", str(run_dir)], tmp_path)
+    again = cli("train", "--resume", str(run_dir))
 
     assert (again.returncode, again.stdout) == (2, "")
     says = (  # the checkpoint itself when it is the end's, else run.json
@@ -105,7 +107,9 @@ def test_resuming_a_completed_run_asks_for_more_epochs_whatever_its_last_checkpo
     assert (records[-1]["status"], records[-1]["step"]) == ("completed", 12)
 
 
-def test_a_completed_run_without_a_checkpoint_is_not_trained_again_under_resume_auto(tmp_path: Path) -> None:
+def test_a_completed_run_without_a_checkpoint_is_not_trained_again_under_resume_auto(
+    tmp_path: Path, cli: Cli
+) -> None:
     cfg = config(0)
     cfg["trainer"]["max_epochs"] = 1
     cfg["run"]["resume"] = "auto"
@@ -113,7 +117,7 @@ def test_a_completed_run_without_a_checkpoint_is_not_trained_again_under_resume_
     run_dir = first_attempt(tmp_path, cfg)
     assert checkpoint.complete(run_dir / layout.CHECKPOINT_DIRECTORY, 0) == []
 
-    again = traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path)
+    again = cli("train", "-c", "config.yaml", "--set", f"run.dir={run_dir}")
 
     assert (again.returncode, again.stdout) == (2, "")
     assert again.stderr == (
