@@ -306,6 +306,8 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, reference: dict
     args = ["-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}", "--set", "run.resume=auto"]
     killed = traintel(args, tmp_path, at="train:2")  # before the first checkpoint
     assert killed.returncode == -signal.SIGKILL
+    # from run.json, written before training: kill -9 may take run.start with the stdout writer's queue
+    run_id = json.loads((tmp_path / "run" / "checkpoints" / "run.json").read_text())["run_id"]
     again = traintel(
         args, tmp_path, at=f"train:{sum(WINDOWS) + 6}"
     )  # no checkpoint to continue: from the start
@@ -314,7 +316,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, reference: dict
     assert (start["attempt"], start["resumed_from_step"], start["run_id"]) == (
         1,
         None,
-        next(lines(killed.stdout))["run_id"],
+        run_id,
     )
     last = traintel(args, tmp_path)  # continues from step 4, the end of epoch 1
     assert last.returncode == 0, last.stderr
