@@ -192,8 +192,16 @@ def test_a_process_forked_during_start_up_keeps_its_own_signals(tmp_path: Path) 
     """A task factory forks children and stops them with SIGTERM and SIGHUP at once: they die of
     the signal as without traintel, and the start-up goes on (no line, no exit)."""
     (tmp_path / "user_code.py").write_text(TASKS)
-    proc = start(tmp_path, "task.factory=user_code:forking", "task.params={}", "trainer.max_epochs=1")
-    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    env = child_env(tmp_path, {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+    proc = start(
+        tmp_path, "task.factory=user_code:forking", "task.params={}", "trainer.max_epochs=1", env=env
+    )
+    try:
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack to stderr
+        _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+        pytest.fail(f"still running after {CHILD_TIMEOUT} s; its threads then:\n{err[-6000:]}")
     assert (proc.returncode, err) == (0, "forked children ended with [-15, -1]\n")
     end = json.loads(out.splitlines()[-1])
     assert (end["event"], end["status"]) == ("run.end", "completed")
