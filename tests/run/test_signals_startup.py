@@ -43,8 +43,25 @@ def wait_for_handlers(proc: subprocess.Popen[str]) -> None:
         time.sleep(0.001)
 
 
-def start(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
+DEFAULT_DISPOSITIONS = (
+    "import os, signal, sys\n"
+    "for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+    "    signal.signal(sig, signal.SIG_DFL)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'traintel', *sys.argv[1:]])\n"
+)
+"""Runs ``traintel ARGS`` with the stop signals' default dispositions: a shell started by ``nohup``
+or as a background job ignores SIGHUP or SIGINT, and a process inherits that."""
+
+
+def start(
+    tmp_path: Path, *overrides: str, env: dict[str, str] | None = None, defaults: bool = False
+) -> subprocess.Popen[str]:
+    """``traintel train`` with the built-in config and ``overrides``; ``defaults``: through
+    ``DEFAULT_DISPOSITIONS``, whatever this process ignores."""
+    launcher = (
+        [sys.executable, "-c", DEFAULT_DISPOSITIONS] if defaults else [sys.executable, "-m", "traintel"]
+    )
+    cmd = [*launcher, "train", "--config", str(CONFIG),
            "--set", f"run.dir={tmp_path / 'run'}", "--set", "sinks.prometheus.port=0",
            *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
     return subprocess.Popen(
@@ -190,11 +207,18 @@ def test_a_signal_once_the_run_directory_is_made_leaves_no_directory_behind(tmp_
 
 def test_a_process_forked_during_start_up_keeps_its_own_signals(tmp_path: Path) -> None:
     """A task factory forks children and stops them with SIGTERM and SIGHUP at once: they die of
-    the signal as without traintel, and the start-up goes on (no line, no exit)."""
+    the signal as without traintel, and the start-up goes on (no line, no exit). traintel starts
+    with the default dispositions: one that inherited an ignored SIGHUP (``nohup``) would pass it on
+    to the children, which then live on, as they would without traintel."""
     (tmp_path / "user_code.py").write_text(TASKS)
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     proc = start(
-        tmp_path, "task.factory=user_code:forking", "task.params={}", "trainer.max_epochs=1", env=env
+        tmp_path,
+        "task.factory=user_code:forking",
+        "task.params={}",
+        "trainer.max_epochs=1",
+        env=env,
+        defaults=True,
     )
     try:
         out, err = proc.communicate(timeout=CHILD_TIMEOUT)
