@@ -142,6 +142,7 @@ def _train(args: argparse.Namespace, *, owns_process: bool) -> int:
         raise ConfigError(
             "sinks.json", "stdout is closed; give the process a stdout or set sinks.json.enabled=false"
         )
+    stdout = sys.stdout  # put back when main returns, where it does not own the process
     if cfg.sinks.json_.enabled and cfg.sinks.json_.format != "console" and not _stdout_is_tty():
         # stdout carries JSON lines only: what is printed outside the run (before the sinks open,
         # after they close: a thread still printing) goes to stderr; inside it the JSON sink
@@ -149,14 +150,12 @@ def _train(args: argparse.Namespace, *, owns_process: bool) -> int:
         from traintel.sinks.json.capture import StderrForStdout
 
         sys.stdout.flush()
-        stdout = sys.stdout
         sys.stdout = StderrForStdout(sys.stdout.fileno())
+    try:
+        return _train_run(args, cfg, owns_process=owns_process)
+    finally:
         if not owns_process:
-            try:
-                return _train_run(args, cfg, owns_process=False)
-            finally:
-                sys.stdout = stdout
-    return _train_run(args, cfg, owns_process=owns_process)
+            sys.stdout = stdout
 
 
 def _train_run(args: argparse.Namespace, cfg: Config, *, owns_process: bool) -> int:
