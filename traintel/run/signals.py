@@ -53,9 +53,10 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+from traintel import threads
 from traintel.errors import signal_exit
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = threads.STOP_SIGNALS
 
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
@@ -257,7 +258,7 @@ def _start_watcher() -> None:
     _wakeup[:] = [write, signal.set_wakeup_fd(write, warn_on_full_buffer=False)]
     thread = threading.Thread(target=_watch, args=(read, write), name="traintel-signals", daemon=True)
     _watcher[:] = [thread]
-    thread.start()
+    threads.start(thread)
 
 
 def _stop_watcher() -> threading.Thread | None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from traintel import threads
 from traintel.errors import ConfigError, one_line
 from traintel.records import Record, SinkErrorRecord
 from traintel.sinks.base import DEFAULT_CLOSE_SECONDS, RunContext, Sink
@@ -188,7 +189,7 @@ class FanOut:
                 failure.append(exc)
 
         closer = threading.Thread(target=close, name=f"traintel-close-{sink.name}", daemon=True)
-        closer.start()
+        threads.start(closer)
         closer.join(seconds)
         if closer.is_alive():
             self.errors[sink.name] += 1

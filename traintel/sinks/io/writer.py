@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, Generic, Protocol, TypeVar
 
+from traintel import threads
 from traintel.sinks._policy import DROP_FIRST, KEEP
 
 _MAX_WAKE_LINES = 1024  # lines waiting that wake the writer before its linger
@@ -241,7 +242,7 @@ class BackgroundWriter(Generic[T]):
         self._wake_at = max(1, min(_MAX_WAKE_LINES, capacity // 2))
         self._thread = threading.Thread(target=self._loop, name=f"traintel-{name}-writer", daemon=True)
         if threaded:
-            self._thread.start()
+            threads.start(self._thread)
 
     @property
     def dropped(self) -> int:

@@ -44,6 +44,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
+from traintel import threads
+
 CLOSE_REASONS = ("limit", "timeout", "bad_request", "tls")
 """Why a connection was closed before it was answered: too many open, too slow, not HTTP, TLS failed."""
 
@@ -126,7 +128,7 @@ class MetricsServer:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._loop, name="traintel-metrics", daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
 
     def changed(self) -> None:
         """New records arrived: the next scrape renders the exposition anew (called per delivery)."""

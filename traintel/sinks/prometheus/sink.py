@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.registry import Collector
 
+from traintel import threads
 from traintel.errors import ConfigError, one_line
 from traintel.records import (
     BatchRecord,
@@ -352,7 +353,7 @@ class PrometheusSink:
             finally:
                 done.set()
 
-        threading.Thread(target=send, name="traintel-push", daemon=True).start()
+        threads.start(threading.Thread(target=send, name="traintel-push", daemon=True))
         deadline = time.monotonic() + pg.timeout_seconds
         while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             if self._hurry.is_set():
