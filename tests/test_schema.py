@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 import sys
 import types
 import typing
@@ -45,6 +44,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import loss_failing_at, make_batches, make_model
@@ -205,7 +205,7 @@ def test_units_are_in_the_names() -> None:
 def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    proc = subprocess.run(
+    proc = run_child(
         [
             sys.executable, "-m", "traintel", "train",
             "--config", str(REPO / "configs" / "default.yaml"),
@@ -213,8 +213,8 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
             "--set", "trainer.max_epochs=2",
             "--set", "telemetry.every=1",
             "--set", "sinks.prometheus.port=0",
-        ],
-        cwd=tmp_path, env=env, capture_output=True, timeout=_CHILD_TIMEOUT, check=False,
+        ], text=False,
+        cwd=tmp_path, env=env, timeout=_CHILD_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     stdout = proc.stdout.splitlines()

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Child, child_env, popen
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import wait_until
 
@@ -64,12 +64,12 @@ TASKS = textwrap.dedent(
 )
 
 
-def _start(tmp_path: Path, *overrides: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+def _start(tmp_path: Path, *overrides: str, stdout: Any = subprocess.PIPE, fresh: bool = False) -> Child:
     (tmp_path / "user_code.py").write_text(TASKS)
     cmd = [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
            "--set", "sinks.prometheus.port=0", *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    return popen(cmd, cwd=tmp_path, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, fresh=fresh)
 
 
 def _records(out: str) -> list[dict[str, Any]]:
@@ -88,7 +88,7 @@ def _importing_torch(pid: int) -> bool:
     return bool(caught & 1 << (signal.SIGTERM - 1)) and TORCH_DIRECTORY in maps
 
 
-def _wait_for_event(proc: subprocess.Popen[str], event: str) -> list[dict[str, Any]]:
+def _wait_for_event(proc: Child, event: str) -> list[dict[str, Any]]:
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -104,7 +104,7 @@ def _wait_for_event(proc: subprocess.Popen[str], event: str) -> list[dict[str, A
 def test_a_signal_during_a_slow_task_factory_ends_the_start_up_within_a_second(
     tmp_path: Path, sig: signal.Signals, status: int
 ) -> None:
-    proc = _start(tmp_path, "task.factory=user_code:slow")
+    proc = _start(tmp_path, "task.factory=user_code:slow", fresh=True)
     deadline = time.monotonic() + CHILD_TIMEOUT
     while not (tmp_path / "factory-started").exists():  # torch is imported; the factory sleeps
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -120,7 +120,7 @@ def test_a_signal_during_a_slow_task_factory_ends_the_start_up_within_a_second(
 
 
 def test_a_signal_while_importing_torch_ends_the_start_up_at_once(tmp_path: Path) -> None:
-    proc = _start(tmp_path)
+    proc = _start(tmp_path, fresh=True)
     wait_until(
         lambda: _importing_torch(proc.pid) or proc.poll() is not None,
         "the child never caught SIGTERM with a library of torch's loaded", CHILD_TIMEOUT, interval=0.01,

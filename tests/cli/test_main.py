@@ -560,7 +560,7 @@ def test_bad_input_exits_2_with_one_line_in_a_child(
     tmp_path: Path, request: pytest.FixtureRequest, case: BadInput
 ) -> None:
     def run(cwd: Path, argv: Sequence[str], env: Mapping[str, str]) -> CompletedProcess[str]:
-        return run_cli(cwd, *argv, env=env)
+        return run_cli(cwd, *argv, env=env, fresh=True)
 
     _check_bad_input(tmp_path, request, case, run)
 
@@ -770,7 +770,7 @@ def test_train_short_run_then_refuse_to_overwrite(tmp_path: Path) -> None:
         f"run.dir={run_dir}",
     ]
 
-    proc = run_cli(tmp_path, *argv)
+    proc = run_cli(tmp_path, *argv, fresh=True)
 
     assert proc.stderr == ""
     assert proc.returncode == 0

@@ -915,7 +915,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 def test_import_is_light(tmp_path: Path) -> None:
     code = "import sys, traintel.cli.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
-    proc = run_child([sys.executable, "-c", code], tmp_path)
+    proc = run_child([sys.executable, "-c", code], tmp_path, fresh=True)
     assert (proc.returncode, proc.stdout) == (0, "False False\n"), proc.stderr
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import need_tool
 
@@ -229,10 +230,9 @@ def test_copied_files_exist_and_are_in_the_build_context() -> None:
 def test_container_environment_makes_the_exporter_listen_on_all_interfaces(tmp_path: Path) -> None:
     command = _outside_docker(_image_command())
     config = command[command.index("--config") + 1]
-    result = subprocess.run(
+    result = run_child(
         [sys.executable, "-m", "traintel", "config", "show", "--config", config],
-        cwd=tmp_path, env=_container_env(), capture_output=True, text=True, timeout=_CHILD_TIMEOUT,
-        check=False,
+        cwd=tmp_path, env=_container_env(), timeout=_CHILD_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     prometheus = yaml.safe_load(result.stdout)["sinks"]["prometheus"]
@@ -250,10 +250,9 @@ def test_compose_trainer_environment_is_a_valid_config(tmp_path: Path) -> None:
         for name, value in trainer.get("environment", {}).items()
     }
     assert extra.get("TRAINTEL__RUN__NAME"), "the trainer should name its runs"
-    result = subprocess.run(
+    result = run_child(
         [sys.executable, "-m", "traintel", "config", "show", "--config", str(DEFAULT_CONFIG)],
-        cwd=tmp_path, env={**_container_env(), **extra}, capture_output=True, text=True,
-        timeout=_CHILD_TIMEOUT, check=False,
+        cwd=tmp_path, env={**_container_env(), **extra}, timeout=_CHILD_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
+from tests.helpers.children import popen
 from tests.helpers.dashboard import (
     GRAFANA,
     METRIC,
@@ -179,7 +180,7 @@ def scraped(prometheus: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
     stderr = tmp_path / "stderr.txt"
     # 150 epochs last a few seconds: several scrapes see traintel_items_total grow, so rate() has data
     with stderr.open("w") as err:
-        run = subprocess.Popen(
+        run = popen(
             [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
              "--set", "trainer.max_epochs=150", "--set", f"sinks.prometheus.port={port}",
              "--set", "sinks.prometheus.linger_seconds=120"],

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import free_port, need_tool
 
@@ -226,9 +227,9 @@ def test_the_launcher_is_a_console_script_of_the_package() -> None:
 def test_the_config_map_config_passes_config_show(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(_config_text(), encoding="utf-8")
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-m", "traintel", "config", "show", "--config", str(config)],
-        env=_clean_env(), capture_output=True, text=True, check=False, timeout=60,
+        env=_clean_env(), timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
 

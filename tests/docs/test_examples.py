@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from traintel.schema import parse_line
 
@@ -101,14 +102,11 @@ def test_every_python_block_has_its_expectation() -> None:
 @pytest.mark.parametrize("block", sorted(EXPECTED))
 def test_python_block_runs(tmp_path: Path, block: str) -> None:
     expected = EXPECTED[block]
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-c", _blocks("python")[block]],
         cwd=tmp_path,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=180,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.children import child_env, run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.ranks.train_rank import batches, masked_mse, model
 from tests.helpers.servers import free_port
@@ -224,12 +225,9 @@ def test_torchrun_traintel_train_writes_one_json_stream_and_a_diagnostic_file_pe
         assert len(batches) == 2 * 16 and all(b["scale_ok"] for b in batches)
         assert sum(b["items"] for b in batches) == 2 * 500
         assert diag_rows[0]["run_id"] == start["run_id"]
-    report = subprocess.run(
+    report = run_child(
         [sys.executable, "-m", "traintel", "report", str(run_dir)],
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
     )
     assert report.returncode == 0, report.stderr
     assert "ranks: 2 of 2 (0, 1)" in report.stdout.splitlines()
@@ -377,11 +375,10 @@ def test_one_training_sample_trains_on_rank_0_while_rank_1_takes_part_with_empty
     ]
     assert rank1[-1]["status"] == "completed"
 
-    one = subprocess.run(
+    one = run_child(
         [sys.executable, "-m", "traintel", "train", *(a for p in params for a in ("--set", p)),
          "--set", f"run.dir={tmp_path / 'one'}", "--set", "sinks.prometheus.enabled=false"],
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        check=False,
+        tmp_path, child_env(), timeout=120,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
 

@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Any, Protocol
 
 import pytest
+
+from tests.helpers import warm
+from tests.helpers.warm import WarmPopen
 
 CHILD_TIMEOUT = 240
 """Seconds; a generous ceiling so a hung child fails its test instead of the whole session."""
@@ -46,29 +49,64 @@ def child_env(path: Path | None = None, extra: Mapping[str, str] | None = None) 
     return env
 
 
+Child = subprocess.Popen[Any] | WarmPopen
+"""A started child: a fresh interpreter's ``Popen``, or a child of the warm server."""
+
+
+def _python_args(argv: Sequence[str]) -> list[str]:
+    assert argv[0] == sys.executable, f"a child of the test interpreter, not {argv[0]!r}"
+    return list(argv[1:])
+
+
+def popen(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    text: bool = False,
+    fresh: bool = False,
+) -> Child:
+    """Start ``[sys.executable, -m MODULE | -c CODE, ...]`` (``-u`` allowed) like ``subprocess.Popen``,
+    forked from the warm server unless ``fresh`` (see ``tests.helpers.warm``). A test about the
+    interpreter's own start-up passes ``fresh=True``. ``env`` defaults to this process's."""
+    return warm.start(
+        _python_args(argv), Path.cwd() if cwd is None else cwd, os.environ if env is None else env,
+        stdin=stdin, stdout=stdout, stderr=stderr, text=text, fresh=fresh,
+    )  # fmt: skip
+
+
 def run_child(
-    argv: list[str], cwd: Path, env: dict[str, str] | None = None
+    argv: Sequence[str],
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    text: bool = True,
+    timeout: float = CHILD_TIMEOUT,
+    fresh: bool = False,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``argv`` (``[sys.executable, ...]``, as ``popen`` takes it) in ``cwd`` to its end, capturing
+    its output (text unless ``text=False``); the environment defaults to ``child_env(cwd)``."""
+    where = Path.cwd() if cwd is None else Path(cwd)
+    return warm.run(
+        _python_args(argv), where, child_env(None if cwd is None else where) if env is None else env,
+        text=text, timeout=timeout, fresh=fresh,
+    )  # fmt: skip
+
+
+def run_cli(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in ``cwd`` (default environment: ``child_env(cwd)``), capturing text output."""
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        env=child_env(cwd) if env is None else env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
-
-
-def run_cli(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m traintel ARGS`` in ``cwd`` with no inherited TRAINTEL__ variables."""
-    return run_child([sys.executable, "-m", "traintel", *args], cwd, child_env(cwd, env))
+    """``python -m traintel ARGS`` in ``cwd`` with no inherited TRAINTEL__ variables; ``fresh``: a
+    new interpreter instead of a child of the warm server."""
+    return run_child([sys.executable, "-m", "traintel", *args], cwd, child_env(cwd, env), fresh=fresh)
 
 
 def probe_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``traintel ARGS`` through ``PROBE`` in ``cwd``."""
-    return run_child([sys.executable, "-c", PROBE, *args], cwd)
+    """``traintel ARGS`` through ``PROBE`` in ``cwd``: a fresh interpreter, to see what it imports."""
+    return run_child([sys.executable, "-c", PROBE, *args], cwd, fresh=True)
 
 
 CRASH_MESSAGE = "loss exploded on micro-batch 7"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Child, child_env, popen, run_child
 from tests.helpers.paths import ROOT
 from traintel.run import checkpoint, layout
 
@@ -46,9 +46,9 @@ def traintel(args: list[str], cwd: Path, at: str | None = None) -> subprocess.Co
     extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if at is not None:
         extra["RESUME_TEST_AT"] = at
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "traintel", "train", *args],
-        cwd=cwd, env=child_env(extra=extra), capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False,
+        cwd=cwd, env=child_env(extra=extra), timeout=CHILD_TIMEOUT,
     )  # fmt: skip
 
 
@@ -90,12 +90,12 @@ def final_state(run_dir: Path) -> dict[str, Any]:
     return {k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")}
 
 
-def paused(tmp_path: Path, *, call: int, seconds: float) -> subprocess.Popen[str]:
+def paused(tmp_path: Path, *, call: int, seconds: float) -> Child:
     """A run (one process, no workers) in ``tmp_path/run`` whose ``call``-th training forward call
     pauses ``seconds``; returned once the pause has begun."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(0)))
     extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": f"sleep:{call}:{seconds}"}
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import generate_latest
 from traintel_csv_sink import CsvSink
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
@@ -35,13 +36,10 @@ def _cli(tmp_path: Path, *args: str, files: dict[str, str] | None = None) -> sub
         (tmp_path / name).write_text(textwrap.dedent(text))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["PYTHONPATH"] = str(tmp_path)
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "traintel", *args],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        check=False,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, Cli, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Cli, child_env, popen
 from tests.helpers.paths import ROOT
 from tests.helpers.resume import (
     EPOCHS,
@@ -188,7 +188,7 @@ def test_sigterm_on_the_built_in_task_ends_within_10_s_with_a_checkpoint(tmp_pat
     args = ["-c", str(ROOT / "configs" / "default.yaml"), "--set", f"run.dir={run_dir}",
             "--set", "trainer.max_epochs=100000", "--set", "sinks.prometheus.port=0",
             "--set", "checkpoint.every_epochs=1"]  # fmt: skip
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-m", "traintel", "train", *args],
         cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

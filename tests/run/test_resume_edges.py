@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, Cli, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Cli, child_env, popen
 from tests.helpers.paths import ROOT
 from tests.helpers.resume import config, lines, traintel
 from traintel.run import checkpoint, layout
@@ -35,7 +35,7 @@ def test_a_second_resume_of_a_running_directory_is_refused_and_a_killed_one_free
     cfg["trainer"]["max_epochs"] = 1
     run_dir = first_attempt(tmp_path, cfg)
     extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RESUME_TEST_AT": "sleep:3:600"}
-    running = subprocess.Popen(
+    running = popen(
         [sys.executable, "-m", "traintel", "train", "--resume", str(run_dir), "--set", "trainer.max_epochs=2"],
         cwd=tmp_path, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

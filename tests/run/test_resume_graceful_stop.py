@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Child, child_env, popen
 from tests.helpers.resume import (
     EPOCHS,
     ROOT,
@@ -57,11 +57,11 @@ def stop_config(*, plain: bool = False, delay: float = 0.0, every_steps: int | N
     return cfg
 
 
-def start(cwd: Path, cfg: dict[str, Any], at: str | None = None) -> subprocess.Popen[str]:
+def start(cwd: Path, cfg: dict[str, Any], at: str | None = None) -> Child:
     """``traintel train`` of ``cfg`` in ``cwd/run``, its streams piped."""
     (cwd / "config.yaml").write_text(yaml.safe_dump(cfg))
     extra = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **({"RESUME_TEST_AT": at} if at else {})}
-    return subprocess.Popen(
+    return popen(
         [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={cwd / 'run'}"],
         cwd=cwd, env=child_env(extra=extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

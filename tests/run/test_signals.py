@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.children import CHILD_TIMEOUT, CRASH_MESSAGE, write_crashing_task
+from tests.helpers.children import CHILD_TIMEOUT, CRASH_MESSAGE, Child, popen, write_crashing_task
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import wait_until
 
@@ -41,11 +41,11 @@ def assert_same_run_end(stdout_end: dict[str, Any], diag_end: dict[str, Any]) ->
     assert {k: diag_end[k] for k in RUN_END_KEYS} == {k: stdout_end[k] for k in RUN_END_KEYS}
 
 
-def _start(tmp_path: Path, *extra: str, pythonpath: str | None = None) -> subprocess.Popen[str]:
+def _start(tmp_path: Path, *extra: str, pythonpath: str | None = None) -> Child:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.Popen(
+    return popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
          "--set", f"run.dir={tmp_path / 'run'}", "--set", "sinks.prometheus.port=0", *extra],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -185,7 +185,7 @@ def make_task():
 """
 
 
-def _wait_for_the_end(proc: subprocess.Popen[str]) -> None:
+def _wait_for_the_end(proc: Child) -> None:
     """Wait for the process a signal was just sent to; it is killed, and the test fails, when it is
     still running 30 s later."""
     try:

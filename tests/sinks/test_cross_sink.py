@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.children import popen
 from tests.helpers.lines import strict_object
 from tests.helpers.paths import ROOT
 
@@ -30,7 +31,7 @@ def _exposition(text: str) -> dict[str, str]:
 def test_stdout_diagnostic_file_and_scrape_hold_identical_values(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    proc = subprocess.Popen(
+    proc = popen(
         [
             sys.executable, "-m", "traintel", "train",
             "--config", str(ROOT / "configs" / "default.yaml"),

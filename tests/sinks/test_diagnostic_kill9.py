@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.children import popen, run_child
 from tests.helpers.paths import ROOT
 from traintel.schema import validate_line
 
@@ -23,7 +24,7 @@ CONFIG = ROOT / "configs" / "default.yaml"
 def test_a_killed_run_leaves_whole_lines_and_a_readable_report(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={run_dir}",
          "--set", "trainer.max_epochs=100000", "--set", "sinks.prometheus.port=0"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -44,9 +45,9 @@ def test_a_killed_run_leaves_whole_lines_and_a_readable_report(tmp_path: Path) -
     assert events[0] == "run.start" and events.count("eval.epoch") >= 2
     assert "run.end" not in events
 
-    report = subprocess.run(
+    report = run_child(
         [sys.executable, "-m", "traintel", "report", str(run_dir)],
-        env=env, capture_output=True, text=True, check=False,
+        env=env,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "status: unfinished (no run.end record)" in report.stdout

@@ -8,14 +8,13 @@ raised) as JSON and the test reads the files.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.children import CHILD_TIMEOUT
+from tests.helpers.children import CHILD_TIMEOUT, run_child
 from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX only")
@@ -77,13 +76,10 @@ print(json.dumps(report))
 
 
 def _run_child(script: str, run_dir: Path) -> dict[str, Any]:
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-c", script, str(run_dir)],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=CHILD_TIMEOUT,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     report: dict[str, Any] = json.loads(proc.stdout)

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Child, child_env, popen
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import free_port, http_get
 from traintel.records import SinkErrorRecord
@@ -210,7 +210,7 @@ def _metrics(port: int) -> dict[tuple[str, str | None], float]:
     }
 
 
-def _start(tmp_path: Path, run_dir: Path, gates: Path, port: int) -> subprocess.Popen[str]:
+def _start(tmp_path: Path, run_dir: Path, gates: Path, port: int) -> Child:
     """The run: steps of 4 micro-batches, a checkpoint every 4 steps, pauses at forward calls 17
     (step 5) and 37 (step 10); stdout goes to ``tmp_path/stdout``."""
     config = {
@@ -224,7 +224,7 @@ def _start(tmp_path: Path, run_dir: Path, gates: Path, port: int) -> subprocess.
     }  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with open(tmp_path / "stdout", "wb") as stdout:
-        return subprocess.Popen(
+        return popen(
             [sys.executable, "-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"],
             cwd=tmp_path, env=child_env(extra={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}),
             stdout=stdout, stderr=subprocess.PIPE, text=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, child_env, run_child
 from tests.helpers.lines import strict_object
 from tests.helpers.paths import ROOT
 from traintel.sinks.json.capture import StdoutCapture, install, release
@@ -340,9 +340,7 @@ def train_task(tmp_path: Path, module: str, source: str) -> subprocess.Completed
            "--set", "sinks.prometheus.enabled=false", "--set", f"task.factory={module}:make_task",
            "--set", "task.params={}", "--set", "trainer.max_epochs=1"]  # fmt: skip
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
-    return subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
-    )
+    return run_child(cmd, tmp_path, env)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.children import CRASH_MESSAGE, write_crashing_task
+from tests.helpers.children import CRASH_MESSAGE, run_child, write_crashing_task
 from tests.helpers.paths import ROOT
 from traintel.schema import (
     ECS_SCHEMA_PATH,
@@ -221,11 +221,11 @@ def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[bytes
     write_crashing_task(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
          "--set", "sinks.prometheus.port=0", "--set", "sinks.json.format=json", "--set", "sinks.json.profile=ecs",
-         *overrides],
-        cwd=tmp_path, env=env, capture_output=True, timeout=300, check=False,
+         *overrides], text=False,
+        cwd=tmp_path, env=env, timeout=300,
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from types import MappingProxyType
 import orjson
 import pytest
 
+from tests.helpers.children import run_child
 from traintel.schema import validate_lines
 from traintel.sinks import JsonSink, LineRenderer
 from traintel.sinks.json.lines import escape_surrogates
@@ -65,11 +66,11 @@ def _train(
     (tmp_path / "nonutf8_tasks.py").write_text(textwrap.dedent(_TASKS), encoding="utf-8")
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     base["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "traintel", "train", "--set", f"run.dir={tmp_path / 'run'}",
          "--set", "sinks.prometheus.port=0", "--set", "sinks.json.format=json",
-         "--set", "trainer.max_epochs=1", *overrides],
-        cwd=tmp_path, env={**base, **(env or {})}, capture_output=True, timeout=120, check=False,
+         "--set", "trainer.max_epochs=1", *overrides], text=False,
+        cwd=tmp_path, env={**base, **(env or {})}, timeout=120,
     )  # fmt: skip
 
 

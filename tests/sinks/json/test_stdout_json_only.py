@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.children import run_child
 from tests.helpers.lines import strict_object
 from tests.helpers.paths import ROOT
 
@@ -78,11 +79,11 @@ def _run(tmp_path: Path, factory: str, *sets: str, **env_vars: str) -> subproces
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     env.update(env_vars)
     more = [arg for s in sets for arg in ("--set", s)]
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
          "--set", "trainer.max_epochs=1", "--set", "sinks.prometheus.port=0",
          "--set", f"task.factory=tasks:{factory}", "--set", "task.params={}", *more],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120,
+        cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.children import Child, popen
 from tests.helpers.lines import strict_object
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import wait_until
@@ -33,7 +34,7 @@ WINDOW_RECORDS = 1_000
 """The second RSS sample comes at least this long and this many records after the first."""
 
 
-def _train(tmp_path: Path, *sets: str) -> subprocess.Popen[bytes]:
+def _train(tmp_path: Path, *sets: str) -> Child:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["OMP_NUM_THREADS"] = "1"  # more steps per second on a shared machine
     args = [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
@@ -41,7 +42,7 @@ def _train(tmp_path: Path, *sets: str) -> subprocess.Popen[bytes]:
             "--set", "sinks.prometheus.port=0"]  # fmt: skip
     for s in sets:
         args += ["--set", s]
-    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _vm_rss(pid: int) -> int:

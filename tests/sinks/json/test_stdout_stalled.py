@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.children import popen
 from tests.helpers.paths import ROOT
 from traintel.run import checkpoint, layout
 
@@ -26,7 +27,7 @@ F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 def test_training_finishes_while_stdout_is_not_read(tmp_path: Path) -> None:
     epochs = 4
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
          "--set", f"run.dir={tmp_path / 'run'}", "--set", f"trainer.max_epochs={epochs}",
          "--set", "telemetry.every=1", "--set", "sinks.prometheus.port=0",
@@ -64,7 +65,7 @@ def test_checkpoints_do_not_wait_for_a_stdout_that_is_not_read(tmp_path: Path, d
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["OMP_NUM_THREADS"] = "1"
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG),
          "--set", f"run.dir={run_dir}", "--set", "trainer.max_epochs=2", "--set", "telemetry.every=1",
          "--set", "sinks.prometheus.enabled=false", "--set", f"sinks.diagnostic.enabled={str(diagnostic).lower()}",

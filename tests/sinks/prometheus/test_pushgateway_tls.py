@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import free_port, pushgateway_server
 from traintel.records import RunEndRecord
@@ -40,11 +41,11 @@ def _end() -> RunEndRecord:
 @pytest.mark.slow
 def test_final_values_are_pushed_to_a_real_pushgateway(tmp_path: Path) -> None:
     with pushgateway_server() as gateway_url:
-        run = subprocess.run(
+        run = run_child(
             [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
              "--set", "trainer.max_epochs=2", "--set", "sinks.prometheus.port=0",
              "--set", f"sinks.prometheus.pushgateway.url={gateway_url}"],
-            env=_env(), cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
+            env=_env(), cwd=tmp_path, timeout=120,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         records = [json.loads(line) for line in run.stdout.splitlines()]
@@ -123,11 +124,12 @@ def test_a_failed_push_is_a_sink_error_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_secrets_never_reach_config_show_or_the_logs(tmp_path: Path) -> None:
-    show = subprocess.run(
+    show = run_child(
         [sys.executable, "-m", "traintel", "config", "show", "--set", "sinks.prometheus.pushgateway.password=s3cret",
          "--set", "sinks.prometheus.pushgateway.username=ci"],
-        env=_env(), capture_output=True, text=True, check=True,
+        env=_env(),
     )  # fmt: skip
+    assert show.returncode == 0, show.stderr
     assert "s3cret" not in show.stdout
     assert "    password: '***'\n" in show.stdout and "    username: ci\n" in show.stdout
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.children import popen
 from tests.helpers.paths import ROOT
 from tests.helpers.servers import free_port, http_get, need_tool, prometheus_server, wait_until
 
@@ -41,7 +42,7 @@ def test_prometheus_stores_the_values_of_the_json_log(prometheus: tuple[str, int
     url, port = prometheus
     promtool = need_tool("promtool")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
-    run = subprocess.Popen(
+    run = popen(
         [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
          "--set", "trainer.max_epochs=3", "--set", f"sinks.prometheus.port={port}",
          "--set", "sinks.prometheus.linger_seconds=120"],
