@@ -8,9 +8,11 @@ generator in the main process, the worker's seed in a worker), dropout masks. Th
 - ``train:N`` / ``eval:N``: the N-th training (evaluation) forward call kills the process with SIGKILL;
 - ``sleep:N:S``: the N-th training forward call pauses S seconds;
 - ``fetch:N:S``: the N-th training sample read (in the main process) pauses S seconds;
-- ``evalsleep:N:S``: the N-th evaluation forward call pauses S seconds.
+- ``evalsleep:N:S``: the N-th evaluation forward call pauses S seconds;
+- ``evaluated:N:S``: ``EvaluatedPause``, a plug-in sink, pauses S seconds on epoch N's
+  ``eval.epoch`` record: the evaluation is done, the epoch's checkpoint not yet taken.
 
-A pause first writes ``sleeping at N`` (``fetching at N``, ``evaluating at N``) on stderr, so a
+A pause first writes ``sleeping at N`` (``fetching at N``, ``evaluating at N``, ``evaluated at N``) on stderr, so a
 test can wait for it and send a signal. The variable is not part of the config, so a resumed
 run's settings are the same. Under torchrun it acts only on the rank named by
 ``RESUME_TEST_RANK`` (every rank when unset) and only before torchrun's first restart.
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from traintel.records import EvalRecord, Record
 from traintel.task import Task
 
 
@@ -131,3 +134,20 @@ def make_task(
     val = DataLoader(NoisySet(48, seed + 1), batch_size=batch_size)
     train = Plain(loader) if plain else loader
     return Task(model=Switched(), loss_fn=torch.nn.functional.mse_loss, train_loader=train, val_loader=val)
+
+
+class EvaluatedPause:
+    """A plug-in sink (``sinks.extra``) for ``evaluated:N:S``."""
+
+    name = "evaluated-pause"
+
+    def open(self, context: object) -> None:
+        pass
+
+    def emit(self, record: Record) -> None:
+        kind, at, seconds = _switch()
+        if kind == "evaluated" and isinstance(record, EvalRecord) and record.epoch == at:
+            _pause("evaluated", at, seconds)
+
+    def close(self) -> None:
+        pass

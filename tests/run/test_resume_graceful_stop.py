@@ -201,6 +201,35 @@ def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_evaluates_that_
     assert same_tensors(final_state(run_dir), final) is True
 
 
+def test_sigterm_after_the_last_evaluation_stops_nothing_the_run_completes_with_0(
+    tmp_path: Path, references: dict[bool, Any]
+) -> None:
+    """The signal comes once epoch 3 is trained and evaluated, before its checkpoint: the run ends
+    completed with exit 0, its checkpoint and run.json say so, and resuming it asks for more epochs."""
+    cfg = stop_config()
+    cfg["sinks"]["extra"] = [{"factory": "tests.helpers.resume_task:EvaluatedPause"}]
+    code, stopped = sigterm_at(tmp_path, cfg, f"evaluated:{EPOCHS}:1.5", f"evaluated at {EPOCHS}")
+    assert code == 0
+    end = list(lines(stopped))[-1]
+    assert (end["event"], end["status"], end["reason"], end["step"]) == (
+        "run.end",
+        "completed",
+        "max_epochs",
+        STEPS,
+    )
+    expected, final = references[False]
+    assert losses(stopped) == expected
+    run_dir = tmp_path / "run"
+    assert same_tensors(final_state(run_dir), final) is True
+
+    resumed = traintel(["--resume", str(run_dir)], tmp_path)
+    assert (resumed.returncode, resumed.stderr) == (
+        2,
+        f"traintel: error: trainer.max_epochs: the checkpoint at step {STEPS} has {EPOCHS} epochs done, "
+        f"which reaches max_epochs {EPOCHS}; raise trainer.max_epochs to train on\n",
+    )
+
+
 ROUNDS = 4
 """SIGTERM moments per loader in the randomized test."""
 

@@ -167,7 +167,7 @@ def _train_run(args: argparse.Namespace, cfg: Config, *, owns_process: bool) -> 
     end = run.run(stop_signal=early_signal())
     if run.late_signal is not None and owns_process:
         note_signal(run.late_signal)  # the process leaves at once with its status (exit_on_signal)
-    if run.stop_signal is not None:
+    if run.stop_signal is not None and end.status != "completed":  # one after all was done stopped nothing
         return signal_exit(run.stop_signal)
     if end.status == "terminated" and end.reason == PEER_STOP_REASON:
         return EXIT_SIGTERM  # stopped with a signalled rank: as that rank, so a retry may continue

@@ -144,9 +144,21 @@ class Run:
                 reason = distributed.failure_reason(store, c.rank, c.world_size, reason)
                 distributed.record_failure(reason)  # for torchrun's summary of the failed workers
             return "failed", reason, raised
-        if self.trainer.should_terminate:
+        if self.trainer.should_terminate and not self._all_done():
             return "terminated", state.stop_reason or "terminate() called by a handler", None
         return "completed", "max_epochs", None
+
+    def _all_done(self) -> bool:
+        """Whether every epoch was trained and ended, its evaluation included. A stop that comes after
+        that (while the last checkpoint is taken, or the last records go out) stopped nothing: the
+        run completed, and a restarted ``run.resume: auto`` would find nothing left to do."""
+        st = self.trainer.state
+        evaluation = self.plan.evaluation
+        return (
+            st.epoch_length is not None
+            and st.iteration >= st.epoch_length * self.config.trainer.max_epochs
+            and (evaluation is None or evaluation.unfinished is None)
+        )
 
     def stop(self, reason: str) -> None:
         """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``.
