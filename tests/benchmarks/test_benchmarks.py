@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.children import run_child
 from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_distributed_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "benchmarks" / "distributed.py"), "--repeats", "2", "--batches", "24", "--epochs", "2",
            "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_child(cmd, tmp_path, env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["warmup_max_weight_diff"] == 0.0

@@ -552,6 +552,9 @@ def test_bad_input_exits_2_with_one_line(
 
 SMOKE = ("unknown-top-level-key-in-file", "factory-raises", "prometheus-port-in-use", "unknown-option")
 """The rows also run as ``python -m traintel`` in a child: the process's own exit status and streams."""
+FRESH_SMOKE = ("unknown-top-level-key-in-file", "unknown-option")
+"""The rows whose child is a fresh interpreter: refused before torch is imported, they cost little;
+the others fork from the warm one (``tests.helpers.warm``)."""
 
 
 @pytest.mark.slow
@@ -560,7 +563,7 @@ def test_bad_input_exits_2_with_one_line_in_a_child(
     tmp_path: Path, request: pytest.FixtureRequest, case: BadInput
 ) -> None:
     def run(cwd: Path, argv: Sequence[str], env: Mapping[str, str]) -> CompletedProcess[str]:
-        return run_cli(cwd, *argv, env=env, fresh=True)
+        return run_cli(cwd, *argv, env=env, fresh=request.node.callspec.id in FRESH_SMOKE)
 
     _check_bad_input(tmp_path, request, case, run)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.children import CHILD_TIMEOUT, CRASH_MESSAGE, child_env, write_crashing_task
+from tests.helpers.children import CHILD_TIMEOUT, CRASH_MESSAGE, Child, child_env, popen, write_crashing_task
 from tests.helpers.paths import ROOT
 from traintel.cli.torchrun import exit_status
 from traintel.run import checkpoint, layout
@@ -26,15 +26,13 @@ CONFIG = ROOT / "configs" / "default.yaml"
 LAUNCHERS = {"traintel": "traintel.cli.torchrun", "torch": "torch.distributed.run"}
 
 
-def _launch(tmp_path: Path, launcher: str, *overrides: str) -> subprocess.Popen[str]:
+def _launch(tmp_path: Path, launcher: str, *overrides: str) -> Child:
     """``python -m LAUNCHER --standalone --nproc-per-node=2 -m traintel train`` on the demo config."""
     cmd = [sys.executable, "-m", LAUNCHERS[launcher], "--standalone", "--nproc-per-node=2",
            "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
            "--set", "sinks.prometheus.port=0", *[a for o in overrides for a in ("--set", o)]]  # fmt: skip
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
-    return subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _records(out: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.children import child_env, run_child
+from tests.helpers.children import Child, child_env, popen, run_child
 from tests.helpers.paths import ROOT
 from tests.helpers.ranks.train_rank import batches, masked_mse, model
 from tests.helpers.servers import free_port
@@ -29,12 +29,12 @@ SCRIPT = RANKS / "train_rank.py"
 WORLD = 2
 
 
-def torchrun(spec: dict[str, Any], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def torchrun(spec: dict[str, Any], out: Path, *extra: str) -> subprocess.CompletedProcess[Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("TRAINTEL__")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            *extra, str(SCRIPT), json.dumps(spec), str(out)]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    return run_child(cmd, Path.cwd(), env, timeout=120)
 
 
 def reference(spec: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def two_nodes(spec: dict[str, Any], out: Path) -> None:
     env["OMP_NUM_THREADS"] = "1"
     port = free_port()
     procs = [
-        subprocess.Popen(
+        popen(
             [
                 sys.executable,
                 "-m",
@@ -173,7 +173,7 @@ DISTRIBUTED_TASKS = RANKS
 
 def traintel_under_torchrun(
     tmp_path: Path, *overrides: str, launcher: str = "torch.distributed.run"
-) -> subprocess.Popen[str]:
+) -> Child:
     """``python -m LAUNCHER --standalone --nproc-per-node=2 -m traintel train`` with ``--set`` each of
     ``overrides`` (``traintel.cli.torchrun`` exits with the workers' status, torch's own 1 on any failure)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
@@ -183,7 +183,7 @@ def traintel_under_torchrun(
         for o in (*overrides, f"run.dir={tmp_path / 'run'}", "sinks.prometheus.port=0")
         for arg in ("--set", o)
     ]
-    return subprocess.Popen(
+    return popen(
         [sys.executable, "-m", launcher, "--standalone", f"--nproc-per-node={WORLD}",
          "-m", "traintel", "train", *sets],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

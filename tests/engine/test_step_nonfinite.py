@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from tests.helpers.children import run_cli
+from tests.helpers.children import run_child, run_cli
 from tests.helpers.lines import strict_object
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
@@ -349,10 +348,10 @@ def _torchrun(tmp_path: Path, *overrides: str) -> tuple[list[dict[str, Any]], li
         )
         for arg in ("--set", o)
     ]
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "traintel",
          "train", *sets],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        tmp_path, env, timeout=120,
     )  # fmt: skip
     rank0 = [strict_object(line) for line in proc.stdout.splitlines()]
     rank1 = [

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.children import CHILD_TIMEOUT, Child, child_env, popen
 from tests.helpers.paths import ROOT
 from tests.helpers.resume import STEPS, config, lines, losses, same_tensors
 from tests.helpers.servers import wait_until
@@ -31,13 +31,13 @@ def world_config() -> dict[str, Any]:
     return cfg
 
 
-def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> Child:
     env = child_env(extra={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra or {})})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finished(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+def finished(proc: Child) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=CHILD_TIMEOUT)
     return proc.returncode, out, err
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env, run_child
+from tests.helpers.children import child_env, run_child
 from tests.helpers.lines import strict_object
 from tests.helpers.paths import ROOT
 from traintel.sinks.json.capture import StdoutCapture, install, release
@@ -238,9 +238,7 @@ def test_print_on_a_rank_above_0_becomes_a_log_line_on_its_stderr(tmp_path: Path
            "--set", "sinks.prometheus.port=0", "--set", "task.factory=printing:make_task",
            "--set", "task.params={}", "--set", "trainer.max_epochs=1"]  # fmt: skip
     env = child_env(tmp_path, {"OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
-    )
+    proc = run_child(cmd, tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [strict_object(line) for line in proc.stdout.splitlines()]  # every line of stdout is JSON
     assert [x["event"] for x in out if x.get("logger") == "stdout"] == ["first loss on rank 0"]

@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.children import popen
 from tests.helpers.dashboard import (
     MULTI,
     RULES,
@@ -279,7 +280,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
     files = [run_dir / "diagnostic.jsonl", run_dir / "diagnostic.rank1.jsonl"]
     stderr = tmp_path / "stderr.txt"
     with stderr.open("w") as err, prometheus_server(tmp_path, *ports, rule_files=[RULES]) as prometheus:
-        proc = subprocess.Popen(
+        proc = popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
              "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={run_dir}",
              "--set", f"sinks.prometheus.port={base}", "--set", "sinks.prometheus.per_rank=true",
