@@ -1,7 +1,7 @@
 """Child interpreters forked from a warm one: real processes, without paying for torch's import.
 
-A test that starts ``python -m traintel ...`` spends about 2.5 s of CPU importing torch, ignite and
-pydantic before traintel does anything, and the suite starts a few hundred of them. ``start`` asks a
+A test that starts ``python -m traintel ...`` spends about 3 s of CPU importing torch, Ignite, pydantic
+and traintel before training, and the suite starts a few hundred of them. ``start`` asks a
 server (``tests.helpers.warm_server``, one per test worker, started on first use) that has imported
 those modules once to fork the child instead. The child is still its own process with its own pid,
 file descriptors, signal handlers, environment and directory, and it ends the way an interpreter
