@@ -24,7 +24,8 @@ documented status whenever the signal comes.
 3. Running: ``handled`` calls back with the signal's name; the run decides what it means (finish
    the optimizer step and end, exit at once on a second signal, cut the exporter's linger short).
    The kernel gives a process's signal to another thread when the main thread already has one
-   pending, and a Python handler runs only in the main thread, once it runs Python code again: a
+   pending (a thread of another library: traintel's own block the stop signals, ``traintel.threads``),
+   and a Python handler runs only in the main thread, once it runs Python code again: a
    second signal that came while the main thread slept or waited in a system call would wait until
    that call returned. So the watcher thread is on here too, and wakes the main thread for each stop
    signal with ``SIGURG`` (whose handler does nothing): its call is interrupted and the pending
