@@ -53,7 +53,7 @@ def test_run_start_of_a_resumed_attempt_renders_and_validates() -> None:
     assert list(fields)[-2:] == ["resumed_from_step", "items_total"]
     line = LineRenderer()(None, record.level, LineRenderer.event_dict(record))
     assert line.endswith(
-        b'"schema_version":"1.2.0","rank":0,"world_size":1,"attempt":2,"name":"demo","run_dir":"runs/r1",'
+        b'"schema_version":"1.3.0","rank":0,"world_size":1,"attempt":2,"name":"demo","run_dir":"runs/r1",'
         b'"device":"cpu","config":{},"metrics_url":null,"backend":null,"restart_count":0,'
         b'"resumed_from_step":120,"items_total":1440}\n'
     )

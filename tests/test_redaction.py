@@ -482,12 +482,12 @@ def test_config_show_redacts_url_credentials(tmp_path: Path) -> None:
         ),
         pytest.param(
             ["trainer.precision=http://u:s3cret@h"], {},
-            "trainer.precision: must be one of 'fp32' or 'bf16' (got 'http://***@h')",
+            "trainer.precision: must be one of 'fp32', 'bf16' or 'fp16' (got 'http://***@h')",
             id="literal-echo",
         ),
         pytest.param(
             [], {"TRAINTEL__TRAINER__PRECISION": "http://u:s3cret@h"},
-            "trainer.precision: must be one of 'fp32' or 'bf16' (got 'http://***@h') "
+            "trainer.precision: must be one of 'fp32', 'bf16' or 'fp16' (got 'http://***@h') "
             "(set by TRAINTEL__TRAINER__PRECISION)",
             id="literal-echo-from-environment",
         ),

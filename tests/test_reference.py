@@ -91,7 +91,9 @@ def _settings(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, F
         models = [t for t in _flatten(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
         if get_origin(info.annotation) is list:
             yield key, info
-            yield from _settings(get_args(info.annotation)[0], f"{key}[]")
+            entry = get_args(info.annotation)[0]
+            if isinstance(entry, type) and issubclass(entry, BaseModel):
+                yield from _settings(entry, f"{key}[]")
         elif len(models) == 1:
             yield from _settings(models[0], key)
         else:
@@ -121,7 +123,7 @@ def test_the_config_page_lists_every_key_with_its_default() -> None:
     shown = sorted((row[0], row[2]) for row in rows)
     expected = sorted((f"`{key}`", _shown_default(info)) for key, info in _settings(Config))
     assert shown == expected
-    assert len(rows) == 66
+    assert len(rows) == 94
     by_key = {row[0]: row for row in rows}
     assert by_key["`run.seed`"] == [
         "`run.seed`", "integer", "`0`", ">= 0, <= 4294967295",
@@ -129,7 +131,8 @@ def test_the_config_page_lists_every_key_with_its_default() -> None:
     ]  # fmt: skip
     assert by_key["`trainer.scheduler`"] == [
         "`trainer.scheduler`", "mapping or null", "`null`",
-        "`name` one of `cosine`, `step`, `exponential`, `linear_warmup` (below)",
+        "`name` one of `cosine`, `step`, `exponential`, `linear_warmup`, `warmup_cosine`, `onecycle`, "
+        "`module:function` (below)",
         "Learning-rate scheduler, or null for a constant rate.",
     ]  # fmt: skip
     assert by_key["`sinks.json.queue_bytes`"][:4] == [
@@ -138,7 +141,7 @@ def test_the_config_page_lists_every_key_with_its_default() -> None:
         "`16777216`",
         ">= 65536, <= 1073741824",
     ]
-    assert by_key["`trainer.optimizer.name`"][3] == "one of `sgd`, `adamw`, `adam`"
+    assert by_key["`trainer.optimizer.name`"][4].startswith("A `torch.optim` optimizer (`adamw`, `sgd`")
     assert by_key["`sinks.prometheus.pushgateway.password`"][1] == "string (secret) or null"
     assert by_key["`sinks.extra[].name`"][3] == "matches `^[A-Za-z0-9_.-]+$`"
 
@@ -216,6 +219,16 @@ def test_the_records_page_lists_every_field_of_every_record_in_the_schema() -> N
     assert start["`attempt`"][2] == "yes, except on `1.0.0` and `1.1.0` lines"
     assert start["`backend`"][2] == "yes, except on `1.0.0` lines"
     assert start["`items_total`"][1:3] == ["integer, >= 0", "yes, except on `1.0.0` and `1.1.0` lines"]
+    step = {row[0]: row for row in tables["`train.step`"]}
+    assert step["`grad_scale`"][1:3] == [
+        "number or null",
+        "yes, except on `1.0.0`, `1.1.0` and `1.2.0` lines",
+    ]
+    evaluation = {row[0]: row for row in tables["`eval.epoch`"]}
+    assert evaluation["`split`"][1:3] == [
+        "string, length >= 1",
+        "yes, except on `1.0.0`, `1.1.0` and `1.2.0` lines",
+    ]
     batch = {row[0]: row for row in tables["`train.batch`"]}
     assert batch["`scale_ok`"][1:3] == ["boolean or null", "diagnostic file only"]
     assert batch["`level`"][1:3] == ["always `info`", "yes"]
@@ -231,7 +244,8 @@ def test_the_metrics_page_lists_the_exporter_s_families() -> None:
     assert [row[0] for row in own] == [
         "`traintel_run_info`", "`traintel_epoch`", "`traintel_optimizer_step`", "`traintel_batch_loss`",
         "`traintel_batch_raw_loss`", "`traintel_batch_loss_scale`", "`traintel_step_loss`",
-        "`traintel_learning_rate`", "`traintel_grad_norm`", "`traintel_step_timestamp_seconds`",
+        "`traintel_learning_rate`", "`traintel_grad_norm`", "`traintel_grad_scale`",
+        "`traintel_step_timestamp_seconds`",
         "`traintel_epoch_loss`", "`traintel_epoch_items_per_second`", "`traintel_eval_loss`",
         "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
         "`traintel_sink_errors_total`", "`traintel_sink_dropped_records_total`",

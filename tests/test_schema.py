@@ -21,7 +21,9 @@ Decisions the table pins down:
   carry neither;
 * ``attempt`` (integer >= 0), added in 1.2.0 right after ``world_size``, is required on every record
   line except a 1.0.0 or 1.1.0 one, and so are ``run.start``'s ``resumed_from_step`` (integer >= 0
-  or null) and ``items_total``: older lines still validate, and a routed log line carries none.
+  or null) and ``items_total``: older lines still validate, and a routed log line carries none;
+* ``train.step``'s ``grad_scale`` (number, or null without a gradient scaler: null by design) and
+  ``eval.epoch``'s ``split`` (string), added in 1.3.0, are required on a 1.3.0 line only.
 """
 
 from __future__ import annotations
@@ -67,9 +69,17 @@ SINCE_1_2 = {"attempt"}
 """Record fields required unless the line's schema_version is 1.0.0 or 1.1.0 (``$defs/record``)."""
 RUN_START_SINCE_1_2 = {"resumed_from_step", "items_total"}
 """run.start's fields added in 1.2.0 (required from 1.2.0 on, absent from older lines)."""
+SINCE_1_3 = {"train.step": "grad_scale", "eval.epoch": "split"}
+"""The field each event gained in 1.3.0 (required from 1.3.0 on, absent from older lines)."""
 _BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
 _BEFORE_1_2 = {
     "if": {"properties": {"schema_version": {"enum": ["1.0.0", "1.1.0"]}}, "required": ["schema_version"]}
+}
+_BEFORE_1_3 = {
+    "if": {
+        "properties": {"schema_version": {"enum": ["1.0.0", "1.1.0", "1.2.0"]}},
+        "required": ["schema_version"],
+    }
 }
 _CHILD_TIMEOUT = 240
 
@@ -96,8 +106,8 @@ def test_schema_is_a_valid_draft_2020_12_schema_of_this_version() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA_PATH.is_file() and SCHEMA_PATH.parent.name == "schemas"
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", SCHEMA_VERSION]
-    assert SCHEMA_VERSION == "1.2.0"
+    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", "1.2.0", SCHEMA_VERSION]
+    assert SCHEMA_VERSION == "1.3.0"
     assert set(RECORD_EVENTS) <= set(schema["$defs"]), "every record event has a definition"
     assert load_schema() is not load_schema(), "callers get their own copy"
 
@@ -154,6 +164,10 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     since = SINCE_1_1 | SINCE_1_2
     if cls.event == "run.start":
         since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2
+    if cls.event in SINCE_1_3:
+        since.add(SINCE_1_3[cls.event])
+        assert names[-1] == SINCE_1_3[cls.event], "a field added in a minor version comes last"
+        assert definition["allOf"][0] == {**_BEFORE_1_3, "else": {"required": [SINCE_1_3[cls.event]]}}
     assert set(definition["required"]) == ENVELOPE | set(names) - since
     if cls.event == "run.start":
         assert definition["allOf"] == [
@@ -245,19 +259,20 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
 
 TS = "2025-11-24T16:00:00.250000Z"
 _HEAD = {"timestamp": TS, "level": "info"}
-_RUN = {"run_id": "r1", "schema_version": "1.2.0", "rank": 0, "world_size": 1, "attempt": 0}
+_RUN = {"run_id": "r1", "schema_version": "1.3.0", "rank": 0, "world_size": 1, "attempt": 0}
 VALID: dict[str, dict[str, Any]] = {
     "train.batch": {**_HEAD, "event": "train.batch", **_RUN, "epoch": 1, "batch": 2, "batches": 10,
                     "step": 0, "items": 4, "raw_loss": 0.75, "loss": 0.25, "loss_scale": 0.3333333333333333,
                     "window_size": 3},
     "train.step": {**_HEAD, "event": "train.step", **_RUN, "epoch": 1, "step": 1, "items": 12,
                    "items_total": 12, "window_size": 3, "loss": 0.7, "lr": 0.001, "grad_norm": None,
-                   "skipped": False},
+                   "skipped": False, "grad_scale": None},
     "train.epoch": {**_HEAD, "event": "train.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.86,
                     "items": 1000, "batches": 32, "duration_seconds": 0.037, "items_per_second": 26692.7,
                     "items_total": 1000, "steps": 11},
     "eval.epoch": {**_HEAD, "event": "eval.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.52,
-                   "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5},
+                   "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5,
+                   "split": "val"},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
                   "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0,
                   "resumed_from_step": None, "items_total": 0},
@@ -272,6 +287,8 @@ DIAG_EXTRAS = {"expected_loss_scale": 0.3333333333333333, "observed_loss_scale":
                "rss_bytes": 353501184}  # fmt: skip
 DROP = object()
 """In ``Case.changes``: remove the key."""
+NOT_YET = {"grad_scale": DROP, "split": DROP}
+"""In ``Case.changes``: remove the fields added in 1.3.0, as a line of an older version has none."""
 
 
 @dataclass(frozen=True)
@@ -320,14 +337,40 @@ CASES = [
     Case("missing-required-field", "train.step", {"items": DROP}, "'items' is a required property"),
     Case("missing-schema-version", "run.end", {"schema_version": DROP}, "'schema_version' is a required"),
     Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"},
-         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0']"),
-    Case("future-minor-version", "train.step", {"schema_version": "1.3.0"},
-         "train.step $.schema_version: '1.3.0' is not one of ['1.0.0', '1.1.0', '1.2.0']"),
+         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0']"),
+    Case("future-minor-version", "train.step", {"schema_version": "1.4.0"},
+         "train.step $.schema_version: '1.4.0' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0']"),
     *(Case(f"version-1.0.0-without-rank-{event}", event,
-           {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP, "attempt": DROP})
+           {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP, "attempt": DROP, **NOT_YET})
       for event in RECORD_EVENTS),
-    *(Case(f"version-1.1.0-without-attempt-{event}", event, {"schema_version": "1.1.0", "attempt": DROP})
+    *(Case(f"version-1.1.0-without-attempt-{event}", event,
+           {"schema_version": "1.1.0", "attempt": DROP, **NOT_YET})
       for event in RECORD_EVENTS if event != "run.start"),
+    *(Case(f"version-1.2.0-without-1.3.0-fields-{event}", event, {"schema_version": "1.2.0", **NOT_YET})
+      for event in RECORD_EVENTS),
+    Case("version-1.2.0-step-without-grad-scale", "train.step", {"schema_version": "1.2.0", "grad_scale": DROP}),
+    Case("version-1.2.0-eval-without-split", "eval.epoch", {"schema_version": "1.2.0", "split": DROP}),
+    Case("version-1.2.0-may-carry-grad-scale", "train.step", {"schema_version": "1.2.0", "grad_scale": 1024.0}),
+    Case("version-1.2.0-grad-scale-still-typed", "train.step", {"schema_version": "1.2.0", "grad_scale": "1024"},
+         "train.step $.grad_scale: '1024' is not of type 'number', 'null'"),
+    Case("version-1.2.0-split-still-typed", "eval.epoch", {"schema_version": "1.2.0", "split": None},
+         "eval.epoch $.split: None is not of type 'string'"),
+    Case("missing-grad-scale", "train.step", {"grad_scale": DROP},
+         "train.step $: 'grad_scale' is a required property"),
+    Case("missing-split", "eval.epoch", {"split": DROP}, "eval.epoch $: 'split' is a required property"),
+    Case("grad-scale-of-fp16", "train.step", {"grad_scale": 65536.0}),
+    Case("grad-scale-an-integer", "train.step", {"grad_scale": 65536}),
+    Case("grad-scale-a-string", "train.step", {"grad_scale": "65536.0"},
+         "train.step $.grad_scale: '65536.0' is not of type 'number', 'null'"),
+    Case("grad-scale-a-bool", "train.step", {"grad_scale": True},
+         "train.step $.grad_scale: True is not of type 'number', 'null'"),
+    Case("grad-scale-nonfinite-names-a-number", "train.step",
+         {"grad_scale": 1024.0, "nonfinite": {"grad_scale": "inf"}}, "train.step $.grad_scale: None was expected"),
+    Case("split-of-another-loader", "eval.epoch", {"split": "test"}),
+    Case("split-a-number", "eval.epoch", {"split": 1}, "eval.epoch $.split: 1 is not of type 'string'"),
+    Case("split-empty", "eval.epoch", {"split": ""}, "eval.epoch $.split: '' should be non-empty"),
+    Case("split-on-a-step", "train.step", {"split": "val"}, "('split' was unexpected)"),
+    Case("grad-scale-on-an-eval", "eval.epoch", {"grad_scale": None}, "('grad_scale' was unexpected)"),
     Case("version-1.1.0-run-start-without-1.2.0-fields", "run.start",
          {"schema_version": "1.1.0", "attempt": DROP, "resumed_from_step": DROP, "items_total": DROP}),
     Case("version-1.1.0-still-needs-rank", "train.step", {"schema_version": "1.1.0", "rank": DROP},

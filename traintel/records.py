@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = "1.2.0"
+SCHEMA_VERSION = "1.3.0"
 """Semantic version of the record fields; a field's meaning or type never changes within a major.
 
 1.1.0 added ``rank`` and ``world_size`` to every record (a 1.0.0 line has neither and comes
 from rank 0 of a one-process job). 1.2.0 added ``attempt`` to every record (an older line has
 none and comes from a run's first attempt) and ``resumed_from_step`` and ``items_total`` to
-``run.start``, for runs resumed from a checkpoint."""
+``run.start``, for runs resumed from a checkpoint. 1.3.0 added ``grad_scale`` to ``train.step``
+(an older line has none: no gradient scaler) and ``split`` to ``eval.epoch`` (an older line has
+none: the task's ``val_loader``, ``val``)."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -147,8 +149,12 @@ class StepRecord(Record):
     grad_norm: float | None
     """Global gradient norm before clipping, when clipping or reporting is on."""
     skipped: bool
-    """True when no optimizer step was taken: the window held no items (N_t = 0: no backward), or its
-    loss was not finite under ``trainer.on_nonfinite=skip_step``."""
+    """True when no optimizer step was taken: the window held no items (N_t = 0: no backward), its
+    loss was not finite under ``trainer.on_nonfinite=skip_step``, or its gradients overflowed under
+    ``trainer.precision=fp16``."""
+    grad_scale: float | None = None
+    """The gradient scaler's factor this step's backward ran with under ``trainer.precision: fp16``
+    (``loss`` never includes it); None without a scaler."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,9 +186,12 @@ class EpochRecord(PassRecord):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvalRecord(PassRecord):
-    """``eval.epoch``: one pass over the validation loader."""
+    """``eval.epoch``: one pass over a validation loader."""
 
     event: ClassVar[str] = "eval.epoch"
+
+    split: str = "val"
+    """The name of the validation loader the pass was over (``val`` for the task's ``val_loader``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,7 +226,8 @@ class RunEndRecord(Record):
     status: str
     """``completed``, ``terminated`` or ``failed``."""
     reason: str
-    """Why: ``max_epochs``, the terminating handler or signal, or the exception's one-line summary."""
+    """Why: ``max_epochs``, ``stopped by EarlyStopping (patience N)`` or ``stopped by a handler``
+    (completed), the signal (terminated), or the exception's one-line summary (failed)."""
     epoch: int
     step: int
     items_total: int

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Discriminator, SecretStr
 from pydantic.fields import FieldInfo
 
 from traintel.errors import EXIT_STATUSES
@@ -141,7 +141,15 @@ def _discriminator(info: FieldInfo) -> str | None:
     for item in _metadata(info):
         if isinstance(item, FieldInfo) and isinstance(item.discriminator, str):
             return item.discriminator
+        if isinstance(item, Discriminator):  # a function of the value: traintel's unions go by name
+            return "name"
     return info.discriminator if isinstance(info.discriminator, str) else None
+
+
+def _names(model: type[BaseModel], key: str) -> list[str]:
+    """The values of ``key`` that select ``model`` in a union: its choices, or ``module:function``
+    for a model whose ``key`` is free text (a factory)."""
+    return [_literal(c) for c in _choices(model.model_fields[key].annotation)] or ["`module:function`"]
 
 
 def _allowed(info: FieldInfo) -> str:
@@ -154,10 +162,8 @@ def _allowed(info: FieldInfo) -> str:
         parts.append("one of " + ", ".join(_literal(choice) for choice in choices))
     key = _discriminator(info)
     if key is not None:
-        names = [
-            c for model in _models(info.annotation) for c in _choices(model.model_fields[key].annotation)
-        ]
-        parts.append(f"`{key}` one of " + ", ".join(_literal(name) for name in names) + " (below)")
+        names = [name for model in _models(info.annotation) for name in _names(model, key)]
+        parts.append(f"`{key}` one of " + ", ".join(names) + " (below)")
     # annotated_types' Ge, Gt, ..., MinLen and pydantic's pattern and allow_inf_nan, by their attribute
     signs = {
         "ge": ">=",
@@ -216,7 +222,7 @@ def _section_lines(
         elif models:
             key_name = _discriminator(info) or "name"
             for member in models:
-                value = ", ".join(_literal(c) for c in _choices(member.model_fields[key_name].annotation))
+                value = ", ".join(_names(member, key_name))
                 title = f"`{field_key}` with `{key_name}: {value.strip('`')}`"
                 subsections += _section_lines(member, field_key, title, [member.__doc__], level + 1)
     if rows:
@@ -327,7 +333,9 @@ def _record_lines(schema: Mapping[str, Any], event: str, *, is_record: bool) -> 
         if name in required:
             need = "yes"
         elif name in older:
-            need = "yes, except on " + " and ".join(f"`{v}`" for v in older[name]) + " lines"
+            versions = [f"`{v}`" for v in older[name]]
+            listed = " and ".join([", ".join(versions[:-1]), versions[-1]] if len(versions) > 1 else versions)
+            need = f"yes, except on {listed} lines"
         elif name in diagnostic_only:
             need = "diagnostic file only"
         else:
@@ -401,7 +409,8 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
             config={},
             metrics_url=sink.url,
         )
-        records = [start, batch_record(), step_record(grad_norm=0.5), epoch_record(), eval_record()]
+        step = step_record(grad_norm=0.5, grad_scale=65536.0)
+        records = [start, batch_record(), step, epoch_record(), eval_record()]
         sink.emit_many([*records, end_record()])
         families = list(sink.registry.collect())
         pushed = {family.name for collector in sink.pushed for family in collector.collect()}
@@ -443,9 +452,9 @@ def metrics_page() -> str:
         "",
         "Generated from a real exporter (`traintel.sinks.prometheus`) that has received one record of "
         "each kind. A family appears once a record carrying its value has arrived; a value that is "
-        "null in its record (`grad_norm` without clipping or `trainer.report_grad_norm`, a non-finite "
-        "loss) leaves its gauge out. *pushed*: also sent to the Pushgateway at run end "
-        "(`sinks.prometheus.pushgateway.url`).",
+        "null in its record (`grad_norm` without clipping or `trainer.report_grad_norm`, `grad_scale` "
+        "without `trainer.precision: fp16`, a non-finite loss) leaves its gauge out. *pushed*: also "
+        "sent to the Pushgateway at run end (`sinks.prometheus.pushgateway.url`).",
         "",
         "With `sinks.prometheus.per_rank: true` every family also carries "
         + ", ".join(f"`{label}`" for label in added)

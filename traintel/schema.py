@@ -8,20 +8,23 @@ third-party log messages routed onto stdout). ``train.batch`` allows the diagnos
 extras as optional properties (listed in its ``x-diagnostic-only`` annotation); stdout lines
 never carry them.
 
-Versions: the schema accepts record lines of ``schema_version`` 1.0.0, 1.1.0 and 1.2.0 (this
-version, ``traintel.records.SCHEMA_VERSION``). 1.1.0 added ``rank`` (integer >= 0) and
+Versions: the schema accepts record lines of ``schema_version`` 1.0.0, 1.1.0, 1.2.0 and 1.3.0
+(this version, ``traintel.records.SCHEMA_VERSION``). 1.1.0 added ``rank`` (integer >= 0) and
 ``world_size`` (integer >= 1) to every record, right after ``schema_version``: they are
 required on a record line unless it says 1.0.0, so files written by traintel 1.0.0 still
 validate (such a line comes from rank 0 of a one-process job). 1.2.0 added ``attempt``
 (integer >= 0, right after ``world_size``) to every record, required unless the line says
 1.0.0 or 1.1.0 (such a line comes from a run's first attempt), and ``resumed_from_step``
-(integer or null) and ``items_total`` to ``run.start``, required there on the same terms.
-Routed log lines carry none of these. A later minor version is rejected here, as its new
-fields would be anyway.
+(integer or null) and ``items_total`` to ``run.start``, required there on the same terms. 1.3.0
+added ``grad_scale`` (number or null, the gradient scaler's factor under fp16) to ``train.step``,
+after ``skipped``, and ``split`` (string, the validation loader's name: ``val``) to ``eval.epoch``,
+after ``items_per_second``, each required unless the line says 1.0.0, 1.1.0 or 1.2.0 (such a line
+comes from a run without a scaler, and from the task's ``val_loader``). Routed log lines carry none
+of these. A later minor version is rejected here, as its new fields would be anyway.
 
 A float field is a number, or null when its value was not finite, and then ``nonfinite``
 names it (``{"loss": "nan"}``); null without that entry is invalid, except for the fields
-that are null by design (``grad_norm``, ``observed_loss_scale``).
+that are null by design (``grad_norm``, ``grad_scale``, ``observed_loss_scale``).
 
 The ``ecs`` profile (``sinks.json.profile: ecs``, stdout only) has its own schema,
 ``traintel/schemas/records-ecs.schema.json``: the same definitions with Elastic Common Schema

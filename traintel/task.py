@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from traintel.errors import ConfigError, one_line
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Task:
     """What a factory returns (any object with these attributes will do).
 
-    ``loss_fn(output, target)`` must return the mean loss over the batch's items.
-    Batches are ``(inputs, targets)`` unless ``prepare(batch, device)`` is given;
-    ``count_items(batch)`` returns n_b (default: the batch size).
+    The loss is ``loss_fn(output, target)`` on the model's output, or ``forward_loss(model,
+    batch)`` for a model that computes its own; either must return the mean loss over the batch's
+    items. Batches are ``(inputs, targets)`` unless ``prepare(batch, device)`` is given;
+    ``count_items(batch)`` returns n_b (default: the batch size). ``optimizer`` and ``scheduler``
+    (objects, or callables that make them) replace ``trainer.optimizer`` and ``trainer.scheduler``.
     """
 
     model: Any
-    loss_fn: Callable[[Any, Any], Any]
+    """The ``torch.nn.Module``, or a zero-argument callable returning one (a model factory), which
+    ``build`` calls after seeding torch with ``run.seed``, so that the seed decides its initial weights."""
     train_loader: Iterable[Any]
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    forward_loss: Callable[[Any, Any], Any] | None = None
     val_loader: Iterable[Any] | None = None
+    """The validation data, evaluated as the split ``val``."""
+    val_loaders: Mapping[str, Iterable[Any]] | None = None
+    """Several named validation loaders instead (``{"val": ..., "test": ...}``), evaluated in this
+    order, each giving its own ``eval.epoch`` record with its name as ``split``."""
     count_items: Callable[[Any], int] | None = None
-    prepare: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    prepare: Callable[[Any, Any], Any] | None = None
+    optimizer: Any = None
+    """A ``torch.optim.Optimizer`` over the model's parameters, or a callable taking the model (on
+    its device) and returning one."""
+    scheduler: Any = None
+    """A learning-rate scheduler stepped once per optimizer step, or a callable taking the optimizer
+    and returning one."""
 
 
 def import_factory(spec: str, key: str = "task.factory") -> Callable[..., Any]:
@@ -48,17 +67,21 @@ def import_factory(spec: str, key: str = "task.factory") -> Callable[..., Any]:
 
 
 def check_task(task: Any, origin: str = "task") -> Task:
-    """Check the task contract and return it as a Task."""
-    import torch
-
-    missing = [a for a in ("model", "loss_fn", "train_loader") if getattr(task, a, None) is None]
+    """Check the task contract and return it as a Task, its model made (a model factory is called
+    here, after ``load_task`` seeded torch)."""
+    missing = [a for a in ("model", "train_loader") if getattr(task, a, None) is None]
+    loss_fn, forward_loss = getattr(task, "loss_fn", None), getattr(task, "forward_loss", None)
+    if loss_fn is None and forward_loss is None:
+        missing.append("loss_fn")
     if missing:
         raise ConfigError(
-            origin, f"the task has no {', '.join(missing)}; a task needs model, loss_fn, train_loader"
+            origin,
+            f"the task has no {', '.join(missing)}; a task needs model, train_loader, and loss_fn "
+            "or forward_loss",
         )
-    if not isinstance(task.model, torch.nn.Module):
-        raise ConfigError(origin, f"task.model must be a torch.nn.Module, got {type(task.model).__name__}")
-    for attr in ("loss_fn", "count_items", "prepare"):
+    if loss_fn is not None and forward_loss is not None:
+        raise ConfigError(origin, "the task gives both loss_fn and forward_loss; give one")
+    for attr in ("loss_fn", "forward_loss", "count_items", "prepare"):
         value = getattr(task, attr, None)
         if value is not None and not callable(value):
             raise ConfigError(origin, f"task.{attr} must be callable, got {type(value).__name__}")
@@ -66,14 +89,69 @@ def check_task(task: Any, origin: str = "task") -> Task:
         value = getattr(task, attr, None)
         if value is not None and not hasattr(value, "__iter__"):
             raise ConfigError(origin, f"task.{attr} must be iterable, got {type(value).__name__}")
+    splits = _splits(task, origin)
     return Task(
-        model=task.model,
-        loss_fn=task.loss_fn,
+        model=_model(task.model, origin),
         train_loader=task.train_loader,
+        loss_fn=loss_fn,
+        forward_loss=forward_loss,
         val_loader=getattr(task, "val_loader", None),
+        val_loaders=splits,
         count_items=getattr(task, "count_items", None),
         prepare=getattr(task, "prepare", None),
+        optimizer=getattr(task, "optimizer", None),
+        scheduler=getattr(task, "scheduler", None),
     )
+
+
+def _splits(task: Any, origin: str) -> dict[str, Iterable[Any]]:
+    """The task's validation loaders by split name: ``val_loaders``, or ``val_loader`` as ``val``
+    (not both); each name a short word (it is a label in every sink) and each loader iterable."""
+    one, named = getattr(task, "val_loader", None), getattr(task, "val_loaders", None)
+    if one is not None and named is not None:
+        raise ConfigError(origin, "the task gives both val_loader and val_loaders; give one")
+    if named is None:
+        return {} if one is None else {"val": one}
+    if not isinstance(named, Mapping):
+        raise ConfigError(
+            origin, f"task.val_loaders must be a mapping of names to loaders, got {type(named).__name__}"
+        )
+    for name, loader in named.items():
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)):
+            raise ConfigError(
+                origin,
+                f"task.val_loaders: the split name {name!r} must be 1-64 letters, digits, '_', '.' or '-'",
+            )
+        if not hasattr(loader, "__iter__"):
+            raise ConfigError(
+                origin, f"task.val_loaders[{name!r}] must be iterable, got {type(loader).__name__}"
+            )
+    return dict(named)
+
+
+def _model(model: Any, origin: str) -> torch.nn.Module:
+    """``task.model``, or what the model factory it is returns; anything else is a ConfigError."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return model
+    if not callable(model):
+        raise ConfigError(
+            origin,
+            f"task.model must be a torch.nn.Module or a zero-argument callable returning one, got "
+            f"{type(model).__name__}",
+        )
+    try:
+        made = model()
+    except ConfigError:
+        raise
+    except SystemExit as exc:
+        raise ConfigError(origin, f"task.model() called sys.exit({exc.code!r})") from None
+    except Exception as exc:
+        raise ConfigError(origin, f"task.model() raised {one_line(exc)}") from None
+    if not isinstance(made, torch.nn.Module):
+        raise ConfigError(origin, f"task.model() must return a torch.nn.Module, got {type(made).__name__}")
+    return made
 
 
 def make_task(factory: str, params: Mapping[str, Any]) -> Task:

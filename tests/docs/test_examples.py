@@ -73,6 +73,8 @@ EXPECTED = {
         files=["checkpoints/model_4.pt", "runs/linear/config.yaml", "runs/linear/diagnostic.jsonl"],
     ),
     "docs/guides/own-model.md#1": Expected(tail=["[(1, 104), (2, 96)]"]),
+    "docs/guides/own-model.md#2": Expected(tail=["[(1, 21), (2, 29)]"]),
+    "docs/guides/own-model.md#3": Expected(tail=["[0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01]"]),
     "docs/guides/writing-a-sink.md#0": Expected(tail=["[6, 6]"], files=["steps1.csv", "steps2.csv"]),
 }
 
@@ -141,7 +143,7 @@ def test_the_task_factory_example_trains(tmp_path: Path) -> None:
     assert end == {
         "level": "info",
         "event": "run.end",
-        "schema_version": "1.2.0",
+        "schema_version": "1.3.0",
         "rank": 0,
         "world_size": 1,
         "attempt": 0,

@@ -46,11 +46,22 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
     windows = [[s[i : i + k] for i in range(0, len(s), k)] for s in shards]
     steps = max(len(w) for w in windows)
     net = model()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    grads, losses, epochs = [], [], []
+    if "optimizer" in spec:  # AdamW with weight decay, none on the biases (the spec's no_decay)
+        biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+        others = [p for n, p in net.named_parameters() if not n.endswith("bias")]
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            [{"params": others}, {"params": biases, "weight_decay": 0.0}], lr=0.01, weight_decay=0.1
+        )
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    grads, losses, epochs, epoch_items, evals = [], [], [], [], []
+    every = spec.get("eval_every_steps")
+    limit = spec.get("max_steps")  # the run ends after this many optimizer steps, mid-epoch if need be
     for _ in range(spec.get("epochs", 1)):
         total_loss, total_items = 0.0, 0
         for t in range(steps):
+            if len(losses) == limit:
+                break
             union = [b for w in windows if t < len(w) for b in w[t]]
             n_total = sum(int(m.sum()) for _, _, m in union)
             step_loss = 0.0
@@ -67,14 +78,43 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
                 losses.append(step_loss)
                 opt.step()
                 opt.zero_grad()
+                if every and len(losses) % every == 0:  # all the batches, both ranks' shards
+                    with torch.no_grad():
+                        summed = sum(
+                            float(masked_mse(net(x), (y, m))) * int(m.sum()) for x, y, m in data if m.any()
+                        )
+                    evals.append((len(losses), summed / sum(int(m.sum()) for _, _, m in data)))
         epochs.append(total_loss / total_items)
-    return {"grads": grads, "losses": losses, "epochs": epochs, "params": list(net.parameters())}
+        epoch_items.append(total_items)
+        if len(losses) == limit:
+            break
+    return {
+        "grads": grads,
+        "losses": losses,
+        "epochs": epochs,
+        "epoch_items": epoch_items,
+        "evals": evals,
+        "params": list(net.parameters()),
+    }
 
 
 CASES = {
     "k1-uneven-shards": {"sizes": [4, 3, 5, 2, 4, 1, 3], "k": 1},
     "k2-masked-items": {"sizes": [4, 3, 5, 2, 4, 1, 3], "kept": [4, 0, 5, 2, 1, 1, 0], "k": 2},
     "k3-two-epochs": {"sizes": [5, 2, 4, 3, 1, 6, 2, 2, 3, 4, 1], "k": 3, "epochs": 2},
+    "k2-forward-loss": {
+        "sizes": [4, 3, 5, 2, 4, 1, 3],
+        "kept": [4, 0, 5, 2, 1, 1, 0],
+        "k": 2,
+        "forward_loss": True,
+    },
+    "k2-max-steps-mid-epoch": {"sizes": [4, 3, 5, 2, 4, 1, 3, 2, 5], "k": 2, "epochs": 3, "max_steps": 7},
+    "k1-eval-every-steps": {"sizes": [4, 3, 5, 2, 4, 1, 3], "k": 1, "epochs": 2, "eval_every_steps": 3},
+    "k2-no-decay-groups": {
+        "sizes": [4, 3, 5, 2, 4, 1, 3],
+        "k": 2,
+        "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "no_decay": {"names": ["*bias"]}},
+    },
 }
 
 
@@ -123,8 +163,10 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     ref = reference(spec)
 
+    given = ["DistributedDataParallel"] if spec.get("forward_loss") else []  # forward_loss's model
     for rank in ranks:  # every rank ends with the reference's parameters and took its gradients
         assert rank["status"] == "completed"
+        assert rank["forward_loss_models"] == given
         assert len(rank["grads"]) == len(ref["grads"])
         for got, want in zip(rank["grads"], ref["grads"], strict=True):
             for g, w in zip(got, want, strict=True):
@@ -141,8 +183,15 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
     assert [s["loss"] for s in stepped] == pytest.approx(ref["losses"], rel=1e-12)
     epochs = [r for r in records[0] if r["event"] == "train.epoch"]
     assert [e["loss"] for e in epochs] == pytest.approx(ref["epochs"], rel=1e-12)
-    data = batches(spec)
-    assert [e["items"] for e in epochs] == [sum(int(m.sum()) for _, _, m in data)] * len(epochs)
+    assert [e["items"] for e in epochs] == ref["epoch_items"]
+    evals = [(r["step"], r["loss"]) for r in records[0] if r["event"] == "eval.epoch"]
+    assert [s for s, _ in evals] == [s for s, _ in ref["evals"]]
+    assert [v for _, v in evals] == pytest.approx([v for _, v in ref["evals"]], rel=1e-12)
+    (end,) = [r for r in records[0] if r["event"] == "run.end"]
+    assert (end["reason"], end["step"]) == (
+        "max_steps" if "max_steps" in spec else "max_epochs",
+        len(ref["losses"]),
+    )
     assert {(r["rank"], r["world_size"]) for r in records[1]} == {(1, WORLD)}
 
     # the ranks' batch losses of a window sum to the step loss; each is its exact share
@@ -157,14 +206,16 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
             assert b["loss_scale"] == (b["items"] / step["items"] if b["items"] else 0.0)
             assert b["diagnostics"]["scale_ok"] in (True, None)
 
-    # one gradient reduction per optimizer step; besides it, one agreement per step and one
-    # telemetry collective per delivery (plus the epoch-length agreement at start)
+    # one gradient reduction per optimizer step; besides it, one agreement per step, one telemetry
+    # collective per delivery and one per evaluation (plus the epoch-length agreement at start)
     stepped_so_far = [sum(not s["skipped"] for s in steps[0][: i + 1]) for i in range(len(steps[0]))]
     for rank in ranks:
         c = rank["counts"]
         assert rank["hooks_per_step"] == stepped_so_far
         assert c["agree"] == len(steps[0])
-        assert len(epochs) <= c["sum_floats"] <= c["deliveries"] + len(epochs)
+        assert (
+            len(epochs) <= c["sum_floats"] <= c["deliveries"] + len(epochs) + len(evals)
+        )  # one an evaluation
         assert c["all_reduce"] == c["agree"] + c["hook"] + c["sum_floats"] + 1
 
 

@@ -46,15 +46,15 @@ def test_checkpoint_saves_model_and_optimizer(tmp_path: Path) -> None:
         torch.testing.assert_close(state["model"][name], value)
 
 
-def test_early_stopping_ends_the_run_as_terminated(tmp_path: Path) -> None:
+def test_early_stopping_ends_the_run_as_completed(tmp_path: Path) -> None:
     run, sink = _run(tmp_path, val=True, max_epochs=6)
     assert run.evaluator is not None
     stopper = EarlyStopping(patience=1, score_function=lambda _: 1.0, trainer=run.trainer)
     run.evaluator.add_event_handler(Events.COMPLETED, stopper)
     end = run.run()
     assert (end.status, end.reason, end.epoch, end.step) == (
-        "terminated",
-        "terminate() called by a handler",
+        "completed",
+        "stopped by EarlyStopping (patience 1)",
         2,
         6,
     )
@@ -73,7 +73,7 @@ def test_terminate_on_nan_stops_after_the_step_that_produced_it(tmp_path: Path) 
     run, sink = _run(tmp_path, loss_fn=loss_fn, max_epochs=2)
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan())
     end = run.run()
-    assert (end.status, end.step) == ("terminated", 2)
+    assert (end.status, end.reason, end.step) == ("completed", "stopped by a handler", 2)
     steps = sink.of("train.step")
     assert len(steps) == 2 and math.isnan(steps[1].loss)  # type: ignore[attr-defined]
 

@@ -115,7 +115,7 @@ def test_waiting_steps_are_delivered_before_run_end_when_the_run_stops_early(
     assert [r.step for r in sink.of("train.step")] == [1, 2, 3, 4, 5]  # type: ignore[attr-defined]
     assert _events(sink)[-2:] == ["train.step:5", "run.end:5"]
     end = sink.records[-1]
-    assert end.status == ("failed" if how == "raise" else "terminated")  # type: ignore[attr-defined]
+    assert end.status == ("failed" if how == "raise" else "completed")  # type: ignore[attr-defined]
 
 
 def test_max_delay_seconds_is_validated(tmp_path: Path) -> None:

@@ -137,3 +137,59 @@ def test_config_yaml_is_written_to_the_run_dir(tmp_path: Path) -> None:
     assert saved["trainer"]["accumulation_steps"] == 2
     assert saved["task"]["params"] == {"api_token": "***"}
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+
+
+def _initial_weights(tmp_path: Path, seed: int) -> dict[str, torch.Tensor]:
+    """The weights a model factory's model has once ``build`` returns, under ``run.seed: seed``."""
+    cfg = quiet_config(tmp_path)
+    cfg["run"]["seed"] = seed
+    task = Task(
+        model=lambda: torch.nn.Linear(3, 2).double(),
+        loss_fn=torch.nn.functional.mse_loss,
+        train_loader=make_batches([4]),
+    )
+    with build(cfg, task) as run:
+        return {name: value.clone() for name, value in run.model.state_dict().items()}
+
+
+def test_run_seed_decides_a_model_factorys_initial_weights(tmp_path: Path) -> None:
+    """The factory is called right after torch is seeded with ``run.seed``, whatever the global
+    generator was before: its weights are those of the same model made after ``torch.manual_seed``."""
+    torch.manual_seed(123)
+    first = _initial_weights(tmp_path / "a", 7)
+    torch.rand(5)
+    again = _initial_weights(tmp_path / "b", 7)
+    other = _initial_weights(tmp_path / "c", 8)
+    torch.manual_seed(7)
+    expected = torch.nn.Linear(3, 2).double().state_dict()
+
+    assert sorted(first) == sorted(again) == sorted(other) == ["bias", "weight"]
+    assert all(torch.equal(first[name], expected[name]) for name in first)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not any(torch.equal(first[name], other[name]) for name in first)
+
+
+def _no_weights() -> torch.nn.Module:
+    msg = "no weights file"
+    raise FileNotFoundError(msg)
+
+
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [
+        (3, "task: task.model must be a torch.nn.Module or a zero-argument callable returning one, got int"),
+        (lambda: "weights.pt", "task: task.model() must return a torch.nn.Module, got str"),
+        (_no_weights, "task: task.model() raised FileNotFoundError: no weights file"),
+    ],
+    ids=["not-a-model", "factory-returns-no-model", "factory-raises"],
+)
+def test_a_model_that_is_no_module_nor_makes_one_is_refused(
+    tmp_path: Path, model: object, error: str
+) -> None:
+    from traintel.errors import ConfigError
+
+    task = Task(model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4]))
+    with pytest.raises(ConfigError) as raised:
+        build(quiet_config(tmp_path), task)
+    assert str(raised.value) == error
+    assert not (tmp_path / "run").exists()

@@ -12,10 +12,14 @@ from typing import Any
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.lines import strict_object
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import loss_failing_at, make_batches, make_model
+from traintel.engine.evaluator import eval_state
 from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
@@ -66,8 +70,8 @@ def test_terminate_and_exception_handlers_run_before_run_end(tmp_path: Path) -> 
     run.trainer.add_event_handler(Events.TERMINATE, lambda _: logging.getLogger("user").warning("stopping"))
     end = run.run()
     assert (end.status, end.reason, end.epoch, end.step) == (
-        "terminated",
-        "terminate() called by a handler",
+        "completed",
+        "stopped by a handler",
         2,
         3,
     )
@@ -76,6 +80,49 @@ def test_terminate_and_exception_handlers_run_before_run_end(tmp_path: Path) -> 
         ("stopping", None),
         ("run.end", 3),
     ]
+
+
+def test_early_stopping_on_a_worsening_validation_loss_completes_the_run(tmp_path: Path) -> None:
+    """Ignite's EarlyStopping, attached as Ignite's docs attach it, ends the run after the third
+    evaluation (the second without improvement): ``run.end`` says completed, naming it, and
+    ``traintel_run_success`` is 1. Training pulls the weight from 0 towards 1 (targets +1), which
+    takes it away from the validation targets (-1): the validation loss grows every epoch."""
+    ones = torch.ones(4, 1, dtype=torch.float64)
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    task = Task(
+        model=model,
+        loss_fn=torch.nn.functional.mse_loss,
+        train_loader=[(ones, ones), (ones, ones)],
+        val_loader=[(ones, -ones)],
+    )
+    cfg = quiet_config(tmp_path, max_epochs=10, accumulation_steps=1)
+    cfg["sinks"]["prometheus"] = {"enabled": True, "port": 0}
+    memory = MemorySink()
+    run = build(cfg, task, sinks=[memory])
+    assert run.evaluator is not None and run.prometheus is not None
+
+    def score(evaluator: Engine) -> float:
+        acc = eval_state(evaluator).eval
+        return -float(acc.loss_sum) / acc.items
+
+    run.evaluator.add_event_handler(
+        Events.COMPLETED, EarlyStopping(patience=2, score_function=score, trainer=run.trainer)
+    )
+    end = run.run()
+
+    assert (end.status, end.reason, end.epoch, end.step) == (
+        "completed",
+        "stopped by EarlyStopping (patience 2)",
+        3,
+        6,
+    )
+    losses = [r.loss for r in memory.of("eval.epoch")]  # type: ignore[attr-defined]
+    assert len(losses) == 3 and losses[0] < losses[1] < losses[2]
+    families = text_string_to_metric_families(generate_latest(run.prometheus.registry).decode())
+    success = [s.value for f in families for s in f.samples if s.name == "traintel_run_success"]
+    assert success == [1.0]
 
 
 def test_an_exception_handler_runs_before_run_end_and_the_run_fails(tmp_path: Path) -> None:
@@ -97,7 +144,7 @@ def test_an_exception_handler_runs_before_run_end_and_the_run_fails(tmp_path: Pa
     assert [r["event"] for r in _events(stream)[-3:]] == ["saw diverged", "training failed", "run.end"]
 
 
-def test_an_exception_handler_that_terminates_ends_the_run_as_terminated(tmp_path: Path) -> None:
+def test_an_exception_handler_that_terminates_ends_the_run_as_completed(tmp_path: Path) -> None:
     """As in Ignite, a handler that does not re-raise has handled the exception: here it stops the run."""
     cfg = quiet_config(tmp_path, accumulation_steps=2, max_epochs=2)
     memory = MemorySink()
@@ -105,8 +152,8 @@ def test_an_exception_handler_that_terminates_ends_the_run_as_terminated(tmp_pat
     run.trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, _exc: engine.terminate())
     end = run.run()
     assert (end.status, end.reason, end.epoch, end.step) == (
-        "terminated",
-        "terminate() called by a handler",
+        "completed",
+        "stopped by a handler",
         1,
         1,
     )

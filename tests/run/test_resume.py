@@ -243,7 +243,7 @@ def test_resuming_with_a_changed_accumulation_is_refused_naming_the_key(
     before = sorted(p.name for p in checkpointed.rglob("*"))
     assert refused(cli, ["--resume", str(checkpointed), "--set", "trainer.accumulation_steps=2"]) == (
         "traintel: error: trainer.accumulation_steps: cannot be changed when resuming; --set may change "
-        "only trainer.max_epochs, telemetry.*, sinks.* and checkpoint.*"
+        "only trainer.max_epochs, trainer.max_steps, telemetry.*, sinks.* and checkpoint.*"
     )
     via_env = refused(
         cli,

@@ -90,7 +90,7 @@ def test_stdout_diagnostic_file_and_scrape_hold_identical_values(tmp_path: Path)
         "traintel_learning_rate": last("train.step")["lr"],
         "traintel_grad_norm": last("train.step")["grad_norm"],
         "traintel_epoch_loss": last("train.epoch")["loss"],
-        "traintel_eval_loss": last("eval.epoch")["loss"],
+        'traintel_eval_loss{split="val"}': last("eval.epoch")["loss"],
         "traintel_optimizer_step": end["step"],
         "traintel_epoch": end["epoch"],
         "traintel_items_total": end["items_total"],

@@ -46,11 +46,18 @@ TAGS: dict[str, list[tuple[str, str]]] = {
         ("train/batch_raw_loss", "raw_loss"),
         ("train/batch_loss_scale", "loss_scale"),
     ],
-    "train.step": [("train/step_loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm")],
+    "train.step": [
+        ("train/step_loss", "loss"),
+        ("train/lr", "lr"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/grad_scale", "grad_scale"),
+    ],
     "train.epoch": [("train/epoch_loss", "loss")],
     "eval.epoch": [("eval/loss", "loss")],
 }
 ALL_TAGS = {tag for pairs in TAGS.values() for tag, _ in pairs}
+OPTIONAL = {"grad_norm", "grad_scale"}
+"""Fields whose tag is written only when the record holds a value (not null)."""
 
 Point = tuple[int, Any, float]
 """(step, value, wall_time); value is a float, or "nan" so that NaN compares equal to itself."""
@@ -110,8 +117,8 @@ def _read_back(sink: TensorBoardSink) -> list[dict[str, Any]]:
     scalars = _read(sink.log_dir)
     rows: list[dict[str, Any]] = []
     for event, pairs in TAGS.items():
-        columns = [scalars.get(tag, []) for tag, name in pairs if name != "grad_norm"]
-        names = [name for _, name in pairs if name != "grad_norm"]
+        columns = [scalars.get(tag, []) for tag, name in pairs if name not in OPTIONAL]
+        names = [name for _, name in pairs if name not in OPTIONAL]
         assert len({len(c) for c in columns}) == 1, f"{event}: tags with different point counts"
         for points in zip(*columns, strict=True):
             step = points[0][0] - 1 if event == "train.batch" else points[0][0]
@@ -133,7 +140,7 @@ def test_contract_and_event_files_match_the_records_after_float32_rounding(tmp_p
         assert sink.log_dir == result.run_dir / "tensorboard"
         scalars = _read(sink.log_dir)
         expected = _expected(_as_row(r) for r in result.records)
-        assert set(scalars) == ALL_TAGS == set(expected)
+        assert set(scalars) == ALL_TAGS - {"train/grad_scale"} == set(expected)  # no fp16 in the kit's runs
         # per tag, in order: (step axis, float32(value), record.time); wall times exactly
         assert scalars == expected
 
@@ -224,6 +231,20 @@ def test_non_finite_values_and_skipped_records(tmp_path: Path) -> None:
         "train/epoch_loss": [(1, math.inf, 4.0)],
         "eval/loss": [(1, -math.inf, 5.0)],
     }
+    assert scalars == _expected(_as_row(r) for r in records)
+
+
+def test_the_grad_scale_is_written_only_when_a_step_has_one(tmp_path: Path) -> None:
+    records = [step_record(time=2.0), step_record(time=3.0, step=2, grad_scale=65536.0)]
+    sink = TensorBoardSink()
+    sink.open(_context(tmp_path))
+    for record in records:
+        sink.emit(record)
+    sink.close()
+
+    assert sink.log_dir is not None
+    scalars = _read(sink.log_dir)
+    assert scalars["train/grad_scale"] == [(2, 65536.0, 3.0)]
     assert scalars == _expected(_as_row(r) for r in records)
 
 

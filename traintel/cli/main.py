@@ -66,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest complete checkpoint, with its config.yaml "
-        "(--set may change only trainer.max_epochs, telemetry.*, sinks.*, checkpoint.*)",
+        "(--set may change only trainer.max_epochs, trainer.max_steps, telemetry.*, sinks.*, checkpoint.*)",
     )
     config = sub.add_parser("config", help="inspect the resolved configuration")
     config.set_defaults(help_parser=config)
@@ -138,6 +138,13 @@ def _train(args: argparse.Namespace, *, owns_process: bool) -> int:
         cfg = load_resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.task.factory is None and cfg.run.resume == "auto" and cfg.run.dir is not None:
+        raise ConfigError(
+            "--resume" if args.resume is not None else "task.factory",
+            f"the run in {cfg.run.dir!r} was given its task in code (task.factory: null), which the "
+            "command line cannot make; resume it from Python: traintel.build(config, task) with the "
+            f"same task, run.resume: auto and run.dir {cfg.run.dir!r}",
+        )
     if cfg.sinks.json_.enabled and not _stdout_open():
         raise ConfigError(
             "sinks.json", "stdout is closed; give the process a stdout or set sinks.json.enabled=false"
@@ -201,18 +208,36 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = True) -> int
     For ``train``, the process's stop signals are traintel's from the first step until the process
     exits (``traintel.run.signals``): a signal during start-up ends it with one line, one during the run
     stops the run, and one after the run exits at once with the status returned here. Likewise
-    ``sys.stdout`` then writes to stderr, so that stdout carries JSON lines only. A program that goes on
-    after calling ``main`` (a test, a notebook) passes ``owns_process=False``: its signal handlers stay
-    as they are outside the run, and ``sys.stdout`` comes back when ``main`` returns.
+    ``sys.stdout`` then writes to stderr, so that stdout carries JSON lines only. The working directory
+    goes first on ``sys.path``, as ``python -m`` puts it, so the console script imports factories from
+    it too. A program that goes on after calling ``main`` (a test, a notebook) passes
+    ``owns_process=False``: its signal handlers and ``sys.path`` stay as they are outside the run, and
+    ``sys.stdout`` comes back when ``main`` returns.
     """
     parser = make_parser()
     args = parser.parse_args(argv)
+    if owns_process:
+        _working_directory_first()
     if args.command != "train" or not owns_process:
         return _command(args, parser, owns_process=owns_process)
     remember_early()
     status = _command(args, parser, owns_process=True)
     exit_on_signal(status)
     return status
+
+
+def _working_directory_first() -> None:
+    """Put the working directory first on ``sys.path``, as ``python -m traintel`` has it: the
+    ``traintel`` console script has its own directory there instead, and then a ``task.factory``
+    or ``sinks.extra[].factory`` module beside the config would not import."""
+    import os
+
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed: nothing to import from it
+        return
+    if not sys.path or sys.path[0] not in ("", cwd):
+        sys.path.insert(0, cwd)
 
 
 def _command(args: argparse.Namespace, parser: argparse.ArgumentParser, *, owns_process: bool) -> int:

@@ -64,7 +64,7 @@ def _problem(err: Mapping[str, Any], key: str) -> str:
 
 
 _SCHEDULER = ("trainer", "scheduler")
-_SCHEDULER_NAMES = " or ".join(", ".join(repr(n) for n in SCHEDULES).rsplit(", ", 1))
+_SCHEDULER_NAMES = ", ".join(repr(n) for n in SCHEDULES) + " or a 'module:function' factory"
 
 
 def _scheduler_error(err: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -74,12 +74,17 @@ def _scheduler_error(err: Mapping[str, Any]) -> tuple[str, str] | None:
     loc, kind = tuple(err["loc"]), err["type"]
     if loc[:2] != _SCHEDULER:
         return None
+    if kind == "model_attributes_type" or (
+        kind == "union_tag_not_found" and not isinstance(err["input"], dict)
+    ):
+        got = shown("trainer.scheduler", err["input"])
+        return "trainer.scheduler", f"must be null or a mapping such as {{name: cosine}} (got {got})"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         got = f"(got {shown('name', err['ctx']['tag'])})" if kind == "union_tag_invalid" else "(got none)"
         return "trainer.scheduler.name", f"must be one of {_SCHEDULER_NAMES} {got}"
-    if kind == "model_attributes_type":
-        got = shown("trainer.scheduler", err["input"])
-        return "trainer.scheduler", f"must be null or a mapping such as {{name: cosine}} (got {got})"
+    if len(loc) >= 4 and loc[2] == "factory":  # a module:function scheduler's own keys are its arguments
+        key = format_key((*_SCHEDULER, *loc[3:]))
+        return key, _problem(err, key) if kind != "value_error" else str(err["ctx"]["error"])
     if len(loc) < 4 or loc[2] not in SCHEDULES:
         return None
     name, key = str(loc[2]), format_key((*_SCHEDULER, *loc[3:]))

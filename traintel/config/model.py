@@ -13,9 +13,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
     Strict,
+    Tag,
     field_serializer,
     field_validator,
     model_validator,
@@ -71,15 +73,58 @@ class RunConfig(_Section):
 class TaskConfig(_Section):
     """Where the model, loss and data come from."""
 
-    factory: str = Field(default="traintel.tasks.forecast:make_task")
-    """``module:function`` returning a task (see ``traintel.task.Task``)."""
+    factory: str | None = Field(default="traintel.tasks.forecast:make_task")
+    """``module:function`` returning a task (see ``traintel.task.Task``); null: the task is given in
+    code (``traintel.build(config, task)``), as the run records it in ``config.yaml`` and ``run.start``."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the factory."""
 
     @field_validator("factory")
     @classmethod
-    def _factory_form(cls, value: str) -> str:
-        return _check_factory(value)
+    def _factory_form(cls, value: str | None) -> str | None:
+        return None if value is None else _check_factory(value)
+
+
+OPTIMIZERS = (
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "asgd",
+    "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+)
+"""``torch.optim``'s optimizers by name, lower-cased: all but ``LBFGS`` (its step needs a closure) and
+``SparseAdam`` (sparse gradients only). Muon and Adafactor need a torch that has them."""
+
+
+def _check_optimizer_name(value: str) -> str:
+    if value.lower() in OPTIMIZERS:
+        return value.lower()
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        return value
+    names = ", ".join(repr(n) for n in OPTIMIZERS)
+    msg = f"must be a torch.optim optimizer ({names}) or a 'module:function' factory, got {value!r}"
+    raise ValueError(msg)
+
+
+class NoDecayConfig(BaseModel):
+    """Parameters trained with ``weight_decay: 0`` (the optimizer's other parameters keep its
+    ``weight_decay``): a second parameter group."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    names: list[str] = Field(default_factory=list)
+    """Patterns (``fnmatch``) of full parameter names, e.g. ``"*bias"``; each must match a parameter."""
+    modules: list[str] = Field(default_factory=list)
+    """Class names of modules whose own parameters are matched (the class or one it derives from),
+    e.g. ``LayerNorm``, ``Embedding``; each must match a parameter."""
 
 
 class OptimizerConfig(BaseModel):
@@ -87,10 +132,18 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, use_attribute_docstrings=True)
 
-    name: Literal["sgd", "adamw", "adam"] = "adamw"
-    """Optimizer: ``sgd``, ``adamw`` or ``adam``."""
+    name: str = "adamw"
+    """A ``torch.optim`` optimizer (``adamw``, ``sgd``, ``rmsprop``, ...: any but ``lbfgs`` and
+    ``sparseadam``), or a ``module:function`` called like one: ``function(params, lr=lr, **others)``."""
     lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Initial learning rate."""
+    no_decay: NoDecayConfig | None = None
+    """Parameters without weight decay (biases, norms, embeddings), by name pattern or module class."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, value: str) -> str:
+        return _check_optimizer_name(value)
 
 
 PositiveInt = Annotated[Int, Field(ge=1)]
@@ -142,16 +195,90 @@ class LinearWarmupSchedule(_Schedule):
     """Optimizer steps of the ramp."""
 
 
+class WarmupCosineSchedule(_Schedule):
+    """A linear ramp to the optimizer's ``lr`` over ``warmup_steps``, then a half cosine down to
+    ``min_lr`` at the last step."""
+
+    name: Literal["warmup_cosine"]
+    """Selects this scheduler."""
+    warmup_steps: Int = Field(ge=0)
+    """Optimizer steps of the ramp (0: none)."""
+    min_lr: NonNegativeFloat = 0.0
+    """The learning rate of the last step."""
+    total_steps: PositiveInt | None = None
+    """Optimizer steps of ramp and cosine together; null: the run's optimizer steps."""
+
+
+class OneCycleSchedule(_Schedule):
+    """``torch.optim.lr_scheduler.OneCycleLR``: up to ``max_lr`` and down again over the run."""
+
+    name: Literal["onecycle"]
+    """Selects this scheduler."""
+    max_lr: PositiveFloat | None = None
+    """The peak learning rate; null: ``trainer.optimizer.lr``."""
+    total_steps: PositiveInt | None = None
+    """Optimizer steps of the cycle; null: the run's optimizer steps."""
+    pct_start: Float = Field(default=0.3, gt=0, lt=1, allow_inf_nan=False)
+    """The share of the cycle spent rising."""
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    """The shape of the rise and fall."""
+    div_factor: PositiveFloat = 25.0
+    """The first learning rate is ``max_lr / div_factor``."""
+    final_div_factor: PositiveFloat = 10_000.0
+    """The last learning rate is the first divided by this."""
+    three_phase: Bool = False
+    """A third phase down to the last learning rate (after the fall to the first)."""
+    cycle_momentum: Bool = True
+    """Cycle momentum (or Adam's beta1) inversely to the learning rate; the optimizer must have one."""
+    base_momentum: NonNegativeFloat = 0.85
+    """The lowest momentum, at the peak learning rate."""
+    max_momentum: NonNegativeFloat = 0.95
+    """The highest momentum, at the start and end."""
+
+
+class FactorySchedule(_Schedule):
+    """A scheduler made by ``module:function``, called as ``function(optimizer, **arguments)`` with
+    the other keys of this mapping (and ``total_steps``, the run's optimizer steps, when the
+    function takes that argument and it is not given)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, use_attribute_docstrings=True)
+
+    name: str
+    """``module:function``."""
+
+    @field_validator("name")
+    @classmethod
+    def _factory_form(cls, value: str) -> str:
+        return _check_factory(value)
+
+
+def _schedule_tag(value: Any) -> str | None:
+    """A scheduler's model: its ``name``, or ``factory`` for a ``module:function``."""
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    if isinstance(name, str) and ":" in name:
+        return "factory"
+    return name if isinstance(name, str) else None
+
+
 SchedulerConfig = Annotated[
-    CosineSchedule | StepSchedule | ExponentialSchedule | LinearWarmupSchedule, Field(discriminator="name")
+    Annotated[CosineSchedule, Tag("cosine")]
+    | Annotated[StepSchedule, Tag("step")]
+    | Annotated[ExponentialSchedule, Tag("exponential")]
+    | Annotated[LinearWarmupSchedule, Tag("linear_warmup")]
+    | Annotated[WarmupCosineSchedule, Tag("warmup_cosine")]
+    | Annotated[OneCycleSchedule, Tag("onecycle")]
+    | Annotated[FactorySchedule, Tag("factory")],
+    Discriminator(_schedule_tag),
 ]
 """A learning-rate scheduler stepped once per optimizer step, chosen by ``name``; each takes only its
-own arguments, checked here and nowhere else."""
+own arguments, checked here and nowhere else (a factory's, by the factory)."""
 SCHEDULES: dict[str, type[_Schedule]] = {
     "cosine": CosineSchedule,
     "step": StepSchedule,
     "exponential": ExponentialSchedule,
     "linear_warmup": LinearWarmupSchedule,
+    "warmup_cosine": WarmupCosineSchedule,
+    "onecycle": OneCycleSchedule,
 }
 """Each scheduler's model by name (error messages, and the environment's ``T_max`` spelling)."""
 
@@ -165,11 +292,28 @@ class DistributedConfig(_Section):
     """How long a collective waits for the other ranks before the run fails."""
 
 
+class GradScalerConfig(_Section):
+    """The loss scale of ``precision: fp16``: it multiplies the loss before backward so that small
+    float16 gradients do not underflow, and is divided out before the optimizer step."""
+
+    init_scale: Float = Field(default=65536.0, gt=0, allow_inf_nan=False)
+    """The first scale."""
+    growth_factor: Float = Field(default=2.0, gt=1, allow_inf_nan=False)
+    """The scale's factor after ``growth_interval`` steps without overflow."""
+    backoff_factor: Float = Field(default=0.5, gt=0, lt=1, allow_inf_nan=False)
+    """The scale's factor after a step skipped for overflow."""
+    growth_interval: Int = Field(default=2000, ge=1)
+    """Steps without overflow before the scale grows."""
+
+
 class TrainerConfig(_Section):
     """The optimisation loop."""
 
     max_epochs: Int = Field(default=3, ge=1, le=1_000_000)
     """Number of passes over the training loader."""
+    max_steps: Int | None = Field(default=None, ge=1, le=10**12)
+    """End the run after this many optimizer steps, mid-epoch if need be (``run.end`` reason
+    ``max_steps``), or at ``max_epochs`` if that comes first; null: no step limit."""
     accumulation_steps: Int = Field(default=3, ge=1, le=1_000_000)
     """Micro-batches per optimizer step (k); an epoch has ceil(B/k) optimizer steps."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -180,8 +324,21 @@ class TrainerConfig(_Section):
     """Clip the global gradient norm to this value (the norm is then reported)."""
     report_grad_norm: Bool = False
     """Report the gradient norm on ``train.step`` even without clipping."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """``bf16`` runs forward and loss under autocast (CPU or CUDA); gradients stay fp32."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``bf16`` runs forward and loss under autocast (CPU or CUDA); gradients stay fp32. ``fp16``
+    does so in float16 with a gradient scaler (``grad_scaler``); the logged losses never include
+    its factor, and a step it skips for overflow is reported ``skipped``."""
+    grad_scaler: GradScalerConfig = Field(default_factory=GradScalerConfig)
+    """``torch.amp.GradScaler``'s settings, used with ``precision: fp16``."""
+    compile: Bool = False
+    """Run the model through ``torch.compile`` in training and evaluation; checkpoints hold the
+    uncompiled module's keys."""
+    compile_backend: str = Field(default="inductor", min_length=1)
+    """``torch.compile``'s backend (``inductor`` needs a C++ compiler on CPU; ``aot_eager`` does not)."""
+    compile_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = None
+    """``torch.compile``'s mode; null: its default."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun)."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -190,6 +347,16 @@ class TrainerConfig(_Section):
     """A NaN or infinite loss: ``warn`` reports it (records carry ``nonfinite``) and trains on;
     ``stop`` ends the run as failed, naming the step, when that step's records are delivered;
     ``skip_step`` does not take that window's optimizer step (one host sync per step)."""
+
+
+class EvalConfig(_Section):
+    """When the task's validation loaders are evaluated (each gives one ``eval.epoch`` record)."""
+
+    every_epochs: Int | None = Field(default=1, ge=1, le=1_000_000)
+    """At the end of every N-th epoch (null: not at epochs' ends)."""
+    every_steps: Int | None = Field(default=None, ge=1, le=1_000_000_000)
+    """After every N-th optimizer step, mid-epoch too (null: not by steps); a step that is also its
+    epoch's last evaluates once, after the epoch's record."""
 
 
 class TelemetryConfig(_Section):
@@ -408,6 +575,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -122,7 +122,7 @@ def _override(
     return sources
 
 
-RESUMABLE_KEYS = ("trainer.max_epochs", "telemetry.", "sinks.", "checkpoint.")
+RESUMABLE_KEYS = ("trainer.max_epochs", "trainer.max_steps", "telemetry.", "sinks.", "checkpoint.")
 """What ``--set`` may change when resuming (``traintel train --resume``): nothing that alters the maths."""
 
 
@@ -192,7 +192,7 @@ def load_resume_config(
             raise ConfigError(
                 key,
                 "cannot be changed when resuming; --set may change only trainer.max_epochs, "
-                "telemetry.*, sinks.* and checkpoint.*",
+                "trainer.max_steps, telemetry.*, sinks.* and checkpoint.*",
             )
     saved = read_yaml(path, origin="--resume")
     redacted_urls = _redacted_urls(saved)

@@ -64,5 +64,4 @@ class DistributedStep(AccumulatingStep):
         if self.example is None:
             msg = "this rank has no training items to take part in a gradient reduction with"
             raise RuntimeError(msg)
-        inputs, targets = self.prepare(self.example, self.device)
-        (self.forward_loss(inputs, targets) * 0.0).backward()
+        self.backward(self.micro_batch_loss(self.example) * 0.0)

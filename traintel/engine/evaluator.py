@@ -9,7 +9,15 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import State
 
-from traintel.engine.step import CountItems, LossFn, Prepare, default_count_items, default_prepare
+from traintel.engine.step import (
+    AUTOCAST,
+    CountItems,
+    ForwardLoss,
+    LossFn,
+    Prepare,
+    default_count_items,
+    loss_calls,
+)
 
 
 class EvalAccumulator:
@@ -47,19 +55,24 @@ def eval_state(engine: Engine) -> EvalState:
 
 def create_evaluator(
     model: torch.nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     *,
     device: torch.device,
-    prepare: Prepare = default_prepare,
+    forward_loss: ForwardLoss | None = None,
+    prepare: Prepare | None = None,
     count_items: CountItems = default_count_items,
     precision: str = "fp32",
 ) -> Engine:
-    """An Engine whose ``state.eval`` holds the pass's loss sum and item count."""
+    """An Engine whose ``state.eval`` holds the pass's loss sum and item count. Each batch's mean loss
+    is computed as the trainer's (``step.loss_calls``: ``loss_fn`` or ``forward_loss``)."""
     acc = EvalAccumulator(device)
+    prepare_batch, loss = loss_calls(model, loss_fn=loss_fn, forward_loss=forward_loss, prepare=prepare)
+
+    dtype = AUTOCAST.get(precision)
 
     def autocast() -> AbstractContextManager[Any]:
-        if precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if dtype is not None:
+            return torch.autocast(device_type=device.type, dtype=dtype)
         return nullcontext()
 
     def evaluate(engine: Engine, batch: Any) -> torch.Tensor:
@@ -68,9 +81,9 @@ def create_evaluator(
         acc.batches += 1
         if n == 0:
             return acc.loss_sum.new_full((), float("nan"))
-        inputs, targets = prepare(batch, device)
+        prepared = prepare_batch(batch, device)
         with torch.no_grad(), autocast():
-            raw = loss_fn(model(inputs), targets).detach()
+            raw = loss(prepared).detach()
         acc.loss_sum = acc.loss_sum + raw.double() * n
         acc.items += n
         return raw

@@ -51,8 +51,10 @@ class StepOutput(NamedTuple):
     """Learning rate of the first parameter group used by this step."""
     grad_norm: torch.Tensor | None
     skipped: bool
-    """No optimizer step: the window held no items, or its loss was not finite under
-    ``trainer.on_nonfinite=skip_step``."""
+    """No optimizer step: the window held no items, its loss was not finite under
+    ``trainer.on_nonfinite=skip_step``, or its gradients overflowed under fp16."""
+    grad_scale: float | None = None
+    """The gradient scaler's factor this step's backward ran with (``precision="fp16"``), else None."""
 
     @property
     def loss(self) -> torch.Tensor:

@@ -34,6 +34,10 @@ class TraintelState(State):
         """The micro-batch just run, from its MICRO_BATCH_COMPLETED on (the step's last until the next)."""
         self.stop_reason: str | None = None
         """Why the run is being stopped (a signal's name), when something stops it."""
+        self.step_limit: int | None = None
+        """``trainer.max_steps``, once the run has taken that many optimizer steps (``limit_steps``)."""
+        self.epoch_cut = False
+        """Whether the step limit ended the run in the middle of an epoch, before its end."""
 
     @property
     def output(self) -> Any:

@@ -6,7 +6,7 @@ import logging
 import math
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,11 +20,18 @@ from traintel.engine.progress import Progress
 from traintel.engine.state import TraintelState
 from traintel.engine.windows import Window
 
-Prepare = Callable[[Any, torch.device], tuple[Any, Any]]
+Prepare = Callable[[Any, torch.device], Any]
+"""``prepare(batch, device)``: the batch on the device, as ``(inputs, targets)`` for a ``loss_fn``."""
 CountItems = Callable[[Any], int]
 LossFn = Callable[[Any, Any], torch.Tensor]
+ForwardLoss = Callable[[torch.nn.Module, Any], Any]
+"""``forward_loss(model, batch)``: the batch's mean loss from a model that computes its own, as a
+tensor or an object whose ``.loss`` is one (a Hugging Face ``ModelOutput``)."""
 
 _log = logging.getLogger("traintel")
+
+AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each reduced ``precision``; ``fp32`` runs without autocast."""
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +52,80 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors moved to ``device``, through tuples (a named tuple keeps its type),
+    lists and mappings (which come back as dicts); anything else as it is. The default ``prepare``
+    of a ``forward_loss``: the batch is handed over whole, on the device."""
+    if isinstance(value, torch.Tensor):
+        return _to(value, device)
+    if isinstance(value, Mapping):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [to_device(item, device) for item in value]
+    if isinstance(value, tuple):
+        moved = [to_device(item, device) for item in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
+def loss_calls(
+    model: torch.nn.Module,
+    *,
+    loss_fn: LossFn | None = None,
+    forward_loss: ForwardLoss | None = None,
+    prepare: Prepare | None = None,
+) -> tuple[Prepare, Callable[[Any], torch.Tensor]]:
+    """``(prepare, loss)``: how a batch becomes its mean loss, decided once for the task's callables.
+    ``prepare(batch, device)`` puts the batch on the device (outside autocast); ``loss(prepared)``
+    is mean_loss_b, the part that autocast wraps.
+
+    With ``loss_fn``, ``prepare`` (default ``default_prepare``) gives ``(inputs, targets)`` and the
+    loss is ``loss_fn(model(inputs), targets)``, or ``model(**inputs)`` when ``inputs`` is a mapping.
+    With ``forward_loss``, ``prepare`` (default ``to_device``) gives the batch and the loss is
+    ``forward_loss(model, batch)``: a tensor, or the ``.loss`` tensor of what it returns. Exactly one
+    of the two must be given.
+    """
+    if loss_fn is not None and forward_loss is None:
+
+        def output_loss(prepared: Any) -> torch.Tensor:
+            inputs, targets = prepared
+            # a tensor, the common case, is told apart first: an ABC's isinstance costs 5 times more
+            keywords = not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping)
+            return loss_fn(model(**inputs) if keywords else model(inputs), targets)
+
+        return prepare or default_prepare, output_loss
+    if forward_loss is not None and loss_fn is None:
+
+        def own_loss(batch: Any) -> torch.Tensor:
+            return _loss_tensor(forward_loss(model, batch))
+
+        return prepare or to_device, own_loss
+    msg = "give exactly one of loss_fn and forward_loss"
+    raise TypeError(msg)
+
+
+def _loss_tensor(value: Any) -> torch.Tensor:
+    """What ``forward_loss`` returned, as the loss tensor; anything else fails the run naming it."""
+    if isinstance(value, torch.Tensor):
+        return value
+    loss = getattr(value, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    got = _described(value)
+    if hasattr(value, "loss"):
+        got += f" whose .loss is {_described(loss)}"
+    msg = f"forward_loss returned {got}; it must return the mean loss as a tensor or as a .loss tensor"
+    raise TypeError(msg)
+
+
+def _described(value: Any) -> str:
+    """``None``, ``a float``, ``an Output``: what a value is, for a message."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def default_count_items(batch: Any) -> int:
     """The batch size: the first dimension of the targets."""
     targets = batch[1]
@@ -57,13 +138,16 @@ class AccumulatingStep:
     For a window of micro-batches of n_b items and N = sum n_b, each micro-batch
     contributes s_b = mean_loss_b * n_b / N to backward, so the accumulated gradient is
     the gradient of the window's item-weighted mean loss, whatever the batch sizes.
+    mean_loss_b comes from ``micro_batch_loss``: ``loss_fn`` on the model's output, or the task's
+    ``forward_loss`` for a model that computes its own (``loss_calls``; exactly one is given).
 
     A call runs four named steps, each a place to extend:
 
     1. ``count_items`` of every micro-batch, then ``window_items``: N, before any backward
        (the coordinator adds up the ranks' counts);
     2. ``run_micro_batch`` for each (told which is the last to run backward: the place for
-       the gradient reduction that DDP puts off until then), each followed by ``state.micro_batch``
+       the gradient reduction that DDP puts off until then), whose ``micro_batch_loss`` is the one
+       place mean_loss_b is computed, each followed by ``state.micro_batch``
        and ``MICRO_BATCH_COMPLETED``, or ``take_part`` when this rank has no items in a window that
        others have;
     3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
@@ -79,29 +163,43 @@ class AccumulatingStep:
     def __init__(
         self,
         model: torch.nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         optimizer: torch.optim.Optimizer,
         scheduler: Any = None,
         *,
         device: torch.device,
-        prepare: Prepare = default_prepare,
+        forward_loss: ForwardLoss | None = None,
+        prepare: Prepare | None = None,
         count_items: CountItems = default_count_items,
         grad_clip_norm: float | None = None,
         report_grad_norm: bool = False,
         precision: str = "fp32",
+        grad_scaler: torch.amp.GradScaler | None = None,
         coordinator: Coordinator | None = None,
         on_nonfinite: str = "warn",
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.forward_loss = forward_loss
+        """The task's ``forward_loss(model, batch)`` (``model`` as given here: DDP's wrapper on a rank),
+        when it gives one instead of ``loss_fn``."""
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
-        self.prepare = prepare
+        prepare_batch, self._loss = loss_calls(
+            model, loss_fn=loss_fn, forward_loss=forward_loss, prepare=prepare
+        )
+        self.prepare = prepare_batch
+        """``prepare(batch, device)``: the task's, or the default for its loss (``loss_calls``)."""
         self.count_items = count_items
         self.grad_clip_norm = grad_clip_norm
         self.report_grad_norm = report_grad_norm
         self.precision = precision
+        self._autocast = AUTOCAST.get(precision)
+        self.grad_scaler = grad_scaler
+        """``precision="fp16"``'s loss scale: backward runs on the scaled s_b, the gradients are
+        unscaled before clipping, and a step with overflowing gradients is skipped (``optimizer_step``).
+        The losses the step returns and records are never scaled."""
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         """What this process agrees on with the other ranks (itself alone by default)."""
         self.on_nonfinite = on_nonfinite
@@ -158,12 +256,23 @@ class AccumulatingStep:
         """The window has items on other ranks but none here: join their gradient reduction without
         adding to the gradient. Nothing to do in a single process, where this cannot happen."""
 
-    def forward_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """mean_loss_b: the loss function on the model's output, under autocast for ``precision="bf16"``."""
-        if self.precision != "bf16":  # fp32 needs no context
-            return self.loss_fn(self.model(inputs), targets)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-            return self.loss_fn(self.model(inputs), targets)
+    def micro_batch_loss(self, batch: Any) -> torch.Tensor:
+        """mean_loss_b of ``batch`` as the loader gave it: ``prepare`` puts it on the device, then
+        ``loss_fn`` on the model's output or the task's ``forward_loss`` runs, under autocast for
+        ``precision`` bf16 or fp16. The one place the step computes a loss: override it to change how."""
+        prepared = self.prepare(batch, self.device)
+        if self._autocast is None:  # fp32 needs no context
+            return self._loss(prepared)
+        with torch.autocast(device_type=self.device.type, dtype=self._autocast):
+            return self._loss(prepared)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, of the loss times the gradient scaler's factor under fp16: the one
+        place the step runs backward (the factor never reaches a returned or recorded loss)."""
+        if self.grad_scaler is None:
+            loss.backward()
+        else:
+            self.grad_scaler.scale(loss).backward()
 
     def run_micro_batch(
         self, batch: Any, items: int, window_items: int, last: bool
@@ -177,15 +286,21 @@ class AccumulatingStep:
         if not items:
             raw = torch.full((), math.nan, device=self.device)
             return raw, raw.new_zeros(())
-        inputs, targets = self.prepare(batch, self.device)
-        raw = self.forward_loss(inputs, targets)
+        raw = self.micro_batch_loss(batch)
         loss = raw * loss_scale(items, window_items)
-        loss.backward()
+        self.backward(loss)
         return raw.detach(), loss.detach()
 
-    def optimizer_step(self, engine: Engine) -> torch.Tensor | None:
+    def optimizer_step(self, engine: Engine) -> tuple[torch.Tensor | None, bool]:
         """Clip (or measure) the gradient norm, fire ``OPTIMIZER_STEP_STARTED``, step the optimizer
-        and the scheduler, and clear the gradients; returns the pre-clip norm when computed."""
+        and the scheduler, and clear the gradients; returns the pre-clip norm when computed, and
+        whether the step was taken. Under fp16 the gradients are unscaled first (clipping and the
+        norm see their true values), and the scaler skips a step whose gradients overflowed: its
+        scale then falls, which is how the skip is seen (the scaler's own check already waited for
+        the device); the scheduler is not stepped for it."""
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         grad_norm: torch.Tensor | None = None
         if self.grad_clip_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
@@ -193,11 +308,18 @@ class AccumulatingStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
         if self.fires(engine, TraintelEvents.OPTIMIZER_STEP_STARTED):
             engine.fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
-        self.optimizer.step()
-        if self.scheduler is not None:
+        taken = True
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            before = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            taken = scaler.get_scale() >= before
+        if taken and self.scheduler is not None:
             self.scheduler.step()
         self.clear_grads()
-        return grad_norm
+        return grad_norm, taken
 
     def clear_grads(self) -> None:
         """Drop every gradient (``set_to_none``), without the profiler scope of ``zero_grad``."""
@@ -243,9 +365,10 @@ class AccumulatingStep:
                 engine.fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
+        scale = None if self.grad_scaler is None else self.grad_scaler.get_scale()
         stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))
         if stepped:
-            grad_norm = self.optimizer_step(engine)
+            grad_norm, stepped = self.optimizer_step(engine)
         else:
             grad_norm = None
             if total:  # a non-finite loss under skip_step: drop its gradients, keep the parameters
@@ -261,7 +384,7 @@ class AccumulatingStep:
         window_loss = WindowLoss(losses_t, counts, self._zero)
         _set_state(engine, "step_output", StepOutput(
             epoch, progress.run_steps, window, total, counts, tuple(raws), losses_t, window_loss,
-            progress.run_items, lr, grad_norm, not stepped,
+            progress.run_items, lr, grad_norm, not stepped, scale,
         ))  # fmt: skip
         if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
             if getattr(engine.state, "stop_reason", None) is None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.early_stopping import EarlyStopping
 
 from traintel.engine.coordination import Coordinator
 from traintel.engine.events import TraintelEvents
@@ -15,10 +17,10 @@ from traintel.engine.state import TraintelState
 from traintel.engine.step import (
     AccumulatingStep,
     CountItems,
+    ForwardLoss,
     LossFn,
     Prepare,
     default_count_items,
-    default_prepare,
 )
 
 _TRAINTEL_EVENT_NAMES = frozenset(event.name for event in TraintelEvents)
@@ -41,6 +43,25 @@ class TraintelEngine(Engine):
         self.listened: set[str] = set()
         """The names of the ``TraintelEvents`` a handler was ever attached to: the update step fires
         only those (``AccumulatingStep.fires``)."""
+        self.handler_stop: str | None = None
+        """Why a handler ended the run with ``terminate()``, when one did while no stop was under way
+        (``state.stop_reason`` None): ``stopped by EarlyStopping (patience N)`` for Ignite's
+        EarlyStopping, else ``stopped by a handler``."""
+
+    def terminate(self, skip_completed: bool = False) -> None:
+        """Ignite's ``terminate``, noting in ``handler_stop`` who called it when it is a handler's: the
+        caller is read from the calling frame, as Ignite's EarlyStopping leaves no other trace."""
+        if self.handler_stop is None and getattr(self.state, "stop_reason", None) is None:
+            frame = inspect.currentframe()
+            try:
+                caller = frame.f_back.f_locals.get("self") if frame is not None and frame.f_back else None
+            finally:
+                del frame  # no reference cycle through this frame
+            if isinstance(caller, EarlyStopping) and caller.trainer is self:
+                self.handler_stop = f"stopped by EarlyStopping (patience {caller.patience})"
+            else:
+                self.handler_stop = "stopped by a handler"
+        super().terminate(skip_completed)
 
     def add_event_handler(
         self, event_name: Any, handler: Callable[..., Any], *args: Any, **kwargs: Any
@@ -56,16 +77,18 @@ class TraintelEngine(Engine):
 
 def create_trainer(
     model: torch.nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
     *,
     device: torch.device | str = "cpu",
+    forward_loss: ForwardLoss | None = None,
     prepare: Prepare | None = None,
     count_items: CountItems | None = None,
     grad_clip_norm: float | None = None,
     report_grad_norm: bool = False,
     precision: str = "fp32",
+    grad_scaler: torch.amp.GradScaler | None = None,
     coordinator: Coordinator | None = None,
     step_class: type[AccumulatingStep] = AccumulatingStep,
     on_nonfinite: str = "warn",
@@ -78,7 +101,9 @@ def create_trainer(
     ``TraintelEvents`` are registered; ``update_step`` is the step. ``coordinator`` and
     ``step_class`` make it one rank of a torch.distributed run (see ``traintel.engine.ddp``).
     ``on_nonfinite="skip_step"`` does not take the optimizer step of a window whose loss is not
-    finite (``trainer.on_nonfinite``).
+    finite (``trainer.on_nonfinite``); ``grad_scaler`` scales backward under ``precision="fp16"``.
+    Give ``loss_fn=None`` and ``forward_loss`` for a model that computes its own loss; ``prepare``
+    defaults to what that loss takes (``step.loss_calls``).
     """
     step = step_class(
         model,
@@ -86,11 +111,13 @@ def create_trainer(
         optimizer,
         scheduler,
         device=torch.device(device),
-        prepare=prepare or default_prepare,
+        forward_loss=forward_loss,
+        prepare=prepare,
         count_items=count_items or default_count_items,
         grad_clip_norm=grad_clip_norm,
         report_grad_norm=report_grad_norm,
         precision=precision,
+        grad_scaler=grad_scaler,
         coordinator=coordinator,
         on_nonfinite=on_nonfinite,
     )
@@ -113,3 +140,28 @@ def _end_if_stopping(engine: TraintelEngine, coordinator: Coordinator) -> None:
     record, evaluation and checkpoint), never between the epoch's last step and its end."""
     if coordinator.stopping:
         engine.terminate()
+
+
+def limit_steps(engine: TraintelEngine, max_steps: int) -> None:
+    """End the run after its optimizer step ``max_steps`` (``trainer.max_steps``), noted in
+    ``state.step_limit``. When that step is its epoch's last, the run ends after the epoch's end
+    (its record, evaluation and checkpoint); otherwise right after the step, with ``state.epoch_cut``
+    set: the epoch is left part-way, as a stop leaves it, so that a longer run can continue it from
+    a checkpoint of that step (``Run`` then gives the part-epoch its record)."""
+
+    def step_ended(engine: TraintelEngine) -> None:
+        st = engine.state
+        if st.step_limit is not None or st.progress.run_steps < max_steps:
+            return
+        st.step_limit = max_steps
+        length = st.epoch_length
+        if length is None or st.iteration % length:
+            st.epoch_cut = True
+            Engine.terminate(engine)  # Ignite's own: not a handler's stop (``handler_stop``)
+
+    def epoch_ended(engine: TraintelEngine) -> None:
+        if engine.state.step_limit is not None:
+            Engine.terminate(engine)
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, step_ended)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, epoch_ended)

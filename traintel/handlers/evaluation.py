@@ -1,10 +1,11 @@
-"""Run the evaluator after each training epoch and emit one ``eval.epoch`` record."""
+"""Run the evaluator over the task's validation loaders at the configured cadence, and emit one
+``eval.epoch`` record per loader (its ``split``)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 from ignite.engine import Engine, Events
@@ -16,36 +17,44 @@ from traintel.engine.state import traintel_state
 from traintel.records import EvalRecord, Record
 
 
-class EvaluateEachEpoch:
-    """At every EPOCH_COMPLETED of the trainer, evaluate ``loader`` and emit ``eval.epoch``.
+class Evaluation:
+    """Evaluate every split of ``loaders`` at the end of every ``every_epochs``-th epoch and after
+    every ``every_steps``-th optimizer step, emitting ``eval.epoch`` per split, in order.
 
-    ``stop()`` (a stop signal in a run of one process) cuts the pass under way and skips any later
-    one. An evaluation that did not finish is not an evaluation: ``unfinished`` then holds the
-    random generators as they were when it began, so that a checkpoint can say the epoch's end is
-    still to come and a resumed run evaluates again, drawing what this pass would have drawn.
+    A step that is also its epoch's last evaluates once, at the epoch's end (after its record), so
+    a checkpoint of that step comes after both. ``stop()`` (a stop signal in a run of one process)
+    cuts the pass under way and skips any later one. An evaluation that did not finish is not an
+    evaluation: ``unfinished`` then holds the random generators as they were when it began, so that
+    a checkpoint can say it is still owed and a resumed run evaluates again first, drawing what
+    this pass would have drawn (the splits it had finished are evaluated, and logged, again).
     """
 
     def __init__(
         self,
         evaluator: Engine,
-        loader: Iterable[Any],
+        loaders: Mapping[str, Iterable[Any]],
         emit: Callable[[Record], None],
         run_id: str,
         coordinator: Coordinator | None = None,
         *,
         attempt: int = 0,
+        every_epochs: int | None = 1,
+        every_steps: int | None = None,
     ) -> None:
         self.evaluator = evaluator
-        self.loader = loader
+        self.loaders = dict(loaders)
+        """The validation loaders by split name, in the order they are evaluated."""
         self.emit = emit
         self.run_id = run_id
         self.attempt = attempt
         """The run's attempt (0, or n for its n-th resumption), copied into every record."""
+        self.every_epochs = every_epochs
+        self.every_steps = every_steps
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         """Sums the loss and the items over the ranks (each evaluates its own shard): one collective."""
         self.unfinished: dict[str, Any] | None = None
-        """The generators' states (``rng.capture``) at the start of the latest epoch's evaluation
-        when it was cut or skipped by ``stop``; None when it finished."""
+        """The generators' states (``rng.capture``) at the start of the latest evaluation when a stop
+        cut or skipped it; None when it finished."""
         self._stopping = False
         self._running = False
 
@@ -56,46 +65,81 @@ class EvaluateEachEpoch:
             self.evaluator.terminate(skip_completed=True)  # its COMPLETED handlers see no partial pass
 
     def attach(self, trainer: Engine) -> None:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_ended)
+        if self.every_steps is not None:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._step_ended)
+
+    def due_at_epoch_end(self, trainer: Engine) -> bool:
+        """Whether the epoch that ends evaluates: by epochs, or because its last step is due by steps."""
+        steps = traintel_state(trainer).progress.run_steps
+        return (self.every_epochs is not None and trainer.state.epoch % self.every_epochs == 0) or (
+            self.every_steps is not None and steps > 0 and steps % self.every_steps == 0
+        )
+
+    def _epoch_ended(self, trainer: Engine) -> None:
+        if self.due_at_epoch_end(trainer):
+            self(trainer)
+
+    def _step_ended(self, trainer: Engine) -> None:
+        st = traintel_state(trainer)
+        length, progress = st.epoch_length, st.progress
+        if length is not None and progress.windows >= length:
+            return  # the epoch's last step: evaluated at the epoch's end, after its record
+        out, every = st.step_output, self.every_steps
+        if out is not None and not out.skipped and every is not None and progress.run_steps % every == 0:
+            self(trainer)
 
     def __call__(self, trainer: Engine) -> None:
+        """Evaluate every split now and emit their records (``Plan`` also calls this for an owed one)."""
         self.unfinished = rng.capture()
         if self._stopping:
             return
-        t0 = time.perf_counter()
+        results: list[tuple[str, float, float, float, float]] = []
         self._running = True
         try:
-            if _empty(self.loader):  # this rank's share is empty (a run of several ranks): it adds zeros
-                eval_state(self.evaluator).eval.reset()
-            else:
-                self.evaluator.run(self.loader)
+            for split, loader in self.loaders.items():
+                t0 = time.perf_counter()
+                if _empty(loader):  # this rank's share is empty (a run of several ranks): it adds zeros
+                    eval_state(self.evaluator).eval.reset()
+                else:
+                    self.evaluator.run(loader)
+                if self._stopping:
+                    return  # cut by a stop: a partial mean would be misleading; it runs again on resume
+                acc = eval_state(self.evaluator).eval
+                results.append(
+                    (
+                        split,
+                        float(acc.loss_sum),
+                        float(acc.items),
+                        float(acc.batches),
+                        time.perf_counter() - t0,
+                    )
+                )
         finally:
             self._running = False
-        if self._stopping:
-            return  # cut by a stop: a partial mean would be misleading, and it runs again on resume
         self.unfinished = None
-        duration = time.perf_counter() - t0
-        acc = eval_state(self.evaluator).eval
-        loss_sum, items_sum, batches_sum = self.coordinator.sum_floats(
-            [float(acc.loss_sum), float(acc.items), float(acc.batches)]
-        )
-        items = int(items_sum)
-        self.emit(
-            EvalRecord(
-                run_id=self.run_id,
-                time=time.time(),
-                rank=self.coordinator.rank,
-                world_size=self.coordinator.world_size,
-                attempt=self.attempt,
-                epoch=trainer.state.epoch,
-                step=traintel_state(trainer).progress.run_steps,
-                loss=loss_sum / items if items else math.nan,
-                items=items,
-                batches=int(batches_sum),
-                duration_seconds=duration,
-                items_per_second=items / duration if duration > 0 else 0.0,
+        sums = iter(self.coordinator.sum_floats([v for _, *values, _ in results for v in values]))
+        progress = traintel_state(trainer).progress
+        for split, *_, duration in results:
+            loss_sum, items_sum, batches_sum = next(sums), next(sums), next(sums)
+            items = int(items_sum)
+            self.emit(
+                EvalRecord(
+                    run_id=self.run_id,
+                    time=time.time(),
+                    rank=self.coordinator.rank,
+                    world_size=self.coordinator.world_size,
+                    attempt=self.attempt,
+                    epoch=progress.epoch,
+                    step=progress.run_steps,
+                    loss=loss_sum / items if items else math.nan,
+                    items=items,
+                    batches=int(batches_sum),
+                    duration_seconds=duration,
+                    items_per_second=items / duration if duration > 0 else 0.0,
+                    split=split,
+                )
             )
-        )
 
 
 def _empty(loader: Iterable[Any]) -> bool:

@@ -44,8 +44,8 @@ class RunLifecycle:
     def end(self, status: str, reason: str, progress: Progress) -> RunEndRecord:
         """Emit ``run.end`` (once: a second call returns the first record).
 
-        ``status`` is ``completed`` (max_epochs reached), ``terminated`` (a handler such as
-        EarlyStopping, or a signal) or ``failed`` (an exception).
+        ``status`` is ``completed`` (max_epochs reached, or a handler such as EarlyStopping ended
+        the run), ``terminated`` (a signal, or a peer rank's) or ``failed`` (an exception).
         """
         if self.ended is not None:
             return self.ended

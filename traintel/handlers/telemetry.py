@@ -99,6 +99,8 @@ class TrainTelemetry:
         """Under ``trainer.on_nonfinite=stop`` only: the steps since the last delivery that are not
         emitted, whose losses are checked at the next delivery too (None otherwise: no extra work)."""
         self._delivered = 0.0
+        self._epoch_start: float | None = None
+        """When the current epoch started in this attempt (``perf_counter``): a cut epoch's duration."""
 
     def _emit_each(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -110,8 +112,12 @@ class TrainTelemetry:
         Whatever ends the run calls ``flush`` before ``run.end`` (``Run.run`` does), so the
         steps of a run that ends mid-epoch are delivered too.
         """
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.note_step)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.emit_epoch)
+
+    def _epoch_started(self, _engine: Engine) -> None:
+        self._epoch_start = time.perf_counter()
 
     def note_step(self, engine: Engine) -> None:
         """ITERATION_COMPLETED: keep every Nth step's output; deliver when due.
@@ -235,14 +241,20 @@ class TrainTelemetry:
             run_id=self.run_id, time=when, rank=self.rank, world_size=self.world_size, attempt=self.attempt,
             epoch=out.epoch, step=out.step, items=out.items, items_total=out.items_total,
             window_size=len(out.counts), loss=loss, lr=out.lr, grad_norm=grad_norm, skipped=out.skipped,
+            grad_scale=out.grad_scale,
         )  # fmt: skip
 
-    def emit_epoch(self, engine: Engine) -> None:
+    def emit_epoch(self, engine: Engine, *, cut: bool = False) -> None:
         """EPOCH_COMPLETED: deliver the waiting steps, then the epoch record (summed over the ranks
-        in the same collective as the steps' losses)."""
+        in the same collective as the steps' losses). ``cut``: the record of an epoch the step
+        limit ended part-way (``state.epoch_cut``), timed from its start in this attempt."""
         progress = traintel_state(engine).progress
         loss_sum, batches = self.flush([float(progress.loss_sum), float(progress.batches)])
-        duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
+        if cut:
+            started = self._epoch_start
+            duration = time.perf_counter() - started if started is not None else 0.0
+        else:
+            duration = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
         items = progress.items
         self.emit(
             EpochRecord(

@@ -116,6 +116,16 @@ class Run:
             if self.coordinator.stopping or trainer.state.epoch >= max_epochs:
                 return  # stopped while finishing it, or it was all that was left
         trainer.run(plan.engines.data, max_epochs=max_epochs, epoch_length=plan.engines.epoch_length)
+        if trainer.state.epoch_cut:
+            self._end_cut_epoch()
+
+    def _end_cut_epoch(self) -> None:
+        """The step limit ended the run part-way through an epoch: that part gets its ``train.epoch``
+        record, then, when checkpoints are on, a checkpoint of the last step, from which a run with a
+        higher ``trainer.max_steps`` continues the epoch where it was left."""
+        self.plan.telemetry.emit_epoch(self.trainer, cut=True)
+        if self.checkpointing is not None and self.config.checkpoint.enabled:
+            self.checkpointing.save("max_steps")
 
     def _outcome(self, raised: BaseException | None) -> tuple[str, str, BaseException | None]:
         """The run's status, reason and failure: a stop's checkpoint is taken (when
@@ -145,20 +155,22 @@ class Run:
                 distributed.record_failure(reason)  # for torchrun's summary of the failed workers
             return "failed", reason, raised
         if self.trainer.should_terminate and not self._all_done():
-            return "terminated", state.stop_reason or "terminate() called by a handler", None
-        return "completed", "max_epochs", None
+            if state.stop_reason is None:  # a handler's terminate() (EarlyStopping): a finished run
+                return "completed", self.trainer.handler_stop or "stopped by a handler", None
+            return "terminated", state.stop_reason, None  # a signal, a peer rank's, or stop()
+        return "completed", "max_steps" if state.step_limit is not None else "max_epochs", None
 
     def _all_done(self) -> bool:
-        """Whether every epoch was trained and ended, its evaluation included. A stop that comes after
-        that (while the last checkpoint is taken, or the last records go out) stopped nothing: the
-        run completed, and a restarted ``run.resume: auto`` would find nothing left to do."""
+        """Whether every epoch was trained and ended, or ``trainer.max_steps`` steps taken, the last
+        evaluation included. A stop that comes after that (while the last checkpoint is taken, or
+        the last records go out) stopped nothing: the run completed, and a restarted ``run.resume:
+        auto`` would find nothing left to do."""
         st = self.trainer.state
         evaluation = self.plan.evaluation
-        return (
-            st.epoch_length is not None
-            and st.iteration >= st.epoch_length * self.config.trainer.max_epochs
-            and (evaluation is None or evaluation.unfinished is None)
+        trained = st.step_limit is not None or (
+            st.epoch_length is not None and st.iteration >= st.epoch_length * self.config.trainer.max_epochs
         )
+        return trained and (evaluation is None or evaluation.unfinished is None)
 
     def stop(self, reason: str) -> None:
         """Finish the current optimizer step, then end the run as ``terminated`` with ``reason``.
@@ -222,14 +234,19 @@ def build(
 ) -> Run:
     """Build a Run from a config (object, mapping, YAML path or None) and optionally a task made in code.
 
-    Without ``task``, ``config.task.factory`` is called with ``config.task.params``. ``sinks`` are
-    added after the configured ones. With ``run.resume: auto`` the run continues from the newest
-    checkpoint in ``run.dir``; ``must_resume`` makes a missing one a ConfigError.
+    Without ``task``, ``config.task.factory`` is called with ``config.task.params``. With one, the
+    run's config says ``task.factory: null`` (in ``config.yaml``, ``run.start`` and its checkpoints):
+    the task is given in code, so only code can resume the run, by building it again with the same
+    task, ``run.resume: auto`` and the same ``run.dir``. ``sinks`` are added after the configured ones.
+    With ``run.resume: auto`` the run continues from the newest checkpoint in ``run.dir``;
+    ``must_resume`` makes a missing one a ConfigError.
 
     The session's resources are acquired in order (``traintel.run.session``), and a failure at
     any point gives back exactly those acquired, in reverse.
     """
     cfg = coerce_config(config)
+    if task is not None:  # no factory makes it: a resume from the command line would need one
+        cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"factory": None})})
     with contextlib.ExitStack() as stack:
         where = session.acquire_process_group(stack, cfg)
         checked = load_task(cfg, task, stdout_is_json=cfg.sinks.json_.enabled and json_stream is None)

@@ -50,6 +50,7 @@ class Checkpointing:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         data: WindowedLoader,
+        grad_scaler: Any = None,
         identity: Mapping[str, Any],
         keep: int = 2,
         every_steps: int | None = None,
@@ -64,6 +65,8 @@ class Checkpointing:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.grad_scaler = grad_scaler
+        """``precision: fp16``'s ``torch.amp.GradScaler`` (its scale goes on where it was), or None."""
         self.data = data
         self.identity = dict(identity)
         """run_id, attempt and the settings that must not change on resume, saved in each checkpoint."""
@@ -76,8 +79,9 @@ class Checkpointing:
         committed."""
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         self.unfinished_end = unfinished_end
-        """At EPOCH_COMPLETED: the generators' states when the epoch's evaluation began, if a stop cut
-        it (``EvaluateEachEpoch.unfinished``); None when the epoch's end finished."""
+        """The generators' states when the latest evaluation began, if a stop cut or skipped it
+        (``Evaluation.unfinished``); None when it finished. Read at EPOCH_COMPLETED, and for a
+        checkpoint part-way through an epoch (an evaluation after a step)."""
         self.on_signal = on_signal
         """Whether a stop (a signal) takes a checkpoint of the step it finished (``checkpoint.on_signal``)."""
         self.rank = self.coordinator.rank
@@ -92,6 +96,12 @@ class Checkpointing:
         """After ``restore``: what of the checkpoint's epoch end is still to run (``finish``)."""
         self.restore_rng: Callable[[], None] = lambda: None
         """After ``restore``: put the generators back (for a checkpoint not part-way through an epoch)."""
+        self.owed_evaluation = False
+        """After ``restore`` of a checkpoint part-way through an epoch: whether the evaluation after
+        its step is still to run (a stop cut it), before training goes on (``run_owed_evaluation``)."""
+        self._resume_rng: Mapping[str, Any] | None = None
+        """The generators a restored part-way epoch goes on with, once the loader has skipped the
+        windows trained: the checkpoint's, or those after an owed evaluation ran again."""
 
     def attach(self, engine: TraintelEngine) -> None:
         """Add the handlers; attach after the telemetry and the evaluation, so that a checkpoint at
@@ -136,20 +146,23 @@ class Checkpointing:
         progress = st.progress
         # the windows trained, not those the loader yielded: one fetched when a stop came is not done
         loader = None if self._ended else {**self.data.state_dict(), "yielded": progress.windows}
+        # an evaluation a stop cut: at an epoch's end (``epoch_ended``), or after a step part-way
+        cut = self._cut if self._ended else self.unfinished_end()
         return {
             "format": checkpoint.FORMAT,
             **self.identity,
             "step": progress.run_steps,
             "epoch_ended": self._ended,
-            "evaluation_owed": self._cut is not None,
+            "evaluation_owed": cut is not None,
             "engine": {"iteration": st.iteration, "epoch": st.epoch, "epoch_length": st.epoch_length},
             "model": unwrapped(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "progress": progress.state_dict(),
             "loader": loader,
             "rng": {
-                **(self._cut if self._cut is not None else rng.capture()),
+                **(cut if cut is not None else rng.capture()),
                 "loader": [g.get_state() for g in rng.loader_generators(self.data.loader)],
             },
         }
@@ -207,6 +220,8 @@ class Checkpointing:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         traintel_state(self.trainer).progress.load_state_dict(state["progress"])
         engine = state["engine"]
         self.owed = owed_end(state)
@@ -226,7 +241,22 @@ class Checkpointing:
             rng.set_loader_generators(self.data.loader, saved_rng["loader"])
             self.restore_rng = lambda: rng.restore(saved_rng)
         else:
-            self.data.load_state_dict(state["loader"], after=lambda: rng.restore(saved_rng))
+            self.owed_evaluation = bool(state.get("evaluation_owed", False))
+            self._resume_rng = saved_rng
+            self.data.load_state_dict(state["loader"], after=self._restore_resume_rng)
+
+    def _restore_resume_rng(self) -> None:
+        if self._resume_rng is not None:
+            rng.restore(self._resume_rng)
+
+    def run_owed_evaluation(self, evaluate: Callable[[], None]) -> None:
+        """Run the evaluation a restored part-way checkpoint owes, drawing from the generators as they
+        were when the cut one began; training then goes on with the generators as it left them."""
+        self.owed_evaluation = False
+        if self._resume_rng is not None:
+            rng.restore(self._resume_rng)
+        evaluate()
+        self._resume_rng = rng.capture()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -21,25 +22,35 @@ from typing import Any, BinaryIO
 import torch
 from ignite.engine import Engine, Events
 
-from traintel.config import Config
+from traintel.config import Config, TrainerConfig
 from traintel.engine import ddp, rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.shards import set_epoch, shard
-from traintel.engine.step import AccumulatingStep, default_count_items, default_prepare
-from traintel.engine.trainer import TraintelEngine, create_trainer
+from traintel.engine.step import AccumulatingStep, default_count_items
+from traintel.engine.trainer import TraintelEngine, create_trainer, limit_steps
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import ConfigError, one_line
-from traintel.handlers.evaluation import EvaluateEachEpoch
+from traintel.handlers.evaluation import Evaluation
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
 from traintel.records import RunStartRecord, freeze
 from traintel.run import distributed, layout, resume, rundir
 from traintel.run.assembly import SinkSet, build_sinks
 from traintel.run.checkpointing import Checkpointing
-from traintel.run.optim import build_optimizer, build_scheduler
+from traintel.run.optim import (
+    build_optimizer,
+    build_scheduler,
+    class_name,
+    length_change,
+    run_length,
+    task_optimizer,
+    task_scheduler,
+)
 from traintel.sinks.base import RunContext, Sink
 from traintel.task import Task, check_task, make_task
+
+_log = logging.getLogger("traintel")
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class Plan:
     sinks: SinkSet
     telemetry: TrainTelemetry
     lifecycle: RunLifecycle
-    evaluation: EvaluateEachEpoch | None
+    evaluation: Evaluation | None
     checkpointing: Checkpointing | None
     context: RunContext
 
@@ -94,24 +105,35 @@ class Plan:
         traintel took before its epoch's end, the evaluation, the epoch's checkpoint). Ignite's
         EPOCH_COMPLETED is not fired again: the handlers of the interrupted attempt ran for it."""
         cp = self.checkpointing
+        if cp is not None and cp.owed_evaluation and self.evaluation is not None:
+            evaluation, trainer = self.evaluation, self.trainer
+            cp.run_owed_evaluation(lambda: evaluation(trainer))  # after a step, part-way through its epoch
         owed = cp.owed if cp is not None else None
         if cp is None or owed is None:
             return
         if owed.record:
             self.telemetry.emit_epoch(self.trainer)
-        if owed.evaluation and self.evaluation is not None:
+        if owed.evaluation and self.evaluation is not None and self.evaluation.due_at_epoch_end(self.trainer):
             self.evaluation(self.trainer)
         cp.epoch_ended(self.trainer)
 
 
 def load_task(config: Config, task: Any, *, stdout_is_json: bool) -> Task:
     """The task given in code (checked), or the one ``task.factory`` makes, after seeding torch with
-    ``run.seed``. While stdout carries JSON lines only, what the factory prints goes to stderr."""
+    ``run.seed`` (a model factory, ``Task.model``, is called after it too). While stdout carries JSON
+    lines only, what the factory and the model factory print goes to stderr."""
+    factory = config.task.factory
+    if task is None and factory is None:
+        raise ConfigError(
+            "task.factory",
+            "is null, which says the task is given in code: pass it to traintel.build(config, task), "
+            "or set a 'module:function' factory",
+        )
     torch.manual_seed(config.run.seed)
-    if task is not None:
-        return check_task(task)
     with contextlib.redirect_stdout(sys.stderr) if stdout_is_json else contextlib.nullcontext():
-        return make_task(config.task.factory, config.task.params)
+        if task is None and factory is not None:
+            return make_task(factory, config.task.params)
+        return check_task(task)
 
 
 def make_plan(
@@ -192,13 +214,27 @@ def make_plan(
     # evaluation, the checkpoint (the stop at an epoch's end is create_trainer's)
     telemetry.attach(trainer)
     evaluation = None
-    if engines.evaluator is not None and engines.val_loader is not None:
-        evaluation = EvaluateEachEpoch(
-            engines.evaluator, engines.val_loader, emit, attempt.run_id, coordinator, attempt=attempt.attempt
+    if engines.evaluator is not None and engines.val_loaders:
+        evaluation = Evaluation(
+            engines.evaluator,
+            engines.val_loaders,
+            emit,
+            attempt.run_id,
+            coordinator,
+            attempt=attempt.attempt,
+            every_epochs=config.eval.every_epochs,
+            every_steps=config.eval.every_steps,
         )
         evaluation.attach(trainer)
     checkpointing = None
     cc = config.checkpoint
+    classes = {
+        "optimizer": class_name(optimizer),
+        "scheduler": None if scheduler is None else class_name(scheduler),
+    }
+    if attempt.state is not None:
+        _same_classes(attempt.state, classes, run_dir)
+        _schedule_length(config, attempt.state, engines.schedule_steps, optimizer)
     if cc.enabled or attempt.state is not None:
         fanout = sinks.fanout
 
@@ -215,8 +251,15 @@ def make_plan(
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
+            grad_scaler=engines.grad_scaler,
             data=data,
-            identity={"run_id": attempt.run_id, "attempt": attempt.attempt, "settings": dict(settings)},
+            identity={
+                "run_id": attempt.run_id,
+                "attempt": attempt.attempt,
+                "settings": dict(settings),
+                "classes": classes,
+                "schedule_steps": engines.schedule_steps,
+            },
             keep=cc.keep,
             every_steps=cc.every_steps,
             every_epochs=cc.every_epochs,
@@ -266,9 +309,14 @@ class Engines:
     scheduler: Any
     data: WindowedLoader
     epoch_length: int | None
+    schedule_steps: int | None
+    """The run's optimizer steps when the scheduler's length defaults to them (``optim.run_length``)."""
+    grad_scaler: torch.amp.GradScaler | None
+    """``precision: fp16``'s loss scale (its state is checkpointed), else None."""
     trainer: TraintelEngine
     evaluator: Engine | None
-    val_loader: Iterable[Any] | None
+    val_loaders: dict[str, Iterable[Any]]
+    """This rank's validation data by split name (none: no evaluation)."""
 
 
 def _make_engines(config: Config, task: Task, where: Where) -> Engines:
@@ -276,11 +324,11 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
     torchrun), trainer and evaluator."""
     coordinator, launch, tc = where.coordinator, where.launch, config.trainer
     model = task.model.to(where.device)
-    optimizer = build_optimizer(tc.optimizer, (p for p in model.parameters() if p.requires_grad))
-    train_loader, val_loader = task.train_loader, task.val_loader
+    optimizer = _optimizer(config, task, model)
+    train_loader, val_loaders = task.train_loader, dict(task.val_loaders or {})
     windows: int | None = None
     if launch is not None:
-        train_loader, val_loader = _shard(config, coordinator, train_loader, val_loader)
+        train_loader, val_loaders = _shard(config, coordinator, train_loader, val_loaders)
         windows = distributed.max_over_ranks(
             len(WindowedLoader(train_loader, tc.accumulation_steps)), where.device
         )
@@ -288,40 +336,155 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
     epoch_length = len(data) if data.batches_per_epoch() is not None else None
     if epoch_length == 0:
         raise ConfigError("task.train_loader", "has no batches (its length is 0): there is nothing to train")
-    total = epoch_length * tc.max_epochs if epoch_length is not None else None
-    scheduler = build_scheduler(tc.scheduler, optimizer, total)
-    prepare = task.prepare or default_prepare
+    total = _run_steps(tc, epoch_length)
+    scheduler = _scheduler(config, task, optimizer, total)
     count_items = task.count_items or default_count_items
+    stepped = _compiled(model, tc) if tc.compile else model
+    grad_scaler = _grad_scaler(tc, where.device) if tc.precision == "fp16" else None
     trainer = create_trainer(
-        model if launch is None else ddp.wrap(model, where.device),
+        stepped if launch is None else ddp.wrap(stepped, where.device),
         task.loss_fn,
         optimizer,
         scheduler,
         device=where.device,
-        prepare=prepare,
+        forward_loss=task.forward_loss,
+        prepare=task.prepare,
         count_items=count_items,
         grad_clip_norm=tc.grad_clip_norm,
         report_grad_norm=tc.report_grad_norm,
         precision=tc.precision,
+        grad_scaler=grad_scaler,
         coordinator=coordinator,
         step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
         on_nonfinite=tc.on_nonfinite,
     )
+    if tc.max_steps is not None:
+        limit_steps(trainer, tc.max_steps)
     if windows and not data.batches_per_epoch():  # this rank's share is empty, the others' not
         _stand_in(trainer, task.train_loader, count_items, coordinator, config.run.seed)
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_epoch(train_loader, e.state.epoch))
     evaluator = None
-    if val_loader is not None:
+    if val_loaders:
         evaluator = create_evaluator(
-            model,
+            stepped,
             task.loss_fn,
             device=where.device,
-            prepare=prepare,
+            forward_loss=task.forward_loss,
+            prepare=task.prepare,
             count_items=count_items,
             precision=tc.precision,
         )
 
-    return Engines(model, optimizer, scheduler, data, epoch_length, trainer, evaluator, val_loader)
+    schedule_steps = None if task.scheduler is not None else run_length(tc.scheduler, total)
+    return Engines(
+        model,
+        optimizer,
+        scheduler,
+        data,
+        epoch_length,
+        schedule_steps,
+        grad_scaler,
+        trainer,
+        evaluator,
+        val_loaders,
+    )
+
+
+def _run_steps(tc: TrainerConfig, epoch_length: int | None) -> int | None:
+    """The run's optimizer steps, which a schedule's length defaults to: ``max_epochs`` epochs, or
+    ``max_steps`` when that comes first (None when neither is known: the loader has no length and
+    there is no step limit). A step limit the epochs end before is reported in one warning line."""
+    epochs = epoch_length * tc.max_epochs if epoch_length is not None else None
+    if tc.max_steps is None:
+        return epochs
+    if epochs is not None and epochs < tc.max_steps:
+        _log.warning(
+            "trainer.max_steps: %d steps are more than trainer.max_epochs holds (%d epochs of %d): the run "
+            "ends at step %d unless trainer.max_epochs is raised",
+            tc.max_steps, tc.max_epochs, epoch_length, epochs,
+        )  # fmt: skip
+        return epochs
+    return tc.max_steps
+
+
+def _grad_scaler(tc: TrainerConfig, device: torch.device) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` on the run's device with ``trainer.grad_scaler``'s settings."""
+    make = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if make is None:
+        raise ConfigError(
+            "trainer.precision",
+            f"fp16 needs torch.amp.GradScaler (torch >= 2.3), not torch {torch.__version__}",
+        )
+    gs = tc.grad_scaler
+    return make(
+        device.type,
+        init_scale=gs.init_scale,
+        growth_factor=gs.growth_factor,
+        backoff_factor=gs.backoff_factor,
+        growth_interval=gs.growth_interval,
+    )
+
+
+def _compiled(model: torch.nn.Module, tc: TrainerConfig) -> torch.nn.Module:
+    """``torch.compile(model)`` with ``trainer.compile_backend`` and ``compile_mode``: the module the
+    steps and the evaluator call. It shares the model's parameters; the plan keeps the model itself
+    for the optimizer and the checkpoints (its keys have no ``_orig_mod.`` prefix). Compiling is lazy:
+    a backend that fails does so at the first step."""
+    try:
+        compiled = torch.compile(model, backend=tc.compile_backend, mode=tc.compile_mode)
+    except Exception as exc:  # an unknown backend is refused here, before anything is trained
+        raise ConfigError("trainer.compile_backend", one_line(exc)) from None
+    assert isinstance(compiled, torch.nn.Module)
+    return compiled
+
+
+def _optimizer(config: Config, task: Task, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The task's optimizer, else the one ``trainer.optimizer`` names (over the model on its device)."""
+    if task.optimizer is None:
+        return build_optimizer(config.trainer.optimizer, model)
+    if config.trainer.optimizer.no_decay is not None:
+        raise ConfigError(
+            "trainer.optimizer.no_decay",
+            "the task gives its own optimizer: make its parameter groups there, or leave the task's out",
+        )
+    return task_optimizer(task, model)
+
+
+def _scheduler(config: Config, task: Task, optimizer: torch.optim.Optimizer, total: int | None) -> Any:
+    """The task's scheduler, else the one ``trainer.scheduler`` names (None: a constant rate)."""
+    if task.scheduler is None:
+        return build_scheduler(config.trainer.scheduler, optimizer, total)
+    if config.trainer.scheduler is not None:
+        raise ConfigError(
+            "trainer.scheduler",
+            "the task gives its own scheduler: set trainer.scheduler to null, or leave the task's out",
+        )
+    return task_scheduler(task, optimizer)
+
+
+def _same_classes(state: Mapping[str, Any], classes: Mapping[str, str | None], run_dir: Path) -> None:
+    """The optimizer and scheduler are of the classes the checkpoint was taken with (their state
+    would not fit others); a checkpoint that did not record them is taken to fit."""
+    saved = state.get("classes")
+    if not isinstance(saved, Mapping):
+        return
+    for part in ("optimizer", "scheduler"):
+        if saved.get(part) != classes[part]:
+            raise ConfigError(
+                f"trainer.{part}",
+                f"cannot change when resuming the run in {str(run_dir)!r}: its checkpoint has "
+                f"{saved.get(part)!r}, this attempt {classes[part]!r}",
+            )
+
+
+def _schedule_length(
+    config: Config, state: Mapping[str, Any], steps: int | None, optimizer: torch.optim.Optimizer
+) -> None:
+    """Warn, in one line, what the learning rate will do when this attempt changes the length of a
+    schedule tied to the run's steps (a one-cycle schedule cannot go past its end: a ConfigError)."""
+    saved = state.get("schedule_steps")
+    if type(saved) is int and steps is not None and saved != steps:
+        _log.warning(length_change(config.trainer.scheduler, saved, steps, int(state["step"]), optimizer))
 
 
 def _restore(handler: Checkpointing, state: dict[str, Any], max_epochs: int) -> None:
@@ -335,8 +498,8 @@ def _restore(handler: Checkpointing, state: dict[str, Any], max_epochs: int) -> 
 
 
 def _shard(
-    config: Config, coordinator: Coordinator, train: Iterable[Any], val: Iterable[Any] | None
-) -> tuple[Iterable[Any], Iterable[Any] | None]:
+    config: Config, coordinator: Coordinator, train: Iterable[Any], val: Mapping[str, Iterable[Any]]
+) -> tuple[Iterable[Any], dict[str, Iterable[Any]]]:
     """This rank's share of the training and validation data (``traintel.engine.shards.shard``)."""
 
     def share(loader: Iterable[Any], key: str) -> Iterable[Any]:
@@ -350,7 +513,10 @@ def _shard(
         raise ConfigError(
             "task.train_loader", "needs a length in a run of several ranks (they step together)"
         )
-    return train, None if val is None else share(val, "task.val_loader")
+    keys = {
+        name: "task.val_loader" if list(val) == ["val"] else f"task.val_loaders[{name!r}]" for name in val
+    }
+    return train, {name: share(loader, keys[name]) for name, loader in val.items()}
 
 
 def _stand_in(

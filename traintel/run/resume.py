@@ -223,7 +223,20 @@ def decide(
             f"the checkpoint at step {found.state['step']} has {done} epochs done, which reaches "
             f"max_epochs {max_epochs}; raise trainer.max_epochs to train on",
         )
+    max_steps = config.trainer.max_steps
+    if found.state is not None and max_steps is not None and (step := int(found.state["step"])) >= max_steps:
+        raise ConfigError(
+            "trainer.max_steps",
+            f"the checkpoint at step {step} reaches max_steps {max_steps}; raise trainer.max_steps to "
+            "train on",
+        )
     ended = completed(run_dir, coordinator)  # run.json knows of an end, which the checkpoint may predate
+    if ended is not None and max_steps is not None and ended[0] >= max_steps:
+        raise ConfigError(
+            "trainer.max_steps",
+            f"the run completed at step {ended[0]}, which reaches max_steps {max_steps}; raise "
+            "trainer.max_steps to train on",
+        )
     if ended is not None and ended[1] >= max_epochs:
         raise ConfigError(
             "trainer.max_epochs",

@@ -184,13 +184,14 @@ def acquire_sinks(stack: contextlib.ExitStack, plan: Plan) -> None:
 
 
 def note_completed(plan: Plan) -> None:
-    """Rank 0 notes in ``run.json`` that this attempt trained all its epochs, so that resuming the
-    run asks for more epochs even where its last checkpoint is older than its end."""
+    """Rank 0 notes in ``run.json`` that this attempt trained all its epochs (or steps), so that
+    resuming the run asks for more even where its last checkpoint is older than its end; an epoch the
+    step limit cut does not count as done."""
     cp = plan.checkpointing
     if cp is None or plan.where.coordinator.rank != 0:
         return
     state = plan.trainer.state
-    done = {"step": state.progress.run_steps, "epochs": state.epoch}
+    done = {"step": state.progress.run_steps, "epochs": state.epoch - 1 if state.epoch_cut else state.epoch}
     try:
         resume.write_run_file(cp.directory, plan.attempt.run_id, plan.attempt.attempt, completed=done)
     except OSError as exc:

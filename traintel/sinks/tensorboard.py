@@ -27,8 +27,9 @@ class TensorBoardSink:
     The x axis is the optimizer step: a micro-batch is plotted at ``step + 1``, the step
     its gradient goes into; step, epoch and eval records at their ``step``. Tags:
     ``train/batch_loss``, ``train/batch_raw_loss``, ``train/batch_loss_scale``,
-    ``train/step_loss``, ``train/lr``, ``train/grad_norm`` (when reported),
-    ``train/epoch_loss`` and ``eval/loss``. Other records are skipped.
+    ``train/step_loss``, ``train/lr``, ``train/grad_norm`` (when reported), ``train/grad_scale``
+    (under fp16), ``train/epoch_loss`` and ``eval/loss`` (``eval/<split>/loss`` for a validation
+    loader not named ``val``). Other records are skipped.
     """
 
     name = "tensorboard"
@@ -78,10 +79,13 @@ class TensorBoardSink:
             writer.add_scalar("train/lr", record.lr, record.step, walltime=t)
             if record.grad_norm is not None:
                 writer.add_scalar("train/grad_norm", record.grad_norm, record.step, walltime=t)
+            if record.grad_scale is not None:
+                writer.add_scalar("train/grad_scale", record.grad_scale, record.step, walltime=t)
         elif isinstance(record, EpochRecord):
             writer.add_scalar("train/epoch_loss", record.loss, record.step, walltime=t)
         elif isinstance(record, EvalRecord):
-            writer.add_scalar("eval/loss", record.loss, record.step, walltime=t)
+            tag = "eval/loss" if record.split == "val" else f"eval/{record.split}/loss"
+            writer.add_scalar(tag, record.loss, record.step, walltime=t)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

@@ -35,6 +35,7 @@ def step_record(**overrides: Any) -> StepRecord:
     fields: dict[str, Any] = {
         "run_id": "r1", "time": T0 + 1, "epoch": 1, "step": 1, "items": 12, "items_total": 12,
         "window_size": 3, "loss": 0.6875, "lr": 0.001, "grad_norm": None, "skipped": False,
+        "grad_scale": None,
     }  # fmt: skip
     return StepRecord(**{**fields, **overrides})
 
@@ -52,7 +53,7 @@ def eval_record(**overrides: Any) -> EvalRecord:
     """An ``eval.epoch`` record: epoch 1, 8 items in 2 batches, two seconds after ``T0``."""
     fields: dict[str, Any] = {
         "run_id": "r1", "time": T0 + 2, "epoch": 1, "step": 1, "loss": 0.625, "items": 8, "batches": 2,
-        "duration_seconds": 0.5, "items_per_second": 16.0,
+        "duration_seconds": 0.5, "items_per_second": 16.0, "split": "val",
     }  # fmt: skip
     return EvalRecord(**{**fields, **overrides})
 

@@ -96,13 +96,26 @@ def main() -> None:
     memory = MemorySink()
     task = Task(model=model(), loss_fn=masked_mse, train_loader=batches(spec), prepare=prepare,
                 count_items=lambda b: int(b[2].sum()))  # fmt: skip
+    called_with: set[str] = set()  # the classes of the models forward_loss was given
+    if spec.get("forward_loss"):
+
+        def forward_loss(net: torch.nn.Module, batch: Any) -> torch.Tensor:
+            called_with.add(type(net).__name__)
+            x, y, mask = batch  # the whole batch, on the device
+            return masked_mse(net(x), (y, mask))
+
+        task.loss_fn, task.prepare, task.forward_loss = None, None, forward_loss
     config = {
         "run": {"dir": str(out_dir / "run"), "id": "dist-test"},
         "trainer": {"device": "cpu", "max_epochs": spec.get("epochs", 1), "accumulation_steps": spec["k"],
-                    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+                    "max_steps": spec.get("max_steps"),
+                    "optimizer": spec.get("optimizer", {"name": "sgd", "lr": 0.1, "momentum": 0.9})},
         "telemetry": {"every": 1, "max_delay_seconds": spec.get("max_delay", 0.0)},
         "sinks": {"json": {"enabled": False}, "diagnostic": {"enabled": True}, "prometheus": {"enabled": False}},
     }  # fmt: skip
+    if spec.get("eval_every_steps"):  # the training batches again, as the validation data, by steps
+        task.val_loader = batches(spec)
+        config["eval"] = {"every_steps": spec["eval_every_steps"], "every_epochs": None}
     run = build(config, task, sinks=[memory])
     grads: list[list[torch.Tensor]] = []
     hooks_per_step: list[int] = []
@@ -123,6 +136,7 @@ def main() -> None:
             "params": [p.detach().clone() for p in task.model.parameters()],
             "counts": counts,
             "hooks_per_step": hooks_per_step,
+            "forward_loss_models": sorted(called_with),
         },
         out_dir / f"rank{rank}.pt",
     )

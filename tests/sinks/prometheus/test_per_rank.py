@@ -150,10 +150,11 @@ def test_the_exposition_of_rank_1_is_exact(tmp_path: Path) -> None:
         "# HELP traintel_epoch_items_per_second Training throughput of the last epoch.\n"
         "# TYPE traintel_epoch_items_per_second gauge\n"
         'traintel_epoch_items_per_second{rank="1"} 6.0\n'
-        "# HELP traintel_eval_loss Item-weighted mean validation loss.\n"
+        "# HELP traintel_eval_loss Item-weighted mean validation loss, by validation loader.\n"
         "# TYPE traintel_eval_loss gauge\n"
-        'traintel_eval_loss{rank="1"} 0.625\n'
-        "# HELP traintel_run_success 1 when the run completed, 0 when it failed or was stopped.\n"
+        'traintel_eval_loss{rank="1",split="val"} 0.625\n'
+        "# HELP traintel_run_success 1 when the run completed (a handler's stop too), 0 when it failed or a "
+        "signal stopped it.\n"
         "# TYPE traintel_run_success gauge\n"
         'traintel_run_success{rank="1"} 1.0\n'
         "# HELP traintel_run_end_timestamp_seconds Unix time the run ended.\n"
@@ -333,7 +334,7 @@ def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[st
         ("traintel_grad_norm", (r,)): step["grad_norm"],  # configs/default.yaml clips gradients
         ("traintel_epoch_loss", (r,)): epoch["loss"],
         ("traintel_epoch_items_per_second", (r,)): epoch["items_per_second"],
-        ("traintel_eval_loss", (r,)): evaluation["loss"],
+        ("traintel_eval_loss", (r, ("split", "val"))): evaluation["loss"],
         ("traintel_run_success", (r,)): 1.0,
     }  # fmt: skip
     for family, names in sinks.items():

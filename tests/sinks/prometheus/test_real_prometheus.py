@@ -85,10 +85,12 @@ def test_prometheus_stores_the_values_of_the_json_log(prometheus: tuple[str, int
         }
         for metric, value in expected.items():
             (sample,) = _query(url, metric)
+            split = {"split": "val"} if metric == "traintel_eval_loss" else {}
             assert sample["metric"] == {
                 "__name__": metric,
                 "instance": f"127.0.0.1:{port}",
                 "job": "traintel",
+                **split,
             }
             assert float(sample["value"][1]) == value, metric
         (info,) = _query(url, "traintel_run_info")

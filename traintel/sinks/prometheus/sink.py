@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -40,7 +41,8 @@ class _Latest(NamedTuple):
     batch: BatchRecord | None = None
     step: StepRecord | None = None
     epoch: EpochRecord | None = None
-    eval: EvalRecord | None = None
+    evals: Mapping[str, EvalRecord] = MappingProxyType({})
+    """The newest ``eval.epoch`` of each split (validation loader), in the order first seen."""
     end: RunEndRecord | None = None
     progress: Record | None = None
     """The newest record that carries ``epoch``/``step`` counts."""
@@ -52,7 +54,6 @@ _SLOT = {
     BatchRecord: "batch",
     StepRecord: "step",
     EpochRecord: "epoch",
-    EvalRecord: "eval",
     RunEndRecord: "end",
 }
 
@@ -103,10 +104,14 @@ class RecordCollector:
         """Keep the newest record of each kind among ``records`` (in order); one swap of ``latest``."""
         changes: dict[str, Any] = {}
         for record in records:
-            slot = _SLOT.get(type(record))
-            if slot is None:
-                continue
-            changes[slot] = record
+            if isinstance(record, EvalRecord):
+                evals = changes.get("evals", self.latest.evals)
+                changes["evals"] = MappingProxyType({**evals, record.split: record})
+            else:
+                slot = _SLOT.get(type(record))
+                if slot is None:
+                    continue
+                changes[slot] = record
             if hasattr(record, "step"):
                 changes["progress"] = record
             items_total = getattr(record, "items_total", None)
@@ -142,6 +147,11 @@ class RecordCollector:
             yield from _gauge("traintel_learning_rate", "Learning rate of the latest emitted step.", t.lr)
             yield from _gauge("traintel_grad_norm", "Gradient norm of the latest emitted step.", t.grad_norm)
             yield from _gauge(
+                "traintel_grad_scale",
+                "Gradient scaler's factor of the latest emitted step (fp16).",
+                t.grad_scale,
+            )
+            yield from _gauge(
                 "traintel_step_timestamp_seconds", "Unix time of the latest emitted optimizer step.", t.time
             )
         if s.epoch is not None:
@@ -154,11 +164,19 @@ class RecordCollector:
                 "Training throughput of the last epoch.",
                 e.items_per_second,
             )
-        if s.eval is not None:
-            yield from _gauge("traintel_eval_loss", "Item-weighted mean validation loss.", s.eval.loss)
+        if s.evals:
+            family = GaugeMetricFamily(
+                "traintel_eval_loss",
+                "Item-weighted mean validation loss, by validation loader.",
+                labels=["split"],
+            )
+            for split, record in s.evals.items():
+                family.add_metric([split], record.loss)
+            yield family
         if s.end is not None:
             yield from _gauge(
-                "traintel_run_success", "1 when the run completed, 0 when it failed or was stopped.",
+                "traintel_run_success",
+                "1 when the run completed (a handler's stop too), 0 when it failed or a signal stopped it.",
                 1.0 if s.end.status == "completed" else 0.0,
             )  # fmt: skip
             yield from _gauge("traintel_run_end_timestamp_seconds", "Unix time the run ended.", s.end.time)
