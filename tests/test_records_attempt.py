@@ -31,7 +31,7 @@ from traintel.testing import T0, make_record, step_record
 def _start(**overrides: Any) -> RunStartRecord:
     fields: dict[str, Any] = {
         "run_id": "r1", "time": T0, "name": "demo", "run_dir": "runs/r1", "device": "cpu", "config": {},
-        "metrics_url": None,
+        "metrics_url": None, "optimizer": "torch.optim.sgd.SGD",
     }  # fmt: skip
     return RunStartRecord(**{**fields, **overrides})
 
@@ -50,17 +50,17 @@ def test_run_start_of_a_resumed_attempt_renders_and_validates() -> None:
     record = _start(attempt=2, resumed_from_step=120, items_total=1440)
     fields = record.fields()
     assert list(fields)[2:5] == ["rank", "world_size", "attempt"]
-    assert list(fields)[-2:] == ["resumed_from_step", "items_total"]
+    assert list(fields)[-4:] == ["resumed_from_step", "items_total", "optimizer", "scheduler"]
     line = LineRenderer()(None, record.level, LineRenderer.event_dict(record))
     assert line.endswith(
         b'"schema_version":"1.3.0","rank":0,"world_size":1,"attempt":2,"name":"demo","run_dir":"runs/r1",'
         b'"device":"cpu","config":{},"metrics_url":null,"backend":null,"restart_count":0,'
-        b'"resumed_from_step":120,"items_total":1440}\n'
+        b'"resumed_from_step":120,"items_total":1440,"optimizer":"torch.optim.sgd.SGD","scheduler":null}\n'
     )
     validate_line(parse_line(line))
     fresh = LineRenderer()(None, "info", LineRenderer.event_dict(_start()))
     assert b'"world_size":1,"attempt":0,"name":"demo"' in fresh
-    assert b'"resumed_from_step":null,"items_total":0}\n' in fresh
+    assert b'"resumed_from_step":null,"items_total":0,"optimizer"' in fresh
     validate_line(parse_line(fresh))
 
 

@@ -69,6 +69,8 @@ SINCE_1_2 = {"attempt"}
 """Record fields required unless the line's schema_version is 1.0.0 or 1.1.0 (``$defs/record``)."""
 RUN_START_SINCE_1_2 = {"resumed_from_step", "items_total"}
 """run.start's fields added in 1.2.0 (required from 1.2.0 on, absent from older lines)."""
+RUN_START_SINCE_1_3 = ["optimizer", "scheduler"]
+"""run.start's fields added in 1.3.0, last and in this order (required from 1.3.0 on)."""
 SINCE_1_3 = {"train.step": "grad_scale", "eval.epoch": "split"}
 """The field each event gained in 1.3.0 (required from 1.3.0 on, absent from older lines)."""
 _BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
@@ -163,7 +165,8 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     assert names[:3] == ["rank", "world_size", "attempt"], "base fields first: right after schema_version"
     since = SINCE_1_1 | SINCE_1_2
     if cls.event == "run.start":
-        since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2
+        since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2 | set(RUN_START_SINCE_1_3)
+        assert names[-2:] == RUN_START_SINCE_1_3, "fields added in a minor version come last"
     if cls.event in SINCE_1_3:
         since.add(SINCE_1_3[cls.event])
         assert names[-1] == SINCE_1_3[cls.event], "a field added in a minor version comes last"
@@ -173,6 +176,7 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
         assert definition["allOf"] == [
             {**_BEFORE_1_1, "else": {"required": sorted(RUN_START_SINCE_1_1)}},
             {**_BEFORE_1_2, "else": {"required": sorted(RUN_START_SINCE_1_2)}},
+            {**_BEFORE_1_3, "else": {"required": RUN_START_SINCE_1_3}},
         ]
     assert defs["record"]["allOf"] == [
         {**_BEFORE_1_1, "else": {"required": sorted(SINCE_1_1)}},
@@ -275,7 +279,8 @@ VALID: dict[str, dict[str, Any]] = {
                    "split": "val"},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
                   "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0,
-                  "resumed_from_step": None, "items_total": 0},
+                  "resumed_from_step": None, "items_total": 0, "optimizer": "torch.optim.adamw.AdamW",
+                  "scheduler": None},
     "run.end": {**_HEAD, "event": "run.end", **_RUN, "status": "completed", "reason": "max_epochs",
                 "epoch": 2, "step": 22, "items_total": 2000, "duration_seconds": 0.07},
     "sink.error": {**_HEAD, "level": "warning", "event": "sink.error", **_RUN, "sink": "flaky",
@@ -372,7 +377,18 @@ CASES = [
     Case("split-on-a-step", "train.step", {"split": "val"}, "('split' was unexpected)"),
     Case("grad-scale-on-an-eval", "eval.epoch", {"grad_scale": None}, "('grad_scale' was unexpected)"),
     Case("version-1.1.0-run-start-without-1.2.0-fields", "run.start",
-         {"schema_version": "1.1.0", "attempt": DROP, "resumed_from_step": DROP, "items_total": DROP}),
+         {"schema_version": "1.1.0", "attempt": DROP, "resumed_from_step": DROP, "items_total": DROP,
+          "optimizer": DROP, "scheduler": DROP}),
+    Case("version-1.2.0-run-start-without-its-classes", "run.start",
+         {"schema_version": "1.2.0", "optimizer": DROP, "scheduler": DROP}),
+    Case("missing-run-start-optimizer", "run.start", {"optimizer": DROP},
+         "run.start $: 'optimizer' is a required property"),
+    Case("missing-run-start-scheduler", "run.start", {"scheduler": DROP},
+         "run.start $: 'scheduler' is a required property"),
+    Case("run-start-scheduler", "run.start", {"scheduler": "torch.optim.lr_scheduler.CosineAnnealingLR"}),
+    Case("run-start-optimizer-empty", "run.start", {"optimizer": ""}, "run.start $.optimizer: '' should be non-empty"),
+    Case("run-start-optimizer-null", "run.start", {"optimizer": None},
+         "run.start $.optimizer: None is not of type 'string'"),
     Case("version-1.1.0-still-needs-rank", "train.step", {"schema_version": "1.1.0", "rank": DROP},
          "train.step $: 'rank' is a required property"),
     Case("version-1.1.0-attempt-still-typed", "train.batch", {"schema_version": "1.1.0", "attempt": -1},

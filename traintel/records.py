@@ -23,8 +23,9 @@ SCHEMA_VERSION = "1.3.0"
 from rank 0 of a one-process job). 1.2.0 added ``attempt`` to every record (an older line has
 none and comes from a run's first attempt) and ``resumed_from_step`` and ``items_total`` to
 ``run.start``, for runs resumed from a checkpoint. 1.3.0 added ``grad_scale`` to ``train.step``
-(an older line has none: no gradient scaler) and ``split`` to ``eval.epoch`` (an older line has
-none: the task's ``val_loader``, ``val``)."""
+(an older line has none: no gradient scaler), ``split`` to ``eval.epoch`` (an older line has
+none: the task's ``val_loader``, ``val``) and ``optimizer`` and ``scheduler`` (their classes) to
+``run.start``."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -215,6 +216,12 @@ class RunStartRecord(Record):
     """The optimizer step of the checkpoint this attempt continues from; None for a fresh start."""
     items_total: int = 0
     """Items trained on before this attempt started, from the checkpoint; 0 for a fresh start."""
+    optimizer: str = ""
+    """The class of the optimizer the run steps (``torch.optim.adamw.AdamW``): ``trainer.optimizer``'s,
+    or the task's own, when ``config``'s ``trainer.optimizer`` is not used."""
+    scheduler: str | None = None
+    """The class of the learning-rate scheduler, the task's own or ``trainer.scheduler``'s; None for
+    a constant rate."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,9 +18,10 @@ validate (such a line comes from rank 0 of a one-process job). 1.2.0 added ``att
 (integer or null) and ``items_total`` to ``run.start``, required there on the same terms. 1.3.0
 added ``grad_scale`` (number or null, the gradient scaler's factor under fp16) to ``train.step``,
 after ``skipped``, and ``split`` (string, the validation loader's name: ``val``) to ``eval.epoch``,
-after ``items_per_second``, each required unless the line says 1.0.0, 1.1.0 or 1.2.0 (such a line
-comes from a run without a scaler, and from the task's ``val_loader``). Routed log lines carry none
-of these. A later minor version is rejected here, as its new fields would be anyway.
+after ``items_per_second``, and ``optimizer`` (string) and ``scheduler`` (string or null), the
+classes the run steps, to ``run.start``, each required unless the line says 1.0.0, 1.1.0 or 1.2.0
+(such a line comes from a run without a scaler, and from the task's ``val_loader``). Routed log
+lines carry none of these. A later minor version is rejected here, as its new fields would be anyway.
 
 A float field is a number, or null when its value was not finite, and then ``nonfinite``
 names it (``{"loss": "nan"}``); null without that entry is invalid, except for the fields

@@ -31,6 +31,7 @@ def traintel_run(
     run = build(cfg, task, sinks=[sink])
     run.run()
     steps = sink.of("train.step")
+    run.started = sink.records[0]  # run.start
     return [r.loss for r in steps], [r.lr for r in steps], run  # type: ignore[attr-defined]
 
 
@@ -131,6 +132,10 @@ def test_onecycle_and_a_scheduler_factory_default_to_the_runs_steps(tmp_path: Pa
         scheduler={"name": "onecycle", "pct_start": 0.4},
     )  # fmt: skip
     assert run.scheduler.total_steps == 6
+    assert (run.started.optimizer, run.started.scheduler) == (
+        "torch.optim.adamw.AdamW",
+        "torch.optim.lr_scheduler.OneCycleLR",
+    )
     theirs = make_model()
     opt = torch.optim.AdamW(theirs.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=6, pct_start=0.4)
@@ -159,6 +164,10 @@ def test_the_tasks_optimizer_and_scheduler_objects_or_callables_train_as_a_plain
     )
     losses, lrs, run = traintel_run(tmp_path / "objects", task, epochs=2)
     assert run.optimizer is given_opt
+    assert (run.started.optimizer, run.started.scheduler) == (
+        "torch.optim.sgd.SGD",
+        "torch.optim.lr_scheduler.ExponentialLR",
+    )  # what the run steps, though trainer.optimizer (not used) says sgd with lr 0.1
     assert (losses, lrs) == (want, want_lrs)
     _same_parameters(objects, theirs)
 

@@ -199,6 +199,8 @@ def make_plan(
             restart_count=launch.restart_count if launch is not None else 0,
             resumed_from_step=attempt.step,
             items_total=trainer.state.progress.run_items,
+            optimizer=class_name(optimizer),
+            scheduler=None if scheduler is None else class_name(scheduler),
         )
 
     lifecycle = RunLifecycle(
