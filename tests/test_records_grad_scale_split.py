@@ -49,7 +49,7 @@ def test_the_new_fields_come_last_in_their_layouts() -> None:
     )  # fmt: skip
     assert layout(EvalRecord)[0] == (
         "rank", "world_size", "attempt", "epoch", "step", "loss", "items", "batches", "duration_seconds",
-        "items_per_second", "split",
+        "items_per_second", "split", "metrics",
     )  # fmt: skip
 
 
@@ -62,9 +62,9 @@ def test_defaults_are_no_scaler_and_the_val_split() -> None:
         run_id="r1", time=T0, epoch=1, step=1, loss=0.5, items=8, batches=2, duration_seconds=0.5,
         items_per_second=16.0,
     )  # fmt: skip
-    assert (step.grad_scale, evaluation.split) == (None, "val")
+    assert (step.grad_scale, evaluation.split, dict(evaluation.metrics)) == (None, "val", {})
     assert list(step.fields())[-2:] == ["skipped", "grad_scale"]
-    assert list(evaluation.fields())[-2:] == ["items_per_second", "split"]
+    assert list(evaluation.fields())[-3:] == ["items_per_second", "split", "metrics"]
 
 
 def test_the_lines_are_exact_and_valid() -> None:
@@ -73,14 +73,16 @@ def test_the_lines_are_exact_and_valid() -> None:
         _line(step_record(grad_scale=65536.0)),
         _line(eval_record()),
         _line(eval_record(split="test")),
+        _line(eval_record(metrics={"accuracy": 0.75, "perplexity": 3.5})),
     ]
     assert lines == [
         STEP_HEAD + b'"grad_scale":null}\n',
         STEP_HEAD + b'"grad_scale":65536.0}\n',
-        EVAL_HEAD + b'"split":"val"}\n',
-        EVAL_HEAD + b'"split":"test"}\n',
+        EVAL_HEAD + b'"split":"val","metrics":{}}\n',
+        EVAL_HEAD + b'"split":"test","metrics":{}}\n',
+        EVAL_HEAD + b'"split":"val","metrics":{"accuracy":0.75,"perplexity":3.5}}\n',
     ]
-    assert validate_lines(lines) == 4
+    assert validate_lines(lines) == 5
 
 
 def test_the_ecs_profile_puts_them_under_the_namespace() -> None:
@@ -91,7 +93,9 @@ def test_the_ecs_profile_puts_them_under_the_namespace() -> None:
     sink.close()
     step, evaluation = out.getvalue().splitlines()
     assert step.endswith(b'"traintel.grad_norm":null,"traintel.skipped":false,"traintel.grad_scale":1024.0}')
-    assert evaluation.endswith(b'"traintel.items_per_second":16.0,"traintel.split":"val"}')
+    assert evaluation.endswith(
+        b'"traintel.items_per_second":16.0,"traintel.split":"val","traintel.metrics":{}}'
+    )
     assert validate_lines([step, evaluation], profile="ecs") == 2
 
 

@@ -38,7 +38,15 @@ def every_record(**overrides: Any) -> list[Record]:
     built = [make_record(e, **overrides) for e in ("train.batch", "train.step", "train.epoch", "eval.epoch")]
     built.append(make_record("run.end", **overrides))
     built.append(
-        RunStartRecord(**common, name="demo", run_dir="runs/r1", device="cpu", config={}, metrics_url=None)
+        RunStartRecord(
+            **common,
+            name="demo",
+            run_dir="runs/r1",
+            device="cpu",
+            config={},
+            metrics_url=None,
+            optimizer="torch.optim.sgd.SGD",
+        )
     )
     built.append(SinkErrorRecord(**common, sink="flaky", error="OSError: x"))
     assert sorted(r.event for r in built) == sorted(cls.event for cls in RECORD_TYPES)

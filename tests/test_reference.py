@@ -247,11 +247,12 @@ def test_the_metrics_page_lists_the_exporter_s_families() -> None:
         "`traintel_learning_rate`", "`traintel_grad_norm`", "`traintel_grad_scale`",
         "`traintel_step_timestamp_seconds`",
         "`traintel_epoch_loss`", "`traintel_epoch_items_per_second`", "`traintel_eval_loss`",
-        "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
+        "`traintel_eval_metric`", "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
         "`traintel_sink_errors_total`", "`traintel_sink_dropped_records_total`",
         "`traintel_exporter_connections_closed_total`", "`traintel_exporter_open_connections`",
     ]  # fmt: skip
     rows = {row[0]: row for row in own}
+    assert rows["`traintel_eval_metric`"][:3] == ["`traintel_eval_metric`", "gauge", "`name`, `split`"]
     assert rows["`traintel_run_info`"] == [
         "`traintel_run_info`", "info", "`run_id`, `name`", "yes", "The run this process trains (value is always 1).",
     ]  # fmt: skip

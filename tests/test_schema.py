@@ -71,7 +71,7 @@ RUN_START_SINCE_1_2 = {"resumed_from_step", "items_total"}
 """run.start's fields added in 1.2.0 (required from 1.2.0 on, absent from older lines)."""
 RUN_START_SINCE_1_3 = ["optimizer", "scheduler"]
 """run.start's fields added in 1.3.0, last and in this order (required from 1.3.0 on)."""
-SINCE_1_3 = {"train.step": "grad_scale", "eval.epoch": "split"}
+SINCE_1_3 = {"train.step": ["grad_scale"], "eval.epoch": ["split", "metrics"]}
 """The field each event gained in 1.3.0 (required from 1.3.0 on, absent from older lines)."""
 _BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
 _BEFORE_1_2 = {
@@ -168,9 +168,10 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
         since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2 | set(RUN_START_SINCE_1_3)
         assert names[-2:] == RUN_START_SINCE_1_3, "fields added in a minor version come last"
     if cls.event in SINCE_1_3:
-        since.add(SINCE_1_3[cls.event])
-        assert names[-1] == SINCE_1_3[cls.event], "a field added in a minor version comes last"
-        assert definition["allOf"][0] == {**_BEFORE_1_3, "else": {"required": [SINCE_1_3[cls.event]]}}
+        added = SINCE_1_3[cls.event]
+        since |= set(added)
+        assert names[-len(added) :] == added, "fields added in a minor version come last"
+        assert definition["allOf"][0] == {**_BEFORE_1_3, "else": {"required": added}}
     assert set(definition["required"]) == ENVELOPE | set(names) - since
     if cls.event == "run.start":
         assert definition["allOf"] == [
@@ -276,7 +277,7 @@ VALID: dict[str, dict[str, Any]] = {
                     "items_total": 1000, "steps": 11},
     "eval.epoch": {**_HEAD, "event": "eval.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.52,
                    "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5,
-                   "split": "val"},
+                   "split": "val", "metrics": {}},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
                   "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0,
                   "resumed_from_step": None, "items_total": 0, "optimizer": "torch.optim.adamw.AdamW",
@@ -372,6 +373,13 @@ CASES = [
     Case("grad-scale-nonfinite-names-a-number", "train.step",
          {"grad_scale": 1024.0, "nonfinite": {"grad_scale": "inf"}}, "train.step $.grad_scale: None was expected"),
     Case("split-of-another-loader", "eval.epoch", {"split": "test"}),
+    Case("eval-metrics", "eval.epoch", {"metrics": {"accuracy": 0.75, "mae": None}}),
+    Case("missing-eval-metrics", "eval.epoch", {"metrics": DROP}, "eval.epoch $: 'metrics' is a required property"),
+    Case("version-1.2.0-eval-without-metrics", "eval.epoch", {"schema_version": "1.2.0", "split": DROP, "metrics": DROP}),
+    Case("eval-metric-a-string", "eval.epoch", {"metrics": {"accuracy": "0.75"}},
+         "eval.epoch $.metrics.accuracy: '0.75' is not of type 'number', 'null'"),
+    Case("eval-metric-name-with-a-dash", "eval.epoch", {"metrics": {"top-1": 0.5}},
+         "eval.epoch $.metrics: 'top-1' does not match '^[A-Za-z_][A-Za-z0-9_]{0,63}$'"),
     Case("split-a-number", "eval.epoch", {"split": 1}, "eval.epoch $.split: 1 is not of type 'string'"),
     Case("split-empty", "eval.epoch", {"split": ""}, "eval.epoch $.split: '' should be non-empty"),
     Case("split-on-a-step", "train.step", {"split": "val"}, "('split' was unexpected)"),

@@ -193,6 +193,9 @@ class EvalRecord(PassRecord):
 
     split: str = "val"
     """The name of the validation loader the pass was over (``val`` for the task's ``val_loader``)."""
+    metrics: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    """The task's evaluation metrics over this pass, by name (``Task.metrics``), reduced over the
+    ranks; empty when it has none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,7 +219,7 @@ class RunStartRecord(Record):
     """The optimizer step of the checkpoint this attempt continues from; None for a fresh start."""
     items_total: int = 0
     """Items trained on before this attempt started, from the checkpoint; 0 for a fresh start."""
-    optimizer: str = ""
+    optimizer: str
     """The class of the optimizer the run steps (``torch.optim.adamw.AdamW``): ``trainer.optimizer``'s,
     or the task's own, when ``config``'s ``trainer.optimizer`` is not used."""
     scheduler: str | None = None

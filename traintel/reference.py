@@ -408,9 +408,10 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
             device="cpu",
             config={},
             metrics_url=sink.url,
+            optimizer="torch.optim.adamw.AdamW",
         )
         step = step_record(grad_norm=0.5, grad_scale=65536.0)
-        records = [start, batch_record(), step, epoch_record(), eval_record()]
+        records = [start, batch_record(), step, epoch_record(), eval_record(metrics={"accuracy": 0.75})]
         sink.emit_many([*records, end_record()])
         families = list(sink.registry.collect())
         pushed = {family.name for collector in sink.pushed for family in collector.collect()}

@@ -37,6 +37,10 @@ class Task:
     val_loaders: Mapping[str, Iterable[Any]] | None = None
     """Several named validation loaders instead (``{"val": ..., "test": ...}``), evaluated in this
     order, each giving its own ``eval.epoch`` record with its name as ``split``."""
+    metrics: Mapping[str, Any] | None = None
+    """Evaluation metrics by name: Ignite ``Metric``s or torchmetrics ``Metric``s, fed each validation
+    batch's output and targets (or what ``forward_loss`` returned and the batch), their values in
+    each ``eval.epoch`` record's ``metrics``."""
     count_items: Callable[[Any], int] | None = None
     prepare: Callable[[Any, Any], Any] | None = None
     optimizer: Any = None
@@ -90,6 +94,7 @@ def check_task(task: Any, origin: str = "task") -> Task:
         if value is not None and not hasattr(value, "__iter__"):
             raise ConfigError(origin, f"task.{attr} must be iterable, got {type(value).__name__}")
     splits = _splits(task, origin)
+    metrics = _metrics(task, origin)
     return Task(
         model=_model(task.model, origin),
         train_loader=task.train_loader,
@@ -97,11 +102,42 @@ def check_task(task: Any, origin: str = "task") -> Task:
         forward_loss=forward_loss,
         val_loader=getattr(task, "val_loader", None),
         val_loaders=splits,
+        metrics=metrics,
         count_items=getattr(task, "count_items", None),
         prepare=getattr(task, "prepare", None),
         optimizer=getattr(task, "optimizer", None),
         scheduler=getattr(task, "scheduler", None),
     )
+
+
+METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""A metric's name: a word that every sink takes as it is (a Prometheus label value, a TensorBoard tag,
+an ECS field)."""
+
+
+def _metrics(task: Any, origin: str) -> dict[str, Any]:
+    """The task's evaluation metrics by name, each an Ignite or torchmetrics ``Metric``."""
+    from traintel.engine.metrics import metric_kind
+
+    given = getattr(task, "metrics", None)
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(
+            origin, f"task.metrics must be a mapping of names to metrics, got {type(given).__name__}"
+        )
+    for name, metric in given.items():
+        if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
+            raise ConfigError(
+                origin,
+                f"task.metrics: the name {name!r} must be a letter or '_', then up to 63 letters, "
+                "digits or '_'",
+            )
+        try:
+            metric_kind(metric)
+        except TypeError as exc:
+            raise ConfigError(origin, f"task.metrics[{name!r}] {exc}") from None
+    return dict(given)
 
 
 def _splits(task: Any, origin: str) -> dict[str, Iterable[Any]]:

@@ -204,7 +204,14 @@ def _context(tmp_path: Path) -> RunContext:
 def test_non_finite_values_and_skipped_records(tmp_path: Path) -> None:
     records: list[Record] = [
         RunStartRecord(
-            run_id="r1", time=1.0, name="n", run_dir="d", device="cpu", config={}, metrics_url=None
+            run_id="r1",
+            time=1.0,
+            name="n",
+            run_dir="d",
+            device="cpu",
+            config={},
+            metrics_url=None,
+            optimizer="torch.optim.sgd.SGD",
         ),
         batch_record(time=2.25, batch=1, raw_loss=math.nan, loss=math.inf, loss_scale=0.1),
         batch_record(time=2.5, batch=2, raw_loss=-math.inf, loss=0.1, loss_scale=0.5),

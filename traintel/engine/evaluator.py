@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import State
 
+from traintel.engine.metrics import EvalMetrics
 from traintel.engine.step import (
     AUTOCAST,
     CountItems,
@@ -17,14 +18,16 @@ from traintel.engine.step import (
     Prepare,
     default_count_items,
     loss_calls,
+    output_calls,
 )
 
 
 class EvalAccumulator:
-    """Sum of per-item losses and item count over one evaluation pass."""
+    """Sum of per-item losses and item count over one evaluation pass, and the task's metrics."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, metrics: EvalMetrics | None = None) -> None:
         self.device = device
+        self.metrics = metrics
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.items = 0
         self.batches = 0
@@ -33,6 +36,8 @@ class EvalAccumulator:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items = 0
         self.batches = 0
+        if self.metrics is not None:
+            self.metrics.reset()
 
 
 class EvalState(State):
@@ -62,11 +67,14 @@ def create_evaluator(
     prepare: Prepare | None = None,
     count_items: CountItems = default_count_items,
     precision: str = "fp32",
+    metrics: EvalMetrics | None = None,
 ) -> Engine:
     """An Engine whose ``state.eval`` holds the pass's loss sum and item count. Each batch's mean loss
-    is computed as the trainer's (``step.loss_calls``: ``loss_fn`` or ``forward_loss``)."""
-    acc = EvalAccumulator(device)
+    is computed as the trainer's (``step.loss_calls``: ``loss_fn`` or ``forward_loss``); ``metrics``
+    are fed each batch with items (``step.output_calls``) and reset with the pass."""
+    acc = EvalAccumulator(device, metrics)
     prepare_batch, loss = loss_calls(model, loss_fn=loss_fn, forward_loss=forward_loss, prepare=prepare)
+    with_output = output_calls(model, loss_fn=loss_fn, forward_loss=forward_loss) if metrics else None
 
     dtype = AUTOCAST.get(precision)
 
@@ -83,7 +91,12 @@ def create_evaluator(
             return acc.loss_sum.new_full((), float("nan"))
         prepared = prepare_batch(batch, device)
         with torch.no_grad(), autocast():
-            raw = loss(prepared).detach()
+            if with_output is None or metrics is None:
+                raw = loss(prepared).detach()
+            else:
+                raw, output, target = with_output(prepared)
+                raw = raw.detach()
+                metrics.update(output, target)
         acc.loss_sum = acc.loss_sum + raw.double() * n
         acc.items += n
         return raw

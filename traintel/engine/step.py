@@ -89,9 +89,7 @@ def loss_calls(
 
         def output_loss(prepared: Any) -> torch.Tensor:
             inputs, targets = prepared
-            # a tensor, the common case, is told apart first: an ABC's isinstance costs 5 times more
-            keywords = not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping)
-            return loss_fn(model(**inputs) if keywords else model(inputs), targets)
+            return loss_fn(call_model(model, inputs), targets)
 
         return prepare or default_prepare, output_loss
     if forward_loss is not None and loss_fn is None:
@@ -102,6 +100,38 @@ def loss_calls(
         return prepare or to_device, own_loss
     msg = "give exactly one of loss_fn and forward_loss"
     raise TypeError(msg)
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping of keyword inputs, else ``model(inputs)``."""
+    # a tensor, the common case, is told apart first: an ABC's isinstance costs 5 times more
+    keywords = not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping)
+    return model(**inputs) if keywords else model(inputs)
+
+
+def output_calls(
+    model: torch.nn.Module, *, loss_fn: LossFn | None = None, forward_loss: ForwardLoss | None = None
+) -> Callable[[Any], tuple[torch.Tensor, Any, Any]]:
+    """For metrics: ``(mean loss, output, target)`` of a prepared batch (``loss_calls``'s): with
+    ``loss_fn``, the model's output and the targets; with ``forward_loss``, what it returned (a
+    Hugging Face ``ModelOutput`` with its logits) and the batch."""
+    if loss_fn is not None:
+
+        def with_output(prepared: Any) -> tuple[torch.Tensor, Any, Any]:
+            inputs, targets = prepared
+            output = call_model(model, inputs)
+            return loss_fn(output, targets), output, targets
+
+        return with_output
+    if forward_loss is None:
+        msg = "give exactly one of loss_fn and forward_loss"
+        raise TypeError(msg)
+
+    def own_output(batch: Any) -> tuple[torch.Tensor, Any, Any]:
+        returned = forward_loss(model, batch)
+        return _loss_tensor(returned), returned, batch
+
+    return own_output
 
 
 def _loss_tensor(value: Any) -> torch.Tensor:

@@ -94,7 +94,7 @@ class Evaluation:
         self.unfinished = rng.capture()
         if self._stopping:
             return
-        results: list[tuple[str, float, float, float, float]] = []
+        results: list[tuple[str, float, float, float, float, dict[str, float]]] = []
         self._running = True
         try:
             for split, loader in self.loaders.items():
@@ -106,6 +106,7 @@ class Evaluation:
                 if self._stopping:
                     return  # cut by a stop: a partial mean would be misleading; it runs again on resume
                 acc = eval_state(self.evaluator).eval
+                metrics = acc.metrics.compute() if acc.metrics is not None else {}  # over the ranks
                 results.append(
                     (
                         split,
@@ -113,14 +114,15 @@ class Evaluation:
                         float(acc.items),
                         float(acc.batches),
                         time.perf_counter() - t0,
+                        metrics,
                     )
                 )
         finally:
             self._running = False
         self.unfinished = None
-        sums = iter(self.coordinator.sum_floats([v for _, *values, _ in results for v in values]))
+        sums = iter(self.coordinator.sum_floats([v for _, *values, _, _ in results for v in values]))
         progress = traintel_state(trainer).progress
-        for split, *_, duration in results:
+        for split, _, _, _, duration, metrics in results:
             loss_sum, items_sum, batches_sum = next(sums), next(sums), next(sums)
             items = int(items_sum)
             self.emit(
@@ -138,6 +140,7 @@ class Evaluation:
                     duration_seconds=duration,
                     items_per_second=items / duration if duration > 0 else 0.0,
                     split=split,
+                    metrics=metrics,
                 )
             )
 

@@ -26,6 +26,7 @@ from traintel.config import Config, TrainerConfig
 from traintel.engine import ddp, rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.evaluator import create_evaluator
+from traintel.engine.metrics import EvalMetrics
 from traintel.engine.shards import set_epoch, shard
 from traintel.engine.step import AccumulatingStep, default_count_items
 from traintel.engine.trainer import TraintelEngine, create_trainer, limit_steps
@@ -375,6 +376,7 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
             prepare=task.prepare,
             count_items=count_items,
             precision=tc.precision,
+            metrics=EvalMetrics(task.metrics, where.device) if task.metrics else None,
         )
 
     schedule_steps = None if task.scheduler is not None else run_length(tc.scheduler, total)

@@ -28,8 +28,9 @@ class TensorBoardSink:
     its gradient goes into; step, epoch and eval records at their ``step``. Tags:
     ``train/batch_loss``, ``train/batch_raw_loss``, ``train/batch_loss_scale``,
     ``train/step_loss``, ``train/lr``, ``train/grad_norm`` (when reported), ``train/grad_scale``
-    (under fp16), ``train/epoch_loss`` and ``eval/loss`` (``eval/<split>/loss`` for a validation
-    loader not named ``val``). Other records are skipped.
+    (under fp16), ``train/epoch_loss``, ``eval/loss`` and ``eval/<metric>`` for each of the task's
+    metrics (``eval/<split>/...`` for a validation loader not named ``val``). Other records are
+    skipped.
     """
 
     name = "tensorboard"
@@ -84,8 +85,10 @@ class TensorBoardSink:
         elif isinstance(record, EpochRecord):
             writer.add_scalar("train/epoch_loss", record.loss, record.step, walltime=t)
         elif isinstance(record, EvalRecord):
-            tag = "eval/loss" if record.split == "val" else f"eval/{record.split}/loss"
-            writer.add_scalar(tag, record.loss, record.step, walltime=t)
+            prefix = "eval" if record.split == "val" else f"eval/{record.split}"
+            writer.add_scalar(f"{prefix}/loss", record.loss, record.step, walltime=t)
+            for name, value in record.metrics.items():
+                writer.add_scalar(f"{prefix}/{name}", value, record.step, walltime=t)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torchmetrics
 from ignite.engine import Events
+from ignite.metrics import MeanAbsoluteError
 
 from traintel.engine import ddp
 from traintel.engine.coordination import ProcessGroupCoordinator
@@ -47,6 +49,22 @@ def masked_mse(out: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> 
     """Mean squared error over the counted items only."""
     y, mask = target
     return ((out - y) ** 2).squeeze(1)[mask].mean()
+
+
+class MaskedMAE(torchmetrics.MeanAbsoluteError):
+    """torchmetrics' mean absolute error over the counted items only."""
+
+    def update(self, preds: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> None:
+        y, mask = target
+        super().update(preds.squeeze(1)[mask], y.squeeze(1)[mask])
+
+
+def masked(
+    output: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ignite's ``output_transform``: the counted items' predictions and targets."""
+    preds, (y, mask) = output
+    return preds.squeeze(1)[mask], y.squeeze(1)[mask]
 
 
 def prepare(batch: Any, device: torch.device) -> tuple[Any, Any]:
@@ -116,6 +134,7 @@ def main() -> None:
     if spec.get("eval_every_steps"):  # the training batches again, as the validation data, by steps
         task.val_loader = batches(spec)
         config["eval"] = {"every_steps": spec["eval_every_steps"], "every_epochs": None}
+        task.metrics = {"mae": MaskedMAE(), "ignite_mae": MeanAbsoluteError(output_transform=masked)}
     run = build(config, task, sinks=[memory])
     grads: list[list[torch.Tensor]] = []
     hooks_per_step: list[int] = []

@@ -173,6 +173,16 @@ class RecordCollector:
             for split, record in s.evals.items():
                 family.add_metric([split], record.loss)
             yield family
+            metrics = GaugeMetricFamily(
+                "traintel_eval_metric",
+                "The task's evaluation metrics over the latest pass, by name and validation loader.",
+                labels=["name", "split"],
+            )
+            for split, record in s.evals.items():
+                for name, value in record.metrics.items():
+                    metrics.add_metric([name, split], value)
+            if metrics.samples:
+                yield metrics
         if s.end is not None:
             yield from _gauge(
                 "traintel_run_success",
