@@ -5,12 +5,15 @@ that a longer run continues from, bit for bit."""
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 
+from tests.helpers import resume
 from tests.helpers.plain import plain_loop
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
@@ -107,3 +110,43 @@ def test_a_longer_run_continues_the_cut_epoch_from_its_last_checkpoint_bit_for_b
     assert [r.loss for r in rest.of("train.epoch")] == [r.loss for r in whole.of("train.epoch")][1:]  # type: ignore[attr-defined]
     for p, q in zip(run.model.parameters(), plain(8)[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def _records(text: str, event: str) -> list[tuple[int, str]]:
+    """(step, loss as float.hex) of each ``event`` line."""
+    return [(d["step"], float(d["loss"]).hex()) for d in resume.lines(text) if d["event"] == event]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_max_steps_and_evaluations_after_steps_logs_the_same_bits(
+    tmp_path: Path,
+) -> None:
+    cfg = resume.config(0)  # 4 steps an epoch, shuffled data, dropout, a cosine schedule
+    cfg["trainer"]["max_steps"] = 10  # mid-epoch 3
+    cfg["eval"] = {"every_steps": 5, "every_epochs": None}  # at step 5 (mid-epoch 2) and 10
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    whole = resume.traintel(["-c", "config.yaml", "--set", f"run.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert [s for s, _ in _records(whole.stdout, "eval.epoch")] == [5, 10]
+    assert [s for s, _ in _records(whole.stdout, "train.step")] == list(range(1, 11))
+
+    run_dir = tmp_path / "run"
+    killed = resume.traintel(["-c", "config.yaml", "--set", f"run.dir={run_dir}"], tmp_path, at="train:25")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # inside step 7, after step 6's checkpoint
+    resumed = resume.traintel(["--resume", str(run_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    start = next(resume.lines(resumed.stdout))
+    assert (start["attempt"], start["resumed_from_step"]) == (1, 6)
+    end = list(resume.lines(resumed.stdout))[-1]
+    assert (end["event"], end["status"], end["reason"], end["step"]) == (
+        "run.end",
+        "completed",
+        "max_steps",
+        10,
+    )
+    first = [
+        line for line in (run_dir / "diagnostic.jsonl").read_text().splitlines() if '"attempt":0' in line
+    ]
+    for event in ("train.step", "eval.epoch"):
+        logged = _records("\n".join(first), event) + _records(resumed.stdout, event)
+        assert sorted(set(logged)) == _records(whole.stdout, event), event  # a step logged twice: same bits
