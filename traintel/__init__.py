@@ -36,6 +36,7 @@ _EXPORTS = {
     "RunContext": "traintel.sinks.base",
     "FanOut": "traintel.sinks.fanout",
     "MemorySink": "traintel.sinks.memory",
+    "score": "traintel.handlers.evaluation",
 }
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "build",
     "create_trainer",
     "load_config",
+    "score",
     "train",
 ]
 
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from traintel.engine.trainer import create_trainer
     from traintel.engine.windows import WindowedLoader
     from traintel.errors import ConfigError, TraintelError
+    from traintel.handlers.evaluation import score
     from traintel.records import (
         SCHEMA_VERSION,
         BatchRecord,

@@ -74,7 +74,8 @@ EXPECTED = {
     ),
     "docs/guides/own-model.md#1": Expected(tail=["[(1, 104), (2, 96)]"]),
     "docs/guides/own-model.md#2": Expected(tail=["[(1, 21), (2, 29)]"]),
-    "docs/guides/own-model.md#3": Expected(tail=["[0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01]"]),
+    "docs/guides/own-model.md#3": Expected(tail=["completed stopped by EarlyStopping (patience 2)"]),
+    "docs/guides/own-model.md#4": Expected(tail=["[0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01]"]),
     "docs/guides/writing-a-sink.md#0": Expected(tail=["[6, 6]"], files=["steps1.csv", "steps2.csv"]),
 }
 

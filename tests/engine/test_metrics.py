@@ -128,3 +128,42 @@ def test_what_a_metric_cannot_be_is_one_line(tmp_path: Path) -> None:
         "task: task.metrics: the name 'top-1' must be a letter or '_', then up to 63 letters, digits or '_'"
     )
     assert error([Accuracy()]) == "task: task.metrics must be a mapping of names to metrics, got list"
+
+
+def test_score_reads_the_value_every_sink_shows_and_drives_ignite_s_early_stopping(tmp_path: Path) -> None:
+    from ignite.engine import Events
+    from ignite.handlers import EarlyStopping
+
+    import traintel
+
+    task = Task(
+        model=_classifier(),
+        loss_fn=torch.nn.functional.cross_entropy,
+        train_loader=_classes([6, 6], seed=0),
+        val_loader=_classes([5, 7], seed=1),
+        metrics={"accuracy": Accuracy()},
+    )
+    cfg = quiet_config(tmp_path, accumulation_steps=1, max_epochs=5, optimizer={"name": "sgd", "lr": 1e-12})
+    memory = MemorySink()
+    run = build(cfg, task, sinks=[memory])
+    accuracy, loss = traintel.score("eval.accuracy"), traintel.score("eval.loss")
+    with pytest.raises(RuntimeError) as caught:
+        accuracy(run.trainer)
+    assert str(caught.value) == (
+        "no 'val' evaluation yet to score 'eval.accuracy' (score is called with the trainer, after one)"
+    )
+    scores: list[tuple[float, float]] = []
+    run.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: scores.append((accuracy(e), loss(e))))
+    run.trainer.add_event_handler(
+        Events.EPOCH_COMPLETED, EarlyStopping(patience=1, score_function=accuracy, trainer=run.trainer)
+    )
+    end = run.run()
+    # a rate of 1e-12 changes no prediction: epoch 2's accuracy is no better, and patience 1 stops there
+    assert (end.status, end.reason, end.epoch) == ("completed", "stopped by EarlyStopping (patience 1)", 2)
+    evals = memory.of("eval.epoch")
+    assert scores == [(r.metrics["accuracy"], -r.loss) for r in evals]  # type: ignore[attr-defined]
+    with pytest.raises(KeyError) as missing:
+        traintel.score("eval.f1")(run.trainer)
+    assert missing.value.args[0] == "'eval.f1': the 'val' evaluation has no metric 'f1' (it has accuracy)"
+    with pytest.raises(ValueError, match=r"^score names 'eval.loss' or 'eval.<metric>', got 'accuracy'$"):
+        traintel.score("accuracy")

@@ -38,6 +38,8 @@ class TraintelState(State):
         """``trainer.max_steps``, once the run has taken that many optimizer steps (``limit_steps``)."""
         self.epoch_cut = False
         """Whether the step limit ended the run in the middle of an epoch, before its end."""
+        self.evaluated: dict[str, Any] = {}
+        """The newest ``eval.epoch`` record of each validation loader, by split (``traintel.score``)."""
 
     @property
     def output(self) -> Any:

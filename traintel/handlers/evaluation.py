@@ -122,27 +122,27 @@ class Evaluation:
         self.unfinished = None
         sums = iter(self.coordinator.sum_floats([v for _, *values, _, _ in results for v in values]))
         progress = traintel_state(trainer).progress
+        evaluated = traintel_state(trainer).evaluated
         for split, _, _, _, duration, metrics in results:
             loss_sum, items_sum, batches_sum = next(sums), next(sums), next(sums)
             items = int(items_sum)
-            self.emit(
-                EvalRecord(
-                    run_id=self.run_id,
-                    time=time.time(),
-                    rank=self.coordinator.rank,
-                    world_size=self.coordinator.world_size,
-                    attempt=self.attempt,
-                    epoch=progress.epoch,
-                    step=progress.run_steps,
-                    loss=loss_sum / items if items else math.nan,
-                    items=items,
-                    batches=int(batches_sum),
-                    duration_seconds=duration,
-                    items_per_second=items / duration if duration > 0 else 0.0,
-                    split=split,
-                    metrics=metrics,
-                )
+            record = evaluated[split] = EvalRecord(
+                run_id=self.run_id,
+                time=time.time(),
+                rank=self.coordinator.rank,
+                world_size=self.coordinator.world_size,
+                attempt=self.attempt,
+                epoch=progress.epoch,
+                step=progress.run_steps,
+                loss=loss_sum / items if items else math.nan,
+                items=items,
+                batches=int(batches_sum),
+                duration_seconds=duration,
+                items_per_second=items / duration if duration > 0 else 0.0,
+                split=split,
+                metrics=metrics,
             )
+            self.emit(record)
 
 
 def _empty(loader: Iterable[Any]) -> bool:
@@ -151,3 +151,37 @@ def _empty(loader: Iterable[Any]) -> bool:
         return isinstance(loader, Sized) and len(loader) == 0
     except TypeError:  # a DataLoader over an iterable data set without a length
         return False
+
+
+def score(name: str, *, split: str = "val", mode: str | None = None) -> Callable[[Engine], float]:
+    """A score function for Ignite's ``EarlyStopping`` and ``Checkpoint`` (higher is better): the
+    value named ``eval.loss`` or ``eval.<metric>`` in the newest ``eval.epoch`` record of ``split``,
+    the very value every sink shows. ``mode`` ``min`` negates it (the default for ``eval.loss``),
+    ``max`` keeps it (the default for a metric). Call it with the trainer (``run.trainer``), after
+    the evaluation: attach the handler to the trainer's ``EPOCH_COMPLETED`` once the run is built."""
+    prefix, _, key = name.partition(".")
+    if prefix != "eval" or not key:
+        msg = f"score names 'eval.loss' or 'eval.<metric>', got {name!r}"
+        raise ValueError(msg)
+    chosen = mode if mode is not None else ("min" if key == "loss" else "max")
+    if chosen not in ("min", "max"):
+        msg = f"mode must be 'min' or 'max', got {mode!r}"
+        raise ValueError(msg)
+    sign = -1.0 if chosen == "min" else 1.0
+
+    def value(engine: Engine) -> float:
+        record = traintel_state(engine).evaluated.get(split)
+        if record is None:
+            msg = (
+                f"no {split!r} evaluation yet to score {name!r} (score is called with the trainer, after one)"
+            )
+            raise RuntimeError(msg)
+        if key == "loss":
+            return sign * float(record.loss)
+        if key not in record.metrics:
+            known = ", ".join(sorted(record.metrics)) or "none"
+            msg = f"{name!r}: the {split!r} evaluation has no metric {key!r} (it has {known})"
+            raise KeyError(msg)
+        return sign * float(record.metrics[key])
+
+    return value
