@@ -40,8 +40,12 @@ def _number_as_text(value: Any) -> Any:
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""``module:function``."""
+
+
 def _check_factory(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+    if not _FACTORY.fullmatch(value):
         msg = f"must have the form 'module:function', got {value!r}"
         raise ValueError(msg)
     return value
@@ -107,7 +111,7 @@ OPTIMIZERS = (
 def _check_optimizer_name(value: str) -> str:
     if value.lower() in OPTIMIZERS:
         return value.lower()
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+    if _FACTORY.fullmatch(value):
         return value
     names = ", ".join(repr(n) for n in OPTIMIZERS)
     msg = f"must be a torch.optim optimizer ({names}) or a 'module:function' factory, got {value!r}"

@@ -321,13 +321,14 @@ class AccumulatingStep:
         self.backward(loss)
         return raw.detach(), loss.detach()
 
-    def optimizer_step(self, engine: Engine) -> tuple[torch.Tensor | None, bool]:
+    def optimizer_step(self, engine: Engine) -> tuple[torch.Tensor | None, bool, float | None]:
         """Clip (or measure) the gradient norm, fire ``OPTIMIZER_STEP_STARTED``, step the optimizer
-        and the scheduler, and clear the gradients; returns the pre-clip norm when computed, and
-        whether the step was taken. Under fp16 the gradients are unscaled first (clipping and the
-        norm see their true values), and the scaler skips a step whose gradients overflowed: its
-        scale then falls, which is how the skip is seen (the scaler's own check already waited for
-        the device); the scheduler is not stepped for it."""
+        and the scheduler, and clear the gradients; returns the pre-clip norm when computed, whether
+        the step was taken, and the gradient scaler's factor the window's backward ran with (None
+        without one). Under fp16 the gradients are unscaled first (clipping and the norm see their
+        true values), and the scaler skips a step whose gradients overflowed: its scale then falls,
+        which is how the skip is seen (the scaler's own check already waited for the device); the
+        scheduler is not stepped for it."""
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -338,7 +339,7 @@ class AccumulatingStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
         if self.fires(engine, TraintelEvents.OPTIMIZER_STEP_STARTED):
             engine.fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
-        taken = True
+        taken, before = True, None
         if scaler is None:
             self.optimizer.step()
         else:
@@ -349,7 +350,7 @@ class AccumulatingStep:
         if taken and self.scheduler is not None:
             self.scheduler.step()
         self.clear_grads()
-        return grad_norm, taken
+        return grad_norm, taken, before
 
     def clear_grads(self) -> None:
         """Drop every gradient (``set_to_none``), without the profiler scope of ``zero_grad``."""
@@ -395,12 +396,12 @@ class AccumulatingStep:
                 engine.fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
-        scale = None if self.grad_scaler is None else self.grad_scaler.get_scale()
         stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))
         if stepped:
-            grad_norm, stepped = self.optimizer_step(engine)
+            grad_norm, stepped, scale = self.optimizer_step(engine)
         else:
             grad_norm = None
+            scale = None if self.grad_scaler is None else self.grad_scaler.get_scale()
             if total:  # a non-finite loss under skip_step: drop its gradients, keep the parameters
                 self.clear_grads()
                 _log.warning(

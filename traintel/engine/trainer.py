@@ -21,6 +21,7 @@ from traintel.engine.step import (
     LossFn,
     Prepare,
     default_count_items,
+    epochs_last_step,
 )
 
 _TRAINTEL_EVENT_NAMES = frozenset(event.name for event in TraintelEvents)
@@ -154,8 +155,7 @@ def limit_steps(engine: TraintelEngine, max_steps: int) -> None:
         if st.step_limit is not None or st.progress.run_steps < max_steps:
             return
         st.step_limit = max_steps
-        length = st.epoch_length
-        if length is None or st.iteration % length:
+        if not epochs_last_step(engine):
             st.epoch_cut = True
             Engine.terminate(engine)  # Ignite's own: not a handler's stop (``handler_stop``)
 

@@ -14,6 +14,7 @@ from traintel.engine import rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.evaluator import eval_state
 from traintel.engine.state import traintel_state
+from traintel.engine.step import epochs_last_step
 from traintel.records import EvalRecord, Record
 
 
@@ -81,12 +82,11 @@ class Evaluation:
             self(trainer)
 
     def _step_ended(self, trainer: Engine) -> None:
+        if epochs_last_step(trainer):
+            return  # evaluated at the epoch's end, after its record
         st = traintel_state(trainer)
-        length, progress = st.epoch_length, st.progress
-        if length is not None and progress.windows >= length:
-            return  # the epoch's last step: evaluated at the epoch's end, after its record
         out, every = st.step_output, self.every_steps
-        if out is not None and not out.skipped and every is not None and progress.run_steps % every == 0:
+        if out is not None and not out.skipped and every is not None and st.progress.run_steps % every == 0:
             self(trainer)
 
     def __call__(self, trainer: Engine) -> None:
@@ -94,7 +94,8 @@ class Evaluation:
         self.unfinished = rng.capture()
         if self._stopping:
             return
-        results: list[tuple[str, float, float, float, float, dict[str, float]]] = []
+        passes: list[tuple[str, float, dict[str, float]]] = []  # split, duration, metrics
+        sums: list[float] = []  # each pass's loss sum, items and batches: summed over the ranks at once
         self._running = True
         try:
             for split, loader in self.loaders.items():
@@ -107,24 +108,16 @@ class Evaluation:
                     return  # cut by a stop: a partial mean would be misleading; it runs again on resume
                 acc = eval_state(self.evaluator).eval
                 metrics = acc.metrics.compute() if acc.metrics is not None else {}  # over the ranks
-                results.append(
-                    (
-                        split,
-                        float(acc.loss_sum),
-                        float(acc.items),
-                        float(acc.batches),
-                        time.perf_counter() - t0,
-                        metrics,
-                    )
-                )
+                sums += [float(acc.loss_sum), float(acc.items), float(acc.batches)]
+                passes.append((split, time.perf_counter() - t0, metrics))
         finally:
             self._running = False
         self.unfinished = None
-        sums = iter(self.coordinator.sum_floats([v for _, *values, _, _ in results for v in values]))
+        totals = iter(self.coordinator.sum_floats(sums))
         progress = traintel_state(trainer).progress
         evaluated = traintel_state(trainer).evaluated
-        for split, _, _, _, duration, metrics in results:
-            loss_sum, items_sum, batches_sum = next(sums), next(sums), next(sums)
+        for split, duration, metrics in passes:
+            loss_sum, items_sum, batches_sum = next(totals), next(totals), next(totals)
             items = int(items_sum)
             record = evaluated[split] = EvalRecord(
                 run_id=self.run_id,

@@ -125,10 +125,7 @@ def task_optimizer(task: Task, model: torch.nn.Module) -> torch.optim.Optimizer:
     if isinstance(given, torch.optim.Optimizer):
         optimizer = given
     elif callable(given):
-        try:
-            optimizer = given(model)
-        except Exception as exc:
-            raise ConfigError("task.optimizer", f"raised {one_line(exc)}") from None
+        optimizer = _made("task.optimizer", given, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
                 "task.optimizer", f"returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
@@ -153,19 +150,16 @@ def task_scheduler(task: Task, optimizer: torch.optim.Optimizer) -> Any:
     """The task's scheduler: the object, or what its callable makes of the optimizer; it must
     schedule that optimizer and be stepped without a metric."""
     given = task.scheduler
-    if not isinstance(given, type) and hasattr(given, "step") and hasattr(given, "state_dict"):
+    if not isinstance(given, type) and _is_scheduler(given):
         scheduler = given
     elif callable(given):
-        try:
-            scheduler = given(optimizer)
-        except Exception as exc:
-            raise ConfigError("task.scheduler", f"raised {one_line(exc)}") from None
+        scheduler = _made("task.scheduler", given, optimizer)
     else:
         raise ConfigError(
             "task.scheduler",
             f"must be a scheduler or a callable taking the optimizer, got {type(given).__name__}",
         )
-    if not (hasattr(scheduler, "step") and hasattr(scheduler, "state_dict")):
+    if not _is_scheduler(scheduler):
         raise ConfigError(
             "task.scheduler", f"{type(scheduler).__name__} is not a scheduler (it needs step and state_dict)"
         )
@@ -178,6 +172,19 @@ def task_scheduler(task: Task, optimizer: torch.optim.Optimizer) -> Any:
     if getattr(scheduler, "optimizer", optimizer) is not optimizer:
         raise ConfigError("task.scheduler", "schedules another optimizer than the run's")
     return scheduler
+
+
+def _made(key: str, make: Callable[[Any], Any], argument: Any) -> Any:
+    """What the task's callable makes of ``argument``; its exception is a ConfigError of ``key``."""
+    try:
+        return make(argument)
+    except Exception as exc:
+        raise ConfigError(key, f"raised {one_line(exc)}") from None
+
+
+def _is_scheduler(value: Any) -> bool:
+    """Whether ``value`` can be stepped and checkpointed as a learning-rate scheduler."""
+    return hasattr(value, "step") and hasattr(value, "state_dict")
 
 
 def build_scheduler(
@@ -224,10 +231,15 @@ def run_length(cfg: SchedulerConfig | None, total_steps: int | None) -> int | No
         ):
             return total_steps
         case FactorySchedule():
-            takes = _parameters(import_factory(cfg.name, "trainer.scheduler.name"))
-            given = "total_steps" in (cfg.model_extra or {})
-            return total_steps if "total_steps" in takes and not given else None
+            return total_steps if _given_run_length(cfg) else None
     return None
+
+
+def _given_run_length(cfg: FactorySchedule) -> bool:
+    """Whether a ``module:function`` scheduler is given ``total_steps``, the run's optimizer steps: it
+    takes that argument and the config does not set it."""
+    takes = _parameters(import_factory(cfg.name, "trainer.scheduler.name"))
+    return "total_steps" in takes and "total_steps" not in (cfg.model_extra or {})
 
 
 def length_change(
@@ -329,7 +341,7 @@ def _one_cycle(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int | No
             base_momentum=cfg.base_momentum,
             max_momentum=cfg.max_momentum,
         )
-    except ValueError as exc:  # e.g. cycle_momentum with an optimizer that has no momentum
+    except ValueError as exc:  # what torch checks beyond the config's models
         raise ConfigError("trainer.scheduler", f"onecycle: {one_line(exc)}") from None
 
 
@@ -338,8 +350,7 @@ def _factory_scheduler(
 ) -> Any:
     make = import_factory(cfg.name, "trainer.scheduler.name")
     arguments = dict(cfg.model_extra or {})
-    takes = _parameters(make)
-    if "total_steps" in takes and "total_steps" not in arguments and total_steps is not None:
+    if total_steps is not None and _given_run_length(cfg):
         arguments["total_steps"] = total_steps
     try:
         inspect.signature(make).bind(optimizer, **arguments)
@@ -351,7 +362,7 @@ def _factory_scheduler(
         scheduler = make(optimizer, **arguments)
     except Exception as exc:
         raise ConfigError("trainer.scheduler.name", f"{cfg.name} raised {one_line(exc)}") from None
-    if not (hasattr(scheduler, "step") and hasattr(scheduler, "state_dict")):
+    if not _is_scheduler(scheduler):
         raise ConfigError(
             "trainer.scheduler.name",
             f"{cfg.name} returned {type(scheduler).__name__}, not a scheduler (it needs step and state_dict)",
