@@ -27,13 +27,13 @@ from traintel.testing import T0, eval_record, run_context, step_record
 
 STEP_HEAD = (
     b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step",'
-    b'"run_id":"r1","schema_version":"1.3.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"items":12,"items_total":12,"window_size":3,"loss":0.6875,"lr":0.001,'
     b'"grad_norm":null,"skipped":false,'
 )
 EVAL_HEAD = (
     b'{"timestamp":"2025-11-24T16:00:02.250000Z","level":"info","event":"eval.epoch",'
-    b'"run_id":"r1","schema_version":"1.3.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"loss":0.625,"items":8,"batches":2,"duration_seconds":0.5,"items_per_second":16.0,'
 )
 
@@ -45,7 +45,7 @@ def _line(record: StepRecord | EvalRecord) -> bytes:
 def test_the_new_fields_come_last_in_their_layouts() -> None:
     assert layout(StepRecord)[0] == (
         "rank", "world_size", "attempt", "epoch", "step", "items", "items_total", "window_size", "loss",
-        "lr", "grad_norm", "skipped", "grad_scale",
+        "lr", "grad_norm", "skipped", "grad_scale", "metrics",
     )  # fmt: skip
     assert layout(EvalRecord)[0] == (
         "rank", "world_size", "attempt", "epoch", "step", "loss", "items", "batches", "duration_seconds",
@@ -63,7 +63,7 @@ def test_defaults_are_no_scaler_and_the_val_split() -> None:
         items_per_second=16.0,
     )  # fmt: skip
     assert (step.grad_scale, evaluation.split, dict(evaluation.metrics)) == (None, "val", {})
-    assert list(step.fields())[-2:] == ["skipped", "grad_scale"]
+    assert list(step.fields())[-3:] == ["skipped", "grad_scale", "metrics"]
     assert list(evaluation.fields())[-3:] == ["items_per_second", "split", "metrics"]
 
 
@@ -76,8 +76,8 @@ def test_the_lines_are_exact_and_valid() -> None:
         _line(eval_record(metrics={"accuracy": 0.75, "perplexity": 3.5})),
     ]
     assert lines == [
-        STEP_HEAD + b'"grad_scale":null}\n',
-        STEP_HEAD + b'"grad_scale":65536.0}\n',
+        STEP_HEAD + b'"grad_scale":null,"metrics":{}}\n',
+        STEP_HEAD + b'"grad_scale":65536.0,"metrics":{}}\n',
         EVAL_HEAD + b'"split":"val","metrics":{}}\n',
         EVAL_HEAD + b'"split":"test","metrics":{}}\n',
         EVAL_HEAD + b'"split":"val","metrics":{"accuracy":0.75,"perplexity":3.5}}\n',
@@ -92,7 +92,9 @@ def test_the_ecs_profile_puts_them_under_the_namespace() -> None:
     sink.emit_many([step_record(grad_scale=1024.0), eval_record()])
     sink.close()
     step, evaluation = out.getvalue().splitlines()
-    assert step.endswith(b'"traintel.grad_norm":null,"traintel.skipped":false,"traintel.grad_scale":1024.0}')
+    assert step.endswith(
+        b'"traintel.grad_norm":null,"traintel.skipped":false,"traintel.grad_scale":1024.0,"traintel.metrics":{}}'
+    )
     assert evaluation.endswith(
         b'"traintel.items_per_second":16.0,"traintel.split":"val","traintel.metrics":{}}'
     )

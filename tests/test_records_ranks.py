@@ -33,9 +33,10 @@ HEAD = ["timestamp", "level", "event", "run_id", "schema_version", "rank", "worl
 
 
 def every_record(**overrides: Any) -> list[Record]:
-    """One record of each of the seven events."""
+    """One record of each of the eight events."""
     common = {"run_id": "r1", "time": T0, **overrides}
     built = [make_record(e, **overrides) for e in ("train.batch", "train.step", "train.epoch", "eval.epoch")]
+    built.append(make_record("metric", **overrides))
     built.append(make_record("run.end", **overrides))
     built.append(
         RunStartRecord(
@@ -53,8 +54,8 @@ def every_record(**overrides: Any) -> list[Record]:
     return built
 
 
-def test_schema_version_is_1_3_0() -> None:
-    assert SCHEMA_VERSION == "1.3.0"
+def test_schema_version_is_1_4_0() -> None:
+    assert SCHEMA_VERSION == "1.4.0"
 
 
 def test_defaults_are_rank_0_of_a_one_process_job() -> None:
@@ -78,7 +79,7 @@ def test_fields_and_lines_put_them_right_after_schema_version() -> None:
         assert list(record.fields())[:5] == ["run_id", "schema_version", "rank", "world_size", "attempt"]
         line = LineRenderer.event_dict(record)
         assert list(line)[:8] == HEAD, record.event
-        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.3.0", 1, 2)
+        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.4.0", 1, 2)
 
 
 def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
@@ -87,12 +88,12 @@ def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
     lines = [renderer(None, "info", LineRenderer.event_dict(r)) for r in records]
     assert lines[0] == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.3.0","rank":1,"world_size":2,"attempt":0,'
+        b'"run_id":"r1","schema_version":"1.4.0","rank":1,"world_size":2,"attempt":0,'
         b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
     )
-    assert validate_lines(lines) == 7
-    assert [list(json.loads(line))[:8] for line in lines] == [HEAD] * 7
+    assert validate_lines(lines) == 8
+    assert [list(json.loads(line))[:8] for line in lines] == [HEAD] * 8
 
 
 def test_the_ecs_profile_keeps_them_after_the_head() -> None:

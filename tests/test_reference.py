@@ -208,7 +208,8 @@ def test_the_config_page_of_a_small_model() -> None:
 def test_the_records_page_lists_every_field_of_every_record_in_the_schema() -> None:
     schema = load_schema()
     tables = _tables(reference.records_page())
-    events = ["train.batch", "train.step", "train.epoch", "eval.epoch", "run.start", "run.end", "sink.error"]
+    events = ["train.batch", "train.step", "train.epoch", "eval.epoch", "run.start", "run.end", "metric",
+              "sink.error"]  # fmt: skip
     assert [h for h in tables if h.startswith("`")] == [f"`{event}`" for event in events]
     for event in events:
         fields = [row[0] for row in tables[f"`{event}`"]]
@@ -245,14 +246,16 @@ def test_the_metrics_page_lists_the_exporter_s_families() -> None:
         "`traintel_run_info`", "`traintel_epoch`", "`traintel_optimizer_step`", "`traintel_batch_loss`",
         "`traintel_batch_raw_loss`", "`traintel_batch_loss_scale`", "`traintel_step_loss`",
         "`traintel_learning_rate`", "`traintel_grad_norm`", "`traintel_grad_scale`",
-        "`traintel_step_timestamp_seconds`",
+        "`traintel_step_timestamp_seconds`", "`traintel_train_metric`",
         "`traintel_epoch_loss`", "`traintel_epoch_items_per_second`", "`traintel_eval_loss`",
-        "`traintel_eval_metric`", "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
+        "`traintel_eval_metric`", "`traintel_user_metric`", "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
         "`traintel_sink_errors_total`", "`traintel_sink_dropped_records_total`",
         "`traintel_exporter_connections_closed_total`", "`traintel_exporter_open_connections`",
     ]  # fmt: skip
     rows = {row[0]: row for row in own}
     assert rows["`traintel_eval_metric`"][:3] == ["`traintel_eval_metric`", "gauge", "`name`, `split`"]
+    assert rows["`traintel_train_metric`"][:3] == ["`traintel_train_metric`", "gauge", "`name`"]
+    assert rows["`traintel_user_metric`"][:3] == ["`traintel_user_metric`", "gauge", "`name`"]
     assert rows["`traintel_run_info`"] == [
         "`traintel_run_info`", "info", "`run_id`, `name`", "yes", "The run this process trains (value is always 1).",
     ]  # fmt: skip

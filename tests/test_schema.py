@@ -14,7 +14,7 @@ Decisions the table pins down:
   (a stock draft 2020-12 validator would accept it);
 * the diagnostic extras of ``train.batch`` are optional in the schema (one schema for both files)
   but all-or-nothing; stdout lines are checked here not to carry them;
-* any event other than the seven record events is a routed log line: permissive, but
+* any event other than the record events is a routed log line: permissive, but
   ``timestamp``, ``level`` and ``event`` are required and typed;
 * ``rank`` (integer >= 0) and ``world_size`` (integer >= 1), added in 1.1.0, are required on every
   record line except a 1.0.0 one: lines written by traintel 1.0.0 still validate. Routed log lines
@@ -23,7 +23,10 @@ Decisions the table pins down:
   line except a 1.0.0 or 1.1.0 one, and so are ``run.start``'s ``resumed_from_step`` (integer >= 0
   or null) and ``items_total``: older lines still validate, and a routed log line carries none;
 * ``train.step``'s ``grad_scale`` (number, or null without a gradient scaler: null by design) and
-  ``eval.epoch``'s ``split`` (string), added in 1.3.0, are required on a 1.3.0 line only.
+  ``eval.epoch``'s ``split`` (string), added in 1.3.0, are required from 1.3.0 on;
+* ``train.step``'s ``metrics`` (an object of numbers by name), added in 1.4.0, is required from
+  1.4.0 on, and the ``metric`` record exists from 1.4.0 on; a non-finite metric value is null and
+  named ``metrics.<name>`` in ``nonfinite``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ RUN_START_SINCE_1_3 = ["optimizer", "scheduler"]
 """run.start's fields added in 1.3.0, last and in this order (required from 1.3.0 on)."""
 SINCE_1_3 = {"train.step": ["grad_scale"], "eval.epoch": ["split", "metrics"]}
 """The field each event gained in 1.3.0 (required from 1.3.0 on, absent from older lines)."""
+SINCE_1_4 = {"train.step": ["metrics"]}
+"""The field each event gained in 1.4.0 (required from 1.4.0 on, absent from older lines)."""
+NEW_IN_1_4 = "metric"
+"""The record event added in 1.4.0: a line of an older version is none."""
 _BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
 _BEFORE_1_2 = {
     "if": {"properties": {"schema_version": {"enum": ["1.0.0", "1.1.0"]}}, "required": ["schema_version"]}
@@ -80,6 +87,12 @@ _BEFORE_1_2 = {
 _BEFORE_1_3 = {
     "if": {
         "properties": {"schema_version": {"enum": ["1.0.0", "1.1.0", "1.2.0"]}},
+        "required": ["schema_version"],
+    }
+}
+_BEFORE_1_4 = {
+    "if": {
+        "properties": {"schema_version": {"enum": ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]}},
         "required": ["schema_version"],
     }
 }
@@ -108,8 +121,8 @@ def test_schema_is_a_valid_draft_2020_12_schema_of_this_version() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA_PATH.is_file() and SCHEMA_PATH.parent.name == "schemas"
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", "1.2.0", SCHEMA_VERSION]
-    assert SCHEMA_VERSION == "1.3.0"
+    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", "1.2.0", "1.3.0", SCHEMA_VERSION]
+    assert SCHEMA_VERSION == "1.4.0"
     assert set(RECORD_EVENTS) <= set(schema["$defs"]), "every record event has a definition"
     assert load_schema() is not load_schema(), "callers get their own copy"
 
@@ -167,11 +180,21 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     if cls.event == "run.start":
         since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2 | set(RUN_START_SINCE_1_3)
         assert names[-2:] == RUN_START_SINCE_1_3, "fields added in a minor version come last"
+    later = SINCE_1_4.get(cls.event, [])
     if cls.event in SINCE_1_3:
         added = SINCE_1_3[cls.event]
         since |= set(added)
-        assert names[-len(added) :] == added, "fields added in a minor version come last"
+        assert names[len(names) - len(later) - len(added) :][: len(added)] == added, "added fields come last"
         assert definition["allOf"][0] == {**_BEFORE_1_3, "else": {"required": added}}
+    if later:
+        since |= set(later)
+        assert names[-len(later) :] == later, "fields added in a minor version come last"
+        assert definition["allOf"][1] == {**_BEFORE_1_4, "else": {"required": later}}
+    if cls.event == NEW_IN_1_4:
+        assert props["schema_version"] == {
+            "$ref": "#/$defs/schema_version",
+            "not": _BEFORE_1_4["if"]["properties"]["schema_version"],
+        }
     assert set(definition["required"]) == ENVELOPE | set(names) - since
     if cls.event == "run.start":
         assert definition["allOf"] == [
@@ -192,8 +215,15 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
         assert _schema_types(props[name], defs) == _json_types(hints[name]), name
     floats = [n for n in names if "number" in _json_types(hints[n])]
     floats += [n for n in extras if "number" in _schema_types(props[n], defs)]
+    nested = {"pattern": "^metrics\\.[A-Za-z_][A-Za-z0-9_]{0,63}$"}  # a metric's value: metrics.<name>
     if floats:
-        assert set(props["nonfinite"]["propertyNames"]["enum"]) == set(floats)
+        keys = props["nonfinite"]["propertyNames"]
+        if "metrics" in names:
+            assert keys["anyOf"][1] == nested
+            keys = keys["anyOf"][0]
+        assert set(keys["enum"]) == set(floats)
+    elif "metrics" in names:
+        assert props["nonfinite"]["propertyNames"] == nested
     else:
         assert "nonfinite" not in props
 
@@ -264,14 +294,14 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
 
 TS = "2025-11-24T16:00:00.250000Z"
 _HEAD = {"timestamp": TS, "level": "info"}
-_RUN = {"run_id": "r1", "schema_version": "1.3.0", "rank": 0, "world_size": 1, "attempt": 0}
+_RUN = {"run_id": "r1", "schema_version": "1.4.0", "rank": 0, "world_size": 1, "attempt": 0}
 VALID: dict[str, dict[str, Any]] = {
     "train.batch": {**_HEAD, "event": "train.batch", **_RUN, "epoch": 1, "batch": 2, "batches": 10,
                     "step": 0, "items": 4, "raw_loss": 0.75, "loss": 0.25, "loss_scale": 0.3333333333333333,
                     "window_size": 3},
     "train.step": {**_HEAD, "event": "train.step", **_RUN, "epoch": 1, "step": 1, "items": 12,
                    "items_total": 12, "window_size": 3, "loss": 0.7, "lr": 0.001, "grad_norm": None,
-                   "skipped": False, "grad_scale": None},
+                   "skipped": False, "grad_scale": None, "metrics": {}},
     "train.epoch": {**_HEAD, "event": "train.epoch", **_RUN, "epoch": 1, "step": 11, "loss": 0.86,
                     "items": 1000, "batches": 32, "duration_seconds": 0.037, "items_per_second": 26692.7,
                     "items_total": 1000, "steps": 11},
@@ -284,6 +314,7 @@ VALID: dict[str, dict[str, Any]] = {
                   "scheduler": None},
     "run.end": {**_HEAD, "event": "run.end", **_RUN, "status": "completed", "reason": "max_epochs",
                 "epoch": 2, "step": 22, "items_total": 2000, "duration_seconds": 0.07},
+    "metric": {**_HEAD, "event": "metric", **_RUN, "epoch": 1, "step": 11, "metrics": {"val_bleu": 31.25}},
     "sink.error": {**_HEAD, "level": "warning", "event": "sink.error", **_RUN, "sink": "flaky",
                    "error": "OSError: remote store unavailable"},
     "log": {"timestamp": TS, "level": "warning", "event": "Attach a handler", "logger": "ignite.engine"},
@@ -293,7 +324,7 @@ DIAG_EXTRAS = {"expected_loss_scale": 0.3333333333333333, "observed_loss_scale":
                "rss_bytes": 353501184}  # fmt: skip
 DROP = object()
 """In ``Case.changes``: remove the key."""
-NOT_YET = {"grad_scale": DROP, "split": DROP}
+NOT_YET = {"grad_scale": DROP, "split": DROP, "metrics": DROP}
 """In ``Case.changes``: remove the fields added in 1.3.0, as a line of an older version has none."""
 
 
@@ -343,17 +374,36 @@ CASES = [
     Case("missing-required-field", "train.step", {"items": DROP}, "'items' is a required property"),
     Case("missing-schema-version", "run.end", {"schema_version": DROP}, "'schema_version' is a required"),
     Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"},
-         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0']"),
-    Case("future-minor-version", "train.step", {"schema_version": "1.4.0"},
-         "train.step $.schema_version: '1.4.0' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0']"),
+         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0']"),
+    Case("future-minor-version", "train.step", {"schema_version": "1.5.0"},
+         "train.step $.schema_version: '1.5.0' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0']"),
     *(Case(f"version-1.0.0-without-rank-{event}", event,
            {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP, "attempt": DROP, **NOT_YET})
-      for event in RECORD_EVENTS),
+      for event in RECORD_EVENTS if event != NEW_IN_1_4),
     *(Case(f"version-1.1.0-without-attempt-{event}", event,
            {"schema_version": "1.1.0", "attempt": DROP, **NOT_YET})
-      for event in RECORD_EVENTS if event != "run.start"),
+      for event in RECORD_EVENTS if event not in ("run.start", NEW_IN_1_4)),
     *(Case(f"version-1.2.0-without-1.3.0-fields-{event}", event, {"schema_version": "1.2.0", **NOT_YET})
-      for event in RECORD_EVENTS),
+      for event in RECORD_EVENTS if event != NEW_IN_1_4),
+    *(Case(f"version-1.3.0-without-1.4.0-fields-{event}", event, {"schema_version": "1.3.0", "metrics": DROP})
+      for event in SINCE_1_4),
+    Case("version-1.3.0-eval-still-has-metrics", "eval.epoch", {"schema_version": "1.3.0"}),
+    Case("missing-step-metrics", "train.step", {"metrics": DROP}, "train.step $: 'metrics' is a required property"),
+    Case("step-metrics", "train.step", {"metrics": {"accuracy": 0.5, "ppl": 12.0}}),
+    Case("step-metric-nonfinite", "train.step", {"metrics": {"accuracy": None}, "nonfinite": {"metrics.accuracy": "nan"}}),
+    Case("step-metric-a-string", "train.step", {"metrics": {"accuracy": "0.5"}},
+         "train.step $.metrics.accuracy: '0.5' is not of type 'number', 'null'"),
+    Case("nonfinite-names-a-metric-badly", "train.step", {"nonfinite": {"metrics.top-1": "nan"}},
+         "train.step $.nonfinite: 'metrics.top-1' is not valid under any of the given schemas"),
+    Case("eval-metric-nonfinite", "eval.epoch", {"metrics": {"mae": None}, "nonfinite": {"metrics.mae": "inf"}}),
+    Case("metric-of-version-1.3.0", "metric", {"schema_version": "1.3.0"},
+         "metric $.schema_version: '1.3.0' should not be valid under"),
+    Case("metric-without-values", "metric", {"metrics": {}}, "metric $.metrics: {} should be non-empty"),
+    Case("metric-before-the-first-epoch", "metric", {"epoch": 0, "step": 0}),
+    Case("metric-nonfinite", "metric", {"metrics": {"val_bleu": None}, "nonfinite": {"metrics.val_bleu": "nan"}}),
+    Case("metric-nonfinite-names-a-field", "metric", {"nonfinite": {"step": "nan"}},
+         "metric $.nonfinite: 'step' does not match"),
+    Case("metric-missing-step", "metric", {"step": DROP}, "metric $: 'step' is a required property"),
     Case("version-1.2.0-step-without-grad-scale", "train.step", {"schema_version": "1.2.0", "grad_scale": DROP}),
     Case("version-1.2.0-eval-without-split", "eval.epoch", {"schema_version": "1.2.0", "split": DROP}),
     Case("version-1.2.0-may-carry-grad-scale", "train.step", {"schema_version": "1.2.0", "grad_scale": 1024.0}),
@@ -476,7 +526,11 @@ CASES = [
          "'raw_loss' is a required property"),
     Case("nonfinite-names-a-finite-field", "train.step", {"nonfinite": {"loss": "nan"}}, "None was expected"),
     Case("nonfinite-bad-kind", "train.step", {**NONFINITE_NULL, "nonfinite": {"loss": "NaN"}}, "is not one of"),
-    Case("nonfinite-names-an-integer-field", "train.step", {"nonfinite": {"items": "nan"}}, "is not one of"),
+    Case("nonfinite-names-an-integer-field", "train.step", {"nonfinite": {"items": "nan"}},
+         "train.step $.nonfinite: 'items' is not valid under any of the given schemas"),
+    Case("nonfinite-names-an-eval-count", "eval.epoch", {"nonfinite": {"items": "nan"}},
+         "eval.epoch $.nonfinite: 'items' is not valid under any of the given schemas"),
+    Case("nonfinite-names-a-run-end-float", "run.end", {"nonfinite": {"step": "nan"}}, "is not one of"),
     Case("nonfinite-empty", "train.step", {"nonfinite": {}}, "should be non-empty"),
     Case("nonfinite-on-a-record-without-floats", "run.start", {"nonfinite": {"config": "nan"}}, "was unexpected"),
     Case("grad-norm-not-reported-is-null", "train.step", {"grad_norm": None}),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = "1.3.0"
+SCHEMA_VERSION = "1.4.0"
 """Semantic version of the record fields; a field's meaning or type never changes within a major.
 
 1.1.0 added ``rank`` and ``world_size`` to every record (a 1.0.0 line has neither and comes
@@ -25,7 +25,8 @@ none and comes from a run's first attempt) and ``resumed_from_step`` and ``items
 ``run.start``, for runs resumed from a checkpoint. 1.3.0 added ``grad_scale`` to ``train.step``
 (an older line has none: no gradient scaler), ``split`` to ``eval.epoch`` (an older line has
 none: the task's ``val_loader``, ``val``) and ``optimizer`` and ``scheduler`` (their classes) to
-``run.start``."""
+``run.start``. 1.4.0 added ``metrics`` to ``train.step`` (the task's training metrics; an older line
+has none: ``{}``) and the ``metric`` record (values logged with ``Run.log``)."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -156,6 +157,9 @@ class StepRecord(Record):
     grad_scale: float | None = None
     """The gradient scaler's factor this step's backward ran with under ``trainer.precision: fp16``
     (``loss`` never includes it); None without a scaler."""
+    metrics: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    """The task's training metrics of this step by name (``Task.train_metrics``), as an item-weighted
+    mean over the ranks; empty when it has none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +253,21 @@ class RunEndRecord(Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricRecord(Record):
+    """``metric``: values logged from the user's own code with ``Run.log``, this rank's own."""
+
+    event: ClassVar[str] = "metric"
+
+    epoch: int
+    """The trainer's epoch when logged (0 before the first)."""
+    step: int
+    """The optimizer step the values belong to: ``Run.log``'s ``step``, by default the optimizer steps
+    completed when logged."""
+    metrics: Mapping[str, float]
+    """The values by name."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SinkErrorRecord(Record):
     """``sink.error``: a sink raised; reported once per sink, the others go on."""
 
@@ -267,5 +286,6 @@ RECORD_TYPES: tuple[type[Record], ...] = (
     EvalRecord,
     RunStartRecord,
     RunEndRecord,
+    MetricRecord,
     SinkErrorRecord,
 )

@@ -302,8 +302,11 @@ def _schema_type(prop: Mapping[str, Any]) -> str:
         text += f", matching `{prop['pattern']}`"
     values = prop.get("additionalProperties")
     if isinstance(values, Mapping) and "enum" in values:
-        names = prop.get("propertyNames", {}).get("enum")
-        keyed = ("keys " + ", ".join(f"`{name}`" for name in names)) if names else "field names as keys"
+        keys = prop.get("propertyNames", {})
+        names = [f"`{name}`" for name in keys.get("enum", keys.get("anyOf", [{}])[0].get("enum", ()))]
+        if "anyOf" in keys:  # nonfinite's: a metric's value too
+            names.append("`metrics.<name>`")
+        keyed = ("keys " + ", ".join(names)) if names else "field names as keys"
         text += f": {keyed}, values " + ", ".join(_literal(value) for value in values["enum"])
     return text
 
@@ -392,6 +395,7 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
         end_record,
         epoch_record,
         eval_record,
+        metric_record,
         run_context,
         step_record,
     )
@@ -410,8 +414,9 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
             metrics_url=sink.url,
             optimizer="torch.optim.adamw.AdamW",
         )
-        step = step_record(grad_norm=0.5, grad_scale=65536.0)
+        step = step_record(grad_norm=0.5, grad_scale=65536.0, metrics={"accuracy": 0.5})
         records = [start, batch_record(), step, epoch_record(), eval_record(metrics={"accuracy": 0.75})]
+        records.append(metric_record())
         sink.emit_many([*records, end_record()])
         families = list(sink.registry.collect())
         pushed = {family.name for collector in sink.pushed for family in collector.collect()}

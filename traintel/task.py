@@ -41,6 +41,11 @@ class Task:
     """Evaluation metrics by name: Ignite ``Metric``s or torchmetrics ``Metric``s, fed each validation
     batch's output and targets (or what ``forward_loss`` returned and the batch), their values in
     each ``eval.epoch`` record's ``metrics``."""
+    train_metrics: Mapping[str, Callable[[Any], Any]] | None = None
+    """Training metrics by name: ``fn(step_output)`` returning a one-element tensor computed on the
+    device from the step's ``outputs`` (each micro-batch's output and targets), its losses and
+    counts, after each step whose records are emitted (``telemetry.every``); the values travel with
+    the step's ``train.step`` record in ``metrics``."""
     count_items: Callable[[Any], int] | None = None
     prepare: Callable[[Any, Any], Any] | None = None
     optimizer: Any = None
@@ -95,6 +100,7 @@ def check_task(task: Any, origin: str = "task") -> Task:
             raise ConfigError(origin, f"task.{attr} must be iterable, got {type(value).__name__}")
     splits = _splits(task, origin)
     metrics = _metrics(task, origin)
+    train_metrics = _train_metrics(task, origin)
     return Task(
         model=_model(task.model, origin),
         train_loader=task.train_loader,
@@ -103,6 +109,7 @@ def check_task(task: Any, origin: str = "task") -> Task:
         val_loader=getattr(task, "val_loader", None),
         val_loaders=splits,
         metrics=metrics,
+        train_metrics=train_metrics,
         count_items=getattr(task, "count_items", None),
         prepare=getattr(task, "prepare", None),
         optimizer=getattr(task, "optimizer", None),
@@ -113,6 +120,56 @@ def check_task(task: Any, origin: str = "task") -> Task:
 METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 """A metric's name: a word that every sink takes as it is (a Prometheus label value, a TensorBoard tag,
 an ECS field)."""
+
+
+_EVAL_TAGS = frozenset({"loss"})
+"""Names an evaluation metric cannot take: the ``eval.epoch`` loss's (``eval/loss``, ``eval.loss``)."""
+_TRAIN_TAGS = frozenset(
+    {
+        "batch_loss",
+        "batch_raw_loss",
+        "batch_loss_scale",
+        "step_loss",
+        "lr",
+        "grad_norm",
+        "grad_scale",
+        "epoch_loss",
+    }
+)
+"""Names a training metric cannot take: the values traintel itself writes under ``train/``."""
+
+
+def check_metric_name(name: Any, where: str, origin: str, taken: frozenset[str] = frozenset()) -> None:
+    """A ConfigError (at ``origin``) unless ``name`` is a ``METRIC_NAME`` not in ``taken``."""
+    if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
+        raise ConfigError(
+            origin,
+            f"{where}: the name {name!r} must be a letter or '_', then up to 63 letters, digits or '_'",
+        )
+    if name in taken:
+        raise ConfigError(
+            origin, f"{where}: the name {name!r} is traintel's own; names taken: {', '.join(sorted(taken))}"
+        )
+
+
+def _train_metrics(task: Any, origin: str) -> dict[str, Callable[[Any], Any]]:
+    """The task's training metrics by name, each a callable of the step output."""
+    given = getattr(task, "train_metrics", None)
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(
+            origin, f"task.train_metrics must be a mapping of names to functions, got {type(given).__name__}"
+        )
+    for name, fn in given.items():
+        check_metric_name(name, "task.train_metrics", origin, _TRAIN_TAGS)
+        if not callable(fn):
+            raise ConfigError(
+                origin,
+                f"task.train_metrics[{name!r}] must be a function of the step output, "
+                f"got {type(fn).__name__}",
+            )
+    return dict(given)
 
 
 def _metrics(task: Any, origin: str) -> dict[str, Any]:
@@ -127,12 +184,7 @@ def _metrics(task: Any, origin: str) -> dict[str, Any]:
             origin, f"task.metrics must be a mapping of names to metrics, got {type(given).__name__}"
         )
     for name, metric in given.items():
-        if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
-            raise ConfigError(
-                origin,
-                f"task.metrics: the name {name!r} must be a letter or '_', then up to 63 letters, "
-                "digits or '_'",
-            )
+        check_metric_name(name, "task.metrics", origin, _EVAL_TAGS)
         try:
             metric_kind(metric)
         except TypeError as exc:

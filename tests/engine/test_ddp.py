@@ -54,7 +54,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    grads, losses, epochs, epoch_items, evals = [], [], [], [], []
+    grads, losses, epochs, epoch_items, evals, train_mae = [], [], [], [], [], []
     every = spec.get("eval_every_steps")
     limit = spec.get("max_steps")  # the run ends after this many optimizer steps, mid-epoch if need be
     for _ in range(spec.get("epochs", 1)):
@@ -64,18 +64,21 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             union = [b for w in windows if t < len(w) for b in w[t]]
             n_total = sum(int(m.sum()) for _, _, m in union)
-            step_loss = 0.0
+            step_loss, step_errors = 0.0, 0.0
             for x, y, m in union:
                 n = int(m.sum())
                 if n:
-                    raw = masked_mse(net(x), (y, m))
+                    out = net(x)
+                    raw = masked_mse(out, (y, m))
                     (raw * (n / n_total)).backward()
                     step_loss += float(raw.detach()) * n / n_total
                     total_loss += float(raw.detach()) * n
+                    step_errors += float((out.detach() - y).squeeze(1)[m].abs().sum())
             total_items += n_total
             if n_total:
                 grads.append([p.grad.clone() for p in net.parameters()])
                 losses.append(step_loss)
+                train_mae.append(step_errors / n_total)
                 opt.step()
                 opt.zero_grad()
                 if every and len(losses) % every == 0:  # all the batches, both ranks' shards
@@ -96,6 +99,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
         "epochs": epochs,
         "epoch_items": epoch_items,
         "evals": evals,
+        "train_mae": train_mae,
         "params": list(net.parameters()),
     }
 
@@ -183,6 +187,7 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
     assert same[0] == same[1]  # global values: the same on every rank
     stepped = [s for s in steps[0] if not s["skipped"]]
     assert [s["loss"] for s in stepped] == pytest.approx(ref["losses"], rel=1e-12)
+    _check_train_metric(spec, steps[0], ref["train_mae"])
     epochs = [r for r in records[0] if r["event"] == "train.epoch"]
     assert [e["loss"] for e in epochs] == pytest.approx(ref["epochs"], rel=1e-12)
     assert [e["items"] for e in epochs] == ref["epoch_items"]
@@ -201,6 +206,7 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
         len(ref["losses"]),
     )
     assert {(r["rank"], r["world_size"]) for r in records[1]} == {(1, WORLD)}
+    _check_logged(spec, len(ref["epochs"]), records)
 
     # the ranks' batch losses of a window sum to the step loss; each is its exact share
     for step in steps[0]:
@@ -229,6 +235,24 @@ def test_two_ranks_equal_one_process_on_the_union_of_their_windows(
             assert c["all_reduce"] > ours
         else:
             assert c["all_reduce"] == ours
+
+
+def _check_train_metric(spec: dict[str, Any], steps: list[dict[str, Any]], want: list[float]) -> None:
+    """A training metric of each step is the item-weighted mean over the ranks of each one's own: the
+    value over the union of their windows (none for ``forward_loss``, whose outputs are the loss)."""
+    if spec.get("forward_loss"):
+        assert {len(s["metrics"]) for s in steps} == {0}
+    else:
+        got = [s["metrics"]["mae"] for s in steps if not s["skipped"]]
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def _check_logged(spec: dict[str, Any], epochs: int, records: list[list[dict[str, Any]]]) -> None:
+    """``Run.log``'s values at each ended epoch (a step limit cuts the last): each rank's own."""
+    ended = epochs - 1 if "max_steps" in spec else epochs
+    for rank, recs in enumerate(records):
+        logged = [(r["epoch"], r["metrics"]) for r in recs if r["event"] == "metric"]
+        assert logged == [(e, {"rank_value": float(rank)}) for e in range(1, ended + 1)]
 
 
 DISTRIBUTED_TASKS = RANKS

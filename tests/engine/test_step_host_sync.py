@@ -12,6 +12,7 @@ import torch
 
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
+from traintel.engine.outputs import StepOutput
 from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
@@ -79,6 +80,51 @@ def test_one_transfer_per_delivery_and_one_float_per_epoch_mean(  # noqa: PLR091
     assert len(mem.of("train.epoch")) == len(mem.of("eval.epoch")) == 4
 
 
+def _mae(out: StepOutput) -> torch.Tensor:
+    """Mean absolute error of the step's outputs, on the device."""
+    errors = [(output - target).abs().sum() for output, target in out.outputs]
+    return torch.stack(errors).sum() / sum(t.numel() for _, t in out.outputs)
+
+
+def _largest_share(out: StepOutput) -> torch.Tensor:
+    return torch.stack(list(out.losses)).max()
+
+
+@pytest.mark.parametrize(("every", "max_delay", "transfers"), [(1, 0.0, 12), (1, 60.0, 5), (5, 60.0, 2)])
+def test_training_metrics_travel_in_the_same_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int, max_delay: float, transfers: int
+) -> None:
+    """Two training metrics add no conversion: their values go in each delivery's one ``tolist``; they
+    are computed for the emitted steps only."""
+    calls: list[int] = []
+
+    def counted_mae(out: StepOutput) -> torch.Tensor:
+        calls.append(out.step)
+        return _mae(out)
+
+    task = Task(
+        model=make_model(),
+        loss_fn=torch.nn.functional.mse_loss,
+        train_loader=make_batches([4] * 7),
+        val_loader=make_batches([5, 5], seed=1),
+        train_metrics={"mae": counted_mae, "largest_share": _largest_share},
+    )
+    cfg = quiet_config(tmp_path, accumulation_steps=3, max_epochs=4)
+    cfg["telemetry"] = {"every": every, "max_delay_seconds": max_delay}
+    mem = MemorySink()
+    run = build(cfg, task, sinks=[mem])
+    counts = _counting(monkeypatch)
+    run.run()
+    monkeypatch.undo()
+    assert dict(counts) == {"tolist": transfers, "__float__": 8}
+    steps = mem.of("train.step")
+    assert [r.step for r in steps] == list(range(every, 13, every))  # type: ignore[attr-defined]
+    assert calls == [r.step for r in steps]  # type: ignore[attr-defined]  # computed for emitted steps only
+    for record in steps:
+        assert list(record.metrics) == ["mae", "largest_share"]  # type: ignore[attr-defined]
+        assert 0.0 < record.metrics["mae"] < 10.0  # type: ignore[attr-defined]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_update_step_never_synchronizes(tmp_path: Path) -> None:
     device = torch.device("cuda")
@@ -87,9 +133,13 @@ def test_cuda_update_step_never_synchronizes(tmp_path: Path) -> None:
     cfg["trainer"]["device"] = "cuda"
     cfg["telemetry"]["every"] = 2
     mem = MemorySink()
-    run = build(
-        cfg, Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=batches), sinks=[mem]
+    task = Task(
+        model=make_model(),
+        loss_fn=torch.nn.functional.mse_loss,
+        train_loader=batches,
+        train_metrics={"mae": _mae},
     )
+    run = build(cfg, task, sinks=[mem])
     step = run.trainer._process_function
 
     def strict_step(engine: Any, window: Any) -> Any:

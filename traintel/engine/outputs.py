@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 
@@ -55,6 +57,13 @@ class StepOutput(NamedTuple):
     ``trainer.on_nonfinite=skip_step``, or its gradients overflowed under fp16."""
     grad_scale: float | None = None
     """The gradient scaler's factor this step's backward ran with (``precision="fp16"``), else None."""
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
+    """The task's training metrics of this step on this rank (``Task.train_metrics``), one-element
+    tensors on the device; converted with the step's losses when its records are delivered."""
+    outputs: tuple[tuple[Any, Any], ...] = ()
+    """``(output, target)`` of each micro-batch that ran (the model's output and the targets, or what
+    ``forward_loss`` returned and the batch): set only while the training metrics are computed from
+    it, so that no step holds on to the previous one's outputs."""
 
     @property
     def loss(self) -> torch.Tensor:

@@ -27,6 +27,9 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 ForwardLoss = Callable[[torch.nn.Module, Any], Any]
 """``forward_loss(model, batch)``: the batch's mean loss from a model that computes its own, as a
 tensor or an object whose ``.loss`` is one (a Hugging Face ``ModelOutput``)."""
+TrainMetric = Callable[[StepOutput], Any]
+"""``fn(step_output)``: a training metric of one step on this rank, a one-element tensor computed on
+the device from ``step_output.outputs`` (and its losses and counts), without reading it on the host."""
 
 _log = logging.getLogger("traintel")
 
@@ -183,7 +186,8 @@ class AccumulatingStep:
     3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
        ``on_nonfinite="skip_step"`` and ``window_finite`` finds a NaN or infinite loss on some rank
        (then the gradients are cleared and the step is not taken);
-    4. the window is added to ``progress`` and described by a ``StepOutput``.
+    4. the window is added to ``progress`` and described by a ``StepOutput``, with the task's
+       training metrics (``metric_values``) when it gives any and the step's records are emitted.
 
     The bookkeeping adds no tensor operation beyond two detaches per micro-batch: the step
     loss is a ``WindowLoss``, summed when first read, and ``Progress`` adds windows to the
@@ -207,6 +211,8 @@ class AccumulatingStep:
         grad_scaler: torch.amp.GradScaler | None = None,
         coordinator: Coordinator | None = None,
         on_nonfinite: str = "warn",
+        train_metrics: Mapping[str, TrainMetric] | None = None,
+        metrics_every: int = 1,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -221,6 +227,17 @@ class AccumulatingStep:
         )
         self.prepare = prepare_batch
         """``prepare(batch, device)``: the task's, or the default for its loss (``loss_calls``)."""
+        self.train_metrics = dict(train_metrics or {})
+        """The task's training metrics by name, computed after every ``metrics_every``-th optimizer step
+        (``metric_values``)."""
+        self.metrics_every = metrics_every
+        """``telemetry.every``: the steps whose records are emitted (the engine's iteration a multiple of
+        it) are the only ones whose training metrics anyone reads, so only they compute them."""
+        self._outputs: list[tuple[Any, Any]] | None = None
+        """With training metrics, the window's ``(output, target)`` so far; None without (nothing kept)."""
+        if self.train_metrics:
+            with_output = output_calls(model, loss_fn=loss_fn, forward_loss=forward_loss)
+            self._loss = self._keeping_outputs(with_output)
         self.count_items = count_items
         self.grad_clip_norm = grad_clip_norm
         self.report_grad_norm = report_grad_norm
@@ -242,6 +259,58 @@ class AccumulatingStep:
         """The run's position; ``create_trainer`` puts this object on ``state.progress``."""
         self._events_on: weakref.ref[Engine] | None = None
         """The engine last found to have ``TraintelEvents`` registered (they cannot be unregistered)."""
+
+    def _keeping_outputs(
+        self, with_output: Callable[[Any], tuple[torch.Tensor, Any, Any]]
+    ) -> Callable[[Any], torch.Tensor]:
+        """The loss of a prepared batch that also keeps its ``(output, target)`` for the training metrics."""
+        kept: list[tuple[Any, Any]] = []
+        self._outputs = kept
+
+        def loss(prepared: Any) -> torch.Tensor:
+            value, output, target = with_output(prepared)
+            kept.append((output, target))
+            return value
+
+        return loss
+
+    def metric_values(self, out: StepOutput) -> dict[str, torch.Tensor]:
+        """Each training metric of the step ``out``, given the window's outputs (``out.outputs``),
+        under ``no_grad``: a one-element tensor on the device, never read here. The outputs are let
+        go of afterwards."""
+        kept = self._outputs
+        outputs = tuple(kept) if kept is not None else ()
+        if kept is not None:
+            kept.clear()
+        view = out._replace(outputs=outputs)
+        values: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, fn in self.train_metrics.items():
+                values[name] = self._metric_tensor(name, fn(view))
+        return values
+
+    def _measured(self, engine: Engine, out: StepOutput) -> StepOutput:
+        """``out`` with its training metrics when the step's records are emitted (its iteration a
+        multiple of ``metrics_every``, as ``TrainTelemetry`` emits them); the outputs let go of."""
+        if self._outputs is None:
+            return out
+        if engine.state.iteration % self.metrics_every == 0:
+            return out._replace(metrics=self.metric_values(out))
+        self._outputs.clear()
+        return out
+
+    def _metric_tensor(self, name: str, value: Any) -> torch.Tensor:
+        """A training metric's value as a 0-dim tensor on the device; anything but one number fails
+        the run naming the metric."""
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.detach().reshape(())
+            return value if value.device == self.device else value.to(self.device, non_blocking=True)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        tensor = isinstance(value, torch.Tensor)
+        got = f"a tensor of shape {tuple(value.shape)}" if tensor else _described(value)
+        msg = f"train metric {name!r} returned {got}; it must return a one-element tensor"
+        raise TypeError(msg)
 
     def fires(self, engine: Engine, event: TraintelEvents) -> bool:
         """Whether the step fires ``event`` on ``engine``. On a trainer from ``create_trainer``, only
@@ -358,6 +427,14 @@ class AccumulatingStep:
             for p in group["params"]:
                 p.grad = None
 
+    def _begin_window(self, total: int, last: int) -> None:
+        """Before the window's micro-batches: ``take_part`` when only other ranks have items (``last``
+        < 0), then forget any outputs kept before (that part's, or a failed step's)."""
+        if total and last < 0:
+            self.take_part()
+        if self._outputs:
+            self._outputs.clear()
+
     def window_finite(self, losses: Sequence[torch.Tensor]) -> bool:
         """Whether the window's s_b are all finite on every rank (the coordinator agrees): one host
         sync, taken only under ``trainer.on_nonfinite=skip_step``. A micro-batch without items
@@ -381,8 +458,7 @@ class AccumulatingStep:
         last = len(counts) - 1
         while last >= 0 and not counts[last]:
             last -= 1
-        if total and last < 0:
-            self.take_part()
+        self._begin_window(total, last)
         fires = self.fires(engine, TraintelEvents.MICRO_BATCH_COMPLETED)
         for position, batch in enumerate(batches):
             n = counts[position]
@@ -413,10 +489,11 @@ class AccumulatingStep:
         losses_t = tuple(losses)
         progress.add_window(losses_t, len(counts), total, stepped=stepped)
         window_loss = WindowLoss(losses_t, counts, self._zero)
-        _set_state(engine, "step_output", StepOutput(
+        out = StepOutput(
             epoch, progress.run_steps, window, total, counts, tuple(raws), losses_t, window_loss,
             progress.run_items, lr, grad_norm, not stepped, scale,
-        ))  # fmt: skip
+        )  # fmt: skip
+        _set_state(engine, "step_output", self._measured(engine, out))
         if self.coordinator.last.stop:  # a rank was asked to stop: every rank ends after this same step
             if getattr(engine.state, "stop_reason", None) is None:
                 _set_state(engine, "stop_reason", PEER_STOP_REASON)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from traintel.engine.step import (
     ForwardLoss,
     LossFn,
     Prepare,
+    TrainMetric,
     default_count_items,
     epochs_last_step,
 )
@@ -93,6 +94,8 @@ def create_trainer(
     coordinator: Coordinator | None = None,
     step_class: type[AccumulatingStep] = AccumulatingStep,
     on_nonfinite: str = "warn",
+    train_metrics: Mapping[str, TrainMetric] | None = None,
+    metrics_every: int = 1,
 ) -> TraintelEngine:
     """A real ``ignite.engine.Engine`` (a ``TraintelEngine``) whose data are ``WindowedLoader`` windows.
 
@@ -104,7 +107,9 @@ def create_trainer(
     ``on_nonfinite="skip_step"`` does not take the optimizer step of a window whose loss is not
     finite (``trainer.on_nonfinite``); ``grad_scaler`` scales backward under ``precision="fp16"``.
     Give ``loss_fn=None`` and ``forward_loss`` for a model that computes its own loss; ``prepare``
-    defaults to what that loss takes (``step.loss_calls``).
+    defaults to what that loss takes (``step.loss_calls``). ``train_metrics`` (``{name: fn(step_output)}``)
+    put the training metrics of every ``metrics_every``-th step (those whose records are emitted,
+    ``telemetry.every``) in ``state.step_output.metrics``.
     """
     step = step_class(
         model,
@@ -121,6 +126,8 @@ def create_trainer(
         grad_scaler=grad_scaler,
         coordinator=coordinator,
         on_nonfinite=on_nonfinite,
+        train_metrics=train_metrics,
+        metrics_every=metrics_every,
     )
     engine = TraintelEngine(step, step.progress)
     engine.update_step = step

@@ -37,6 +37,11 @@ class RunLifecycle:
         self.ended: RunEndRecord | None = None
         self._t0: float | None = None
 
+    @property
+    def running(self) -> bool:
+        """Whether ``run.start`` is out and ``run.end`` not yet."""
+        return self._t0 is not None and self.ended is None
+
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self.emit(self.start_record())

@@ -6,7 +6,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -48,7 +48,10 @@ class TrainTelemetry:
     noted with its wall-clock time; its tensors become Python floats only when its records
     are built, and that one float goes to every sink. The step record's loss is the sum of
     those s_b floats, left to right in float64: the same value as the step's ``WindowLoss``
-    tensor, without a second transfer.
+    tensor, without a second transfer. The task's training metrics of a step (``StepOutput.metrics``)
+    travel in the same transfer; under torch.distributed, each rank's value times its items in the
+    window is summed in the same collective as the losses, so ``train.step`` carries their
+    item-weighted mean over the ranks.
 
     Records are built and delivered in batches: the steps noted since the last delivery
     are converted with one ``stack().tolist()`` (one device-to-host transfer for all of
@@ -175,22 +178,34 @@ class TrainTelemetry:
             batches.append(self._batch_records(out, when, step_values, memory=mem))
         shares = [_share(out.counts, v.losses) for (out, _), v in zip(pending, values, strict=True)]
         checks = [_share(out.counts, losses) for out, losses in zip(unemitted, unemitted_losses, strict=True)]
-        sums = [*shares, *checks, *extra]
+        distributed = self.coordinator.distributed
+        weighted = (  # one rank's training metrics are the step's own
+            [w for (out, _), v in zip(pending, values, strict=True) for w in _weighted(out, v.metrics)]
+            if distributed
+            else []
+        )
+        sums = [*shares, *checks, *weighted, *extra]
         if global_sums:
             sums = self.coordinator.sum_floats(sums)
-        elif pending and self.coordinator.distributed:
+        elif pending and distributed:
             logging.getLogger("traintel").warning(
                 "%d step records not delivered: their losses need the other ranks", len(pending)
             )
-        step_losses, check_losses, extra_sums = _split(sums, len(shares), len(checks), len(extra))
-        step_records = global_sums or not self.coordinator.distributed
+        step_losses, check_losses, metric_sums, extra_sums = _split(
+            sums, len(shares), len(checks), len(weighted), len(extra)
+        )
+        step_records = global_sums or not distributed
         delivery: list[Record] = []
+        metric_floats = iter(metric_sums)
         for (out, when), records, step_loss, step_values in zip(
             pending, batches, step_losses, values, strict=True
         ):
             delivery += records
             if step_records:
-                delivery.append(self._step_record(out, when, step_loss, step_values.grad_norm))
+                metrics = step_values.metrics
+                if distributed:  # the item-weighted mean over the ranks
+                    metrics = {name: _mean(next(metric_floats), out.items) for name in metrics}
+                delivery.append(self._step_record(out, when, step_loss, step_values.grad_norm, metrics))
         self._delivered = time.time()
         if delivery:
             self.emit_many(delivery)
@@ -236,12 +251,14 @@ class TrainTelemetry:
             )  # fmt: skip
         return records
 
-    def _step_record(self, out: StepOutput, when: float, loss: float, grad_norm: float | None) -> StepRecord:
+    def _step_record(
+        self, out: StepOutput, when: float, loss: float, grad_norm: float | None, metrics: dict[str, float]
+    ) -> StepRecord:
         return StepRecord(
             run_id=self.run_id, time=when, rank=self.rank, world_size=self.world_size, attempt=self.attempt,
             epoch=out.epoch, step=out.step, items=out.items, items_total=out.items_total,
             window_size=len(out.counts), loss=loss, lr=out.lr, grad_norm=grad_norm, skipped=out.skipped,
-            grad_scale=out.grad_scale,
+            grad_scale=out.grad_scale, metrics=MappingProxyType(metrics) if metrics else _NO_METRICS,
         )  # fmt: skip
 
     def emit_epoch(self, engine: Engine, *, cut: bool = False) -> None:
@@ -274,6 +291,21 @@ class TrainTelemetry:
                 items_per_second=items / duration if duration > 0 else 0.0,
             )
         )
+
+
+_NO_METRICS: Mapping[str, float] = MappingProxyType({})
+
+
+def _weighted(out: StepOutput, metrics: Mapping[str, float]) -> list[float]:
+    """Each of this rank's training metrics of the step times its items in the window (0 for a rank
+    without items, whatever its value): summed over the ranks, then divided by the window's items."""
+    items = sum(out.counts)
+    return [value * items if items else 0.0 for value in metrics.values()]
+
+
+def _mean(weighted_sum: float, items: int) -> float:
+    """The item-weighted mean over the ranks from its sum (NaN for a window without items)."""
+    return weighted_sum / items if items else math.nan
 
 
 def _share(counts: Sequence[int], losses: Sequence[float]) -> float:
@@ -319,6 +351,8 @@ class _StepValues:
     losses: list[float]
     """s_b of each micro-batch."""
     grad_norm: float | None
+    metrics: dict[str, float]
+    """This rank's training metrics of the step."""
 
 
 def _to_floats(
@@ -332,6 +366,7 @@ def _to_floats(
         parts += out.losses
         if out.grad_norm is not None:
             parts.append(out.grad_norm)
+        parts += out.metrics.values()
     for out in unemitted:
         parts += out.losses
     floats: Iterator[float] = iter(torch.stack(parts).tolist() if parts else [])  # in the order above
@@ -340,6 +375,7 @@ def _to_floats(
             raw_losses=_take(floats, len(out.raw_losses)),
             losses=_take(floats, len(out.losses)),
             grad_norm=None if out.grad_norm is None else next(floats),
+            metrics=dict(zip(out.metrics, _take(floats, len(out.metrics)), strict=True)),
         )
         for out, _ in pending
     ]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
+import time
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, BinaryIO
 
 from ignite.engine import Events
@@ -13,11 +16,12 @@ from ignite.engine import Events
 from traintel.config import Config, coerce_config
 from traintel.engine.events import TraintelEvents
 from traintel.errors import NonFiniteLoss, one_line, signal_exit
-from traintel.records import RunEndRecord
+from traintel.records import MetricRecord, RunEndRecord
 from traintel.run import distributed, resume, rundir, session
 from traintel.run.plan import Plan, load_task, make_plan
 from traintel.run.signals import early_signal, handled, hold_early
 from traintel.sinks.base import Sink
+from traintel.task import METRIC_NAME
 
 _WINDOW_ON_ITS_WAY = frozenset(
     (
@@ -198,6 +202,35 @@ class Run:
         if self.plan.evaluation is not None:
             self.plan.evaluation.stop()
 
+    def log(self, values: Mapping[str, Any], *, step: int | None = None) -> MetricRecord:
+        """Send values from your own code (a handler, a callback) to every sink as one ``metric``
+        record, and return it: ``run.log({"val_bleu": 31.2})``.
+
+        Each name is a letter or ``_``, then up to 63 letters, digits or ``_``; each value a number or
+        a one-element tensor (read on the host here: call it where a sync costs nothing, such as an
+        epoch's end). ``step`` is the optimizer step the values belong to, by default the steps
+        completed so far. The values are this rank's, not reduced over the ranks. The record goes out
+        at once, so it may come before the step records still waiting for their delivery (its
+        ``step`` places it). Works while the run runs, from ``run.start`` to ``run.end``; a bad name,
+        value or step raises ``ValueError`` or ``TypeError`` naming it, and no record is made.
+        """
+        if not self.plan.lifecycle.running:
+            msg = "Run.log works while the run runs: after run.start and before run.end"
+            raise RuntimeError(msg)
+        state = self.trainer.state
+        if step is None:
+            step = state.progress.run_steps
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            msg = f"Run.log: step must be an integer >= 0, got {step!r}"
+            raise ValueError(msg)
+        c = self.coordinator
+        record = MetricRecord(
+            run_id=self.run_id, time=time.time(), rank=c.rank, world_size=c.world_size, attempt=self.attempt,
+            epoch=state.epoch, step=step, metrics=_logged(values),
+        )  # fmt: skip
+        self.fanout.emit(record)
+        return record
+
     def _on_signal(self, name: str) -> None:
         if self.plan.lifecycle.ended is not None:  # the run ended: abandon the push, stop serving, leave
             self.late_signal = name
@@ -222,6 +255,31 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _logged(values: Mapping[str, Any]) -> Mapping[str, float]:
+    """``Run.log``'s values as floats by name, checked: a ``ValueError`` or ``TypeError`` names the
+    first bad one."""
+    import torch
+
+    if not isinstance(values, Mapping) or not values:
+        msg = f"Run.log takes a non-empty mapping of names to numbers, got {values!r}"
+        raise TypeError(msg)
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
+            msg = f"Run.log: the name {name!r} must be a letter or '_', then up to 63 letters, digits or '_'"
+            raise ValueError(msg)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = float(value.item())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            out[name] = float(value)
+        else:
+            shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+            kind = f"{type(value).__name__}{shape}"
+            msg = f"Run.log: {name!r} is a {kind}; a value is a number or a one-element tensor"
+            raise TypeError(msg)
+    return MappingProxyType(out)
 
 
 def build(

@@ -360,6 +360,8 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
         coordinator=coordinator,
         step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
         on_nonfinite=tc.on_nonfinite,
+        train_metrics=task.train_metrics,
+        metrics_every=config.telemetry.every,
     )
     if tc.max_steps is not None:
         limit_steps(trainer, tc.max_steps)

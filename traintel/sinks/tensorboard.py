@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from traintel.errors import ConfigError
-from traintel.records import BatchRecord, EpochRecord, EvalRecord, Record, StepRecord
+from traintel.records import BatchRecord, EpochRecord, EvalRecord, MetricRecord, Record, StepRecord
 from traintel.sinks.base import RunContext
 
 if TYPE_CHECKING:
@@ -22,15 +22,17 @@ __all__ = ["TensorBoardSink"]
 
 
 class TensorBoardSink:
-    """Write ``train.batch``, ``train.step``, ``train.epoch`` and ``eval.epoch`` losses as scalars.
+    """Write ``train.batch``, ``train.step``, ``train.epoch`` and ``eval.epoch`` losses, and every
+    metric, as scalars.
 
     The x axis is the optimizer step: a micro-batch is plotted at ``step + 1``, the step
     its gradient goes into; step, epoch and eval records at their ``step``. Tags:
     ``train/batch_loss``, ``train/batch_raw_loss``, ``train/batch_loss_scale``,
     ``train/step_loss``, ``train/lr``, ``train/grad_norm`` (when reported), ``train/grad_scale``
-    (under fp16), ``train/epoch_loss``, ``eval/loss`` and ``eval/<metric>`` for each of the task's
-    metrics (``eval/<split>/...`` for a validation loader not named ``val``). Other records are
-    skipped.
+    (under fp16), ``train/<metric>`` for each of the task's training metrics, ``train/epoch_loss``,
+    ``eval/loss`` and ``eval/<metric>`` for each of its evaluation metrics (``eval/<split>/...`` for a
+    validation loader not named ``val``), and ``user/<name>`` for each value logged with ``Run.log``
+    (a ``metric`` record). Other records are skipped.
     """
 
     name = "tensorboard"
@@ -82,6 +84,8 @@ class TensorBoardSink:
                 writer.add_scalar("train/grad_norm", record.grad_norm, record.step, walltime=t)
             if record.grad_scale is not None:
                 writer.add_scalar("train/grad_scale", record.grad_scale, record.step, walltime=t)
+            for name, value in record.metrics.items():
+                writer.add_scalar(f"train/{name}", value, record.step, walltime=t)
         elif isinstance(record, EpochRecord):
             writer.add_scalar("train/epoch_loss", record.loss, record.step, walltime=t)
         elif isinstance(record, EvalRecord):
@@ -89,6 +93,9 @@ class TensorBoardSink:
             writer.add_scalar(f"{prefix}/loss", record.loss, record.step, walltime=t)
             for name, value in record.metrics.items():
                 writer.add_scalar(f"{prefix}/{name}", value, record.step, walltime=t)
+        elif isinstance(record, MetricRecord):
+            for name, value in record.metrics.items():
+                writer.add_scalar(f"user/{name}", value, record.step, walltime=t)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None

@@ -13,6 +13,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from traintel.engine.outputs import StepOutput
 from traintel.errors import ConfigError
 from traintel.task import Task
 
@@ -44,11 +45,15 @@ def make_task(
     noise: float = 0.05,
     seed: int = 0,
     shuffle: bool = True,
+    metrics: bool = False,
 ) -> Task:
     """An MLP forecaster over synthetic series; MSE loss (mean over items).
 
     ``seed`` fixes the data and the shuffling; weights come from torch's global
     generator, which traintel seeds from ``run.seed`` before calling the factory.
+    ``metrics`` adds the mean absolute error of the forecasts as a training metric (``mae`` in
+    ``train.step``) and as an evaluation metric (Ignite's ``MeanAbsoluteError``, ``mae`` in
+    ``eval.epoch``).
     """
     for key, value, low in (
         ("train_samples", train_samples, 1),
@@ -62,6 +67,8 @@ def make_task(
             raise ConfigError(f"task.params.{key}", f"must be an integer >= {low}, got {value!r}")
     if not isinstance(noise, int | float) or noise < 0 or not math.isfinite(noise):
         raise ConfigError("task.params.noise", f"must be a finite number >= 0, got {noise!r}")
+    if not isinstance(metrics, bool):
+        raise ConfigError("task.params.metrics", f"must be true or false, got {metrics!r}")
     model = torch.nn.Sequential(
         torch.nn.Linear(context, hidden),
         torch.nn.GELU(),
@@ -76,6 +83,26 @@ def make_task(
     if val_samples:
         val = make_dataset(val_samples, context, horizon, seed + 1, noise)
         val_loader = DataLoader(val, batch_size=batch_size)
-    return Task(
+    task = Task(
         model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=train_loader, val_loader=val_loader
     )
+    if metrics:
+        from ignite.metrics import MeanAbsoluteError
+
+        task.train_metrics = {"mae": train_mae}
+        task.metrics = {"mae": MeanAbsoluteError(output_transform=_flat)} if val_loader is not None else None
+    return task
+
+
+def _flat(output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forecasts and targets as one value each: Ignite's MAE then averages over every value, as
+    ``train_mae`` does (over samples it would add up each sample's horizon)."""
+    forecast, target = output
+    return forecast.flatten(), target.flatten()
+
+
+def train_mae(out: StepOutput) -> torch.Tensor:
+    """The mean absolute error of the step's forecasts over its items and horizon, on the device."""
+    errors = [(forecast - target).abs().sum() for forecast, target in out.outputs]
+    values = sum(target.numel() for _, target in out.outputs)
+    return torch.stack(errors).sum() / values if values else torch.full((), math.nan)

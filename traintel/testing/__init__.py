@@ -2,10 +2,10 @@
 drives a real run.
 
 ``batch_record(**overrides)``, ``step_record``, ``epoch_record``, ``eval_record``,
-``end_record`` and ``make_record(event, **overrides)`` build one record with fixed, plausible
-values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test overrides where it matters
-(``attempt=1`` for a resumed run's records); ``run_context(run_dir)`` is the matching
-``RunContext`` (``run_context(run_dir, attempt=1)`` for a resumed attempt).
+``metric_record``, ``end_record`` and ``make_record(event, **overrides)`` build one record with
+fixed, plausible values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test
+overrides where it matters (``attempt=1`` for a resumed run's records); ``run_context(run_dir)``
+is the matching ``RunContext`` (``run_context(run_dir, attempt=1)`` for a resumed attempt).
 
 ``check_sink(factory)`` builds sinks from ``factory`` and runs each through a short,
 real training run (two runs, so a sink survives open/close twice). It asserts the
@@ -26,6 +26,7 @@ from traintel.testing.records import (
     epoch_record,
     eval_record,
     make_record,
+    metric_record,
     run_context,
     step_record,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "epoch_record",
     "eval_record",
     "make_record",
+    "metric_record",
     "run_context",
     "step_record",
 ]

@@ -8,7 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from traintel.records import BatchRecord, EpochRecord, EvalRecord, Record, RunEndRecord, StepRecord
+from traintel.records import (
+    BatchRecord,
+    EpochRecord,
+    EvalRecord,
+    MetricRecord,
+    Record,
+    RunEndRecord,
+    StepRecord,
+)
 from traintel.sinks.base import RunContext
 
 T0 = 1_764_000_000.25
@@ -58,6 +66,18 @@ def eval_record(**overrides: Any) -> EvalRecord:
     return EvalRecord(**{**fields, **overrides})
 
 
+def metric_record(**overrides: Any) -> MetricRecord:
+    """A ``metric`` record: one value logged at step 1 of epoch 1, two and a half seconds after ``T0``."""
+    fields: dict[str, Any] = {
+        "run_id": "r1",
+        "time": T0 + 2.5,
+        "epoch": 1,
+        "step": 1,
+        "metrics": {"val_bleu": 31.25},
+    }
+    return MetricRecord(**{**fields, **overrides})
+
+
 def end_record(**overrides: Any) -> RunEndRecord:
     """A ``run.end`` record: completed after epoch 1 (``max_epochs``), three seconds after ``T0``."""
     fields: dict[str, Any] = {
@@ -72,13 +92,14 @@ _BUILDERS: dict[str, Callable[..., Record]] = {
     "train.step": step_record,
     "train.epoch": epoch_record,
     "eval.epoch": eval_record,
+    "metric": metric_record,
     "run.end": end_record,
 }
 
 
 def make_record(event: str, **overrides: Any) -> Record:
-    """The builder of ``event`` (``train.batch``, ``train.step``, ``train.epoch``, ``eval.epoch`` or
-    ``run.end``) called with ``overrides``."""
+    """The builder of ``event`` (``train.batch``, ``train.step``, ``train.epoch``, ``eval.epoch``,
+    ``metric`` or ``run.end``) called with ``overrides``."""
     builder = _BUILDERS.get(event)
     if builder is None:
         msg = f"event must be one of {sorted(_BUILDERS)}, got {event!r}"

@@ -67,6 +67,15 @@ def masked(
     return preds.squeeze(1)[mask], y.squeeze(1)[mask]
 
 
+def train_mae(out: Any) -> torch.Tensor:
+    """A training metric: the mean absolute error of this rank's counted items in the step's window."""
+    errors = [(pred - y).squeeze(1)[mask].abs().sum() for pred, (y, mask) in out.outputs]
+    items = sum(out.counts)
+    if not items:  # weighed by 0 items over the ranks
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(errors).sum() / items
+
+
 def prepare(batch: Any, device: torch.device) -> tuple[Any, Any]:
     x, y, mask = batch
     return x.to(device), (y.to(device), mask.to(device))
@@ -113,7 +122,7 @@ def main() -> None:
 
     memory = MemorySink()
     task = Task(model=model(), loss_fn=masked_mse, train_loader=batches(spec), prepare=prepare,
-                count_items=lambda b: int(b[2].sum()))  # fmt: skip
+                count_items=lambda b: int(b[2].sum()), train_metrics={"mae": train_mae})  # fmt: skip
     called_with: set[str] = set()  # the classes of the models forward_loss was given
     if spec.get("forward_loss"):
 
@@ -123,6 +132,7 @@ def main() -> None:
             return masked_mse(net(x), (y, mask))
 
         task.loss_fn, task.prepare, task.forward_loss = None, None, forward_loss
+        task.train_metrics = None  # its outputs are the loss: no predictions to measure
     config = {
         "run": {"dir": str(out_dir / "run"), "id": "dist-test"},
         "trainer": {"device": "cpu", "max_epochs": spec.get("epochs", 1), "accumulation_steps": spec["k"],
@@ -144,6 +154,7 @@ def main() -> None:
     )
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: hooks_per_step.append(counts["hook"]))
     rank = run.coordinator.rank
+    run.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: run.log({"rank_value": rank}))
     end = run.run()
     records = [plain({"event": r.event, **r.fields(), "diagnostics": r.diagnostics}) for r in memory.records]
     torch.save(

@@ -25,16 +25,16 @@ from traintel.testing import batch_record, end_record, run_context, step_record
 
 BATCH_LINE = (
     b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-    b'"run_id":"r1","schema_version":"1.3.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
     b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3'
 )
 """``batch_record()``'s line without its closing brace."""
 STEP_LINE = (
     b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step",'
-    b'"run_id":"r1","schema_version":"1.3.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"items":12,"items_total":12,'
-    b'"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false,"grad_scale":null'
+    b'"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false,"grad_scale":null,"metrics":{}'
 )
 """``step_record()``'s line without its closing brace."""
 
@@ -72,7 +72,7 @@ def test_a_processor_added_to_the_json_sink_runs_on_every_record_line() -> None:
         BATCH_LINE.replace(b'"batch":2', b'"batch":3') + b',"host":"node-7","method":"info"}\n',
         STEP_LINE + b',"host":"node-7","method":"info"}\n',
         b'{"timestamp":"2025-11-24T16:00:03.250000Z","level":"error","event":"run.end","run_id":"r1",'
-        b'"schema_version":"1.3.0","rank":0,"world_size":1,"attempt":0,'
+        b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
         b'"status":"failed","reason":"x","epoch":1,"step":1,"items_total":12,'
         b'"duration_seconds":3.0,"host":"node-7","method":"error"}\n',
     ]
@@ -92,7 +92,7 @@ def test_processors_run_before_the_ecs_layout_and_the_strict_renderer() -> None:
     assert line == (
         b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
         b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"train.batch",'
-        b'"traintel.run_id":"r1","traintel.schema_version":"1.3.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.4.0","traintel.rank":0,"traintel.world_size":1,'
         b'"traintel.attempt":0,"traintel.epoch":1,"traintel.batch":2,"traintel.batches":10,"traintel.step":0,'
         b'"traintel.items":4,"traintel.raw_loss":0.75,"traintel.loss":null,'
         b'"traintel.loss_scale":0.3333333333333333,"traintel.window_size":3,'

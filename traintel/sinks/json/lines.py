@@ -33,7 +33,8 @@ def iso_utc(unix_seconds: float) -> str:
 
 
 def strict_fields(fields: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace non-finite floats by null, recording each in ``nonfinite`` (field -> nan/inf/-inf).
+    """Replace non-finite floats by null, recording each in ``nonfinite`` (field -> nan/inf/-inf), the
+    values of a ``metrics`` mapping too (as ``metrics.<name>``, in a new mapping).
 
     A field thus keeps one JSON type (number, or null when not finite) and the fact is kept.
     """
@@ -43,11 +44,27 @@ def strict_fields(fields: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
             if bad is None:
                 bad = {}
             bad[key] = _NONFINITE_NAMES.get(value, "nan")
+    metrics: Any = fields.get("metrics")
+    nested = _nonfinite_metrics(metrics) if metrics else None
+    if nested:
+        fields["metrics"] = {k: None if f"metrics.{k}" in nested else v for k, v in metrics.items()}
+        bad = {**(bad or {}), **nested}
     if bad:
         for key in bad:
-            fields[key] = None
+            if key in fields:
+                fields[key] = None
         fields["nonfinite"] = bad
     return fields
+
+
+def _nonfinite_metrics(metrics: Any) -> dict[str, str] | None:
+    """The non-finite values of a ``metrics`` mapping, as ``nonfinite`` entries ``metrics.<name>``."""
+    found = {
+        f"metrics.{k}": _NONFINITE_NAMES.get(v, "nan")
+        for k, v in metrics.items()
+        if isinstance(v, float) and not math.isfinite(v)
+    }
+    return found or None
 
 
 ECS_VERSION = "8.11.0"

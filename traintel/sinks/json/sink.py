@@ -40,6 +40,9 @@ def _console_view(
         event_dict.pop("attempt", None)
     event_dict["timestamp"] = stamp[11:19]
     event_dict["level"] = method
+    metrics = event_dict.get("metrics")
+    if metrics is not None:  # a record's read-only mapping, shown as the dict it is
+        event_dict["metrics"] = dict(metrics)
     return event_dict
 
 

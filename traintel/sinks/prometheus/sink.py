@@ -24,6 +24,7 @@ from traintel.records import (
     BatchRecord,
     EpochRecord,
     EvalRecord,
+    MetricRecord,
     Record,
     RunEndRecord,
     RunStartRecord,
@@ -43,6 +44,8 @@ class _Latest(NamedTuple):
     epoch: EpochRecord | None = None
     evals: Mapping[str, EvalRecord] = MappingProxyType({})
     """The newest ``eval.epoch`` of each split (validation loader), in the order first seen."""
+    user: Mapping[str, float] = MappingProxyType({})
+    """The newest value of each name logged with ``Run.log`` (``metric`` records), in the order first seen."""
     end: RunEndRecord | None = None
     progress: Record | None = None
     """The newest record that carries ``epoch``/``step`` counts."""
@@ -61,6 +64,15 @@ _SLOT = {
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
         yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _by_name(name: str, doc: str, values: Mapping[str, float]) -> Iterator[Metric]:
+    """A gauge with one sample per entry of ``values``, labelled ``name``; none when it is empty."""
+    if values:
+        family = GaugeMetricFamily(name, doc, labels=["name"])
+        for key, value in values.items():
+            family.add_metric([key], value)
+        yield family
 
 
 class _Labelled:
@@ -107,6 +119,10 @@ class RecordCollector:
             if isinstance(record, EvalRecord):
                 evals = changes.get("evals", self.latest.evals)
                 changes["evals"] = MappingProxyType({**evals, record.split: record})
+            elif isinstance(record, MetricRecord):
+                user = changes.get("user", self.latest.user)
+                changes["user"] = MappingProxyType({**user, **record.metrics})
+                continue  # its step is the caller's: not the run's progress
             else:
                 slot = _SLOT.get(type(record))
                 if slot is None:
@@ -154,6 +170,11 @@ class RecordCollector:
             yield from _gauge(
                 "traintel_step_timestamp_seconds", "Unix time of the latest emitted optimizer step.", t.time
             )
+            yield from _by_name(
+                "traintel_train_metric",
+                "The task's training metrics (Task.train_metrics) of the latest emitted step, by name.",
+                t.metrics,
+            )
         if s.epoch is not None:
             e = s.epoch
             yield from _gauge(
@@ -183,6 +204,9 @@ class RecordCollector:
                     metrics.add_metric([name, split], value)
             if metrics.samples:
                 yield metrics
+        yield from _by_name(
+            "traintel_user_metric", "The latest value of each name logged with Run.log, by name.", s.user
+        )
         if s.end is not None:
             yield from _gauge(
                 "traintel_run_success",
