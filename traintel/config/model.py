@@ -538,6 +538,45 @@ class ExtraSinkConfig(_Section):
         return self
 
 
+_BEST_METRIC = re.compile(r"eval\.[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""``eval.loss`` or ``eval.<metric>``: the names ``traintel.score`` takes."""
+
+
+class BestCheckpointConfig(_Section):
+    """Keep the checkpoint of the best evaluation so far in ``checkpoints/best/``: written after each
+    evaluation of ``split`` strictly better than every earlier one (a NaN never is), never pruned by
+    ``keep``, never resumed from; a resumed run goes on comparing with the best it holds."""
+
+    metric: str
+    """``eval.loss`` or ``eval.<name>`` of a metric in the task's ``metrics``."""
+    mode: Literal["min", "max"] | None = None
+    """``min``: lower is better, ``max``: higher is; null: ``min`` for ``eval.loss``, ``max`` for a metric."""
+    split: str = Field(default="val", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The validation split whose evaluations count (``val`` is the task's ``val_loader``)."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        if not _BEST_METRIC.fullmatch(value):
+            msg = f"must be 'eval.loss' or 'eval.<name>' of a metric in the task's metrics, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None and isinstance(data.get("metric"), str):
+            return {**data, "mode": "min" if data["metric"] == "eval.loss" else "max"}
+        return data
+
+    @property
+    def chosen_mode(self) -> Literal["min", "max"]:
+        """``mode``, or its default for ``metric`` where it was set to null afterwards."""
+        if self.mode is not None:
+            return self.mode
+        return "min" if self.metric == "eval.loss" else "max"
+
+
 class CheckpointConfig(_Section):
     """Crash-safe checkpoints in ``<run dir>/checkpoints/``, taken after an optimizer step."""
 
@@ -549,9 +588,22 @@ class CheckpointConfig(_Section):
     """Complete checkpoints kept (the newest); an older one goes only once a newer one is durable."""
     on_signal: Bool = True
     """On SIGTERM or SIGINT, take one after the step that finishes (when checkpoints are on)."""
+    best: BestCheckpointConfig | None = None
+    """The best evaluation's checkpoint, kept apart from the periodic ones, which need not be on (null,
+    the default: none); a run with only this one cannot be resumed."""
+
+    @field_validator("best", mode="before")
+    @classmethod
+    def _best_mapping(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict | BestCheckpointConfig):
+            return value
+        msg = f"must be null or a mapping such as {{metric: eval.loss}}, got {value!r}"
+        raise ValueError(msg)
 
     @property
     def enabled(self) -> bool:
+        """Whether periodic checkpoints are on (``every_steps`` or ``every_epochs``): those a run
+        resumes from. ``best`` alone does not turn them on: such a run cannot be resumed."""
         return self.every_steps is not None or self.every_epochs is not None
 
 

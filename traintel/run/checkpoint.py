@@ -14,6 +14,13 @@ a torn, half-written or tampered file is never picked. Older checkpoints are rem
 after a newer one is complete (manifest first, so a half-removed checkpoint is never
 picked), and temporary files left by a crash are removed when a run starts. States load
 with ``torch.load(weights_only=True)``: tensors and plain Python values only.
+
+The best evaluation's checkpoint (``checkpoint.best``) lives apart, in ``checkpoints/best/``:
+``best-<n>.pt`` and ``best-<n>.json`` (``.rank<r>`` for r > 0), numbered in the order written, its
+manifest naming also the evaluation (metric, split, mode, value, step, epoch). It is written the
+same way, and the one it replaces is removed only once it is complete (manifest first), so the
+directory always holds a whole best once one was written; ``best`` finds it. Neither ``keep``'s
+pruning nor the resume picker looks in that directory.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from typing import Any
 
 import torch
 
-from traintel.run.layout import manifest_name, state_name
+from traintel.errors import one_line
+from traintel.run.layout import BEST_DIRECTORY, best_manifest_name, best_state_name, manifest_name, state_name
 from traintel.sinks.io.atomic import write_atomic
 
 FORMAT = 1
@@ -40,6 +48,8 @@ FORMAT = 1
 
 _FILE = re.compile(r"^step-(\d{9})(?:\.rank([1-9]\d*))?\.(pt|json)$")
 _TEMP = re.compile(r"^\.step-\d{9}(?:\.rank([1-9]\d*))?\.(?:pt|json)\..+\.tmp$")
+_BEST_FILE = re.compile(r"^best-(\d{9,})(?:\.rank([1-9]\d*))?\.(pt|json)$")
+_BEST_TEMP = re.compile(r"^\.best-\d{9,}(?:\.rank([1-9]\d*))?\.(?:pt|json)\..+\.tmp$")
 _log = logging.getLogger("traintel")
 
 
@@ -54,7 +64,7 @@ class Complete:
 
 
 def _rank_of(match: re.Match[str]) -> int:
-    return int(match.group(1 if match.re is _TEMP else 2) or 0)
+    return int(match.group(1 if match.re in (_TEMP, _BEST_TEMP) else 2) or 0)
 
 
 def write(directory: Path, step: int, rank: int, state: Mapping[str, Any]) -> Path:
@@ -62,22 +72,25 @@ def write(directory: Path, step: int, rank: int, state: Mapping[str, Any]) -> Pa
 
     An ``OSError`` (a full disk) leaves every earlier checkpoint as it was.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / state_name(step, rank)
+    _write_pair(path, directory / manifest_name(step, rank), state, {"step": step, "rank": rank})
+    return path
+
+
+def _write_pair(
+    path: Path, manifest_path: Path, state: Mapping[str, Any], fields: Mapping[str, Any]
+) -> tuple[int, str]:
+    """``state`` into ``path``, durably, then its manifest (``fields``, the file's name, size and
+    SHA-256) into ``manifest_path``, each with ``write_atomic``; returns the state's size and hash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     data = buffer.getbuffer()
-    path = directory / state_name(step, rank)
+    digest = hashlib.sha256(data).hexdigest()
     write_atomic(path, bytes(data))
-    manifest = {
-        "format": FORMAT,
-        "step": step,
-        "rank": rank,
-        "file": path.name,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    write_atomic(directory / manifest_name(step, rank), json.dumps(manifest, indent=1) + "\n")
-    return path
+    manifest = {"format": FORMAT, **fields, "file": path.name, "size": len(data), "sha256": digest}
+    write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return len(data), digest
 
 
 def complete(directory: Path, rank: int) -> list[Complete]:
@@ -158,19 +171,141 @@ def prune(directory: Path, rank: int, keep: int) -> None:
 
 
 def remove_temporary(directory: Path, rank: int) -> int:
-    """Remove the temporary files a crash left while rank ``rank`` wrote a checkpoint; returns how many."""
+    """Remove the temporary files a crash left while rank ``rank`` wrote a checkpoint (a best one in
+    ``best/`` included); returns how many."""
+    return _remove_matching(directory, rank, _TEMP) + _remove_matching(
+        directory / BEST_DIRECTORY, rank, _BEST_TEMP
+    )
+
+
+def _remove_matching(directory: Path, rank: int, pattern: re.Pattern[str]) -> int:
     removed = 0
     try:
         paths = list(directory.iterdir())
     except FileNotFoundError:
         return 0
     for path in paths:
-        match = _TEMP.match(path.name)
+        match = pattern.match(path.name)
         if match is not None and _rank_of(match) == rank:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1
     return removed
+
+
+@dataclass(frozen=True)
+class Best(Complete):
+    """A complete best checkpoint (``checkpoint.best``) and the evaluation whose model it holds;
+    ``load`` reads its state like any checkpoint's."""
+
+    metric: str
+    """``eval.loss`` or ``eval.<metric>``."""
+    split: str
+    """The validation split evaluated."""
+    mode: str
+    """``min`` (lower is better) or ``max``."""
+    value: float
+    """The metric's value at that evaluation, as its ``eval.epoch`` record has it."""
+    epoch: int
+    """The epoch of that evaluation (``step`` is its optimizer step)."""
+    sequence: int
+    """Its number in the order the bests were written (in its file names)."""
+
+
+def write_best(
+    directory: Path,
+    rank: int,
+    state: Mapping[str, Any],
+    *,
+    metric: str,
+    split: str,
+    mode: str,
+    value: float,
+    step: int,
+    epoch: int,
+) -> Best:
+    """Write rank ``rank``'s new best checkpoint into ``directory/best`` (``directory``: the run's
+    checkpoint directory) durably, then its manifest; then remove the best it replaces (manifest
+    first) and what a crashed write of one left. An ``OSError`` while writing leaves the earlier best
+    as it was; one while removing leaves an older best behind, which ``best`` never picks."""
+    where = directory / BEST_DIRECTORY
+    sequence = 1 + max((seq for seq, _ in _best_entries(where, rank)), default=0)
+    path = where / best_state_name(sequence, rank)
+    fields = {"sequence": sequence, "rank": rank, "metric": metric, "split": split, "mode": mode,
+              "value": float(value), "step": step, "epoch": epoch}  # fmt: skip
+    size, digest = _write_pair(path, where / best_manifest_name(sequence, rank), state, fields)
+    older = [name for seq, name in _best_entries(where, rank) if seq != sequence]
+    older.sort(key=lambda name: not name.endswith(".json"))  # manifests first: never half a best complete
+    for name in older:
+        with contextlib.suppress(OSError):
+            (where / name).unlink()
+    with contextlib.suppress(OSError):
+        _remove_matching(where, rank, _BEST_TEMP)
+    return Best(step, path, digest, size, metric, split, mode, float(value), epoch, sequence)
+
+
+def best(directory: Path, rank: int = 0) -> Best | None:
+    """Rank ``rank``'s best checkpoint in ``directory/best`` (``directory``: a run's checkpoint
+    directory, ``<run dir>/checkpoints``), or None when there is none: the newest written whose
+    manifest is whole and whose state file has its size and SHA-256. A torn or partly written one
+    is never returned; one that does not match its manifest is skipped with a warning."""
+    where = directory / BEST_DIRECTORY
+    for sequence in sorted({seq for seq, _ in _best_entries(where, rank)}, reverse=True):
+        found = _best_manifest(where, rank, sequence)
+        if found is None:
+            continue
+        try:
+            data = found.path.read_bytes()
+        except OSError as exc:
+            _log.warning("skipping best checkpoint %s: %s", found.path.name, one_line(exc))
+            continue
+        if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
+            _log.warning("skipping best checkpoint %s: it does not match its manifest", found.path.name)
+            continue
+        return found
+    return None
+
+
+def _best_entries(where: Path, rank: int) -> list[tuple[int, str]]:
+    """Rank ``rank``'s best files in ``where`` (state files and manifests): their number and name."""
+    try:
+        names = [p.name for p in where.iterdir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        match = _BEST_FILE.match(name)
+        if match is not None and _rank_of(match) == rank:
+            found.append((int(match.group(1)), name))
+    return found
+
+
+def _best_manifest(where: Path, rank: int, sequence: int) -> Best | None:
+    """The best that manifest ``sequence`` describes, when it is whole and its state file has its size."""
+    try:
+        m = json.loads((where / best_manifest_name(sequence, rank)).read_text(encoding="utf-8"))
+        name, size, value = m["file"], m["size"], m["value"]
+        ok = (
+            m["format"] == FORMAT
+            and m["sequence"] == sequence
+            and m["rank"] == rank
+            and name == best_state_name(sequence, rank)
+            and type(size) is int
+            and (where / name).stat().st_size == size
+            and isinstance(m["sha256"], str)
+            and all(isinstance(m[key], str) for key in ("metric", "split"))
+            and m["mode"] in ("min", "max")
+            and type(value) in (int, float)
+            and all(type(m[key]) is int for key in ("step", "epoch"))
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ok:
+        return None
+    return Best(
+        m["step"], where / name, m["sha256"], size, m["metric"], m["split"], m["mode"], float(value),
+        m["epoch"], sequence,
+    )  # fmt: skip
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,11 +13,17 @@ epoch's end whose evaluation a stop cut short (``owed``: the resumed run first e
 drawing from the generators as they were when the cut evaluation began, then takes that end's
 checkpoint if one is due). A checkpoint of an epoch's last step is taken after that epoch's end
 (its record, its evaluation), never before, so no position lies between a step and its epoch's end.
+
+With ``best`` (``checkpoint.best``), the same state is also written after each evaluation of its
+split that is strictly better than the best so far, into ``checkpoints/best/`` (``checkpoint.write_best``),
+on every rank (their evaluations have the same values), whether or not periodic checkpoints are on.
+It is not a place to resume from, so it does not wait for the records to be durable.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,37 @@ from traintel.engine.step import unwrapped
 from traintel.engine.trainer import TraintelEngine
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import NonFiniteLoss, one_line
+from traintel.records import EvalRecord
 from traintel.run import checkpoint
 
 _log = logging.getLogger("traintel")
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """Which evaluations the best checkpoint compares (``checkpoint.best``)."""
+
+    metric: str
+    """``eval.loss`` or ``eval.<metric>``."""
+    split: str
+    mode: str
+    """``min`` (lower is better) or ``max``."""
+
+    def value(self, record: EvalRecord) -> float | None:
+        """The compared value of an ``eval.epoch`` record; None when it has no such metric."""
+        key = self.metric.removeprefix("eval.")
+        if key == "loss":
+            return float(record.loss)
+        found = record.metrics.get(key)
+        return None if found is None else float(found)
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Whether ``value`` is strictly better than ``than`` (None: no best yet); a NaN never is."""
+        if math.isnan(value):
+            return False
+        if than is None:
+            return True
+        return value < than if self.mode == "min" else value > than
 
 
 class Checkpointing:
@@ -59,6 +93,7 @@ class Checkpointing:
         coordinator: Coordinator | None = None,
         unfinished_end: Callable[[], Mapping[str, Any] | None] = lambda: None,
         on_signal: bool = False,
+        best: BestOf | None = None,
     ) -> None:
         self.directory = directory
         self.trainer = trainer
@@ -84,6 +119,12 @@ class Checkpointing:
         checkpoint part-way through an epoch (an evaluation after a step)."""
         self.on_signal = on_signal
         """Whether a stop (a signal) takes a checkpoint of the step it finished (``checkpoint.on_signal``)."""
+        self.best = best
+        """Which evaluations the best checkpoint compares, or None for no best checkpoint."""
+        self.best_value: float | None = None
+        """The value of the best checkpoint written (or found on resume, ``read_best``); None: none yet."""
+        self._judged: EvalRecord | None = None
+        """The newest evaluation of ``best.split`` compared with the best."""
         self.rank = self.coordinator.rank
         self.saved_step: int | None = None
         """The optimizer step of the newest checkpoint taken or restored."""
@@ -109,6 +150,8 @@ class Checkpointing:
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         if self.every_steps is not None:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._step_ended)
+        if self.best is not None:  # an evaluation after a step (``eval.every_steps``)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.keep_best())
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_ended)
 
     def _epoch_started(self, _engine: TraintelEngine) -> None:
@@ -132,6 +175,7 @@ class Checkpointing:
         again at the checkpoint's step, since that checkpoint still owes it."""
         self._ended = True
         self._cut = self.unfinished_end()
+        self.keep_best()
         finished, self.owed = self.owed is not None, None
         steps = engine.state.progress.run_steps
         if self.every_epochs is not None and engine.state.epoch % self.every_epochs == 0:
@@ -193,6 +237,49 @@ class Checkpointing:
         self.saved_step = step
         checkpoint.prune(self.directory, self.rank, self.keep)
         return True
+
+    def keep_best(self) -> None:
+        """After an evaluation: when the newest of ``best.split`` is strictly better than the best so
+        far, write its checkpoint (``checkpoint.write_best``) and log it. A write error is logged and
+        leaves the earlier best, whose value later evaluations are then compared with."""
+        best = self.best
+        record = traintel_state(self.trainer).evaluated.get(best.split) if best is not None else None
+        if best is None or record is None or record is self._judged:
+            return
+        self._judged = record
+        value = best.value(record)
+        if value is None or not best.better(value, self.best_value):
+            return
+        try:
+            found = checkpoint.write_best(
+                self.directory, self.rank, self.state(), metric=best.metric, split=best.split,
+                mode=best.mode, value=value, step=record.step, epoch=record.epoch,
+            )  # fmt: skip
+        except OSError as exc:
+            _log.error("best checkpoint at step %d not written: %s", record.step, one_line(exc))
+            return
+        self.best_value = value
+        _log.info(
+            "new best checkpoint at step %d: %s = %r on %r (%s), in %s",
+            record.step, best.metric, value, best.split, best.mode, found.path,
+        )  # fmt: skip
+
+    def read_best(self) -> None:
+        """On resume: take the best so far from the complete best checkpoint, so that only a better
+        evaluation replaces it. One kept for another metric, split or mode is not compared with: the
+        next evaluation replaces it."""
+        best = self.best
+        found = checkpoint.best(self.directory, self.rank) if best is not None else None
+        if best is None or found is None:
+            return
+        if (found.metric, found.split, found.mode) != (best.metric, best.split, best.mode):
+            _log.warning(
+                "the best checkpoint at step %d is of %s on %r (%s), not of %s on %r (%s): the next "
+                "evaluation replaces it",
+                found.step, found.metric, found.split, found.mode, best.metric, best.split, best.mode,
+            )  # fmt: skip
+            return
+        self.best_value = found.value
 
     def save_on_stop(self) -> None:
         """A checkpoint of the step a stop finished, with ``on_signal``. A failure other than a
@@ -257,6 +344,7 @@ class Checkpointing:
             rng.restore(self._resume_rng)
         evaluate()
         self._resume_rng = rng.capture()
+        self.keep_best()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@
         run.json                    the run id, the attempt, a completed run's end (RUN_FILE)
         step-000000012.pt           a checkpoint's state (state_name), with its manifest
         step-000000012.json         (manifest_name); rank r > 0 adds ``.rank<r>``
+        best/                       BEST_DIRECTORY: the best evaluation's checkpoint (``checkpoint.best``)
+          best-000000003.pt         its state (best_state_name: the 3rd best written), with its
+          best-000000003.json       manifest (best_manifest_name); rank r > 0 adds ``.rank<r>``
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ REPORT_FILENAME = "report.png"
 """Where ``traintel report`` writes its figure unless told otherwise."""
 CHECKPOINT_DIRECTORY = "checkpoints"
 """Where checkpoints go, inside the run directory."""
+BEST_DIRECTORY = "best"
+"""Where the best evaluation's checkpoint goes, inside ``CHECKPOINT_DIRECTORY`` (never pruned by
+``checkpoint.keep``, never resumed from)."""
 RUN_FILE = "run.json"
 """The run's identity in ``CHECKPOINT_DIRECTORY``: run id, attempt, and a completed run's end."""
 RESERVED_NAMES = (CONFIG_FILENAME, CHECKPOINT_DIRECTORY, REPORT_FILENAME, RUN_FILE)
@@ -40,6 +46,17 @@ def state_name(step: int, rank: int) -> str:
 def manifest_name(step: int, rank: int) -> str:
     """``step-000000012.json`` (rank 0), ``step-000000012.rank1.json``."""
     return rank_filename(f"step-{step:09d}.json", rank)
+
+
+def best_state_name(sequence: int, rank: int) -> str:
+    """``best-000000003.pt`` (rank 0's third best), ``best-000000003.rank1.pt``: numbered in the order
+    written, so a new best never takes the name of the one it replaces."""
+    return rank_filename(f"best-{sequence:09d}.pt", rank)
+
+
+def best_manifest_name(sequence: int, rank: int) -> str:
+    """``best-000000003.json`` (rank 0), ``best-000000003.rank1.json``."""
+    return rank_filename(f"best-{sequence:09d}.json", rank)
 
 
 def rank_filename(filename: str, rank: int) -> str:

@@ -38,7 +38,7 @@ from traintel.handlers.telemetry import TrainTelemetry
 from traintel.records import RunStartRecord, freeze
 from traintel.run import distributed, layout, resume, rundir
 from traintel.run.assembly import SinkSet, build_sinks
-from traintel.run.checkpointing import Checkpointing
+from traintel.run.checkpointing import BestOf, Checkpointing
 from traintel.run.optim import (
     build_optimizer,
     build_scheduler,
@@ -152,6 +152,7 @@ def make_plan(
     ``settings`` (``resume.fixed_settings``) go into each checkpoint."""
     coordinator, launch = where.coordinator, where.launch
     tc = config.trainer
+    _check_best(config, task)
     engines = _make_engines(config, task, where)
     trainer, model, optimizer, scheduler, data = (
         engines.trainer,
@@ -238,7 +239,7 @@ def make_plan(
     if attempt.state is not None:
         _same_classes(attempt.state, classes, run_dir)
         _schedule_length(config, attempt.state, engines.schedule_steps, optimizer)
-    if cc.enabled or attempt.state is not None:
+    if cc.enabled or cc.best is not None or attempt.state is not None:
         fanout = sinks.fanout
 
         def records_written() -> bool:
@@ -269,6 +270,7 @@ def make_plan(
             commit_ready=records_written,
             coordinator=coordinator,
             on_signal=cc.enabled and cc.on_signal,
+            best=None if cc.best is None else BestOf(cc.best.metric, cc.best.split, cc.best.chosen_mode),
         )
         if evaluation is not None:
             cut = evaluation
@@ -276,6 +278,8 @@ def make_plan(
         checkpointing.attach(trainer)  # after the epoch and evaluation records
         if attempt.state is not None:
             _restore(checkpointing, attempt.state, tc.max_epochs)
+        if attempt.attempt > 0:
+            checkpointing.read_best()
 
     context = RunContext(
         run_id=attempt.run_id,
@@ -466,6 +470,33 @@ def _scheduler(config: Config, task: Task, optimizer: torch.optim.Optimizer, tot
             "the task gives its own scheduler: set trainer.scheduler to null, or leave the task's out",
         )
     return task_scheduler(task, optimizer)
+
+
+def _check_best(config: Config, task: Task) -> None:
+    """``checkpoint.best`` names a split the task evaluates and a value its evaluations have."""
+    best = config.checkpoint.best
+    if best is None:
+        return
+    splits, metrics = list(task.val_loaders or {}), sorted(task.metrics or {})
+    if not splits:
+        raise ConfigError(
+            "checkpoint.best.split",
+            f"the task has no validation data (val_loader or val_loaders) to evaluate {best.split!r} on",
+        )
+    if config.eval.every_epochs is None and config.eval.every_steps is None:
+        raise ConfigError(
+            "checkpoint.best", "needs evaluations: set eval.every_epochs or eval.every_steps (both are null)"
+        )
+    if best.split not in splits:
+        shown = ", ".join(repr(name) for name in splits)
+        raise ConfigError(
+            "checkpoint.best.split", f"must be a split the task evaluates ({shown}), got {best.split!r}"
+        )
+    name = best.metric.removeprefix("eval.")
+    if name != "loss" and name not in metrics:
+        allowed = ", ".join(repr(f"eval.{m}") for m in metrics)
+        problem = f"or one of the task's metrics ({allowed})" if metrics else "(the task has no metrics)"
+        raise ConfigError("checkpoint.best.metric", f"must be 'eval.loss' {problem}, got {best.metric!r}")
 
 
 def _same_classes(state: Mapping[str, Any], classes: Mapping[str, str | None], run_dir: Path) -> None:

@@ -101,7 +101,8 @@ def acquire_run_dir(
     except OSError as exc:
         held = ConfigError("run.dir", f"cannot create {str(run_dir)!r}: {exc.strerror}")
     else:
-        keeps_files = config.sinks.diagnostic.enabled or config.checkpoint.enabled or must_resume
+        cc = config.checkpoint
+        keeps_files = config.sinks.diagnostic.enabled or cc.enabled or cc.best is not None or must_resume
         if keeps_files and coordinator.rank == 0:
             held = rundir.lock(run_dir)
     if isinstance(held, rundir.RunDirLock):
