@@ -5,8 +5,9 @@ found through its config.yaml); hand-written diagnostic files cover rotated part
 first), the file name read from config.yaml, a truncated last line, scale-check failures,
 non-finite values, the per-rank files of a torchrun job (``diagnostic.rank<r>.jsonl``: batch
 records, scale checks, sink errors and drops from every rank, global values from rank 0's,
-a gap in the ranks reported) and the bad-input table (exit 2, one exact stderr line, nothing
-written). The hand-written single-rank files are schema 1.0.0 lines (no rank, no world_size):
+a gap in the ranks reported), metrics (eval metrics of two splits, train metrics and
+``metric`` records, rank 0's only, in a third panel and a ``metrics:`` summary line) and the
+bad-input table (exit 2, one exact stderr line, nothing written). The hand-written single-rank files are schema 1.0.0 lines (no rank, no world_size):
 files of older runs stay readable.
 """
 
@@ -40,6 +41,7 @@ from traintel.cli.report import (
     LABEL_SCALE_FAILED,
     LABEL_STEP_LOSS,
     build_figure,
+    eval_loss_label,
     load_run,
 )
 from traintel.config import load_config
@@ -68,6 +70,15 @@ def cli(*argv: str) -> int:
 
 def lines_by_label(fig: Any) -> dict[str, Any]:
     return {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+
+
+def curves(ax: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """The (x, y) data of ``ax``'s labelled lines by label (not the epoch marks, ``_nolegend_``)."""
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
 
 
 # --------------------------------------------------------------------------- hand-written runs
@@ -164,9 +175,11 @@ def expected_summary(
     ranks: str = "1 of 1 (0)",
     sink_errors: int = 0,
     dropped: int = 0,
+    metrics: str | None = None,
 ) -> str:
-    """The summary of ``synthetic_run()``: 6 steps, 2 epochs, 12 batches, 48 items."""
-    return textwrap.dedent(
+    """The summary of ``synthetic_run()``: 6 steps, 2 epochs, 12 batches, 48 items; ``metrics``: the
+    ``metrics:`` line's values, when it has one."""
+    text = textwrap.dedent(
         f"""\
         run: {RUN_ID}
         status: {status}
@@ -181,6 +194,10 @@ def expected_summary(
         report: {report}
         """
     )
+    if metrics is None:
+        return text
+    at = text.index("scale check:")
+    return f"{text[:at]}metrics: {metrics}\n{text[at:]}"
 
 
 def test_synthetic_run_summary_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -628,6 +645,224 @@ def test_many_ranks_are_listed_as_spans(tmp_path: Path, capsys: pytest.CaptureFi
     )
 
 
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics_run() -> list[dict[str, Any]]:
+    """``synthetic_run()`` with metrics: ``acc`` = step / 8 on every train.step; eval.epoch of split
+    ``val`` with ``accuracy`` and ``mae``, each after one of split ``test`` (loss 1.5 times val's,
+    ``accuracy``); ``metric`` records after steps 2 (``ppl`` 512, an integer) and 5 (``ppl`` 256.5,
+    ``temp`` 1)."""
+    val = {1: {"accuracy": 0.75, "mae": 0.5}, 2: {"accuracy": 0.875, "mae": 0.25}}
+    test = {1: {"accuracy": 0.625}, 2: {"accuracy": 0.8125}}
+    user = {2: {"ppl": 512}, 5: {"ppl": 256.5, "temp": 1}}
+    out: list[dict[str, Any]] = []
+    for r in synthetic_run():
+        if r["event"] == "train.step":
+            r["metrics"] = {"acc": r["step"] / 8}
+        elif r["event"] == "eval.epoch":
+            epoch = r["epoch"]
+            out.append({**r, "loss": 1.5 * r["loss"], "split": "test", "metrics": test[epoch]})
+            r.update(split="val", metrics=val[epoch])
+        out.append(r)
+        if r["event"] == "train.step" and r["step"] in user:
+            out.append(rec("metric", epoch=r["epoch"], step=r["step"], metrics=user[r["step"]]))
+    return out
+
+
+METRICS_SUMMARY = "eval.accuracy=0.875  eval.mae=0.25  eval.test.accuracy=0.8125  train.acc=0.75  user.ppl=256.5  user.temp=1"
+
+
+def test_metrics_are_plotted_in_a_third_panel_and_summarised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnostic.jsonl").write_text(jsonl(metrics_run()), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == expected_summary(run / "report.png", records=28, metrics=METRICS_SUMMARY)
+    assert out.splitlines()[4] == f"metrics: {METRICS_SUMMARY}"
+    assert png_size(run / "report.png") == FIGURE_SIZE_PX
+
+    fig = build_figure(load_run(run))
+    loss_ax, lr_ax, metrics_ax = fig.axes
+    expected = {
+        "eval.accuracy": ([3, 6], [0.75, 0.875]),
+        "eval.mae": ([3, 6], [0.5, 0.25]),
+        "eval.test.accuracy": ([3, 6], [0.625, 0.8125]),
+        "train.acc": ([1, 2, 3, 4, 5, 6], [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]),
+        "user.ppl": ([2, 5], [512.0, 256.5]),
+        "user.temp": ([5], [1.0]),
+    }
+    assert curves(metrics_ax) == expected
+    legend = metrics_ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == list(expected)
+    # 0.125 to 512: more than METRICS_LOG_RATIO apart, so a log axis shows both.
+    assert metrics_ax.get_yscale() == "log"
+    assert (metrics_ax.get_xlabel(), lr_ax.get_xlabel()) == ("optimizer step", "")
+
+    # Every split's eval loss has its own line; the summary's eval loss is the last record's (val).
+    losses = curves(loss_ax)
+    assert eval_loss_label("test") == f"{LABEL_EVAL_LOSS} (test)"
+    assert losses[LABEL_EVAL_LOSS] == ([3, 6], [0.25, 0.125])
+    assert losses[eval_loss_label("test")] == ([3, 6], [0.375, 0.1875])
+
+
+def test_a_nonfinite_metric_reads_back_as_nonfinite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A null named in ``nonfinite`` by its dotted key is that value; one named nowhere is nan."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = metrics_run()
+    last_step = [r for r in records if r["event"] == "train.step"][-1]
+    last_step.update(loss=None, metrics={"acc": None}, nonfinite={"loss": "inf", "metrics.acc": "inf"})
+    last_val = [r for r in records if r["event"] == "eval.epoch"][-1]
+    last_val.update(metrics={"accuracy": None, "mae": 0.25}, nonfinite={"metrics.accuracy": "nan"})
+    last_user = [r for r in records if r["event"] == "metric"][-1]
+    last_user.update(metrics={"ppl": None, "temp": None}, nonfinite={"metrics.temp": "-inf"})
+    (run / "diagnostic.jsonl").write_text(jsonl(records), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    metrics = "eval.accuracy=nan  eval.mae=0.25  eval.test.accuracy=0.8125  train.acc=inf  user.ppl=nan"
+    assert capsys.readouterr() == (
+        expected_summary(
+            run / "report.png", records=28, step_loss="inf", metrics=f"{metrics}  user.temp=-inf"
+        ),
+        "",
+    )
+    data = load_run(run)
+    assert math.isnan(data.metrics["eval.accuracy"].y[-1])
+    assert math.isnan(data.metrics["user.ppl"].y[-1])
+    assert (data.metrics["train.acc"].y[-1], data.metrics["user.temp"].y[-1]) == (math.inf, -math.inf)
+    assert data.step_loss.y[-1] == math.inf
+    # The finite values, 0.125 to 512 still, keep the log axis; non-finite ones are left out of it.
+    assert build_figure(data).axes[2].get_yscale() == "log"
+
+
+def test_metrics_of_one_scale_keep_a_linear_axis(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [r for r in metrics_run() if r["event"] != "metric"]
+    (run / "diagnostic.jsonl").write_text(jsonl(records), encoding="utf-8")
+
+    metrics_ax = build_figure(load_run(run)).axes[2]
+    assert metrics_ax.get_yscale() == "linear"
+    assert list(curves(metrics_ax)) == ["eval.accuracy", "eval.mae", "eval.test.accuracy", "train.acc"]
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["no-metrics-keys", "empty-metrics"])
+def test_a_run_without_metric_values_keeps_the_two_panel_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], empty: bool
+) -> None:
+    """Lines from before metrics (no ``metrics`` key, no ``split``), and lines whose ``metrics`` are
+    all ``{}``, give the same summary (no ``metrics:`` line) and the same two-panel PNG."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "diagnostic.jsonl").write_text(jsonl(synthetic_run()), encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    records = synthetic_run()
+    if empty:
+        for r in records:
+            if r["event"] in ("train.step", "eval.epoch"):
+                r["metrics"] = {}
+            if r["event"] == "eval.epoch":
+                r["split"] = "val"
+        records.insert(5, rec("metric", epoch=1, step=1, metrics={}))
+    (run / "diagnostic.jsonl").write_text(jsonl(records), encoding="utf-8")
+
+    assert cli("report", str(old)) == 0
+    capsys.readouterr()
+    assert cli("report", str(run)) == 0
+
+    out, err = capsys.readouterr()
+    assert (out, err) == (expected_summary(run / "report.png", records=25 if empty else 24), "")
+    assert "metrics:" not in out
+    assert (run / "report.png").read_bytes() == (old / "report.png").read_bytes()
+    assert png_size(run / "report.png") == FIGURE_SIZE_PX
+    data = load_run(run)
+    assert data.metrics == {}
+    fig = build_figure(data)
+    assert len(fig.axes) == 2
+    assert fig.axes[1].get_xlabel() == "optimizer step"
+    assert {label for ax in fig.axes for label in curves(ax)} == {
+        LABEL_BATCH_LOSS,
+        LABEL_RAW_LOSS,
+        LABEL_STEP_LOSS,
+        LABEL_EPOCH_LOSS,
+        LABEL_EVAL_LOSS,
+        LABEL_LR,
+    }
+
+
+def test_metric_records_are_read_from_rank_0_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 1's ``metric`` records and train.step metrics are counted, neither read nor checked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rank0 = ranked(synthetic_run(), 0, 2)
+    rank0.insert(8, ranked([rec("metric", epoch=1, step=2, metrics={"ppl": 512.0})], 0, 2)[0])
+    worker = worker_run(1, 2)
+    for r in worker:
+        if r["event"] == "train.step":
+            r["metrics"] = {"acc": 0.5}
+    extra = [
+        rec("metric", epoch=1, step=2, metrics={"ppl": 1.0}),
+        rec("metric", epoch=2, step=5, metrics={"ppl": 2.0, "other": 3.0}),
+        rec("metric", epoch=2, step=6, metrics="not an object"),
+    ]
+    (run / "diagnostic.jsonl").write_text(jsonl(rank0), encoding="utf-8")
+    (run / "diagnostic.rank1.jsonl").write_text(jsonl(worker + ranked(extra, 1, 2)), encoding="utf-8")
+
+    assert cli("report", str(run)) == 0
+
+    assert capsys.readouterr() == (
+        expected_summary(
+            run / "report.png",
+            records=52,
+            files=2,
+            scale="0 failed  0 unchecked  24 batch records",
+            ranks="2 of 2 (0, 1)",
+            metrics="user.ppl=512",
+        ),
+        "",
+    )
+    data = load_run(run)
+    assert list(data.metrics) == ["user.ppl"]
+    assert (list(data.metrics["user.ppl"].x), list(data.metrics["user.ppl"].y)) == ([2], [512.0])
+
+
+def test_metric_names_splits_and_values_at_their_bounds_are_read(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    names = {"_": 1, "x" * 64: 2.5, "Top_1": -3, "huge": 10**400, "tiny": -(10**400)}
+    records = [
+        *synthetic_run()[:3],
+        rec("metric", epoch=1, step=1, metrics=names),
+        rec("eval.epoch", epoch=1, step=1, loss=0.5, split="a" * 64, metrics={"m": 0.5}),
+        rec("eval.epoch", epoch=1, step=1, loss=0.5, split="hold-out.v_2", metrics={"m": 0.25}),
+    ]
+    (run / "diagnostic.jsonl").write_text(jsonl(records), encoding="utf-8")
+
+    data = load_run(run)
+    assert {name: list(series.y) for name, series in data.metrics.items()} == {
+        "user._": [1.0],
+        f"user.{'x' * 64}": [2.5],
+        "user.Top_1": [-3.0],
+        "user.huge": [math.inf],  # an integer past float's range reads as 1e400 does
+        "user.tiny": [-math.inf],
+        f"eval.{'a' * 64}.m": [0.5],
+        "eval.hold-out.v_2.m": [0.25],
+    }
+    assert list(data.split_loss) == ["a" * 64, "hold-out.v_2"]
+
+
 # --------------------------------------------------------------------------- bad input
 
 GOOD = jsonl(synthetic_run()[:3])
@@ -641,6 +876,84 @@ class BadInput:
     error: str
     """The exact stderr line after ``traintel: error: ``."""
     files: Mapping[str, str | bytes] = field(default_factory=dict)
+
+
+_EVAL = rec("eval.epoch", epoch=1, step=1, loss=0.5, split="val", metrics={"accuracy": 0.5})
+_METRIC = rec("metric", epoch=1, step=1, metrics={"ppl": 2.5})
+_NAME = "[A-Za-z_][A-Za-z0-9_]{0,63}"
+
+
+def _bad_metrics(event: str, error: str, record: Mapping[str, Any], case_id: str) -> Any:
+    """A good file but for its 4th line, ``record``: ``<event> <error>`` at that line."""
+    files = {"run/diagnostic.jsonl": GOOD + jsonl([record])}
+    return pytest.param(
+        BadInput(["report", "run"], f"run/diagnostic.jsonl: line 4: {event} {error}", files), id=case_id
+    )
+
+
+BAD_METRICS = [
+    _bad_metrics("train.step", 'field "metrics" is not an object', {**_STEP, "metrics": [0.5]}, "step-list"),
+    _bad_metrics("metric", 'field "metrics" is not an object', {**_METRIC, "metrics": None}, "metric-null"),
+    _bad_metrics("eval.epoch", 'field "metrics" is not an object', {**_EVAL, "metrics": 0.5}, "eval-number"),
+    _bad_metrics(
+        "eval.epoch",
+        'field "metrics.accuracy" is not a number',
+        {**_EVAL, "metrics": {"accuracy": "0.9"}},
+        "value-a-string",
+    ),
+    _bad_metrics(
+        "train.step",
+        'field "metrics.acc" is not a number',
+        {**_STEP, "metrics": {"acc": True}},
+        "value-a-bool",
+    ),
+    _bad_metrics(
+        "metric", 'field "metrics.ppl" is not a number', {**_METRIC, "metrics": {"ppl": [1]}}, "value-a-list"
+    ),
+    _bad_metrics(
+        "metric",
+        'field "metrics.ppl" is not a number',
+        {**_METRIC, "metrics": {"ppl": {"mean": 1.0}}},
+        "value-an-object",
+    ),
+    *(
+        _bad_metrics(
+            "metric",
+            f'field "metrics" has a name that is not a metric name ({_NAME}): {json.dumps(name)}',
+            {**_METRIC, "metrics": {"ok": 1.0, name: 1.0}},
+            f"name-{case_id}",
+        )
+        for name, case_id in (
+            ("1st", "leading-digit"),
+            ("a.b", "dotted"),
+            ("", "empty"),
+            ("x" * 65, "too-long"),
+            ("acc\n", "newline"),
+            ("naïve", "not-ascii"),
+        )
+    ),
+    _bad_metrics(
+        "eval.epoch",
+        f'field "metrics" has a name that is not a metric name ({_NAME}): "top-1"',
+        {**_EVAL, "metrics": {"top-1": 0.5}},
+        "name-eval",
+    ),
+    _bad_metrics("metric", 'field "step" is not an integer', {**_METRIC, "step": "2"}, "metric-step"),
+    _bad_metrics(
+        "eval.epoch",
+        'field "split" is not a split name ([A-Za-z0-9_.-]{1,64}): 3',
+        {**_EVAL, "split": 3},
+        "split-a-number",
+    ),
+    _bad_metrics(
+        "eval.epoch",
+        'field "split" is not a split name ([A-Za-z0-9_.-]{1,64}): "$x$"',
+        {**_EVAL, "split": "$x$"},
+        "split-mathtext",
+    ),
+]
+"""Metrics that are not an object of metric names to numbers or null, and splits that are not split
+names: bad input in rank 0's stream (a rank r > 0's are not read)."""
 
 
 BAD_INPUT = [
@@ -875,6 +1188,7 @@ BAD_INPUT = [
         ),
         id="rank-file-batch-field-not-a-number",
     ),
+    *BAD_METRICS,
     pytest.param(BadInput(["report"], "the following arguments are required: RUN_DIR"), id="no-run-dir"),
     pytest.param(
         BadInput(["report", "run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -1068,3 +1382,54 @@ def test_report_of_a_real_run_with_a_renamed_rotated_diagnostic_file(tmp_path: P
     assert png_size(run / "report.png") == FIGURE_SIZE_PX
     data = load_run(run)
     assert (data.parts, list(data.step_loss.x)) == (parts, list(range(1, 12)))
+
+
+def test_report_of_a_real_run_plots_its_metrics(tmp_path: Path) -> None:
+    """A run with training metrics, an evaluation metric and values logged with ``Run.log``: the
+    report's ``metrics:`` line and its metrics panel hold the values of the run's records."""
+    import torch
+    from ignite.engine import Events
+    from ignite.metrics import MeanAbsoluteError
+
+    from traintel.run.api import build
+    from traintel.sinks.memory import MemorySink
+    from traintel.task import Task
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)) for n in (4, 4, 3, 4, 2)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    task = Task(
+        model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=data, val_loader=data[:2],
+        metrics={"mae": MeanAbsoluteError()},
+        train_metrics={"largest": lambda out: torch.stack(list(out.losses)).max()},
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    off = {"enabled": False}
+    config = {
+        "run": {"dir": str(run_dir), "id": "with-metrics"},
+        "trainer": {"device": "cpu", "max_epochs": 2, "accumulation_steps": 2, "optimizer": {"name": "sgd", "lr": 0.1}},
+        "telemetry": {"every": 1},
+        "sinks": {"json": off, "prometheus": off, "diagnostic": {"enabled": True}},
+    }  # fmt: skip
+    memory = MemorySink()
+    run = build(config, task, sinks=[memory])
+    run.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: run.log({"bias": model.bias.detach()}))
+    run.run()
+
+    proc = run_cli(tmp_path, "report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    steps, evals, logged = memory.of("train.step"), memory.of("eval.epoch"), memory.of("metric")
+    last = {
+        "eval.mae": evals[-1].metrics["mae"],  # type: ignore[attr-defined]
+        "train.largest": steps[-1].metrics["largest"],  # type: ignore[attr-defined]
+        "user.bias": logged[-1].metrics["bias"],  # type: ignore[attr-defined]
+    }
+    line = "metrics: " + "  ".join(f"{name}={format(value, '.6g')}" for name, value in sorted(last.items()))
+    assert line in proc.stdout.splitlines()
+    fig = build_figure(load_run(run_dir))
+    assert curves(fig.axes[2]) == {
+        "eval.mae": ([r.step for r in evals], [r.metrics["mae"] for r in evals]),  # type: ignore[attr-defined]
+        "train.largest": ([r.step for r in steps], [r.metrics["largest"] for r in steps]),  # type: ignore[attr-defined]
+        "user.bias": ([r.step for r in logged], [r.metrics["bias"] for r in logged]),  # type: ignore[attr-defined]
+    }

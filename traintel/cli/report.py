@@ -18,12 +18,23 @@ is not a JSON object with an ``event`` string, or a record whose plotted fields 
 wrong type, is bad input. A non-finite value is ``null`` in the file, named in the line's
 ``nonfinite`` object; it is read back as nan/inf/-inf.
 
+Metrics: the ``metrics`` object of ``eval.epoch`` (the task's evaluation metrics), of
+``train.step`` (its training metrics) and of ``metric`` records (values logged with
+``Run.log``), name -> number or null; an absent ``metrics`` is ``{}`` (older lines). A null
+value is read back as the nan/inf/-inf that ``nonfinite`` names under the dotted key
+(``{"metrics.accuracy": "inf"}``), as nan when it names none. ``metrics`` that is not an
+object, a name that is not ``[A-Za-z_][A-Za-z0-9_]{0,63}`` or a value that is neither a number
+nor null (a boolean is no number) is bad input, as is a ``split`` that is not a split name
+(``[A-Za-z0-9_.-]{1,64}``, as the writer allows; an absent one is ``val``).
+
 What is read from where: ``train.batch`` records (the losses, the scale checks),
 ``sink.error`` records and ``dropped`` counts come from every rank (each process has its
 own micro-batches and its own sinks); ``train.step``, ``train.epoch``, ``eval.epoch``,
-``run.start`` and ``run.end`` hold the job's global values and are read from rank 0's stream
-only (a rank r > 0 stream's other records are counted in ``R`` but not otherwise read, nor
-their fields checked). The run id is that of rank 0's first record.
+``metric``, ``run.start`` and ``run.end`` hold the job's global values and are read from rank 0's
+stream only (a rank r > 0 stream's other records are counted in ``R`` but not otherwise read, nor
+their fields checked). ``metric`` records are read from rank 0 only although every rank may
+write its own: rank 0's stand for the job, as its other records do, and a value that each rank
+logs alike is plotted once, not ``W`` times. The run id is that of rank 0's first record.
 
 Output: a PNG of exactly ``FIGURE_SIZE_PX`` pixels (1000 x 800), ``RUN_DIR/report.png``
 unless ``--output`` says otherwise, written atomically with
@@ -33,17 +44,26 @@ name, or an existing regular file that is not one of the files the report reads 
 diagnostic parts, ``config.yaml``). A directory, a symbolic link (even to a regular file: it
 is neither followed nor replaced), a character or block device (``/dev/null``), a FIFO or a
 socket is refused before anything is drawn or written, and looked for again right before the
-rename (``write_atomic(..., overwrite="regular")``). Two panels share the
-optimizer-step x axis:
+rename (``write_atomic(..., overwrite="regular")``). Two panels, three when the run has a
+metric value, share the optimizer-step x axis:
 
 1. losses: ``train.batch`` ``loss`` (the value given to backward) and ``raw_loss`` at
    ``step + 1`` (the step the micro-batch's gradient goes into), ``train.step`` ``loss``
-   at ``step``, ``train.epoch`` and ``eval.epoch`` ``loss`` at their ``step``; a
+   at ``step``, ``train.epoch`` and ``eval.epoch`` ``loss`` at their ``step`` (one line per
+   ``split``: ``eval loss`` for ``val``, ``eval loss (<split>)`` for another); a
    ``train.batch`` whose ``scale_ok`` is false is marked with a large red x. The batch
    points of every rank are plotted alike (a rank's micro-batches go into the same
    optimizer step as rank 0's). The y axis is logarithmic when every plotted loss is
    positive, linear otherwise.
 2. learning rate: ``train.step`` ``lr`` at ``step``.
+3. metrics, only when there is a metric value (otherwise the figure is the two panels above):
+   one line per series, ``eval.<name>`` (``eval.<split>.<name>`` for a split other than
+   ``val``) at the ``eval.epoch``'s ``step``, ``train.<name>`` at the ``train.step``'s ``step``,
+   ``user.<name>`` at the ``metric`` record's ``step``. Metrics of very different scales share
+   the panel (accuracy and perplexity): its y axis is logarithmic when every finite value is
+   positive and the largest is at least ``METRICS_LOG_RATIO`` times the smallest, linear
+   otherwise, so a panel of metrics of one scale keeps its linear detail. The summary's
+   ``metrics:`` line gives each series' last value exactly.
 
 Gray vertical lines mark the ends of epochs. The figure is drawn with matplotlib's Agg
 canvas directly (no pyplot, no global backend switch); matplotlib is imported only when
@@ -56,6 +76,7 @@ this order::
     status: <run.end status> (<run.end reason>)   or   status: unfinished (no run.end record)
     epochs: <E>  steps: <S>  items: <N>
     final: step loss <L>  epoch loss <L>  eval loss <L>
+    metrics: <series>=<V>  <series>=<V> ...   (only when the run has a metric value)
     scale check: <F> failed  <U> unchecked  <B> batch records
     records: <R>  files: <P>
     ranks: <n> of <W> (<ranks read>[; missing <ranks missing>])
@@ -64,21 +85,22 @@ this order::
     truncated lines: <T>
     report: <path of the PNG>
 
-``E``, ``S``, ``N`` are the ``epoch``, ``step`` and ``items_total`` of ``run.end``; without
-one, the largest seen (``epoch`` of any record, ``step`` of train.step/train.epoch/
-eval.epoch, ``items_total`` of train.step/train.epoch). Each final loss is the ``loss`` of
-the last record of that event, formatted with ``format(value, ".6g")`` (``nan``/``inf``
-for non-finite values). ``F`` counts ``train.batch`` records whose ``scale_ok`` is false,
-``U`` those where it is null or absent, ``B`` all of them (every rank's). ``R`` is the
-number of records read from ``P`` files (every rank's), ``n`` the number of ranks whose
-stream was read, ``W`` the job's size (the largest ``world_size`` of any record; 1 when no
-record carries one, as in files of schema 1.0.0), the ranks read and those below ``W`` not
-found as comma-separated lists, three or more consecutive ranks as first-last (``ranks: 2 of
-3 (0, 2; missing 1)``, ``ranks: 62 of 64 (0-5, 7-62; missing 6, 63)``), ``K`` the number of
+``E``, ``S``, ``N`` are the ``epoch``, ``step`` and ``items_total`` of ``run.end``; without one,
+the largest seen (``epoch`` of any record, ``step`` of train.step/train.epoch/eval.epoch,
+``items_total`` of train.step/train.epoch). Each final loss is the ``loss`` of the last record
+of that event, formatted with ``format(value, ".6g")`` (``nan``/``inf`` for non-finite values).
+The ``metrics:`` line holds the last value ``V`` of every metric series (named as in the metrics
+panel, sorted by name), formatted alike. ``F`` counts ``train.batch`` records whose ``scale_ok``
+is false, ``U`` those where it is null or absent, ``B`` all of them (every rank's). ``R`` is the
+number of records read from ``P`` files (every rank's), ``n`` the number of ranks whose stream
+was read, ``W`` the job's size (the largest ``world_size`` of any record; 1 when no record
+carries one, as in files of schema 1.0.0), the ranks read and those below ``W`` not found as
+comma-separated lists, three or more consecutive ranks as first-last (``ranks: 2 of 3 (0, 2;
+missing 1)``, ``ranks: 62 of 64 (0-5, 7-62; missing 6, 63)``), ``K`` the number of
 ``sink.error`` records, ``D`` the sum of the ``dropped`` counts carried by the lines (a sink
 that drops ``train.batch`` records under back-pressure puts the number dropped since its
-previous line on the next line it writes) and ``T`` the truncated lines skipped (at most
-one per rank). A value not known is ``n/a``.
+previous line on the next line it writes) and ``T`` the truncated lines skipped (at most one per
+rank). A value not known is ``n/a``.
 
 Errors (exit status 2 through ``ConfigError``, the key being the path at fault, nothing
 written): ``RUN_DIR: no such directory``, ``RUN_DIR: not a directory``,
@@ -88,10 +110,13 @@ at line <n> (read for sinks.diagnostic.filename)`` (or ``is not UTF-8 text (...)
 sinks.diagnostic.filename)``, ``RUN_DIR/config.yaml: sinks.diagnostic.filename must be a
 file name (a non-empty string without / or \\), got <value>``, ``RUN_DIR/<filename>: no
 such file`` (rank 0's), ``<part>: cannot read: <reason>``, ``<rank 0's newest part>: no
-records``, ``<part>:
-line <n> is not valid JSON``, ``<part>: line <n> is not a record (a JSON object with an
-"event" string)``, ``<part>: line <n>: <event> field "<name>" is not a number`` (or
-``... is not an integer``), ``<output>: is a directory``, ``<output>: is a symbolic link (not
+records``, ``<part>: line <n> is not valid JSON``, ``<part>: line <n> is not a record (a
+JSON object with an "event" string)``, ``<part>: line <n>: <event> field "<name>" is not a
+number`` (or ``... is not an integer``, ``... is not an object``; ``"metrics.<metric>"`` for a
+metric's value), ``<part>: line <n>: <event> field "metrics" has a name that is not a metric
+name ([A-Za-z_][A-Za-z0-9_]{0,63}): <name as JSON>``, ``<part>: line <n>: eval.epoch field
+"split" is not a split name ([A-Za-z0-9_.-]{1,64}): <split as JSON>``, ``<output>: is a
+directory``, ``<output>: is a symbolic link (not
 followed); the report is written only as a new file or over a regular file`` (likewise ``is a
 character device``, ``is a block device``, ``is a FIFO``, ``is a socket``), ``<output>: is a
 file the report reads; choose another --output``, ``<output>: its directory does not exist``,
@@ -104,6 +129,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import sys
 from array import array
@@ -141,6 +167,14 @@ LABEL_EPOCH_LOSS = "epoch loss"
 LABEL_EVAL_LOSS = "eval loss"
 LABEL_SCALE_FAILED = "scale check failed"
 LABEL_LR = "learning rate"
+METRICS_LOG_RATIO = 1000.0
+"""The metrics panel's y axis is logarithmic when every finite value is positive and the largest is
+at least this many times the smallest (three decades: accuracy beside perplexity)."""
+
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""A metric's name, as the writer allows it."""
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""A split's name, as the writer allows it (no ``$``: a label is never read as mathtext)."""
 
 _BAD_RECORD = 'is not a record (a JSON object with an "event" string)'
 _READ_FOR = f"(read for {'.'.join(FILENAME_KEY)})"
@@ -191,6 +225,12 @@ class RunData:
     lr: Series = field(default_factory=Series)
     epoch_loss: Series = field(default_factory=Series)
     eval_loss: Series = field(default_factory=Series)
+    """Every ``eval.epoch``'s loss in file order, whatever its split (the summary's final eval loss)."""
+    split_loss: dict[str, Series] = field(default_factory=dict)
+    """``eval.epoch`` losses by split, as plotted."""
+    metrics: dict[str, Series] = field(default_factory=dict)
+    """Metric values by series name (``eval.<name>``, ``eval.<split>.<name>``, ``train.<name>``,
+    ``user.<name>``); a series exists only once it has a value."""
     sink_errors: int = 0
     dropped: int = 0
 
@@ -345,17 +385,35 @@ class _FieldError(Exception):
     pass
 
 
+def _nonfinite(obj: Mapping[str, Any], key: str) -> float | None:
+    """The nan/inf/-inf that the line's ``nonfinite`` names for ``key`` (a dotted key inside an
+    object: ``metrics.accuracy``); None when it names none."""
+    nonfinite = obj.get("nonfinite")
+    name = nonfinite.get(key) if isinstance(nonfinite, dict) else None
+    return float(name) if name in ("nan", "inf", "-inf") else None
+
+
+def _float(value: object) -> float | None:
+    """A JSON number as a float (an integer too large for one is +-inf, as ``1e400`` reads); None
+    for anything else, a boolean included."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _not_a_number(obj: Mapping[str, Any], key: str) -> _FieldError:
+    return _FieldError(f'{obj["event"]} field "{key}" is not a number')
+
+
 def _number(obj: Mapping[str, Any], key: str) -> float:
     value = obj.get(key)
-    if value is None:
-        nonfinite = obj.get("nonfinite")
-        name = nonfinite.get(key) if isinstance(nonfinite, dict) else None
-        if name in ("nan", "inf", "-inf"):
-            return float(name)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    msg = f'{obj["event"]} field "{key}" is not a number'
-    raise _FieldError(msg)
+    number = _nonfinite(obj, key) if value is None else _float(value)
+    if number is None:
+        raise _not_a_number(obj, key)
+    return number
 
 
 def _integer(obj: Mapping[str, Any], key: str) -> int:
@@ -364,6 +422,47 @@ def _integer(obj: Mapping[str, Any], key: str) -> int:
         return value
     msg = f'{obj["event"]} field "{key}" is not an integer'
     raise _FieldError(msg)
+
+
+def _split(obj: Mapping[str, Any]) -> str:
+    """``eval.epoch``'s ``split``; ``val`` when absent (lines older than schema 1.3.0)."""
+    split = obj.get("split", "val")
+    if isinstance(split, str) and _SPLIT_NAME.fullmatch(split):
+        return split
+    msg = f'{obj["event"]} field "split" is not a split name ({_SPLIT_NAME.pattern}): {json.dumps(split)}'
+    raise _FieldError(msg)
+
+
+def _add_metrics(data: RunData, obj: Mapping[str, Any], prefix: str, step: int) -> None:
+    """The line's ``metrics`` (``{}`` when absent: older lines) at ``step``, each as series
+    ``<prefix><name>``; a null is the value ``nonfinite`` names, nan when it names none."""
+    metrics = obj.get("metrics", {})
+    if not isinstance(metrics, dict):
+        msg = f'{obj["event"]} field "metrics" is not an object'
+        raise _FieldError(msg)
+    for name, value in metrics.items():
+        if not _METRIC_NAME.fullmatch(name):
+            msg = (
+                f'{obj["event"]} field "metrics" has a name that is not a metric name'
+                f" ({_METRIC_NAME.pattern}): {json.dumps(name)}"
+            )
+            raise _FieldError(msg)
+        key = f"metrics.{name}"
+        if value is None:
+            number = _nonfinite(obj, key)
+            number = math.nan if number is None else number
+        else:
+            number = _float(value)
+            if number is None:
+                raise _not_a_number(obj, key)
+        _series(data.metrics, prefix + name).add(step, number)
+
+
+def _series(by_name: dict[str, Series], name: str) -> Series:
+    series = by_name.get(name)
+    if series is None:
+        series = by_name[name] = Series()
+    return series
 
 
 def _max(current: int | None, value: int) -> int:
@@ -400,6 +499,7 @@ def _add(data: RunData, obj: Mapping[str, Any], *, primary: bool) -> None:  # no
         data.max_items = _max(data.max_items, _integer(obj, "items_total"))
         data.step_loss.add(step, _number(obj, "loss"))
         data.lr.add(step, _number(obj, "lr"))
+        _add_metrics(data, obj, "train.", step)
     elif event in ("train.epoch", "eval.epoch"):
         step = _integer(obj, "step")
         data.max_step = _max(data.max_step, step)
@@ -407,7 +507,12 @@ def _add(data: RunData, obj: Mapping[str, Any], *, primary: bool) -> None:  # no
             data.max_items = _max(data.max_items, _integer(obj, "items_total"))
             data.epoch_loss.add(step, _number(obj, "loss"))
         else:
-            data.eval_loss.add(step, _number(obj, "loss"))
+            loss, split = _number(obj, "loss"), _split(obj)
+            data.eval_loss.add(step, loss)
+            _series(data.split_loss, split).add(step, loss)
+            _add_metrics(data, obj, "eval." if split == "val" else f"eval.{split}.", step)
+    elif event == "metric":
+        _add_metrics(data, obj, "user.", _integer(obj, "step"))
     elif event == "run.end":
         status, reason = obj.get("status"), obj.get("reason")
         if not isinstance(status, str) or not isinstance(reason, str):
@@ -476,12 +581,14 @@ def summary_lines(data: RunData, output: Path) -> list[str]:
     """The summary printed to stdout (format in the module docstring)."""
     status = f"{data.status} ({data.reason})" if data.status is not None else "unfinished (no run.end record)"
     checked_failed = len(data.scale_failed)
+    metrics = "  ".join(f"{name}={_fmt(_last(data.metrics[name]))}" for name in sorted(data.metrics))
     return [
         f"run: {data.run_id or 'n/a'}",
         f"status: {status}",
         f"epochs: {_fmt(data.epoch)}  steps: {_fmt(data.step)}  items: {_fmt(data.items)}",
         f"final: step loss {_fmt(_last(data.step_loss))}  epoch loss {_fmt(_last(data.epoch_loss))}"
         f"  eval loss {_fmt(_last(data.eval_loss))}",
+        *([f"metrics: {metrics}"] if metrics else []),
         f"scale check: {checked_failed} failed  {data.scale_unchecked} unchecked"
         f"  {data.batch_records} batch records",
         f"records: {data.records}  files: {len(data.parts)}",
@@ -496,18 +603,28 @@ def summary_lines(data: RunData, output: Path) -> list[str]:
 # --------------------------------------------------------------------------- drawing
 
 
+def eval_loss_label(split: str) -> str:
+    """The loss panel's label of a split's eval losses: ``LABEL_EVAL_LOSS`` for ``val``."""
+    return LABEL_EVAL_LOSS if split == "val" else f"{LABEL_EVAL_LOSS} ({split})"
+
+
 def build_figure(data: RunData) -> Figure:
-    """The two-panel figure, on its own Agg canvas (no pyplot, no global backend)."""
+    """The figure of two panels (losses, learning rate), three when the run has a metric value, on
+    its own Agg canvas (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ratios = [3, 1, 2] if data.metrics else [3, 1]
+    axes = list(fig.subplots(len(ratios), 1, sharex=True, gridspec_kw={"height_ratios": ratios}))
     fig.suptitle(f"{data.run_id or 'traintel run'} ({data.status or 'unfinished'})")
-    _draw_losses(loss_ax, data)
-    _draw_lr(lr_ax, data)
-    for ax in (loss_ax, lr_ax):
+    _draw_losses(axes[0], data)
+    _draw_lr(axes[1], data)
+    if data.metrics:
+        _draw_metrics(axes[2], data)
+    axes[-1].set_xlabel("optimizer step")
+    for ax in axes:
         for x in data.epoch_loss.x:
             ax.axvline(x, c="0.8", lw=0.8, zorder=0, label="_nolegend_")
         ax.grid(True, alpha=0.3)
@@ -523,7 +640,7 @@ def _draw_losses(ax: Axes, data: RunData) -> None:
         (data.batch_raw_loss, LABEL_RAW_LOSS, {**_DOTS, "c": "C1"}),
         (data.step_loss, LABEL_STEP_LOSS, {"lw": 1.2, "c": "C2"}),
         (data.epoch_loss, LABEL_EPOCH_LOSS, {"lw": 1.5, "marker": "o", "c": "C3"}),
-        (data.eval_loss, LABEL_EVAL_LOSS, {"lw": 1.5, "marker": "s", "c": "C4"}),
+        *_split_curves(data.split_loss),
     )
     finite: list[float] = []
     for series, label, style in curves:
@@ -546,13 +663,48 @@ def _draw_losses(ax: Axes, data: RunData) -> None:
         ax.text(0.5, 0.5, "no loss records", ha="center", va="center", transform=ax.transAxes)
 
 
+_SPLIT_COLORS = ("C6", "C7", "C8", "C9")
+
+
+def _split_curves(split_loss: Mapping[str, Series]) -> list[tuple[Series, str, dict[str, Any]]]:
+    """The eval loss curves, ``val`` first in its old style, then the other splits by name."""
+    curves: list[tuple[Series, str, dict[str, Any]]] = []
+    if "val" in split_loss:
+        curves.append((split_loss["val"], LABEL_EVAL_LOSS, {"lw": 1.5, "marker": "s", "c": "C4"}))
+    others = sorted(split for split in split_loss if split != "val")
+    for i, split in enumerate(others):
+        style = {"lw": 1.5, "marker": "D", "ms": 5, "c": _SPLIT_COLORS[i % len(_SPLIT_COLORS)]}
+        curves.append((split_loss[split], eval_loss_label(split), style))
+    return curves
+
+
 def _draw_lr(ax: Axes, data: RunData) -> None:
     if len(data.lr):
         ax.plot(data.lr.x, data.lr.y, lw=1.2, c="C5", label=LABEL_LR)
     else:
         ax.text(0.5, 0.5, "no train.step records", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("learning rate")
-    ax.set_xlabel("optimizer step")
+
+
+_METRIC_STYLES: dict[str, dict[str, Any]] = {
+    "eval": {"lw": 1.5, "marker": "s", "ms": 4},
+    "train": {"lw": 1.0, "marker": ".", "ms": 3, "alpha": 0.8},
+    "user": {"lw": 1.2, "marker": "^", "ms": 4, "ls": "--"},
+}
+"""A series' line style by its source (the first part of its name); colours follow the cycle."""
+
+
+def _draw_metrics(ax: Axes, data: RunData) -> None:
+    """One line per metric series, by name; log y only across ``METRICS_LOG_RATIO`` or more."""
+    finite: list[float] = []
+    for name in sorted(data.metrics):
+        series = data.metrics[name]
+        ax.plot(series.x, series.y, label=name, **_METRIC_STYLES[name.partition(".")[0]])
+        finite.extend(v for v in series.y if math.isfinite(v))
+    if finite and min(finite) > 0 and max(finite) >= METRICS_LOG_RATIO * min(finite):
+        ax.set_yscale("log")
+    ax.set_ylabel("metrics")
+    ax.legend(loc="best", fontsize="small", ncols=min(3, (len(data.metrics) + 4) // 5))
 
 
 _ONLY_REGULAR = "the report is written only as a new file or over a regular file"
