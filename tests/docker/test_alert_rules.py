@@ -28,6 +28,8 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
         "TraintelSinkErrors",
         "TraintelRecordsDropped",
         "TraintelRankBehind",
+        "TraintelEvalMetricRising",
+        "TraintelEvalMetricFalling",
     }
     for name, rule in alerts.items():
         labels, annotations = rule["labels"], rule["annotations"]
@@ -53,6 +55,54 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
     assert isinstance(annotations, dict)
     for key in ("summary", "description"):
         assert "{{ $labels.rank }}" in annotations[key], key
+
+
+# names of evaluation metrics: where lower is better, where higher is better, neither
+LOWER_IS_BETTER = ("mae", "mse", "rmse", "loss", "val_loss", "error", "top1_error", "perplexity")
+HIGHER_IS_BETTER = (
+    "accuracy",
+    "val_accuracy",
+    "acc",
+    "precision",
+    "recall",
+    "f1",
+    "auc",
+    "auroc",
+    "bleu",
+    "r2",
+)
+NEITHER = ("weight_norm", "lr", "mae_std", "accuracy_delta")
+
+
+def test_the_eval_metric_templates_agree_on_names_count_and_window() -> None:
+    """Each rule watches one set of names in all its selectors, the built-in task's mae where lower
+    is better, and no name in both; each counts 3 evaluations in one window of an hour."""
+    alerts = _alerts()
+    matched = {}
+    for name, direction in (("TraintelEvalMetricRising", "rose"), ("TraintelEvalMetricFalling", "fell")):
+        rule = alerts[name]
+        expr = str(rule["expr"])
+        assert "for" not in rule, name  # the windows already span the evaluations
+        metrics = re.findall(r"\b(traintel_[a-z_]+)\{([^}]*)\}", expr)
+        assert [m for m, _ in metrics][-1] == "traintel_run_info", name
+        assert {m for m, _ in metrics[:-1]} == {"traintel_eval_metric"}, name
+        matchers = {m for _, m in metrics[:-1]}
+        assert len(matchers) == 1, (name, matchers)
+        (matcher,) = matchers
+        (pattern,) = re.findall(r'name=~"([^"]*)"', matcher)
+        matched[name] = {n for n in LOWER_IS_BETTER + HIGHER_IS_BETTER + NEITHER if re.fullmatch(pattern, n)}
+        assert re.findall(r"\[(\w+)\]", expr) == ["1h"] * (len(metrics) - 2), name
+        assert len(re.findall(r">= 3\b", expr)) == 1, name
+        annotations = rule["annotations"]
+        assert isinstance(annotations, dict)
+        assert (
+            f"{direction} at each of its evaluations in the last hour, 3 or more"
+            in annotations["description"]
+        )
+    assert matched == {
+        "TraintelEvalMetricRising": set(LOWER_IS_BETTER),
+        "TraintelEvalMetricFalling": set(HIGHER_IS_BETTER),
+    }
 
 
 def test_only_live_exporters_are_watched() -> None:

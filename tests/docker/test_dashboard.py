@@ -1,7 +1,9 @@
 """The Grafana dashboard and its provisioning are well formed, and every panel query returns data
 from a real Prometheus that scraped a real run (which also evaluates docker/prometheus/rules.yml).
 A run of one process has no ``rank`` label: the rank variable has no options and its All value
-matches series without it (tests/sinks/prometheus/test_per_rank.py runs the queries over two ranks)."""
+matches series without it (tests/sinks/prometheus/test_per_rank.py runs the queries over two ranks).
+The run has the task's metrics on and logs a value with ``Run.log`` (tests/helpers/metrics_run.py),
+so that the Metrics row has data too."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
+from tests.helpers import metrics_run
 from tests.helpers.children import popen
 from tests.helpers.dashboard import (
     GRAFANA,
     METRIC,
+    METRIC_FAMILIES,
     MULTI,
     RULES,
     VARIABLES,
@@ -43,7 +47,6 @@ PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "traintel.yaml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 
 DATASOURCE_UID = "prometheus"
-# a metric name, then its label matchers if any: `rate(traintel_items_total{...}[1m])`
 
 
 def test_the_dashboard_model() -> None:
@@ -53,8 +56,18 @@ def test_the_dashboard_model() -> None:
     assert dashboard.get("id") is None  # provisioning assigns it
     panels = dashboard_panels(dashboard)
     assert len(panels) >= 10
-    ids = [panel["id"] for panel in panels]
+    rows = [panel for panel in dashboard["panels"] if panel["type"] == "row"]
+    ids = [panel["id"] for panel in panels + rows]
     assert len(set(ids)) == len(ids), "panel ids must be unique"
+    cells: dict[tuple[int, int], str] = {}  # every grid cell, rows included, holds one panel at most
+    for panel in panels + rows:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[x, y]}"
+                cells[x, y] = panel["title"]
+    for row in rows:
+        assert row["gridPos"]["w"] == 24 and row["gridPos"]["h"] == 1, row["title"]
     for panel in panels:
         title = panel["title"]
         assert panel["type"] in {"timeseries", "stat", "table"}, title
@@ -76,6 +89,8 @@ def test_the_dashboard_model() -> None:
         for name, matchers in selectors:
             assert 'job="$job"' in matchers and 'instance=~"$instance"' in matchers, (title, ref_id, name)
             assert 'rank=~"$rank"' in matchers, (title, ref_id, name)
+            # the metric variable picks the names of the families labelled by metric, and only those
+            assert ('name=~"$metric"' in matchers) == (name in METRIC_FAMILIES), (title, ref_id, name)
 
 
 def test_the_panels_cover_the_exported_metrics() -> None:
@@ -94,13 +109,22 @@ def test_the_panels_cover_the_exported_metrics() -> None:
         "traintel_sink_dropped_records_total",
         "traintel_optimizer_step",
         "traintel_epoch{",
+        *METRIC_FAMILIES,
     ):
         assert metric in exprs, metric
     kinds = {panel["title"]: panel["type"] for panel in dashboard_panels(load_dashboard())}
     assert kinds["Since the last optimizer step"] == kinds["Step and epoch"] == "stat"
+    assert kinds["Task metrics"] == kinds["Logged metrics"] == "timeseries"
+    # the Metrics row holds them, below every other panel
+    panels = load_dashboard()["panels"]
+    (row,) = [i for i, panel in enumerate(panels) if panel["type"] == "row" and panel["title"] == "Metrics"]
+    assert not panels[row]["collapsed"]
+    assert [panel["title"] for panel in panels[row + 1 :]] == ["Task metrics", "Logged metrics"]
+    above = max(panel["gridPos"]["y"] + panel["gridPos"]["h"] for panel in panels[:row])
+    assert panels[row]["gridPos"]["y"] == above
 
 
-def test_the_template_variables_chain_job_instance_run_rank() -> None:
+def test_the_template_variables_chain_job_instance_run_rank_metric() -> None:
     variables = load_dashboard()["templating"]["list"]
     assert [v["name"] for v in variables] == list(VARIABLES)
     for variable in variables:
@@ -165,39 +189,48 @@ class Scraped(NamedTuple):
     """The Prometheus that scraped the run."""
     values: dict[str, str]
     """What Grafana puts in for each dashboard variable."""
-    end: dict[str, Any]
-    """The run.end record."""
+    records: list[dict[str, Any]]
+    """The run's records, from run.start to run.end."""
     instance: str
     """The exporter's address, the ``instance`` label of its series."""
+
+    @property
+    def end(self) -> dict[str, Any]:
+        """The run.end record."""
+        return self.records[-1]
+
+    def last(self, event: str) -> dict[str, Any]:
+        """The newest record of ``event``."""
+        return [record for record in self.records if record["event"] == event][-1]
 
 
 @pytest.fixture(scope="module")
 def scraped(prometheus: tuple[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
-    """A real training run that has ended and lingers, scraped up to its final step."""
+    """A real training run that has ended and lingers, scraped up to its final step: the built-in
+    task with its metrics on, logging a value of its own at each epoch's end."""
     url, port = prometheus
     tmp_path = tmp_path_factory.mktemp("train")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    env["PYTHONPATH"] = str(ROOT)
     stderr = tmp_path / "stderr.txt"
     # 150 epochs last a few seconds: several scrapes see traintel_items_total grow, so rate() has data
     with stderr.open("w") as err:
         run = popen(
-            [sys.executable, "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
-             "--set", "trainer.max_epochs=150", "--set", f"sinks.prometheus.port={port}",
-             "--set", "sinks.prometheus.linger_seconds=120"],
+            [sys.executable, "-m", metrics_run.__name__, str(CONFIG), f"run.dir={tmp_path / 'run'}",
+             "trainer.max_epochs=150", "task.params.metrics=true", f"sinks.prometheus.port={port}",
+             "sinks.prometheus.linger_seconds=120"],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True,
         )  # fmt: skip
     try:
         assert run.stdout is not None
-        start: dict[str, Any] | None = None
-        end: dict[str, Any] | None = None
+        records: list[dict[str, Any]] = []
         for line in run.stdout:
-            record = json.loads(line)
-            if record["event"] == "run.start":
-                start = record
-            elif record["event"] == "run.end":
-                end = record
+            records.append(json.loads(line))
+            if records[-1]["event"] == "run.end":
                 break
-        assert start is not None and end is not None, stderr.read_text()
+        assert records and records[-1]["event"] == "run.end", stderr.read_text()
+        start, end = records[0], records[-1]
+        assert start["event"] == "run.start", start
         assert end["status"] == "completed", end
 
         # a scrape taken after the run ended: run.end alone sets traintel_run_success (a scrape with
@@ -212,10 +245,11 @@ def scraped(prometheus: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
             "instance": regex_value(f"127.0.0.1:{port}"),  # the one instance chosen
             "run": start["run_id"],
             "rank": MULTI["rank"],  # All: this run has no rank label
+            "metric": MULTI["metric"],  # All
             "__rate_interval": "1m",
             "__interval": "1s",
         }
-        yield Scraped(url, values, end, f"127.0.0.1:{port}")
+        yield Scraped(url, values, records, f"127.0.0.1:{port}")
     finally:
         run.send_signal(signal.SIGTERM)  # ends the linger at once
         assert run.wait(timeout=15) == 0
@@ -227,6 +261,7 @@ def test_the_template_variables_resolve_in_prometheus(scraped: Scraped) -> None:
     expected_options = {name: [scraped.values[name]] for name in VARIABLES}
     expected_options["instance"] = [scraped.instance]
     expected_options["rank"] = []  # no options: Grafana selects All, MULTI["rank"]
+    expected_options["metric"] = ["mae", metrics_run.LOGGED]  # the task's (eval and train) and Run.log's
     for values in (scraped.values, {**scraped.values, "instance": MULTI["instance"]}):  # one or All
         for name, query in VARIABLES.items():
             match = re.fullmatch(r"label_values\((.+), (\w+)\)", query)
@@ -258,6 +293,29 @@ def test_every_panel_query_returns_data_for_a_real_run(scraped: Scraped) -> None
     assert only("Step and epoch", "B") == scraped.end["epoch"]
     assert only("Throughput", "A") > 0  # the 1m window holds the run
     assert 0 <= only("Since the last optimizer step", "A") < 120
+    # the newest evaluation's, step's and Run.log's values
+    evaluation, step, logged = (scraped.last(e) for e in ("eval.epoch", "train.step", "metric"))
+    assert only("Task metrics", "A") == evaluation["metrics"]["mae"]
+    assert only("Task metrics", "B") == step["metrics"]["mae"]
+    assert only("Logged metrics", "A") == logged["metrics"][metrics_run.LOGGED]
+
+
+@pytest.mark.slow
+def test_the_metric_variable_picks_the_names_shown(scraped: Scraped) -> None:
+    """One name chosen: the Metrics row's queries return its series alone, with their labels."""
+    queries = [(t, r, e) for t, r, e in panel_targets(load_dashboard()) if "$metric" in e]
+    assert {title for title, _, _ in queries} == {"Task metrics", "Logged metrics"}
+    # (title, refId): the (name, split) of each series shown when one name is chosen
+    shown: dict[str, dict[tuple[str, str], list[tuple[str, str | None]]]] = {
+        "mae": {("Task metrics", "A"): [("mae", "val")], ("Task metrics", "B"): [("mae", None)]},
+        metrics_run.LOGGED: {("Logged metrics", "A"): [(metrics_run.LOGGED, None)]},
+    }
+    for name, want in shown.items():
+        values = {**scraped.values, "metric": regex_value(name)}
+        for title, ref_id, expr in queries:
+            result = _api(scraped.url, "query", query=substitute_variables(expr, values))["result"]
+            found = [(s["metric"]["name"], s["metric"].get("split")) for s in result]
+            assert found == want.get((title, ref_id), []), (name, title, ref_id)
 
 
 @pytest.mark.slow

@@ -22,12 +22,19 @@ VARIABLES = {
     "instance": 'label_values(traintel_run_info{job="$job"}, instance)',
     "run": 'label_values(traintel_run_info{job="$job", instance=~"$instance"}, run_id)',
     "rank": 'label_values(traintel_run_info{job="$job", instance=~"$instance", run_id="$run"}, rank)',
+    "metric": 'label_values({__name__=~"traintel_(eval|train|user)_metric", job="$job", instance=~"$instance", '
+    'rank=~"$rank"}, name)',
 }
 
 
-MULTI = {"instance": ".+", "rank": ".*"}
+MULTI = {"instance": ".+", "rank": ".*", "metric": ".+"}
 """The variables that take several values or All, and what All puts in: every live instance (the
-Pushgateway's series have none), every rank or none (a run without sinks.prometheus.per_rank)."""
+Pushgateway's series have none), every rank or none (a run without sinks.prometheus.per_rank),
+every metric name."""
+
+
+METRIC_FAMILIES = ("traintel_eval_metric", "traintel_train_metric", "traintel_user_metric")
+"""The families labelled ``name`` by metric, which the ``metric`` variable picks from."""
 
 
 METRIC = re.compile(r"\b((?:traintel|process)_[a-z_]+)\b(\{[^}]*\})?")

@@ -285,7 +285,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
              "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={run_dir}",
              "--set", f"sinks.prometheus.port={base}", "--set", "sinks.prometheus.per_rank=true",
-             "--set", "sinks.prometheus.linger_seconds=60"],
+             "--set", "sinks.prometheus.linger_seconds=60", "--set", "task.params.metrics=true"],
             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
         try:
@@ -335,6 +335,8 @@ def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[st
         ("traintel_epoch_loss", (r,)): epoch["loss"],
         ("traintel_epoch_items_per_second", (r,)): epoch["items_per_second"],
         ("traintel_eval_loss", (r, ("split", "val"))): evaluation["loss"],
+        ("traintel_eval_metric", (("name", "mae"), r, ("split", "val"))): evaluation["metrics"]["mae"],
+        ("traintel_train_metric", (("name", "mae"), r)): step["metrics"]["mae"],
         ("traintel_run_success", (r,)): 1.0,
     }  # fmt: skip
     for family, names in sinks.items():
@@ -402,8 +404,10 @@ def test_the_dashboard_shows_each_rank_and_the_alert_rules_stay_quiet(ranks: Ran
 
     # the variables as Grafana asks for them, with All instances
     values = {"job": "traintel", "instance": MULTI["instance"], "run": run_id, "rank": MULTI["rank"],
-              "__rate_interval": "1m", "__interval": "1s"}  # fmt: skip
-    options = {"job": ["traintel"], "instance": sorted(instances), "run": [run_id], "rank": ["0", "1"]}
+              "metric": MULTI["metric"], "__rate_interval": "1m", "__interval": "1s"}  # fmt: skip
+    # the built-in task's metrics: mae, for training and evaluation (nothing is logged with Run.log)
+    options = {"job": ["traintel"], "instance": sorted(instances), "run": [run_id], "rank": ["0", "1"],
+               "metric": ["mae"]}  # fmt: skip
     for name, query in VARIABLES.items():
         selector, label = query.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
         found = _api(url, f"label/{label}/values", **{"match[]": substitute_variables(selector, values)})
@@ -423,7 +427,8 @@ def test_the_dashboard_shows_each_rank_and_the_alert_rules_stay_quiet(ranks: Ran
             want = ["0", "1"] if rank is None else [rank]
             for title, ref_id, expr in panel_targets(load_dashboard()):
                 result = _api(url, "query", query=substitute_variables(expr, picked))["result"]
-                assert sorted({s["metric"]["rank"] for s in result}) == want, (title, ref_id, picked)
+                shown = [] if "traintel_user_metric" in expr else want  # nothing logged with Run.log
+                assert sorted({s["metric"]["rank"] for s in result}) == shown, (title, ref_id, picked)
                 assert all(math.isfinite(float(s["value"][1])) for s in result), (title, ref_id)
             assert panel("Step and epoch", "A", picked) == {r: ends[int(r)]["step"] for r in want}
             assert panel("Step and epoch", "B", picked) == {r: ends[int(r)]["epoch"] for r in want}
