@@ -26,9 +26,10 @@ CASES = [
     "6a. plain PyTorch loop, realistic model (k=4)",
     "6b. traintel, 3 sinks, every=10, realistic model",
     "6c. traintel, 3 sinks, every=1, realistic model",
+    "6d. traintel, 3 sinks, every=10, 2 training metrics, realistic model",
 ]
 KEYS = ["plain", "ignite", "traintel", "traintel_every1", "plain_large", "traintel_large", "plain_realistic",
-        "traintel_realistic", "traintel_realistic_every1"]  # fmt: skip
+        "traintel_realistic", "traintel_realistic_every1", "traintel_realistic_metrics"]  # fmt: skip
 SMALL = ["--repeats", "2", "--epochs", "2", "--batches", "30", "--large-batches", "6", "--large-hidden", "64",
          "--large-layers", "1", "--realistic-batches", "8", "--realistic-hidden", "32", "--realistic-layers", "1"]  # fmt: skip
 
@@ -53,19 +54,20 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     assert data["warmup_max_weight_diff"] == dict.fromkeys(keys, 0.0)
     assert [c["case"] for c in data["cases"]] == CASES
     assert data["k"] == dict.fromkeys(keys[:6], 3) | dict.fromkeys(keys[6:], 4)
-    assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2, 2, 2, 2]
+    assert [c["steps_per_run"] for c in data["cases"]] == [20, 20, 20, 20, 2, 2, 2, 2, 2, 2]
     # tiny runs: 2 windows of 10 steps, the first left out; large and realistic runs: one window of
     # 2 steps, kept
-    assert [c["windows"] for c in data["cases"]] == [2] * 9
+    assert [c["windows"] for c in data["cases"]] == [2] * 10
     assert len(data["rounds"]) == 2
     for timed in data["rounds"]:
-        assert [timed[k]["steps"] for k in keys] == [[10, 10]] * 4 + [[2]] * 5
+        assert [timed[k]["steps"] for k in keys] == [[10, 10]] * 4 + [[2]] * 6
         for k in keys:
             assert len(timed[k]["own_s"]) == len(timed[k]["shadow_s"]) == len(timed[k]["steps"])
             assert min(timed[k]["own_s"]) > 0 and min(timed[k]["shadow_s"]) > 0
     # the shadow stretches a run's wall time, so the delivery delay is stretched with it
     assert sorted(data["max_delay_seconds"]) == [
-        "traintel", "traintel_every1", "traintel_large", "traintel_realistic", "traintel_realistic_every1"
+        "traintel", "traintel_every1", "traintel_large", "traintel_realistic", "traintel_realistic_every1",
+        "traintel_realistic_metrics",
     ]  # fmt: skip
     assert all(delay > 0.05 for delay in data["max_delay_seconds"].values())
     # the plain loop and bare Ignite start no Python thread: nothing of theirs is counted as one
@@ -79,12 +81,12 @@ def test_overhead_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     )
     assert lines.count(header) == 1
     rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:9]] == CASES
-    assert [row.split(" | ")[1] for row in rows[:9]] == ["2"] * 9
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[:10]] == CASES
+    assert [row.split(" | ")[1] for row in rows[:10]] == ["2"] * 10
     budgets = [
         line.split(": ")[0] for line in lines if line.startswith("- ") and line.endswith(("within", "OVER"))
     ]
-    assert budgets == ["- " + CASES[i] for i in (2, 3, 7, 8)]
+    assert budgets == ["- " + CASES[i] for i in (2, 3, 7, 8, 9)]
     assert (
         "warm-up check: max |weight difference| to the plain loop (its shadow), any case: 0.00e+00" in lines
     )
