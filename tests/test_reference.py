@@ -123,7 +123,7 @@ def test_the_config_page_lists_every_key_with_its_default() -> None:
     shown = sorted((row[0], row[2]) for row in rows)
     expected = sorted((f"`{key}`", _shown_default(info)) for key, info in _settings(Config))
     assert shown == expected
-    assert len(rows) == 97
+    assert len(rows) == 99
     by_key = {row[0]: row for row in rows}
     assert by_key["`run.seed`"] == [
         "`run.seed`", "integer", "`0`", ">= 0, <= 4294967295",

@@ -16,9 +16,14 @@ class CsvSink:
 
     def open(self, context: RunContext) -> None:
         path = Path(self.path) if self.path else context.run_dir / "steps.csv"
-        self._file = path.open("x", newline="", encoding="utf-8")
+        if context.rank > 0:  # with `ranks: all`, each rank writes its own file
+            path = path.with_name(f"{path.stem}.rank{context.rank}{path.suffix}")
+        resumed = context.attempt > 0 and path.exists()  # a resumed run appends
+        mode = "a" if resumed else "x"  # line-buffered: a row is on disk once written, even after kill -9
+        self.path, self._file = str(path), path.open(mode, buffering=1, newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(self.columns)
+        if not resumed:
+            self._writer.writerow(self.columns)
 
     def emit(self, record: Record) -> None:
         if record.event == "train.step":

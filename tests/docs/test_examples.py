@@ -170,4 +170,4 @@ def test_the_sink_listing_is_the_example_module() -> None:
     listing = text.split("Its whole module:\n\n```py\n", 1)[1].split("```", 1)[0]
     example = (ROOT / "examples" / "csv-sink" / "traintel_csv_sink.py").read_text(encoding="utf-8")
     assert listing == example
-    assert len(example.splitlines()) == 30
+    assert len(example.splitlines()) == 35

@@ -524,6 +524,13 @@ class ExtraSinkConfig(_Section):
     """Keyword arguments for the factory."""
     enabled: Bool = True
     """Build and open this sink; false keeps the entry but leaves the sink out."""
+    ranks: Literal["zero", "all"] = "zero"
+    """Under torchrun, ``zero``: only rank 0 builds it, and it receives the job's global records once;
+    ``all``: every rank builds its own, opened with its rank (a file sink then names its file by it)."""
+    threaded: Bool | None = None
+    """``true``: deliver to this sink on a thread of its own through a bounded queue, so a slow back-end
+    never holds training (records it cannot keep up with are dropped and counted); null: as the sink
+    says (its ``threaded`` attribute), else on the training thread."""
 
     @field_validator("factory")
     @classmethod

@@ -21,6 +21,7 @@ from traintel.sinks.diagnostic import DiagnosticSink
 from traintel.sinks.fanout import FanOut
 from traintel.sinks.json.sink import JsonSink
 from traintel.sinks.prometheus.sink import PrometheusSink, Pushgateway
+from traintel.sinks.threaded import ThreadedSink
 
 
 def check_diagnostic_filename(filename: str) -> None:
@@ -76,6 +77,11 @@ def _pushgateway(cfg: PushgatewayConfig) -> Pushgateway | None:
     )
 
 
+def _wants_thread(sink: Sink) -> bool:
+    """Whether ``sink`` asks to be delivered to on a thread of its own (a true ``threaded``)."""
+    return getattr(sink, "threaded", False) is True
+
+
 def build_sinks(
     cfg: SinksConfig,
     *,
@@ -91,7 +97,8 @@ def build_sinks(
     rank serves its own, labelled ``rank``, on ``port + local_rank``); stdout's JSON lines come
     from rank 0 (``stdout_ranks="zero"``) or from every rank (``"all"``; with ``"zero"`` rank r > 0
     writes its log lines, and text printed there, on stderr); rank r > 0 writes its diagnostic file
-    as ``rank_filename(filename, r)``.
+    as ``rank_filename(filename, r)``. A plug-in (or an ``extra`` sink) that asks for a thread of its
+    own (``threaded``) is wrapped in a ``ThreadedSink``.
     """
     check_diagnostic_filename(cfg.diagnostic.filename)  # before any sink is made
     sinks: list[Sink] = []
@@ -139,9 +146,11 @@ def build_sinks(
         name = rank_filename(d.filename, rank)
         sinks.append(DiagnosticSink(name, max_bytes=d.max_bytes, backups=d.backups))
     for index, spec in enumerate(cfg.extra):
-        if spec.enabled:
-            sinks.append(make_sink(spec, index))
-    sinks.extend(extra)
+        if spec.enabled and (rank == 0 or spec.ranks == "all"):
+            sink = make_sink(spec, index)
+            threaded = spec.threaded if spec.threaded is not None else _wants_thread(sink)
+            sinks.append(ThreadedSink(sink) if threaded else sink)
+    sinks.extend(ThreadedSink(sink) if _wants_thread(sink) else sink for sink in extra)
     names = [s.name for s in sinks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

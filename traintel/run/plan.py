@@ -53,6 +53,10 @@ from traintel.task import Task, check_task, make_task
 
 _log = logging.getLogger("traintel")
 
+THREADED_CATCH_UP_SECONDS = 2.0
+"""How long a checkpoint waits at most for the threaded plug-ins to take the records it covers
+(records of steps before a resumed attempt's checkpoint are not sent again)."""
+
 
 @dataclass(frozen=True)
 class Where:
@@ -245,9 +249,12 @@ def make_plan(
         def records_written() -> bool:
             """Deliver the waiting records and make them durable in the diagnostic file (waiting up
             to 5 s); False at once while it cannot write. Stdout is not waited for: a reader that
-            does not read cannot hold training. Without a diagnostic file: True."""
+            does not read cannot hold training. Without a diagnostic file: True. A threaded plug-in
+            gets up to ``THREADED_CATCH_UP_SECONDS`` to take them too, and is not waited for beyond."""
             telemetry.flush()
-            return fanout.durable(5.0)
+            durable = fanout.durable(5.0)
+            fanout.catch_up(THREADED_CATCH_UP_SECONDS)
+            return durable
 
         checkpointing = Checkpointing(
             run_dir / layout.CHECKPOINT_DIRECTORY,
@@ -289,6 +296,7 @@ def make_plan(
         rank=coordinator.rank,
         world_size=coordinator.world_size,
         attempt=attempt.attempt,
+        resumed_from_step=attempt.step,
     )
     return Plan(
         config=config,

@@ -37,12 +37,18 @@ class RunContext:
     config: Mapping[str, Any] = field(default_factory=dict)
     """Resolved config, secrets redacted."""
     rank: int = 0
-    """This process's rank under torch.distributed (0 in a single process)."""
+    """This process's rank under torch.distributed (0 in a single process). A plug-in is opened on
+    rank 0 only, unless its ``sinks.extra`` entry says ``ranks: all``: then on every rank, and a
+    file sink names its file by the rank."""
     world_size: int = 1
     """Processes in the job."""
     attempt: int = 0
-    """0 for a run's first attempt; n for its n-th resumption from a checkpoint (the run directory
-    and its files then exist already, and file sinks append to them)."""
+    """0 for a run's first attempt; n for its n-th resumption from a checkpoint. The run directory
+    and its files then exist already: a file sink appends to them (no second header), and a tracker
+    continues the same run. The records of the steps after ``resumed_from_step`` that the previous
+    attempt delivered before it ended come again, with the same values."""
+    resumed_from_step: int | None = None
+    """The optimizer step of the checkpoint this attempt continues from; None for a first attempt."""
 
 
 @runtime_checkable

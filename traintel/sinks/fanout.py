@@ -147,6 +147,19 @@ class FanOut:
                 ok = False
         return ok
 
+    def catch_up(self, timeout: float) -> bool:
+        """Wait until the sinks that deliver on a thread of their own (a ``drain(timeout)`` method:
+        ``ThreadedSink``) have handed over what they were given; False when one had not within
+        ``timeout`` seconds in all. Before a checkpoint: the records it covers are not sent again
+        after a resume, so a sink that keeps up gets them all; one that lags holds nothing longer."""
+        deadline = time.monotonic() + timeout
+        ok = True
+        for sink in self.sinks:
+            drain = getattr(sink, "drain", None)
+            if drain is not None:
+                ok = bool(drain(max(0.0, deadline - time.monotonic()))) and ok
+        return ok
+
     def dropped(self) -> dict[str, int]:
         """Records each sink with a bounded queue (a ``dropped`` count) has dropped so far."""
         counts = {}
