@@ -79,7 +79,7 @@ EXPECTED = {
         tail=["[(1, 0.3958), (2, 0.6042), (3, 0.8125), (4, 0.875)]", "[(2, 0.6777), (4, 0.8542)]"]
     ),
     "docs/guides/own-model.md#5": Expected(tail=["[0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01]"]),
-    "docs/guides/writing-a-sink.md#0": Expected(tail=["[6, 6]"], files=["steps1.csv", "steps2.csv"]),
+    "docs/guides/writing-a-sink.md#0": Expected(tail=["[6, 6, 6]"]),
 }
 
 

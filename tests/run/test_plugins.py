@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,7 @@ class _CsvFactory:
         self.tmp_path, self.n = tmp_path, 0
 
     def __call__(self) -> CsvSink:
-        self.n += 1
-        return CsvSink(str(self.tmp_path / f"steps{self.n}.csv"))
+        return CsvSink()  # <run dir>/steps.csv: a resumed attempt appends to it
 
 
 def _contract_cases(tmp_path: Path) -> dict[str, tuple[Callable[[], Any], Any]]:
@@ -102,22 +102,35 @@ def _contract_cases(tmp_path: Path) -> dict[str, tuple[Callable[[], Any], Any]]:
 _WRITES = {"csv-example": {"train.step"}}
 
 
+_NOTHING_KEPT = {"json", "memory"}
+"""Sinks that keep nothing across processes: no resume to check."""
+
+
 @pytest.mark.parametrize("case", ["json", "diagnostic", "prometheus", "memory", "csv-example"])
 def test_every_project_sink_passes_the_contract(tmp_path: Path, case: str) -> None:
     factory, read_back = _contract_cases(tmp_path)[case]
-    results = check_sink(factory, read_back=read_back, events=_WRITES.get(case), base_dir=tmp_path)
-    assert len(results) == 2
-    for result in results:
+    resume = case not in _NOTHING_KEPT
+    ranks = "all" if case == "csv-example" else "zero"  # a file per rank: the example names it by rank
+    results = check_sink(
+        factory, read_back=read_back, events=_WRITES.get(case), base_dir=tmp_path, resume=resume, ranks=ranks
+    )
+    assert len(results) == 3 if resume else 2
+    for result in results[:2]:
         events = [r.event for r in result.records]
         assert events[0] == "run.start" and events[-1] == "run.end"
         assert events.count("train.step") == 6 and events.count("train.batch") == 14
         if read_back is not None:
             expected = 6 if case == "csv-example" else len(events)
             assert len(result.rows) == expected
+    if resume and read_back is not None:  # both attempts' rows: 3 steps each
+        resumed = results[2]
+        assert [r.event for r in resumed.records].count("train.step") == 3
+        steps = [row["step"] for row in resumed.rows if row["event"] == "train.step"]
+        assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_prometheus_serves_the_last_records_of_the_contract_run(tmp_path: Path) -> None:
-    (result, _) = check_sink(lambda: PrometheusSink(port=0), base_dir=tmp_path)
+    result = check_sink(lambda: PrometheusSink(port=0), base_dir=tmp_path, resume=False)[0]
     step = [r for r in result.records if r.event == "train.step"][-1]
     text = generate_latest(result.sink.registry).decode()
     assert f"traintel_step_loss {step.loss!r}\n" in text  # type: ignore[attr-defined]
@@ -324,3 +337,67 @@ def test_a_plugin_by_import_path_receives_every_record(
     assert isinstance(plugin, MemorySink)
     assert plugin.records == mem.records and len(mem.records) == 9
     assert isinstance(plugin.context, RunContext) and plugin.context.run_id == "test-run"
+
+
+class _RowsFile:
+    """A file sink of ``train.step`` rows (JSON lines) that opens its file as ``mode`` says."""
+
+    name = "rows"
+
+    def __init__(self, mode: str = "a") -> None:
+        self.mode, self.path, self._file = mode, None, None
+
+    def open(self, context: Any) -> None:
+        self.path = context.run_dir / "rows.jsonl"
+        self._file = self.path.open(self.mode, buffering=1)
+
+    def emit(self, record: Record) -> None:
+        if record.event == "train.step" and self._file is not None:
+            self._file.write(
+                json.dumps({"event": record.event, "step": record.step, "loss": record.loss}) + "\n"
+            )  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _rows_file(sink: _RowsFile) -> list[dict[str, Any]]:
+    assert sink.path is not None
+    return [json.loads(line) for line in sink.path.read_text().splitlines()]
+
+
+class _Blocking(MemorySink):
+    """A back-end that takes 0.3 s for the first step record."""
+
+    def emit(self, record: Record) -> None:
+        if record.event == "train.step" and not self.of("train.step"):
+            time.sleep(0.3)
+        super().emit(record)
+
+
+class _BlockingThreaded(_Blocking):
+    threaded = True
+
+
+def test_check_sink_catches_a_sink_that_overwrites_on_resume_or_blocks(tmp_path: Path) -> None:
+    steps = {"train.step"}
+    check_sink(_RowsFile, read_back=_rows_file, events=steps, base_dir=tmp_path / "a", ranks="zero")
+    with pytest.raises(SinkContractError) as overwrote:
+        check_sink(lambda: _RowsFile("w"), read_back=_rows_file, events=steps, base_dir=tmp_path / "w")
+    assert str(overwrote.value) == (
+        "after a resume (attempt 1 in attempt 0's run directory), read_back holds 3 train.step rows, but the "
+        "run produced 6 such records; did open() overwrite?"
+    )
+    with pytest.raises(SinkContractError) as beside:  # two ranks, one file opened with "x"
+        check_sink(lambda: _RowsFile("x"), read_back=_rows_file, events=steps, base_dir=tmp_path / "x",
+                   resume=False, ranks="all")  # fmt: skip
+    assert str(beside.value) == (
+        f"rank 1's sink could not be opened beside rank 0's: FileExistsError: [Errno 17] File exists: "
+        f"'{tmp_path / 'x' / 'sink-contract-ranks' / 'rows.jsonl'}'"
+    )
+    with pytest.raises(SinkContractError, match=r"^a delivery took 0\.\d\d s on the training thread \(the bound is "
+                       r"0\.25 s\): training waits for it; deliver on a thread of its own \(threaded\)$"):  # fmt: skip
+        check_sink(_Blocking, read_back=_memory_rows, base_dir=tmp_path / "b", resume=False)
+    check_sink(_BlockingThreaded, read_back=_memory_rows, base_dir=tmp_path / "t", resume=False)

@@ -134,8 +134,8 @@ def _read_back(sink: TensorBoardSink) -> list[dict[str, Any]]:
 def test_contract_and_event_files_match_the_records_after_float32_rounding(tmp_path: Path) -> None:
     results = check_sink(TensorBoardSink, read_back=_read_back, events=set(TAGS), base_dir=tmp_path)
 
-    assert len(results) == 2
-    for result in results:
+    assert len(results) == 3  # two runs, then a resumed attempt whose event files join the first's
+    for result in results[:2]:
         sink = result.sink
         assert sink.log_dir == result.run_dir / "tensorboard"
         scalars = _read(sink.log_dir)

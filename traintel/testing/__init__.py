@@ -12,9 +12,12 @@ real training run (two runs, so a sink survives open/close twice). It asserts th
 sink contract: ``open`` exactly once before any record, every record delivered once,
 in order and unchanged (the very objects the in-memory reference sink received),
 ``close`` exactly once after the last record and harmless when repeated, and no
-exception from the sink (the fan-out would have isolated it). With ``read_back``, the
-values the sink wrote are compared with the reference records: a field present in
-both must hold the identical value.
+exception from the sink (the fan-out would have isolated it), and no delivery longer than
+``max_emit_seconds`` on the training thread. With ``read_back``, the values the sink wrote
+are compared with the reference records: a field present in both must hold the identical
+value. It then resumes a checkpointed attempt in the same run directory with a fresh sink,
+whose read_back must hold both attempts' rows (``resume=False`` skips it), and with
+``ranks="all"`` opens two sinks side by side as ranks 0 and 1.
 """
 
 from traintel.sinks.memory import MemorySink
