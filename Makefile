@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/scrapes.py
+	$(BIN)/python benchmarks/slow_sink.py
 
 # docker/kubernetes' ConfigMaps and PrometheusRule, from configs/default.yaml, the rules and the dashboard
 kubernetes: $(STAMP)

@@ -129,3 +129,27 @@ def test_distributed_benchmark_compares_like_for_like(tmp_path: Path) -> None:
     rows = [line.split(" | ")[0] for line in lines if line.startswith(("| A. ", "| B. "))]
     assert rows == ["| A. plain DDP loop (k=3, no_sync, summing hook)", "| B. traintel, 3 sinks, every=10"]
     assert "warm-up check: max |weight difference| between the cases, any rank: 0.00e+00" in lines
+
+
+def test_slow_sink_benchmark_runs_the_three_cases(tmp_path: Path) -> None:
+    """No plug-in, a slow one on the training thread, the same threaded: every run completes and
+    the slow plug-in takes deliveries in both."""
+    out = tmp_path / "slow_sink.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "slow_sink.py"), "--rounds", "2", "--steps", "12",
+         "--hidden", "16", "--delay-ms", "5", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert [row["case"] for row in data["cases"]] == ["none", "slow", "slow_threaded"]
+    assert [sorted(timed) for timed in data["rounds"]] == [["none", "slow", "slow_threaded"]] * 2
+    assert [timed["none"]["deliveries"] for timed in data["rounds"]] == [0, 0]
+    assert all(timed[c]["deliveries"] >= 1 for timed in data["rounds"] for c in ("slow", "slow_threaded"))
+    assert data["cases"][0]["ratio"] == 1.0
+    lines = proc.stdout.splitlines()
+    assert lines[2] == "| case | steps/s | ratio to no plug-in | deliveries per run |"
+    assert [line.split(" | ")[0] for line in lines[4:7]] == [
+        "| no plug-in", "| slow plug-in on the training thread", "| slow plug-in, threaded",
+    ]  # fmt: skip
+    assert lines[-1].startswith("threaded: ratio ") and lines[-1].endswith(("within", "BELOW"))
