@@ -243,6 +243,7 @@ def test_sinks_list_shows_built_in_and_installed_sinks(tmp_path: Path) -> None:
         "prometheus   built-in           traintel.sinks.prometheus.sink:PrometheusSink  HTTP /metrics exporter (sinks.prometheus)\n"
         "memory       built-in           traintel.sinks.memory:MemorySink               keeps records in memory (Python API and tests)\n"
         "csv          traintel-csv-sink  traintel_csv_sink:CsvSink                      enable with sinks.extra: [{name: csv}]\n"
+        "mlflow       traintel           traintel.sinks.mlflow:MlflowSink               enable with sinks.extra: [{name: mlflow}]\n"
         "tensorboard  traintel           traintel.sinks.tensorboard:TensorBoardSink     enable with sinks.extra: [{name: tensorboard}]\n"
     )  # fmt: skip
 
@@ -292,7 +293,7 @@ def cannot_open():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("[{name: nosuch}]", "sinks.extra[0].name: no sink plugin named 'nosuch' (installed: csv, tensorboard)"),
+        ("[{name: nosuch}]", "sinks.extra[0].name: no sink plugin named 'nosuch' (installed: csv, mlflow, tensorboard)"),
         ("[{factory: 'nomodule:make'}]",
          "sinks.extra[0].factory: cannot import module 'nomodule' (ModuleNotFoundError: No module named 'nomodule')"),
         ("[{factory: 'plugins:nothing'}]", "sinks.extra[0].factory: module 'plugins' has no attribute 'nothing'"),
