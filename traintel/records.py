@@ -40,6 +40,16 @@ def freeze(value: Any) -> Any:
     return value
 
 
+def thaw(value: Any) -> Any:
+    """A plain copy of a frozen value: mappings become dicts, tuples and lists become lists (as JSON
+    and other written forms hold them)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
     """Fields common to every record."""

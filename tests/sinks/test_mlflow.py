@@ -32,7 +32,7 @@ from tests.helpers.runs import quiet_config
 from tests.helpers.servers import free_port, wait_until
 from tests.helpers.tasks import loss_failing_at, make_batches, make_model
 from traintel.errors import ConfigError
-from traintel.records import Record, RunStartRecord, SinkErrorRecord
+from traintel.records import Record, RunStartRecord, SinkErrorRecord, thaw
 from traintel.sinks.memory import MemorySink
 from traintel.sinks.mlflow import MlflowSink, MlflowSinkError
 from traintel.task import Task
@@ -98,15 +98,7 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, st
         elif isinstance(value, str):
             yield path, value
         else:
-            yield path, json.dumps(_plain(value))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+            yield path, json.dumps(thaw(value))
 
 
 def _read(client: MlflowClient, run_id: str) -> dict[str, list[Point]]:

@@ -44,6 +44,7 @@ from traintel.records import (
     RunEndRecord,
     RunStartRecord,
     StepRecord,
+    thaw,
 )
 from traintel.redaction import REDACTED, redact_url, redact_url_value
 from traintel.sinks.base import RunContext
@@ -106,19 +107,11 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + _TRUNCATED
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _param_value(value: Any) -> str:
     """A string as it is; anything else as JSON (``null``, ``true``, ``0.001``, ``[1, 2]``)."""
     if isinstance(value, str):
         return value
-    return json.dumps(_plain(value), default=str, allow_nan=True)
+    return json.dumps(thaw(value), default=str, allow_nan=True)
 
 
 def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:

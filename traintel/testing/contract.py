@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traintel.records import Record
+from traintel.records import Record, thaw
 from traintel.sinks.base import RunContext, Sink
 from traintel.sinks.memory import MemorySink
 
@@ -121,18 +121,9 @@ def _contract_task() -> Any:
     return Task(model=model, loss_fn=torch.nn.functional.mse_loss, train_loader=train, val_loader=train[:2])
 
 
-def _plain(value: Any) -> Any:
-    """Mappings -> dicts and tuples -> lists, recursively, as a sink's written form would be."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _same(written: Any, expected: Any) -> bool:
     if isinstance(expected, bool) or not isinstance(expected, float):
-        return bool(_plain(written) == _plain(expected))
+        return bool(thaw(written) == thaw(expected))
     if not math.isfinite(expected):
         return written is None or (
             isinstance(written, float) and (written == expected or math.isnan(expected))
