@@ -156,8 +156,17 @@ def _read_back(sink: MlflowSink) -> list[dict[str, Any]]:
     return rows
 
 
-def test_contract_and_every_value_read_back_is_the_record_s(tmp_path: Path) -> None:
-    uri = _uri(tmp_path)
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_contract_and_every_value_read_back_is_the_record_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """Through a local SQLite store, and a local file store (``./mlruns``, which MLflow 3 takes only
+    with ``MLFLOW_ALLOW_FILE_STORE=true``)."""
+    if store == "file":
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (tmp_path / "mlruns").as_uri()
+    else:
+        uri = _uri(tmp_path)
     results = check_sink(
         lambda: MlflowSink(tracking_uri=uri, timeout=60),
         read_back=_read_back,
