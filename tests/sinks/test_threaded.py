@@ -206,3 +206,37 @@ def test_threaded_false_in_the_config_keeps_a_plug_in_on_the_training_thread(tmp
 
 def make_slow() -> Any:
     return SlowPlugin()
+
+
+class FailsAtTheEnd:
+    """A threaded plug-in whose delivery of the last epoch's record fails (a back-end gone at the end)."""
+
+    name = "late"
+    threaded = True
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def open(self, context: RunContext) -> None:
+        pass
+
+    def emit(self, record: Record) -> None:
+        if record.event == "train.epoch" and getattr(record, "epoch", 0) == self.epochs:
+            msg = "tracking server gone"
+            raise ConnectionError(msg)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failure_in_a_threaded_sink_s_last_delivery_is_reported_before_run_end(tmp_path: Path) -> None:
+    memory = MemorySink()
+    run = build(
+        quiet_config(tmp_path, max_epochs=2, accumulation_steps=2), _task(), sinks=[FailsAtTheEnd(2), memory]
+    )
+    run.run()
+    events = [r.event for r in memory.records]
+    assert events[-2:] == ["sink.error", "run.end"]
+    (notice,) = memory.of("sink.error")
+    assert (notice.sink, notice.error) == ("late", "ConnectionError: tracking server gone")  # type: ignore[attr-defined]
+    assert run.fanout.errors == {"late": 1, "memory": 0}

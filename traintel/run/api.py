@@ -18,7 +18,7 @@ from traintel.engine.events import TraintelEvents
 from traintel.errors import NonFiniteLoss, one_line, signal_exit
 from traintel.records import MetricRecord, RunEndRecord
 from traintel.run import distributed, resume, rundir, session
-from traintel.run.plan import Plan, load_task, make_plan
+from traintel.run.plan import THREADED_CATCH_UP_SECONDS, Plan, load_task, make_plan
 from traintel.run.signals import early_signal, handled, hold_early
 from traintel.sinks.base import Sink
 from traintel.task import METRIC_NAME
@@ -101,6 +101,7 @@ class Run:
             except BaseException as exc:
                 raised = exc
             status, reason, raised = self._outcome(raised)
+            self.fanout.catch_up(THREADED_CATCH_UP_SECONDS)  # a threaded sink's failure, before run.end
             ended = plan.lifecycle.end(status, reason, plan.trainer.state.progress)
             if status == "completed":
                 session.note_completed(plan)

@@ -149,15 +149,22 @@ class FanOut:
 
     def catch_up(self, timeout: float) -> bool:
         """Wait until the sinks that deliver on a thread of their own (a ``drain(timeout)`` method:
-        ``ThreadedSink``) have handed over what they were given; False when one had not within
-        ``timeout`` seconds in all. Before a checkpoint: the records it covers are not sent again
-        after a resume, so a sink that keeps up gets them all; one that lags holds nothing longer."""
+        ``ThreadedSink``) have handed over what they were given, and report a failure they had
+        meanwhile (``take_failure``) as for any sink; False when one had not within ``timeout``
+        seconds in all. Before a checkpoint (the records it covers are not sent again after a
+        resume, so a sink that keeps up gets them all; one that lags holds nothing longer), and
+        before ``run.end``."""
         deadline = time.monotonic() + timeout
         ok = True
         for sink in self.sinks:
             drain = getattr(sink, "drain", None)
-            if drain is not None:
-                ok = bool(drain(max(0.0, deadline - time.monotonic()))) and ok
+            if drain is None:
+                continue
+            ok = bool(drain(max(0.0, deadline - time.monotonic()))) and ok
+            take = getattr(sink, "take_failure", None)
+            failure = take() if callable(take) else None
+            if failure is not None:
+                self._failed(sink, failure)
         return ok
 
     def dropped(self) -> dict[str, int]:

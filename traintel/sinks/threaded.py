@@ -124,6 +124,12 @@ class ThreadedSink:
                     self._busy = False
                     self._ready.notify_all()
 
+    def take_failure(self) -> BaseException | None:
+        """The failure the sink had on its thread since the last ``emit``/``emit_many``, once (so that
+        the fan-out reports it before the run's end, not only at the next delivery)."""
+        failure, self._failure = self._failure, None
+        return failure
+
     def drain(self, timeout: float) -> bool:
         """Wait until every queued record was handed to the sink; False when ``timeout`` ran out."""
         deadline = time.monotonic() + timeout
