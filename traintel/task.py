@@ -120,6 +120,8 @@ def check_task(task: Any, origin: str = "task") -> Task:
 METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 """A metric's name: a word that every sink takes as it is (a Prometheus label value, a TensorBoard tag,
 an ECS field)."""
+METRIC_NAME_RULE = "a letter or '_', then up to 63 letters, digits or '_'"
+"""``METRIC_NAME`` in words, for the messages that refuse a name."""
 
 
 _EVAL_TAGS = frozenset({"loss"})
@@ -144,7 +146,7 @@ def check_metric_name(name: Any, where: str, origin: str, taken: frozenset[str] 
     if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
         raise ConfigError(
             origin,
-            f"{where}: the name {name!r} must be a letter or '_', then up to 63 letters, digits or '_'",
+            f"{where}: the name {name!r} must be {METRIC_NAME_RULE}",
         )
     if name in taken:
         raise ConfigError(

@@ -294,7 +294,7 @@ class AccumulatingStep:
         multiple of ``metrics_every``, as ``TrainTelemetry`` emits them); the outputs let go of."""
         if self._outputs is None:
             return out
-        if engine.state.iteration % self.metrics_every == 0:
+        if emitted(engine, self.metrics_every):
             return out._replace(metrics=self.metric_values(out))
         self._outputs.clear()
         return out
@@ -507,6 +507,12 @@ def _set_state(engine: Engine, name: str, value: Any) -> None:
     """Set a traintel attribute on the engine's state (declared on ``TraintelState``; a plain Ignite
     ``State`` takes it as an extra attribute)."""
     setattr(engine.state, name, value)
+
+
+def emitted(engine: Engine, every: int) -> bool:
+    """Whether the step just completed is one whose records are emitted (``telemetry.every``): the
+    telemetry builds records of these steps only, and the step computes training metrics for them."""
+    return engine.state.iteration % every == 0
 
 
 def epochs_last_step(engine: Engine) -> bool:

@@ -18,6 +18,7 @@ from traintel.engine.coordination import Coordinator
 from traintel.engine.loss import loss_scale
 from traintel.engine.outputs import StepOutput
 from traintel.engine.state import traintel_state
+from traintel.engine.step import emitted
 from traintel.errors import NonFiniteLoss
 from traintel.handlers.rss import rss_bytes
 from traintel.records import BatchRecord, EpochRecord, Record, StepRecord
@@ -130,7 +131,7 @@ class TrainTelemetry:
         the next step's agreement carries it to every rank, and all deliver after that step.
         """
         coordinator = self.coordinator
-        if engine.state.iteration % self.every == 0:
+        if emitted(engine, self.every):
             self._pending.append((_step_output(engine), time.time()))
         elif self._unemitted is not None:
             self._unemitted.append(_step_output(engine))

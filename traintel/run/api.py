@@ -21,7 +21,7 @@ from traintel.run import distributed, resume, rundir, session
 from traintel.run.plan import THREADED_CATCH_UP_SECONDS, Plan, load_task, make_plan
 from traintel.run.signals import early_signal, handled, hold_early
 from traintel.sinks.base import Sink
-from traintel.task import METRIC_NAME
+from traintel.task import METRIC_NAME, METRIC_NAME_RULE
 
 _WINDOW_ON_ITS_WAY = frozenset(
     (
@@ -269,7 +269,7 @@ def _logged(values: Mapping[str, Any]) -> Mapping[str, float]:
     out: dict[str, float] = {}
     for name, value in values.items():
         if not (isinstance(name, str) and METRIC_NAME.fullmatch(name)):
-            msg = f"Run.log: the name {name!r} must be a letter or '_', then up to 63 letters, digits or '_'"
+            msg = f"Run.log: the name {name!r} must be {METRIC_NAME_RULE}"
             raise ValueError(msg)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             out[name] = float(value.item())
