@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.plain import plain_loop
 from tests.helpers.runs import quiet_config
 from traintel.run.api import build
 from traintel.sinks.memory import MemorySink
@@ -73,18 +74,7 @@ def test_a_causal_lm_trains_like_a_plain_loop(tmp_path: Path) -> None:
 
     reference = tiny_llama()
     opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
-    steps = []
-    for start in range(0, len(batches), K):
-        window = batches[start : start + K]
-        total = sum(count_items(b) for b in window)
-        step = 0.0
-        for batch in window:
-            share = reference(**batch).loss * (count_items(batch) / total)
-            share.backward()
-            step += float(share.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        steps.append(step)
+    steps, _ = plain_loop(reference, batches, K, opt, loss=lambda b: reference(**b).loss, items=count_items)
 
     records = sink.of("train.step")
     assert [r.items for r in records] == [44, 32, 8]

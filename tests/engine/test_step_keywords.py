@@ -3,7 +3,6 @@ same item-weighted step as ``loss_fn``, bit for bit against a plain PyTorch loop
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,6 +10,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
+from tests.helpers.plain import plain_loop
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
 from traintel.engine.step import to_device
@@ -45,28 +45,10 @@ def gated_batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def plain_loop(
-    model: torch.nn.Module,
-    batches: list[Any],
-    loss: Callable[[Any], torch.Tensor],
-    items: Callable[[Any], int],
-) -> list[float]:
-    """SGD(lr=0.1) over windows of K: each micro-batch's mean loss times n_b / N, backward in order;
-    returns each step's loss, the float64 sum of the shares."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    steps = []
-    for start in range(0, len(batches), K):
-        window = batches[start : start + K]
-        total = sum(items(b) for b in window)
-        step = 0.0
-        for batch in window:
-            share = loss(batch) * (items(batch) / total)
-            share.backward()
-            step += float(share.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        steps.append(step)
-    return steps
+def sgd_steps(model: torch.nn.Module, batches: list[Any], **calls: Any) -> list[float]:
+    """The plain loop (``tests.helpers.plain``) with SGD(lr=0.1) over windows of K: each step's loss;
+    ``calls``: its ``loss`` and ``items``, for batches that are not ``(x, y)``."""
+    return plain_loop(model, batches, K, torch.optim.SGD(model.parameters(), lr=0.1), **calls)[0]
 
 
 def train(tmp_path: Path, task: Task, **trainer: Any) -> MemorySink:
@@ -97,11 +79,11 @@ def test_a_mapping_of_inputs_is_passed_as_keywords(tmp_path: Path) -> None:
     sink = train(tmp_path, task)
 
     reference = Gated()
-    steps = plain_loop(
+    steps = sgd_steps(
         reference,
         batches,
-        lambda b: mse(reference(features=b["x"], gate=b["gate"]), b["y"]),
-        lambda b: len(b["y"]),
+        loss=lambda b: mse(reference(features=b["x"], gate=b["gate"]), b["y"]),
+        items=lambda b: len(b["y"]),
     )
     assert [r.loss for r in sink.of("train.step")] == steps
     assert [r.items for r in sink.of("train.step")] == [11, 10, 2]
@@ -136,7 +118,7 @@ def test_forward_loss_trains_like_a_plain_loop(tmp_path: Path, returns: str) -> 
     sink = train(tmp_path, Task(model=model, forward_loss=forward_loss, train_loader=batches))
 
     reference = make_model()
-    steps = plain_loop(reference, batches, lambda b: mse(reference(b[0]), b[1]), lambda b: len(b[1]))
+    steps = sgd_steps(reference, batches)
     assert [r.loss for r in sink.of("train.step")] == steps
     assert [(r.items, r.loss_scale) for r in sink.of("train.batch")] == [
         (5, 5 / 11), (2, 2 / 11), (4, 4 / 11), (3, 3 / 10), (1, 1 / 10), (6, 6 / 10), (2, 1.0),
