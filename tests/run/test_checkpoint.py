@@ -12,11 +12,7 @@ import logging
 import os
 import random
 import re
-import signal
 import stat
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +22,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from tests.helpers.children import CHILD_TIMEOUT, child_env
+from tests.helpers.fork_writer import ForkWriter
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import quiet_config
 from tests.helpers.tasks import make_batches, make_model
@@ -333,50 +329,6 @@ def test_newest_among_steps_and_per_rank(tmp_path: Path) -> None:
 
 # 4. kill -9 in the middle of writes
 
-FORK_SERVER = textwrap.dedent(
-    """\
-    import os
-    import sys
-    from pathlib import Path
-
-    import torch
-
-    from traintel.run import checkpoint
-
-    torch.set_num_threads(1)  # no thread pool across fork
-    directory, size = Path(sys.argv[1]), int(sys.argv[2])
-
-
-    def say(line):  # one write(2) of under PIPE_BUF bytes: a kill never leaves half a line
-        os.write(1, (line + "\\n").encode())
-
-
-    def work(step):
-        base = torch.arange(size, dtype=torch.float32)
-        say(f"started {os.getpid()}")
-        while True:
-            state = {"format": checkpoint.FORMAT, "step": step, "weights": base + step}
-            checkpoint.write(directory, step, 0, state)
-            checkpoint.prune(directory, 0, 2)
-            say(f"done {step}")
-            step += 1
-
-
-    say("ready")
-    for line in sys.stdin:  # one writer at a time, each from the step it is given
-        pid = os.fork()
-        if pid == 0:
-            try:
-                work(int(line))
-            finally:
-                os._exit(70)
-        _, status = os.waitpid(pid, 0)
-        say(f"exit {os.waitstatus_to_exitcode(status)}")
-    """
-)
-"""Imports torch once (seconds on a small machine), then forks one writer per round: each writer is
-a real process that the test kills with SIGKILL while it writes checkpoints of growing steps."""
-
 KILL_ROUNDS = 20
 KILL_SIZE = 1 << 20
 """float32 elements: a 4 MiB state, so that a write (with its fsyncs) takes a while."""
@@ -402,54 +354,11 @@ def _kill_round_files(directory: Path, newest_found: int) -> list[int]:
     return orphans
 
 
-class ForkServer:
-    """The ``FORK_SERVER`` process: ``kill_writer(step, delay)`` starts a writer from ``step``, kills
-    it with SIGKILL ``delay`` seconds after it started, and returns the steps it reported done."""
-
-    def __init__(self, tmp_path: Path, directory: Path) -> None:
-        script = tmp_path / "fork_server.py"
-        script.write_text(FORK_SERVER, encoding="utf-8")
-        self.stderr_path = tmp_path / "server.stderr"
-        with self.stderr_path.open("wb") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(directory), str(KILL_SIZE)],
-                cwd=tmp_path, env=child_env(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=stderr, text=True, bufsize=1,
-            )  # fmt: skip
-        assert self.line() == "ready"
-
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        text = self.proc.stdout.readline()
-        assert text, f"the fork server ended: {self.stderr_path.read_text(errors='replace')}"
-        return text.rstrip("\n")
-
-    def kill_writer(self, step: int, delay: float) -> list[int]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{step}\n")
-        self.proc.stdin.flush()
-        word, pid = self.line().split()
-        assert word == "started"
-        time.sleep(delay)
-        os.kill(int(pid), signal.SIGKILL)
-        reported: list[int] = []
-        while (text := self.line()).startswith("done "):
-            reported.append(int(text.split()[1]))
-        assert text == "exit -9"  # the writer was killed by SIGKILL, it did not end otherwise
-        return reported
-
-    def close(self) -> int:
-        """End the server (its stdin closes); returns its exit code."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=CHILD_TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stdout.close()
-        return self.proc.returncode
+CHECKPOINT_WRITE = """
+checkpoint.write(directory, step, 0, state)
+checkpoint.prune(directory, 0, 2)
+"""
+"""Each writer's step: a checkpoint, then the prune that keeps two."""
 
 
 @pytest.mark.slow
@@ -462,7 +371,7 @@ def test_kill_9_at_random_moments_never_leaves_a_checkpoint_that_is_picked_but_b
     rnd = random.Random(20240607)
     started = time.monotonic()
     temporaries, orphan_rounds, completed = 0, 0, 0
-    server = ForkServer(tmp_path, directory)
+    server = ForkWriter(tmp_path, directory, KILL_SIZE, CHECKPOINT_WRITE)
     try:
         next_step = 3
         for _ in range(KILL_ROUNDS):

@@ -14,11 +14,9 @@ import math
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ignite.engine import Events
 from ignite.metrics import Metric
 
 from tests.helpers.children import CHILD_TIMEOUT, child_env, popen, run_cli
+from tests.helpers.fork_writer import ForkWriter
 from tests.helpers.paths import DEFAULT_CONFIG, ROOT
 from tests.helpers.resume import config as resume_config
 from tests.helpers.resume import lines, same_tensors
@@ -359,48 +358,11 @@ KILL_SIZE = 1 << 18
 """float32 elements: a 1 MiB state, so that a write (with its fsyncs) takes a while."""
 KILL_ROUNDS = 12
 
-BEST_WRITER = textwrap.dedent(
-    """\
-    import os
-    import sys
-    from pathlib import Path
-
-    import torch
-
-    from traintel.run import checkpoint
-
-    torch.set_num_threads(1)  # no thread pool across fork
-    directory, size = Path(sys.argv[1]), int(sys.argv[2])
-
-
-    def say(line):  # one write(2) of under PIPE_BUF bytes: a kill never leaves half a line
-        os.write(1, (line + "\\n").encode())
-
-
-    def work(value):
-        base = torch.arange(size, dtype=torch.float32)
-        say(f"started {os.getpid()}")
-        while True:  # ever better (max) values, each a new best
-            state = {"format": checkpoint.FORMAT, "step": value, "weights": base + value}
-            checkpoint.write_best(directory, 0, state, metric="eval.acc", split="val", mode="max",
-                                  value=float(value), step=value, epoch=1)
-            say(f"done {value}")
-            value += 1
-
-
-    say("ready")
-    for line in sys.stdin:  # one writer at a time, each from the value it is given
-        pid = os.fork()
-        if pid == 0:
-            try:
-                work(int(line))
-            finally:
-                os._exit(70)
-        _, status = os.waitpid(pid, 0)
-        say(f"exit {os.waitstatus_to_exitcode(status)}")
-    """
-)
-"""Imports torch once, then forks one writer of bests per round, which the test kills with SIGKILL."""
+BEST_WRITE = """
+checkpoint.write_best(directory, 0, state, metric="eval.acc", split="val", mode="max", value=float(step),
+                      step=step, epoch=1)
+"""
+"""Each writer's step: a best of ever better (max) values, each replacing the one before."""
 
 
 @pytest.mark.slow
@@ -410,37 +372,12 @@ def test_kill_9_while_a_best_is_written_leaves_the_previous_best_whole(tmp_path:
     base = torch.arange(KILL_SIZE, dtype=torch.float32)
     write_best(directory, 0, {"format": FORMAT, "step": 1, "weights": base + 1}, metric="eval.acc", split="val",
                mode="max", value=1.0, step=1, epoch=1)  # fmt: skip
-    script = tmp_path / "best_writer.py"
-    script.write_text(BEST_WRITER, encoding="utf-8")
-    stderr_path = tmp_path / "writer.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(KILL_SIZE)], cwd=tmp_path, env=child_env(ROOT),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-        )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def line() -> str:
-        assert proc.stdout is not None
-        text = proc.stdout.readline()
-        assert text, f"the writer server ended: {stderr_path.read_text(errors='replace')}"
-        return text.rstrip("\n")
-
+    server = ForkWriter(tmp_path, directory, KILL_SIZE, BEST_WRITE)
     rnd = random.Random(20240611)
     last, leftovers = 1, 0
     try:
-        assert line() == "ready"
         for _ in range(KILL_ROUNDS):
-            proc.stdin.write(f"{last + 1}\n")
-            proc.stdin.flush()
-            word, pid = line().split()
-            assert word == "started"
-            time.sleep(rnd.uniform(0.0, 0.2))
-            os.kill(int(pid), signal.SIGKILL)
-            reported = []
-            while (text := line()).startswith("done "):
-                reported.append(int(text.split()[1]))
-            assert text == "exit -9"
+            reported = server.kill_writer(last + 1, rnd.uniform(0.0, 0.2))
             done = reported[-1] if reported else last
 
             found = best(directory)
@@ -455,10 +392,8 @@ def test_kill_9_while_a_best_is_written_leaves_the_previous_best_whole(tmp_path:
             leftovers += len(files) > 2
             last = int(found.value)
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=CHILD_TIMEOUT)
-        proc.stdout.close()
-    assert proc.returncode == 0, stderr_path.read_text(errors="replace")
+        code = server.close()
+    assert code == 0, server.stderr_path.read_text(errors="replace")
     # the next best removes whatever the kills left, temporary files included
     newer = _write(directory, 1000.0)
     assert best(directory) == newer
