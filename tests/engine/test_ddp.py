@@ -45,7 +45,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
     shards = [data[r::WORLD] for r in range(WORLD)]
     windows = [[s[i : i + k] for i in range(0, len(s), k)] for s in shards]
     steps = max(len(w) for w in windows)
-    net = model()
+    net = model(spec)
     if "optimizer" in spec:  # AdamW with weight decay, none on the biases (the spec's no_decay)
         biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
         others = [p for n, p in net.named_parameters() if not n.endswith("bias")]
@@ -54,7 +54,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    grads, losses, epochs, epoch_items, evals, train_mae = [], [], [], [], [], []
+    grads, losses, epochs, epoch_items, evals, train_mae, norms = [], [], [], [], [], [], []
     every = spec.get("eval_every_steps")
     limit = spec.get("max_steps")  # the run ends after this many optimizer steps, mid-epoch if need be
     for _ in range(spec.get("epochs", 1)):
@@ -76,6 +76,8 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
                     step_errors += float((out.detach() - y).squeeze(1)[m].abs().sum())
             total_items += n_total
             if n_total:
+                if spec.get("clip"):  # the norm before clipping, and the clipped gradients
+                    norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), spec["clip"])))
                 grads.append([p.grad.clone() for p in net.parameters()])
                 losses.append(step_loss)
                 train_mae.append(step_errors / n_total)
@@ -100,6 +102,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
         "epoch_items": epoch_items,
         "evals": evals,
         "train_mae": train_mae,
+        "norms": norms,
         "params": list(net.parameters()),
     }
 

@@ -22,7 +22,7 @@ def format_key(loc: Sequence[int | str]) -> str:
             key += f"[{part}]"
         else:
             key += f".{part}" if key else str(part)
-    return key.replace("json_", "json") or "config"
+    return key.replace("json_", "json").replace("async_", "async") or "config"
 
 
 _TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type", "string_type"})

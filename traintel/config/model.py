@@ -287,6 +287,38 @@ SCHEDULES: dict[str, type[_Schedule]] = {
 """Each scheduler's model by name (error messages, and the environment's ``T_max`` spelling)."""
 
 
+class FSDPMixedPrecisionConfig(_Section):
+    """FSDP's mixed precision: the dtype parameters are gathered in for forward and backward, and the
+    dtype gradients are reduced in; the sharded parameters and the optimizer stay float32."""
+
+    param_dtype: Literal["bf16", "fp32"] = "bf16"
+    """The unsharded parameters' dtype in forward and backward."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The gradients' dtype in the reduce-scatter."""
+
+
+class FSDPConfig(_Section):
+    """``strategy: fsdp``: how the model is sharded with ``torch.distributed.fsdp.fully_shard`` (FSDP2)."""
+
+    shard_modules: list[str] = Field(default_factory=list)
+    """Class names (the class or one it derives from) of the modules sharded one by one, each its own
+    all-gather and reduce-scatter, e.g. a transformer's block; the rest of the model is sharded as one
+    group with the root. Each must name a module of the model."""
+    reshard_after_forward: Bool = True
+    """Free each sharded module's gathered parameters after its forward (gathered again for backward):
+    less memory, one more all-gather per module and micro-batch."""
+    mixed_precision: FSDPMixedPrecisionConfig | None = None
+    """Parameters gathered in bf16 and gradients reduced in fp32 (null, the default: all fp32)."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _precision_mapping(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict | FSDPMixedPrecisionConfig):
+            return value
+        msg = f"must be null or a mapping such as {{param_dtype: bf16, reduce_dtype: fp32}}, got {value!r}"
+        raise ValueError(msg)
+
+
 class DistributedConfig(_Section):
     """torch.distributed settings, used when the run is started by torchrun (``RANK``, ``WORLD_SIZE``)."""
 
@@ -294,6 +326,11 @@ class DistributedConfig(_Section):
     """``auto``: nccl on CUDA, gloo on CPU."""
     timeout_seconds: Float = Field(default=300.0, gt=0, le=86_400, allow_inf_nan=False)
     """How long a collective waits for the other ranks before the run fails."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every rank holds the whole model, gradients and optimizer state
+    (``DistributedDataParallel``); ``fsdp``: each rank holds a shard of them (FSDP2, ``fsdp``)."""
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    """How ``strategy: fsdp`` shards the model."""
 
 
 class GradScalerConfig(_Section):
@@ -595,6 +632,10 @@ class CheckpointConfig(_Section):
     """Complete checkpoints kept (the newest); an older one goes only once a newer one is durable."""
     on_signal: Bool = True
     """On SIGTERM or SIGINT, take one after the step that finishes (when checkpoints are on)."""
+    async_: Bool = Field(default=False, alias="async")
+    """Under torchrun, write the model and optimizer shards in the background
+    (``torch.distributed.checkpoint.async_save``) while training goes on; a checkpoint counts once
+    every rank has written its part, and the next one waits for it."""
     best: BestCheckpointConfig | None = None
     """The best evaluation's checkpoint, kept apart from the periodic ones, which need not be on (null,
     the default: none); a run with only this one cannot be resumed."""
@@ -606,6 +647,14 @@ class CheckpointConfig(_Section):
             return value
         msg = f"must be null or a mapping such as {{metric: eval.loss}}, got {value!r}"
         raise ValueError(msg)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        use_attribute_docstrings=True,
+    )
 
     @property
     def enabled(self) -> bool:

@@ -61,7 +61,16 @@ class DistributedStep(AccumulatingStep):
             return super().run_micro_batch(batch, items, window_items, last)
 
     def take_part(self) -> None:
+        self.zero_pass()
+
+    def zero_pass(self) -> None:
+        """A forward and backward of zero weight on ``example``: this rank joins the collectives of a
+        pass without adding to the gradient. What the training metrics keep of it is let go of."""
         if self.example is None:
             msg = "this rank has no training items to take part in a gradient reduction with"
             raise RuntimeError(msg)
+        kept = self._outputs
+        before = len(kept) if kept is not None else 0
         self.backward(self.micro_batch_loss(self.example) * 0.0)
+        if kept is not None:
+            del kept[before:]

@@ -182,8 +182,8 @@ class AccumulatingStep:
        the gradient reduction that DDP puts off until then), whose ``micro_batch_loss`` is the one
        place mean_loss_b is computed, each followed by ``state.micro_batch``
        and ``MICRO_BATCH_COMPLETED``, or ``take_part`` when this rank has no items in a window that
-       others have;
-    3. ``optimizer_step`` (clip, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
+       others have; then ``end_window``;
+    3. ``optimizer_step`` (``clip_gradients``, ``OPTIMIZER_STEP_STARTED``, step, scheduler, clear), unless
        ``on_nonfinite="skip_step"`` and ``window_finite`` finds a NaN or infinite loss on some rank
        (then the gradients are cleared and the step is not taken);
     4. the window is added to ``progress`` and described by a ``StepOutput``, with the task's
@@ -401,11 +401,7 @@ class AccumulatingStep:
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        grad_norm: torch.Tensor | None = None
-        if self.grad_clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
-        elif self.report_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
+        grad_norm = self.clip_gradients()
         if self.fires(engine, TraintelEvents.OPTIMIZER_STEP_STARTED):
             engine.fire_event(TraintelEvents.OPTIMIZER_STEP_STARTED)
         taken, before = True, None
@@ -420,6 +416,19 @@ class AccumulatingStep:
             self.scheduler.step()
         self.clear_grads()
         return grad_norm, taken, before
+
+    def clip_gradients(self) -> torch.Tensor | None:
+        """The gradient norm before clipping, when ``grad_clip_norm`` clips to it or
+        ``report_grad_norm`` asks for it (else None, and nothing computed)."""
+        if self.grad_clip_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip_norm).detach()
+        if self.report_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(self._params, math.inf).detach()
+        return None
+
+    def end_window(self, window_items: int) -> None:
+        """After the window's micro-batches, before the optimizer step: nothing in one process (an
+        FSDP rank runs the passes it owes the others here)."""
 
     def clear_grads(self) -> None:
         """Drop every gradient (``set_to_none``), without the profiler scope of ``zero_grad``."""
@@ -470,6 +479,7 @@ class AccumulatingStep:
             ))  # fmt: skip
             if fires:
                 engine.fire_event(TraintelEvents.MICRO_BATCH_COMPLETED)
+        self.end_window(total)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         stepped = total > 0 and (self.on_nonfinite != "skip_step" or self.window_finite(losses))

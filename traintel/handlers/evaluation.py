@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sized
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ignite.engine import Engine, Events
@@ -41,6 +43,7 @@ class Evaluation:
         attempt: int = 0,
         every_epochs: int | None = 1,
         every_steps: int | None = None,
+        scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.evaluator = evaluator
         self.loaders = dict(loaders)
@@ -53,6 +56,9 @@ class Evaluation:
         self.every_steps = every_steps
         self.coordinator = coordinator if coordinator is not None else Coordinator()
         """Sums the loss and the items over the ranks (each evaluates its own shard): one collective."""
+        self.scope = scope
+        """What every evaluation runs inside: an FSDP run gathers the whole model there
+        (``traintel.engine.fsdp.evaluating``)."""
         self.unfinished: dict[str, Any] | None = None
         """The generators' states (``rng.capture``) at the start of the latest evaluation when a stop
         cut or skipped it; None when it finished."""
@@ -98,18 +104,19 @@ class Evaluation:
         sums: list[float] = []  # each pass's loss sum, items and batches: summed over the ranks at once
         self._running = True
         try:
-            for split, loader in self.loaders.items():
-                t0 = time.perf_counter()
-                if _empty(loader):  # this rank's share is empty (a run of several ranks): it adds zeros
-                    eval_state(self.evaluator).eval.reset()
-                else:
-                    self.evaluator.run(loader)
-                if self._stopping:
-                    return  # cut by a stop: a partial mean would be misleading; it runs again on resume
-                acc = eval_state(self.evaluator).eval
-                metrics = acc.metrics.compute() if acc.metrics is not None else {}  # over the ranks
-                sums += [float(acc.loss_sum), float(acc.items), float(acc.batches)]
-                passes.append((split, time.perf_counter() - t0, metrics))
+            with self.scope():
+                for split, loader in self.loaders.items():
+                    t0 = time.perf_counter()
+                    if _empty(loader):  # this rank's share is empty (a run of several ranks): it adds zeros
+                        eval_state(self.evaluator).eval.reset()
+                    else:
+                        self.evaluator.run(loader)
+                    if self._stopping:
+                        return  # cut by a stop: a partial mean would be misleading; it runs again on resume
+                    acc = eval_state(self.evaluator).eval
+                    metrics = acc.metrics.compute() if acc.metrics is not None else {}  # over the ranks
+                    sums += [float(acc.loss_sum), float(acc.items), float(acc.batches)]
+                    passes.append((split, time.perf_counter() - t0, metrics))
         finally:
             self._running = False
         self.unfinished = None

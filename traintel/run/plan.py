@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -23,7 +24,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from traintel.config import Config, TrainerConfig
-from traintel.engine import ddp, rng
+from traintel.engine import ddp, fsdp, rng
 from traintel.engine.coordination import Coordinator
 from traintel.engine.evaluator import create_evaluator
 from traintel.engine.metrics import EvalMetrics
@@ -233,6 +234,9 @@ def make_plan(
             every_epochs=config.eval.every_epochs,
             every_steps=config.eval.every_steps,
         )
+        if isinstance(trainer.update_step, fsdp.FullyShardedStep):
+            sharded, reshard = trainer.update_step.model, tc.distributed.fsdp.reshard_after_forward
+            evaluation.scope = lambda: fsdp.evaluating(sharded, reshard)
         evaluation.attach(trainer)
     checkpointing = None
     cc = config.checkpoint
@@ -339,14 +343,17 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
     torchrun), trainer and evaluator."""
     coordinator, launch, tc = where.coordinator, where.launch, config.trainer
     model = task.model.to(where.device)
+    sharding = launch is not None and tc.distributed.strategy == "fsdp"
+    if sharding:
+        model = _fully_shard(model, tc)  # before the optimizer: it takes the sharded parameters
     optimizer = _optimizer(config, task, model)
     train_loader, val_loaders = task.train_loader, dict(task.val_loaders or {})
     windows: int | None = None
+    most_batches: int | None = None
     if launch is not None:
         train_loader, val_loaders = _shard(config, coordinator, train_loader, val_loaders)
-        windows = distributed.max_over_ranks(
-            len(WindowedLoader(train_loader, tc.accumulation_steps)), where.device
-        )
+        most_batches = distributed.max_over_ranks(len(train_loader), where.device)  # type: ignore[arg-type]
+        windows = math.ceil(most_batches / tc.accumulation_steps)
     data = WindowedLoader(train_loader, tc.accumulation_steps, windows=windows)
     epoch_length = len(data) if data.batches_per_epoch() is not None else None
     if epoch_length == 0:
@@ -357,7 +364,7 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
     stepped = _compiled(model, tc) if tc.compile else model
     grad_scaler = _grad_scaler(tc, where.device) if tc.precision == "fp16" else None
     trainer = create_trainer(
-        stepped if launch is None else ddp.wrap(stepped, where.device),
+        stepped if launch is None or sharding else ddp.wrap(stepped, where.device),
         task.loss_fn,
         optimizer,
         scheduler,
@@ -370,11 +377,13 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
         precision=tc.precision,
         grad_scaler=grad_scaler,
         coordinator=coordinator,
-        step_class=AccumulatingStep if launch is None else ddp.DistributedStep,
+        step_class=_step_class(launch, sharding),
         on_nonfinite=tc.on_nonfinite,
         train_metrics=task.train_metrics,
         metrics_every=config.telemetry.every,
     )
+    if isinstance(trainer.update_step, fsdp.FullyShardedStep):
+        trainer.update_step.k, trainer.update_step.most_batches = tc.accumulation_steps, most_batches
     if tc.max_steps is not None:
         limit_steps(trainer, tc.max_steps)
     if windows and not data.batches_per_epoch():  # this rank's share is empty, the others' not
@@ -406,6 +415,44 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
         evaluator,
         val_loaders,
     )
+
+
+def _step_class(launch: distributed.Launch | None, sharding: bool) -> type[AccumulatingStep]:
+    """The update step: one process's, a DDP rank's or an FSDP rank's."""
+    if launch is None:
+        return AccumulatingStep
+    return fsdp.FullyShardedStep if sharding else ddp.DistributedStep
+
+
+def _fully_shard(model: torch.nn.Module, tc: TrainerConfig) -> torch.nn.Module:
+    """``model`` sharded as ``trainer.distributed.fsdp`` says (``traintel.engine.fsdp.shard``); the
+    settings FSDP cannot take are refused first."""
+    if tc.precision == "fp16":
+        raise ConfigError(
+            "trainer.precision",
+            "fp16 is not available with trainer.distributed.strategy fsdp (its loss scale would need the "
+            "ranks' overflow checks agreed); use bf16, or fsdp.mixed_precision",
+        )
+    if tc.compile:
+        raise ConfigError(
+            "trainer.compile", "is not available with trainer.distributed.strategy fsdp; set it to false"
+        )
+    cfg = tc.distributed.fsdp
+    mp = cfg.mixed_precision
+    try:
+        return fsdp.shard(
+            model,
+            cfg.shard_modules,
+            reshard_after_forward=cfg.reshard_after_forward,
+            mixed_precision=None if mp is None else (mp.param_dtype, mp.reduce_dtype),
+        )
+    except LookupError as exc:
+        index = int(exc.args[0])
+        classes = sorted({type(m).__name__ for m in model.modules()})
+        raise ConfigError(
+            f"trainer.distributed.fsdp.shard_modules[{index}]",
+            f"{cfg.shard_modules[index]!r} names no module of the model (its classes: {', '.join(classes)})",
+        ) from None
 
 
 def _run_steps(tc: TrainerConfig, epoch_length: int | None) -> int | None:

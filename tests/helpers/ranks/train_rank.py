@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torchmetrics
 from ignite.engine import Events
 from ignite.metrics import MeanAbsoluteError
+from torch.distributed.tensor import DTensor
 
 from traintel.engine import ddp
 from traintel.engine.coordination import ProcessGroupCoordinator
@@ -27,6 +28,11 @@ from traintel.sinks.memory import MemorySink
 from traintel.task import Task
 
 
+def dtype(spec: dict[str, Any]) -> torch.dtype:
+    """The spec's ``dtype``: float64 unless it says ``float32``."""
+    return torch.float32 if spec.get("dtype") == "float32" else torch.float64
+
+
 def batches(spec: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Micro-batches of ``spec["sizes"]`` items (float64), each with a mask of counted items."""
     g = torch.Generator().manual_seed(spec.get("seed", 0))
@@ -34,15 +40,17 @@ def batches(spec: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torc
     for n, kept in zip(spec["sizes"], spec.get("kept") or spec["sizes"], strict=True):
         x = torch.randn(n, 3, generator=g, dtype=torch.float64)
         y = x.sum(dim=1, keepdim=True) * 0.5 + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        x, y = x.to(dtype(spec)), y.to(dtype(spec))
         mask = torch.zeros(n, dtype=torch.bool)
         mask[:kept] = True
         out.append((x, y, mask))
     return out
 
 
-def model() -> torch.nn.Module:
+def model(spec: dict[str, Any] | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    return net.to(dtype(spec or {}))
 
 
 def masked_mse(out: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -90,10 +98,28 @@ def plain(value: Any) -> Any:
     return value
 
 
+def run_config(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The run's config: every step's records, in memory and the diagnostic file; the spec's
+    optimizer, step limit, strategy, clipping and checkpoints."""
+    config: dict[str, Any] = {
+        "run": {"dir": str(out_dir / "run"), "id": "dist-test"},
+        "trainer": {"device": "cpu", "max_epochs": spec.get("epochs", 1), "accumulation_steps": spec["k"],
+                    "max_steps": spec.get("max_steps"),
+                    "optimizer": spec.get("optimizer", {"name": "sgd", "lr": 0.1, "momentum": 0.9})},
+        "telemetry": {"every": 1, "max_delay_seconds": spec.get("max_delay", 0.0)},
+        "sinks": {"json": {"enabled": False}, "diagnostic": {"enabled": True}, "prometheus": {"enabled": False}},
+    }  # fmt: skip
+    if spec.get("strategy") == "fsdp":
+        config["trainer"]["distributed"] = {"strategy": "fsdp", "fsdp": {"shard_modules": ["Linear"]}}
+    if spec.get("clip"):
+        config["trainer"]["grad_clip_norm"] = spec["clip"]
+    return config
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     out_dir = Path(sys.argv[2])
-    counts = {"agree": 0, "sum_floats": 0, "hook": 0, "all_reduce": 0, "deliveries": 0}
+    counts = {"agree": 0, "sum_floats": 0, "hook": 0, "all_reduce": 0, "deliveries": 0, "reduce_scatter": 0}
 
     def counted(name: str, fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -119,9 +145,15 @@ def main() -> None:
     ProcessGroupCoordinator.sum_floats = sum_floats  # type: ignore[method-assign]
     FanOut.emit_many = counted("deliveries", FanOut.emit_many)  # type: ignore[method-assign]
     dist.all_reduce = counted("all_reduce", dist.all_reduce)
+    dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_single)  # FSDP's
+    fsdp = spec.get("strategy") == "fsdp"
+
+    def full(tensor: torch.Tensor) -> torch.Tensor:
+        """A sharded tensor gathered whole (every rank calls this in the same order)."""
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
     memory = MemorySink()
-    task = Task(model=model(), loss_fn=masked_mse, train_loader=batches(spec), prepare=prepare,
+    task = Task(model=model(spec), loss_fn=masked_mse, train_loader=batches(spec), prepare=prepare,
                 count_items=lambda b: int(b[2].sum()), train_metrics={"mae": train_mae})  # fmt: skip
     called_with: set[str] = set()  # the classes of the models forward_loss was given
     if spec.get("forward_loss"):
@@ -133,14 +165,7 @@ def main() -> None:
 
         task.loss_fn, task.prepare, task.forward_loss = None, None, forward_loss
         task.train_metrics = None  # its outputs are the loss: no predictions to measure
-    config = {
-        "run": {"dir": str(out_dir / "run"), "id": "dist-test"},
-        "trainer": {"device": "cpu", "max_epochs": spec.get("epochs", 1), "accumulation_steps": spec["k"],
-                    "max_steps": spec.get("max_steps"),
-                    "optimizer": spec.get("optimizer", {"name": "sgd", "lr": 0.1, "momentum": 0.9})},
-        "telemetry": {"every": 1, "max_delay_seconds": spec.get("max_delay", 0.0)},
-        "sinks": {"json": {"enabled": False}, "diagnostic": {"enabled": True}, "prometheus": {"enabled": False}},
-    }  # fmt: skip
+    config = run_config(spec, out_dir)
     if spec.get("eval_every_steps"):  # the training batches again, as the validation data, by steps
         task.val_loader = batches(spec)
         config["eval"] = {"every_steps": spec["eval_every_steps"], "every_epochs": None}
@@ -150,9 +175,16 @@ def main() -> None:
     hooks_per_step: list[int] = []
     run.trainer.add_event_handler(
         TraintelEvents.OPTIMIZER_STEP_STARTED,
-        lambda e: grads.append([p.grad.detach().clone() for p in task.model.parameters()]),
+        lambda e: grads.append([full(p.grad).detach().clone() for p in task.model.parameters()]),
     )
-    run.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: hooks_per_step.append(counts["hook"]))
+    reductions = "reduce_scatter" if fsdp else "hook"
+    run.trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: hooks_per_step.append(counts[reductions])
+    )
+    params: list[torch.Tensor] = []  # gathered while the process group is up
+    run.trainer.add_event_handler(
+        Events.COMPLETED, lambda e: params.extend(full(p).detach().clone() for p in task.model.parameters())
+    )
     rank = run.coordinator.rank
     run.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: run.log({"rank_value": rank}))
     end = run.run()
@@ -163,7 +195,7 @@ def main() -> None:
             "status": end.status,
             "records": records,
             "grads": grads,
-            "params": [p.detach().clone() for p in task.model.parameters()],
+            "params": params,
             "counts": counts,
             "hooks_per_step": hooks_per_step,
             "forward_loss_models": sorted(called_with),
