@@ -39,12 +39,12 @@ def _start(**overrides: Any) -> RunStartRecord:
 def test_attempt_defaults_to_0_and_run_start_to_a_fresh_start() -> None:
     records = [
         make_record(e)
-        for e in ("train.batch", "train.step", "train.epoch", "eval.epoch", "metric", "run.end")
+        for e in ("train.batch", "train.step", "train.epoch", "eval.epoch", "metric", "checkpoint", "run.end")
     ]
     start = _start()
     records += [start, SinkErrorRecord(run_id="r1", time=T0, sink="s", error="e")]
     assert sorted(r.event for r in records) == sorted(cls.event for cls in RECORD_TYPES)
-    assert [r.attempt for r in records] == [0] * 8
+    assert [r.attempt for r in records] == [0] * 9
     assert (start.resumed_from_step, start.items_total) == (None, 0)
     assert make_record("train.step", attempt=3).attempt == 3
 
@@ -56,8 +56,8 @@ def test_run_start_of_a_resumed_attempt_renders_and_validates() -> None:
     assert list(fields)[-4:] == ["resumed_from_step", "items_total", "optimizer", "scheduler"]
     line = LineRenderer()(None, record.level, LineRenderer.event_dict(record))
     assert line.endswith(
-        b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":2,"name":"demo","run_dir":"runs/r1",'
-        b'"device":"cpu","config":{},"metrics_url":null,"backend":null,"restart_count":0,'
+        b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":2,"name":"demo","run_dir":"runs/r1",'
+        b'"device":"cpu","config":{},"metrics_url":null,"backend":null,"strategy":null,"restart_count":0,'
         b'"resumed_from_step":120,"items_total":1440,"optimizer":"torch.optim.sgd.SGD","scheduler":null}\n'
     )
     validate_line(parse_line(line))

@@ -27,13 +27,13 @@ from traintel.testing import T0, eval_record, run_context, step_record
 
 STEP_HEAD = (
     b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step",'
-    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"items":12,"items_total":12,"window_size":3,"loss":0.6875,"lr":0.001,'
     b'"grad_norm":null,"skipped":false,'
 )
 EVAL_HEAD = (
     b'{"timestamp":"2025-11-24T16:00:02.250000Z","level":"info","event":"eval.epoch",'
-    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"loss":0.625,"items":8,"batches":2,"duration_seconds":0.5,"items_per_second":16.0,'
 )
 

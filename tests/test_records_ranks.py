@@ -33,10 +33,11 @@ HEAD = ["timestamp", "level", "event", "run_id", "schema_version", "rank", "worl
 
 
 def every_record(**overrides: Any) -> list[Record]:
-    """One record of each of the eight events."""
+    """One record of each of the nine events."""
     common = {"run_id": "r1", "time": T0, **overrides}
     built = [make_record(e, **overrides) for e in ("train.batch", "train.step", "train.epoch", "eval.epoch")]
     built.append(make_record("metric", **overrides))
+    built.append(make_record("checkpoint", **overrides))
     built.append(make_record("run.end", **overrides))
     built.append(
         RunStartRecord(
@@ -54,8 +55,8 @@ def every_record(**overrides: Any) -> list[Record]:
     return built
 
 
-def test_schema_version_is_1_4_0() -> None:
-    assert SCHEMA_VERSION == "1.4.0"
+def test_schema_version_is_1_5_0() -> None:
+    assert SCHEMA_VERSION == "1.5.0"
 
 
 def test_defaults_are_rank_0_of_a_one_process_job() -> None:
@@ -79,7 +80,7 @@ def test_fields_and_lines_put_them_right_after_schema_version() -> None:
         assert list(record.fields())[:5] == ["run_id", "schema_version", "rank", "world_size", "attempt"]
         line = LineRenderer.event_dict(record)
         assert list(line)[:8] == HEAD, record.event
-        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.4.0", 1, 2)
+        assert (line["schema_version"], line["rank"], line["world_size"]) == ("1.5.0", 1, 2)
 
 
 def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
@@ -88,12 +89,12 @@ def test_a_rendered_line_of_rank_1_is_exact_and_valid() -> None:
     lines = [renderer(None, "info", LineRenderer.event_dict(r)) for r in records]
     assert lines[0] == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.4.0","rank":1,"world_size":2,"attempt":0,'
+        b'"run_id":"r1","schema_version":"1.5.0","rank":1,"world_size":2,"attempt":0,'
         b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
     )
-    assert validate_lines(lines) == 8
-    assert [list(json.loads(line))[:8] for line in lines] == [HEAD] * 8
+    assert validate_lines(lines) == 9
+    assert [list(json.loads(line))[:8] for line in lines] == [HEAD] * 9
 
 
 def test_the_ecs_profile_keeps_them_after_the_head() -> None:

@@ -123,7 +123,7 @@ def test_the_config_page_lists_every_key_with_its_default() -> None:
     shown = sorted((row[0], row[2]) for row in rows)
     expected = sorted((f"`{key}`", _shown_default(info)) for key, info in _settings(Config))
     assert shown == expected
-    assert len(rows) == 99
+    assert len(rows) == 105
     by_key = {row[0]: row for row in rows}
     assert by_key["`run.seed`"] == [
         "`run.seed`", "integer", "`0`", ">= 0, <= 4294967295",
@@ -209,7 +209,7 @@ def test_the_records_page_lists_every_field_of_every_record_in_the_schema() -> N
     schema = load_schema()
     tables = _tables(reference.records_page())
     events = ["train.batch", "train.step", "train.epoch", "eval.epoch", "run.start", "run.end", "metric",
-              "sink.error"]  # fmt: skip
+              "checkpoint", "sink.error"]  # fmt: skip
     assert [h for h in tables if h.startswith("`")] == [f"`{event}`" for event in events]
     for event in events:
         fields = [row[0] for row in tables[f"`{event}`"]]
@@ -248,7 +248,10 @@ def test_the_metrics_page_lists_the_exporter_s_families() -> None:
         "`traintel_learning_rate`", "`traintel_grad_norm`", "`traintel_grad_scale`",
         "`traintel_step_timestamp_seconds`", "`traintel_train_metric`",
         "`traintel_epoch_loss`", "`traintel_epoch_items_per_second`", "`traintel_eval_loss`",
-        "`traintel_eval_metric`", "`traintel_user_metric`", "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
+        "`traintel_eval_metric`", "`traintel_user_metric`", "`traintel_checkpoint_step`",
+        "`traintel_checkpoint_size_bytes`", "`traintel_checkpoint_write_seconds`",
+        "`traintel_checkpoint_stall_seconds`", "`traintel_checkpoint_timestamp_seconds`",
+        "`traintel_run_success`", "`traintel_run_end_timestamp_seconds`", "`traintel_items_total`",
         "`traintel_sink_errors_total`", "`traintel_sink_dropped_records_total`",
         "`traintel_exporter_connections_closed_total`", "`traintel_exporter_open_connections`",
     ]  # fmt: skip
@@ -264,7 +267,12 @@ def test_the_metrics_page_lists_the_exporter_s_families() -> None:
     assert "`process_cpu_seconds_total`" in [row[0] for row in tables["Process metrics"]]
     page = reference.metrics_page()
     assert "every family also carries `rank`, and the push is grouped by it too." in page
-    assert "`reason` is one of `limit`, `timeout`, `bad_request`, `tls`." in page
+    assert rows["`traintel_checkpoint_size_bytes`"][1:4] == ["gauge", "`reason`", "yes"]
+    assert (
+        "`traintel_exporter_connections_closed_total`'s `reason` is one of `limit`, `timeout`, `bad_request`, "
+        "`tls`; a checkpoint family's is the `checkpoint` record's `reason` (`every_steps`, `every_epochs`, "
+        "`signal`, `max_steps`, `best`)."
+    ) in page
 
 
 def test_the_cli_page_has_every_subcommand_s_help() -> None:

@@ -26,7 +26,10 @@ Decisions the table pins down:
   ``eval.epoch``'s ``split`` (string), added in 1.3.0, are required from 1.3.0 on;
 * ``train.step``'s ``metrics`` (an object of numbers by name), added in 1.4.0, is required from
   1.4.0 on, and the ``metric`` record exists from 1.4.0 on; a non-finite metric value is null and
-  named ``metrics.<name>`` in ``nonfinite``.
+  named ``metrics.<name>`` in ``nonfinite``;
+* ``run.start``'s ``strategy`` (``ddp``, ``fsdp`` or null), added in 1.5.0, is required from 1.5.0 on,
+  and the ``checkpoint`` record exists from 1.5.0 on: closed, every field required, its ``reason``
+  one of the five ways a checkpoint is taken, its seconds null only when not finite.
 """
 
 from __future__ import annotations
@@ -80,6 +83,12 @@ SINCE_1_4 = {"train.step": ["metrics"]}
 """The field each event gained in 1.4.0 (required from 1.4.0 on, absent from older lines)."""
 NEW_IN_1_4 = "metric"
 """The record event added in 1.4.0: a line of an older version is none."""
+RUN_START_SINCE_1_5 = ["strategy"]
+"""run.start's field added in 1.5.0, right after ``backend`` (required from 1.5.0 on)."""
+NEW_IN_1_5 = "checkpoint"
+"""The record event added in 1.5.0: a line of an older version is none."""
+NEW_EVENTS = (NEW_IN_1_4, NEW_IN_1_5)
+"""The record events added after 1.3.0: a 1.0.0 to 1.3.0 line is none of them."""
 _BEFORE_1_1 = {"if": {"properties": {"schema_version": {"const": "1.0.0"}}, "required": ["schema_version"]}}
 _BEFORE_1_2 = {
     "if": {"properties": {"schema_version": {"enum": ["1.0.0", "1.1.0"]}}, "required": ["schema_version"]}
@@ -96,6 +105,14 @@ _BEFORE_1_4 = {
         "required": ["schema_version"],
     }
 }
+_BEFORE_1_5 = {
+    "if": {
+        "properties": {"schema_version": {"enum": ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "1.4.0"]}},
+        "required": ["schema_version"],
+    }
+}
+_OLDER_THAN = {NEW_IN_1_4: _BEFORE_1_4, NEW_IN_1_5: _BEFORE_1_5}
+"""Each record event added after 1.3.0, and the rule of the versions before it."""
 _CHILD_TIMEOUT = 240
 
 
@@ -121,8 +138,9 @@ def test_schema_is_a_valid_draft_2020_12_schema_of_this_version() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA_PATH.is_file() and SCHEMA_PATH.parent.name == "schemas"
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert schema["$defs"]["schema_version"]["enum"] == ["1.0.0", "1.1.0", "1.2.0", "1.3.0", SCHEMA_VERSION]
-    assert SCHEMA_VERSION == "1.4.0"
+    older = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "1.4.0"]
+    assert schema["$defs"]["schema_version"]["enum"] == [*older, SCHEMA_VERSION]
+    assert SCHEMA_VERSION == "1.5.0"
     assert set(RECORD_EVENTS) <= set(schema["$defs"]), "every record event has a definition"
     assert load_schema() is not load_schema(), "callers get their own copy"
 
@@ -178,8 +196,9 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
     assert names[:3] == ["rank", "world_size", "attempt"], "base fields first: right after schema_version"
     since = SINCE_1_1 | SINCE_1_2
     if cls.event == "run.start":
-        since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2 | set(RUN_START_SINCE_1_3)
+        since |= RUN_START_SINCE_1_1 | RUN_START_SINCE_1_2 | set(RUN_START_SINCE_1_3 + RUN_START_SINCE_1_5)
         assert names[-2:] == RUN_START_SINCE_1_3, "fields added in a minor version come last"
+        assert names[names.index("backend") + 1 :][:1] == RUN_START_SINCE_1_5, "strategy: right after backend"
     later = SINCE_1_4.get(cls.event, [])
     if cls.event in SINCE_1_3:
         added = SINCE_1_3[cls.event]
@@ -190,10 +209,10 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
         since |= set(later)
         assert names[-len(later) :] == later, "fields added in a minor version come last"
         assert definition["allOf"][1] == {**_BEFORE_1_4, "else": {"required": later}}
-    if cls.event == NEW_IN_1_4:
+    if cls.event in _OLDER_THAN:  # a record event added after 1.3.0: no line of an older version
         assert props["schema_version"] == {
             "$ref": "#/$defs/schema_version",
-            "not": _BEFORE_1_4["if"]["properties"]["schema_version"],
+            "not": _OLDER_THAN[cls.event]["if"]["properties"]["schema_version"],
         }
     assert set(definition["required"]) == ENVELOPE | set(names) - since
     if cls.event == "run.start":
@@ -201,6 +220,7 @@ def test_each_record_definition_follows_its_dataclass(cls: type[Record]) -> None
             {**_BEFORE_1_1, "else": {"required": sorted(RUN_START_SINCE_1_1)}},
             {**_BEFORE_1_2, "else": {"required": sorted(RUN_START_SINCE_1_2)}},
             {**_BEFORE_1_3, "else": {"required": RUN_START_SINCE_1_3}},
+            {**_BEFORE_1_5, "else": {"required": RUN_START_SINCE_1_5}},
         ]
     assert defs["record"]["allOf"] == [
         {**_BEFORE_1_1, "else": {"required": sorted(SINCE_1_1)}},
@@ -294,7 +314,7 @@ def test_every_line_of_a_real_cli_run_validates(tmp_path: Path) -> None:
 
 TS = "2025-11-24T16:00:00.250000Z"
 _HEAD = {"timestamp": TS, "level": "info"}
-_RUN = {"run_id": "r1", "schema_version": "1.4.0", "rank": 0, "world_size": 1, "attempt": 0}
+_RUN = {"run_id": "r1", "schema_version": "1.5.0", "rank": 0, "world_size": 1, "attempt": 0}
 VALID: dict[str, dict[str, Any]] = {
     "train.batch": {**_HEAD, "event": "train.batch", **_RUN, "epoch": 1, "batch": 2, "batches": 10,
                     "step": 0, "items": 4, "raw_loss": 0.75, "loss": 0.25, "loss_scale": 0.3333333333333333,
@@ -309,12 +329,15 @@ VALID: dict[str, dict[str, Any]] = {
                    "items": 250, "batches": 8, "duration_seconds": 0.003, "items_per_second": 83412.5,
                    "split": "val", "metrics": {}},
     "run.start": {**_HEAD, "event": "run.start", **_RUN, "name": "demo", "run_dir": "runs/r1",
-                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None, "restart_count": 0,
+                  "device": "cpu", "config": {"run": {"name": "demo"}}, "metrics_url": None, "backend": None,
+                  "strategy": None, "restart_count": 0,
                   "resumed_from_step": None, "items_total": 0, "optimizer": "torch.optim.adamw.AdamW",
                   "scheduler": None},
     "run.end": {**_HEAD, "event": "run.end", **_RUN, "status": "completed", "reason": "max_epochs",
                 "epoch": 2, "step": 22, "items_total": 2000, "duration_seconds": 0.07},
     "metric": {**_HEAD, "event": "metric", **_RUN, "epoch": 1, "step": 11, "metrics": {"val_bleu": 31.25}},
+    "checkpoint": {**_HEAD, "event": "checkpoint", **_RUN, "step": 11, "epoch": 1, "reason": "every_steps",
+                   "size_bytes": 1048576, "write_seconds": 0.125, "stall_seconds": 0.125, "background": False},
     "sink.error": {**_HEAD, "level": "warning", "event": "sink.error", **_RUN, "sink": "flaky",
                    "error": "OSError: remote store unavailable"},
     "log": {"timestamp": TS, "level": "warning", "event": "Attach a handler", "logger": "ignite.engine"},
@@ -324,8 +347,8 @@ DIAG_EXTRAS = {"expected_loss_scale": 0.3333333333333333, "observed_loss_scale":
                "rss_bytes": 353501184}  # fmt: skip
 DROP = object()
 """In ``Case.changes``: remove the key."""
-NOT_YET = {"grad_scale": DROP, "split": DROP, "metrics": DROP}
-"""In ``Case.changes``: remove the fields added in 1.3.0, as a line of an older version has none."""
+NOT_YET = {"grad_scale": DROP, "split": DROP, "metrics": DROP, "strategy": DROP}
+"""In ``Case.changes``: remove the fields added in 1.3.0 and later, as a line of an older version has none."""
 
 
 @dataclass(frozen=True)
@@ -374,19 +397,72 @@ CASES = [
     Case("missing-required-field", "train.step", {"items": DROP}, "'items' is a required property"),
     Case("missing-schema-version", "run.end", {"schema_version": DROP}, "'schema_version' is a required"),
     Case("wrong-schema-version", "train.epoch", {"schema_version": "1.0.1"},
-         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0']"),
-    Case("future-minor-version", "train.step", {"schema_version": "1.5.0"},
-         "train.step $.schema_version: '1.5.0' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0']"),
+         "train.epoch $.schema_version: '1.0.1' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0', '1.5.0']"),
+    Case("future-minor-version", "train.step", {"schema_version": "1.6.0"},
+         "train.step $.schema_version: '1.6.0' is not one of ['1.0.0', '1.1.0', '1.2.0', '1.3.0', '1.4.0', '1.5.0']"),
     *(Case(f"version-1.0.0-without-rank-{event}", event,
            {"schema_version": "1.0.0", "rank": DROP, "world_size": DROP, "attempt": DROP, **NOT_YET})
-      for event in RECORD_EVENTS if event != NEW_IN_1_4),
+      for event in RECORD_EVENTS if event not in NEW_EVENTS),
     *(Case(f"version-1.1.0-without-attempt-{event}", event,
            {"schema_version": "1.1.0", "attempt": DROP, **NOT_YET})
-      for event in RECORD_EVENTS if event not in ("run.start", NEW_IN_1_4)),
+      for event in RECORD_EVENTS if event not in ("run.start", *NEW_EVENTS)),
     *(Case(f"version-1.2.0-without-1.3.0-fields-{event}", event, {"schema_version": "1.2.0", **NOT_YET})
-      for event in RECORD_EVENTS if event != NEW_IN_1_4),
+      for event in RECORD_EVENTS if event not in NEW_EVENTS),
     *(Case(f"version-1.3.0-without-1.4.0-fields-{event}", event, {"schema_version": "1.3.0", "metrics": DROP})
       for event in SINCE_1_4),
+    Case("version-1.3.0-run-start-without-strategy", "run.start", {"schema_version": "1.3.0", "strategy": DROP}),
+    Case("version-1.4.0-run-start-without-strategy", "run.start", {"schema_version": "1.4.0", "strategy": DROP}),
+    Case("version-1.4.0-run-start-may-carry-strategy", "run.start", {"schema_version": "1.4.0", "strategy": "ddp"}),
+    Case("version-1.4.0-strategy-still-typed", "run.start", {"schema_version": "1.4.0", "strategy": "zero3"},
+         "run.start $.strategy: 'zero3' is not one of ['ddp', 'fsdp', None]"),
+    Case("missing-run-start-strategy", "run.start", {"strategy": DROP},
+         "run.start $: 'strategy' is a required property"),
+    Case("run-start-strategy-ddp", "run.start", {"world_size": 2, "backend": "gloo", "strategy": "ddp"}),
+    Case("run-start-strategy-fsdp", "run.start", {"world_size": 8, "backend": "nccl", "strategy": "fsdp"}),
+    Case("run-start-strategy-unknown", "run.start", {"strategy": "deepspeed"},
+         "run.start $.strategy: 'deepspeed' is not one of ['ddp', 'fsdp', None]"),
+    Case("run-start-strategy-upper-case", "run.start", {"strategy": "FSDP"},
+         "run.start $.strategy: 'FSDP' is not one of ['ddp', 'fsdp', None]"),
+    Case("run-start-strategy-a-bool", "run.start", {"strategy": True},
+         "run.start $.strategy: True is not one of ['ddp', 'fsdp', None]"),
+    Case("checkpoint-of-version-1.4.0", "checkpoint", {"schema_version": "1.4.0"},
+         "checkpoint $.schema_version: '1.4.0' should not be valid under"),
+    Case("checkpoint-in-the-background", "checkpoint",
+         {"rank": 3, "world_size": 4, "attempt": 1, "background": True, "write_seconds": 2.5, "stall_seconds": 0.0625}),
+    *(Case(f"checkpoint-reason-{reason}", "checkpoint", {"reason": reason})
+      for reason in ("every_steps", "every_epochs", "signal", "max_steps", "best")),
+    Case("checkpoint-before-the-first-epoch", "checkpoint", {"step": 0, "epoch": 0}),
+    Case("checkpoint-of-nothing", "checkpoint", {"size_bytes": 0, "write_seconds": 0, "stall_seconds": 0}),
+    Case("checkpoint-reason-unknown", "checkpoint", {"reason": "manual"},
+         "checkpoint $.reason: 'manual' is not one of ['every_steps', 'every_epochs', 'signal', 'max_steps', 'best']"),
+    Case("checkpoint-reason-a-config-key", "checkpoint", {"reason": "on_signal"},
+         "checkpoint $.reason: 'on_signal' is not one of ['every_steps', 'every_epochs', 'signal', 'max_steps', 'best']"),
+    *(Case(f"checkpoint-missing-{name}", "checkpoint", {name: DROP}, f"checkpoint $: '{name}' is a required property")
+      for name in ("step", "epoch", "reason", "size_bytes", "write_seconds", "stall_seconds", "background")),
+    Case("checkpoint-size-a-string", "checkpoint", {"size_bytes": "1048576"},
+         "checkpoint $.size_bytes: '1048576' is not of type 'integer'"),
+    Case("checkpoint-size-a-float", "checkpoint", {"size_bytes": 1048576.0},
+         "checkpoint $.size_bytes: 1048576.0 is not of type 'integer'"),
+    Case("checkpoint-size-negative", "checkpoint", {"size_bytes": -1},
+         "checkpoint $.size_bytes: -1 is less than the minimum of 0"),
+    Case("checkpoint-step-a-float", "checkpoint", {"step": 11.0}, "checkpoint $.step: 11.0 is not of type 'integer'"),
+    Case("checkpoint-epoch-negative", "checkpoint", {"epoch": -1},
+         "checkpoint $.epoch: -1 is less than the minimum of 0"),
+    Case("checkpoint-background-an-integer", "checkpoint", {"background": 1},
+         "checkpoint $.background: 1 is not of type 'boolean'"),
+    Case("checkpoint-write-seconds-a-string", "checkpoint", {"write_seconds": "0.125"},
+         "checkpoint $.write_seconds: '0.125' is not of type 'number', 'null'"),
+    Case("checkpoint-stall-seconds-negative", "checkpoint", {"stall_seconds": -0.5},
+         "checkpoint $.stall_seconds: -0.5 is less than the minimum of 0"),
+    Case("checkpoint-write-seconds-nonfinite", "checkpoint",
+         {"write_seconds": None, "nonfinite": {"write_seconds": "inf"}}),
+    Case("checkpoint-stall-seconds-null-without-nonfinite", "checkpoint", {"stall_seconds": None},
+         "checkpoint $: 'nonfinite' is a required property"),
+    Case("checkpoint-nonfinite-names-a-count", "checkpoint", {"nonfinite": {"size_bytes": "nan"}},
+         "checkpoint $.nonfinite: 'size_bytes' is not one of ['write_seconds', 'stall_seconds']"),
+    Case("checkpoint-level-warning", "checkpoint", {"level": "warning"}, "checkpoint $.level: 'info' was expected"),
+    Case("checkpoint-unknown-field", "checkpoint", {"path": "checkpoints/step-11"},
+         "checkpoint $: Additional properties are not allowed ('path' was unexpected)"),
     Case("version-1.3.0-eval-still-has-metrics", "eval.epoch", {"schema_version": "1.3.0"}),
     Case("missing-step-metrics", "train.step", {"metrics": DROP}, "train.step $: 'metrics' is a required property"),
     Case("step-metrics", "train.step", {"metrics": {"accuracy": 0.5, "ppl": 12.0}}),

@@ -23,6 +23,7 @@ _EXPORTS = {
     "EpochRecord": "traintel.records",
     "EvalRecord": "traintel.records",
     "MetricRecord": "traintel.records",
+    "CheckpointRecord": "traintel.records",
     "RunStartRecord": "traintel.records",
     "RunEndRecord": "traintel.records",
     "SinkErrorRecord": "traintel.records",
@@ -43,6 +44,7 @@ _EXPORTS = {
 __all__ = [
     "SCHEMA_VERSION",
     "BatchRecord",
+    "CheckpointRecord",
     "Config",
     "ConfigError",
     "EpochRecord",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
     from traintel.records import (
         SCHEMA_VERSION,
         BatchRecord,
+        CheckpointRecord,
         EpochRecord,
         EvalRecord,
         MetricRecord,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = "1.4.0"
+SCHEMA_VERSION = "1.5.0"
 """Semantic version of the record fields; a field's meaning or type never changes within a major.
 
 1.1.0 added ``rank`` and ``world_size`` to every record (a 1.0.0 line has neither and comes
@@ -26,7 +26,9 @@ none and comes from a run's first attempt) and ``resumed_from_step`` and ``items
 (an older line has none: no gradient scaler), ``split`` to ``eval.epoch`` (an older line has
 none: the task's ``val_loader``, ``val``) and ``optimizer`` and ``scheduler`` (their classes) to
 ``run.start``. 1.4.0 added ``metrics`` to ``train.step`` (the task's training metrics; an older line
-has none: ``{}``) and the ``metric`` record (values logged with ``Run.log``)."""
+has none: ``{}``) and the ``metric`` record (values logged with ``Run.log``). 1.5.0 added ``strategy``
+to ``run.start`` (an older line has none: ``ddp`` under torchrun, else null) and the ``checkpoint``
+record (a checkpoint complete on every rank)."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -227,6 +229,9 @@ class RunStartRecord(Record):
     """Where the Prometheus exporter serves, when enabled."""
     backend: str | None = None
     """The torch.distributed backend (``gloo``, ``nccl``); None in a single process."""
+    strategy: str | None = None
+    """How the ranks hold the model (``trainer.distributed.strategy``): ``ddp`` (each a whole copy) or
+    ``fsdp`` (each a shard); None in a single process."""
     restart_count: int = 0
     """``TORCHELASTIC_RESTART_COUNT``: how often torchrun restarted the workers."""
     resumed_from_step: int | None = None
@@ -278,6 +283,31 @@ class MetricRecord(Record):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointRecord(Record):
+    """``checkpoint``: a checkpoint complete on every rank, after the records of the steps it covers."""
+
+    event: ClassVar[str] = "checkpoint"
+
+    step: int
+    """The optimizer step it holds (for a best checkpoint, its evaluation's)."""
+    epoch: int
+    """The trainer's epoch when it was taken."""
+    reason: str
+    """Why it was taken: ``every_steps``, ``every_epochs``, ``signal``, ``max_steps``, or ``best``
+    (``checkpoint.best``, a better evaluation)."""
+    size_bytes: int
+    """What every rank wrote of it, in all: state files, manifests excluded, and the model and
+    optimizer's files."""
+    write_seconds: float
+    """On this rank, from its start until this rank's part was on disk with its manifest."""
+    stall_seconds: float
+    """How long training waited for it on this rank: the whole write, or, written in the background
+    (``checkpoint.async``), the copy of the state and any wait for the write to end."""
+    background: bool
+    """Whether it was written in the background."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SinkErrorRecord(Record):
     """``sink.error``: a sink raised; reported once per sink, the others go on."""
 
@@ -297,5 +327,6 @@ RECORD_TYPES: tuple[type[Record], ...] = (
     RunStartRecord,
     RunEndRecord,
     MetricRecord,
+    CheckpointRecord,
     SinkErrorRecord,
 )

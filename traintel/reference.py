@@ -392,6 +392,7 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
     from traintel.testing.records import (
         T0,
         batch_record,
+        checkpoint_record,
         end_record,
         epoch_record,
         eval_record,
@@ -416,7 +417,7 @@ def _exporter_families(*, per_rank: bool) -> tuple[list[Any], set[str]]:
         )
         step = step_record(grad_norm=0.5, grad_scale=65536.0, metrics={"accuracy": 0.5})
         records = [start, batch_record(), step, epoch_record(), eval_record(metrics={"accuracy": 0.75})]
-        records.append(metric_record())
+        records += [metric_record(), checkpoint_record()]
         sink.emit_many([*records, end_record()])
         families = list(sink.registry.collect())
         pushed = {family.name for collector in sink.pushed for family in collector.collect()}
@@ -470,7 +471,10 @@ def metrics_page() -> str:
         "",
         *_table(header, rows(own=True)),
         "",
-        "`reason` is one of " + ", ".join(f"`{reason}`" for reason in CLOSE_REASONS) + ".",
+        "`traintel_exporter_connections_closed_total`'s `reason` is one of "
+        + ", ".join(f"`{reason}`" for reason in CLOSE_REASONS)
+        + "; a checkpoint family's is the `checkpoint` record's `reason` (`every_steps`, `every_epochs`, "
+        "`signal`, `max_steps`, `best`).",
         "",
         "## Process metrics",
         "",

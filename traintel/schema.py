@@ -2,14 +2,14 @@
 
 ``traintel/schemas/records.schema.json`` is the contract: one definition per record event
 (``train.batch``, ``train.step``, ``train.epoch``, ``eval.epoch``, ``run.start``, ``run.end``,
-``metric``, ``sink.error``) chosen by ``event``, each closed (``additionalProperties: false``: a new field
-needs a schema change), and a permissive ``log`` definition for any other event (stdlib and
-third-party log messages routed onto stdout). ``train.batch`` allows the diagnostic file's
-extras as optional properties (listed in its ``x-diagnostic-only`` annotation); stdout lines
-never carry them.
+``metric``, ``checkpoint``, ``sink.error``) chosen by ``event``, each closed
+(``additionalProperties: false``: a new field needs a schema change), and a permissive ``log``
+definition for any other event (stdlib and third-party log messages routed onto stdout).
+``train.batch`` allows the diagnostic file's extras as optional properties (listed in its
+``x-diagnostic-only`` annotation); stdout lines never carry them.
 
-Versions: the schema accepts record lines of ``schema_version`` 1.0.0, 1.1.0, 1.2.0, 1.3.0 and 1.4.0
-(this version, ``traintel.records.SCHEMA_VERSION``). 1.1.0 added ``rank`` (integer >= 0) and
+Versions: the schema accepts record lines of ``schema_version`` 1.0.0, 1.1.0, 1.2.0, 1.3.0, 1.4.0 and
+1.5.0 (this version, ``traintel.records.SCHEMA_VERSION``). 1.1.0 added ``rank`` (integer >= 0) and
 ``world_size`` (integer >= 1) to every record, right after ``schema_version``: they are
 required on a record line unless it says 1.0.0, so files written by traintel 1.0.0 still
 validate (such a line comes from rank 0 of a one-process job). 1.2.0 added ``attempt``
@@ -22,8 +22,12 @@ after ``items_per_second``, and ``optimizer`` (string) and ``scheduler`` (string
 classes the run steps, to ``run.start``, each required unless the line says 1.0.0, 1.1.0 or 1.2.0
 (such a line comes from a run without a scaler, and from the task's ``val_loader``). 1.4.0 added
 ``metrics`` (the task's training metrics by name) to ``train.step``, after ``grad_scale``, required
-unless the line is older, and the ``metric`` record (values logged with ``Run.log``). Routed log
-lines carry none of these. A later minor version is rejected here, as its new fields would be anyway.
+unless the line is older, and the ``metric`` record (values logged with ``Run.log``). 1.5.0 added
+``strategy`` (``ddp``, ``fsdp`` or null: how the ranks hold the model) to ``run.start``, after
+``backend``, required unless the line is older (such a line has none: ``ddp`` under torchrun, else
+null), and the ``checkpoint`` record (a checkpoint complete on every rank: its step, epoch, reason,
+size and write and stall seconds). Routed log lines carry none of these. A later minor version is
+rejected here, as its new fields would be anyway.
 
 A float field is a number, or null when its value was not finite, and then ``nonfinite``
 names it (``{"loss": "nan"}``); null without that entry is invalid, except for the fields

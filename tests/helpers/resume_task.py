@@ -10,7 +10,12 @@ generator in the main process, the worker's seed in a worker), dropout masks. Th
 - ``fetch:N:S``: the N-th training sample read (in the main process) pauses S seconds;
 - ``evalsleep:N:S``: the N-th evaluation forward call pauses S seconds;
 - ``evaluated:N:S``: ``EvaluatedPause``, a plug-in sink, pauses S seconds on epoch N's
-  ``eval.epoch`` record: the evaluation is done, the epoch's checkpoint not yet taken.
+  ``eval.epoch`` record: the evaluation is done, the epoch's checkpoint not yet taken;
+- ``dcp:N`` (under torchrun): the N-th checkpoint's write of the model and optimizer
+  (``traintel.run.sharded``) kills the process with SIGKILL once its first item is in a DCP file,
+  leaving that file torn (in the background thread with ``checkpoint.async``);
+- ``manifest:N``: the N-th checkpoint's state file and manifest (``traintel.run.checkpoint.write``)
+  kill the process with SIGKILL before they are written: under torchrun its DCP files are on disk.
 
 A pause first writes ``sleeping at N`` (``fetching at N``, ``evaluating at N``, ``evaluated at N``) on stderr, so a
 test can wait for it and send a signal. The variable is not part of the config, so a resumed
@@ -113,6 +118,45 @@ class Plain:
         yield from self.loader
 
 
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm_checkpoint_kills() -> None:
+    """``dcp:N`` and ``manifest:N``: patch the checkpoint writers of this process (once)."""
+    kind, at, _ = _switch()
+    if kind not in ("dcp", "manifest") or getattr(_arm_checkpoint_kills, "armed", False):
+        return
+    _arm_checkpoint_kills.armed = True  # type: ignore[attr-defined]
+    from torch.distributed.checkpoint import filesystem
+
+    from traintel.run import checkpoint, sharded
+
+    calls = {"save": 0, "manifest": 0}
+    save, write, write_item = sharded.ShardedState.save, checkpoint.write, filesystem._write_item
+
+    def counted_save(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["save"] += 1
+        return save(self, *args, **kwargs)
+
+    def torn_item(transforms: Any, stream: Any, *args: Any, **kwargs: Any) -> Any:
+        result = write_item(transforms, stream, *args, **kwargs)
+        if kind == "dcp" and calls["save"] == at:
+            stream.flush()
+            _kill()
+        return result
+
+    def killed_manifest(*args: Any, **kwargs: Any) -> Any:
+        calls["manifest"] += 1
+        if kind == "manifest" and calls["manifest"] == at:
+            _kill()
+        return write(*args, **kwargs)
+
+    sharded.ShardedState.save = counted_save  # type: ignore[method-assign]
+    filesystem._write_item = torn_item
+    checkpoint.write = killed_manifest
+
+
 def make_task(
     *,
     samples: int = 240,
@@ -124,6 +168,7 @@ def make_task(
 ) -> Task:
     """The task; ``delay`` seconds per training sample, ``plain`` hides the training loader behind a
     plain iterable (then it shuffles from torch's global generator, which a pass draws from)."""
+    _arm_checkpoint_kills()
     loader = DataLoader(
         NoisySet(samples, seed, delay=delay, switched=True),
         batch_size=batch_size,

@@ -71,7 +71,7 @@ def test_the_diagnostic_file_holds_the_json_line_plus_its_extras(tmp_path: Path)
     built.fanout.close()
     line = (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
+        b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3'
     )
     assert out.getvalue() == line + b"}\n"

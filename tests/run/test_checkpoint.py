@@ -92,22 +92,25 @@ def test_write_names_the_files_by_step_and_rank_and_the_manifest_describes_the_b
     ):
         data = path.read_bytes()
         assert manifest_of(directory, manifest_name) == {
-            "format": 1,
+            "format": 2,
             "step": 12,
             "rank": rank,
+            "world_size": 1,
             "file": path.name,
             "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         assert path.stat().st_size == len(data) > 0
-        assert complete(directory, rank) == [Complete(12, path, hashlib.sha256(data).hexdigest(), len(data))]
+        assert complete(directory, rank) == [
+            Complete(12, path, hashlib.sha256(data).hexdigest(), len(data), world_size=1)
+        ]
 
     found = newest(directory, 0)
     assert found is not None
     assert found[0] == complete(directory, 0)[0]
     loaded = found[1]
     assert sorted(loaded) == ["format", "nested", "step", "weights"]
-    assert (loaded["format"], loaded["step"]) == (1, 12)
+    assert (loaded["format"], loaded["step"]) == (2, 12)
     assert torch.equal(loaded["weights"], state0["weights"])
     assert torch.equal(loaded["nested"]["bias"], state0["nested"]["bias"])
     assert (loaded["nested"]["names"], loaded["nested"]["lr"]) == (["a", "b"], 0.1)
@@ -283,13 +286,13 @@ def _manifest_of_these_bytes(state: dict[str, Any]) -> Callable[[Path], None]:
         pytest.param(
             _manifest_of_these_bytes({"format": FORMAT + 1, "step": 6}),
             "skipping checkpoint step-000000006.pt: step-000000006.pt is not a traintel checkpoint of "
-            "format 1",
+            "format 1 or 2",
             id="state-of-another-format",
         ),
         pytest.param(
             _manifest_of_these_bytes({"step": 6}),
             "skipping checkpoint step-000000006.pt: step-000000006.pt is not a traintel checkpoint of "
-            "format 1",
+            "format 1 or 2",
             id="state-without-format",
         ),
     ],
@@ -570,3 +573,31 @@ def test_changed_setting_names_the_dotted_key_and_both_values() -> None:
     assert changed_setting(added, saved) == ("trainer.optimizer.momentum", 0.9, None)
 
     assert changed_setting({"world_size": 1}, {"world_size": 2}) == ("world_size", 1, 2)
+
+
+def test_each_checkpoint_gives_a_checkpoint_record_after_the_steps_it_covers(tmp_path: Path) -> None:
+    """One process, 7 batches, k=2: steps 1-4 (the 4th a window of one); a checkpoint every 2 steps
+    and at the epoch's end. Each committed checkpoint gives one ``checkpoint`` record, right after
+    the records of the steps it covers, its bytes those of its state file."""
+    cfg = quiet_config(tmp_path, accumulation_steps=2)
+    cfg["checkpoint"] = {"every_steps": 2, "every_epochs": 1, "keep": 10}
+    sink = MemorySink()
+    task = Task(model=make_model(), loss_fn=torch.nn.functional.mse_loss, train_loader=make_batches([4] * 7))
+    build(cfg, task, sinks=[sink]).run()
+
+    events = [(r.event, getattr(r, "step", None)) for r in sink.records if r.event != "train.batch"]
+    assert events == [
+        ("run.start", None), ("train.step", 1), ("train.step", 2), ("checkpoint", 2), ("train.step", 3),
+        ("train.step", 4), ("train.epoch", 4), ("checkpoint", 4), ("run.end", 4),
+    ]  # fmt: skip
+    saved = [r for r in sink.records if r.event == "checkpoint"]
+    directory = tmp_path / "run" / "checkpoints"
+    assert [(r.reason, r.epoch, r.background, r.rank, r.world_size) for r in saved] == [
+        ("every_steps", 1, False, 0, 1),
+        ("every_epochs", 1, False, 0, 1),
+    ]
+    assert [r.size_bytes for r in saved] == [
+        (directory / f"step-00000000{s}.pt").stat().st_size for s in (2, 4)
+    ]
+    for r in saved:  # written in the foreground: training waited for all of it
+        assert 0 < r.write_seconds <= r.stall_seconds < 60

@@ -37,7 +37,18 @@ from tests.helpers.tasks import make_batches, make_model
 from traintel.errors import ConfigError
 from traintel.run import checkpoint
 from traintel.run.api import build
-from traintel.run.checkpoint import FORMAT, Best, best, complete, load, newest, prune, write, write_best
+from traintel.run.checkpoint import (
+    FORMAT,
+    Best,
+    best,
+    complete,
+    load,
+    model_and_optimizer,
+    newest,
+    prune,
+    write,
+    write_best,
+)
 from traintel.sinks.io import atomic
 from traintel.sinks.memory import MemorySink
 from traintel.task import Task
@@ -134,7 +145,7 @@ def test_the_best_checkpoint_holds_the_best_evaluation_s_step_value_and_model_an
         5, path, hashlib.sha256(data).hexdigest(), len(data), "eval.score", "val", "max", 0.9, 3, 3
     )
     assert json.loads((directory / "best" / "best-000000003.json").read_text(encoding="utf-8")) == {
-        "format": FORMAT, "sequence": 3, "rank": 0, "metric": "eval.score", "split": "val", "mode": "max",
+        "format": FORMAT, "sequence": 3, "rank": 0, "world_size": 1, "metric": "eval.score", "split": "val", "mode": "max",
         "value": 0.9, "step": 5, "epoch": 3, "file": "best-000000003.pt", "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }  # fmt: skip
@@ -454,7 +465,11 @@ def test_under_torchrun_every_rank_keeps_the_same_evaluation_s_best_in_its_own_f
         (step, value, found[0].sequence, f"best-{found[0].sequence:09d}.rank1.pt"),
     ]
     states = [load(f) for f in found]
-    assert same_tensors(states[0]["model"], states[1]["model"])  # the ranks' models are one
+    assert (
+        states[0]["shards"] == states[1]["shards"] == directory / "best" / f"best-{found[0].sequence:09d}.dcp"
+    )
+    model = model_and_optimizer(states[0])["model"]  # one copy of the ranks' one model, in one directory
+    assert sorted(model) == ["net.0.bias", "net.0.weight", "net.3.bias", "net.3.weight"]
     assert states[0]["step"] == states[1]["step"] == step
 
 

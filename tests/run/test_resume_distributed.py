@@ -24,11 +24,23 @@ from traintel.run import checkpoint, layout, rundir
 pytestmark = pytest.mark.slow
 
 
-def world_config() -> dict[str, Any]:
+STRATEGIES = {"ddp": {}, "fsdp": {"strategy": "fsdp", "fsdp": {"shard_modules": ["Linear"]}}}
+"""Each strategy's ``trainer.distributed`` settings."""
+
+
+def world_config(strategy: str, background: bool = False) -> dict[str, Any]:
+    """The resume test's run on two ranks; ``background``: checkpoints written in the background
+    (``checkpoint.async``), which changes nothing trained or logged."""
     cfg = config(0)
     cfg["task"]["params"]["samples"] = 480  # 240 per rank: the same 12 steps as one process
-    cfg["trainer"]["distributed"] = {"backend": "gloo", "timeout_seconds": 30}
+    cfg["trainer"]["distributed"] = {"backend": "gloo", "timeout_seconds": 30, **STRATEGIES[strategy]}
+    cfg["checkpoint"]["async"] = background
     return cfg
+
+
+@pytest.fixture(scope="module", params=list(STRATEGIES))
+def strategy(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> Child:
@@ -56,14 +68,18 @@ def final_states(run_dir: Path) -> list[dict[str, Any]]:
     for rank in (0, 1):
         found = checkpoint.newest(run_dir / layout.CHECKPOINT_DIRECTORY, rank)
         assert found is not None and found[0].step == STEPS
-        states.append({k: found[1][k] for k in ("model", "optimizer", "scheduler", "progress")})
+        assert found[1]["format"] == checkpoint.FORMAT and "model" not in found[1]  # in the DCP directory
+        whole = checkpoint.model_and_optimizer(found[1])
+        states.append({**whole, **{k: found[1][k] for k in ("scheduler", "progress")}})
     return states
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[Any, str], list[dict[str, Any]]]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, strategy: str
+) -> tuple[dict[Any, str], list[dict[str, Any]]]:
     where = tmp_path_factory.mktemp("world-reference")
-    (where / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    (where / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
     code, out, err = finished(
         torchrun(["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"], where)
     )
@@ -74,10 +90,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[Any, str],
 
 
 def test_workers_restarted_by_torchrun_resume_from_the_newest_common_checkpoint(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]]
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
 ) -> None:
     expected, final = reference
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
     run_dir = tmp_path / "run"
     args = ["--max-restarts=1", "-m", "traintel", "train", "-c", "config.yaml",
             "--set", f"run.dir={run_dir}", "--set", "run.resume=auto"]  # fmt: skip
@@ -98,11 +114,12 @@ def test_workers_restarted_by_torchrun_resume_from_the_newest_common_checkpoint(
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
 def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]]
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str, background: bool
 ) -> None:
     expected, final = reference
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
     proc = torchrun(
         ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"],
@@ -140,11 +157,11 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def killed(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> tuple[Path, str, str]:
     """A job whose rank 1 was killed with SIGKILL in step 7 (no restarts): its run directory (both
     ranks hold checkpoints 4 and 6), stdout and stderr."""
     where = tmp_path_factory.mktemp("world-killed")
-    (where / "config.yaml").write_text(yaml.safe_dump(world_config()))
+    (where / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
     args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"]
     code, out, err = finished(torchrun(args, where, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"}))
     assert code == 1, err
@@ -168,24 +185,31 @@ def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(killed: tupl
 
 
 def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_older_one(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], killed: tuple[Path, str, str]
-) -> None:
-    """Rank 1's step 6 is bit-flipped in place (same size, another SHA-256): it is skipped with a
-    warning, and both ranks continue from step 4, the newest that every rank holds and loads."""
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], killed: tuple[Path, str, str],
+    strategy: str,
+) -> None:  # fmt: skip
+    """Rank 1's step 6 (under DDP its state file, under FSDP its file in the DCP directory) is
+    bit-flipped in place (same size, another SHA-256): it is skipped with a warning, and both ranks
+    continue from step 4, the newest that every rank holds and loads."""
     expected, final = reference
+    part = "state" if strategy == "ddp" else "shard"
     run_dir = tmp_path / "run"
     shutil.copytree(killed[0], run_dir)
-    damaged = run_dir / layout.CHECKPOINT_DIRECTORY / layout.state_name(6, 1)
+    where = run_dir / layout.CHECKPOINT_DIRECTORY
+    damaged = where / (
+        layout.state_name(6, 1) if part == "state" else f"{layout.shards_name(6)}/__1_0.distcp"
+    )
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
     damaged.write_bytes(bytes(data))
 
     code, out, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
     assert code == 0, err
-    name = damaged.name
+    name = layout.state_name(6, 1)
+    what = name if part == "state" else f"{layout.shards_name(6)}/__1_0.distcp"
     assert (
         err.splitlines().count(
-            f"skipping checkpoint {name}: {name} does not match its manifest (size or SHA-256)"
+            f"skipping checkpoint {name}: {what} does not match its manifest (size or SHA-256)"
         )
         == 1
     )
@@ -195,6 +219,70 @@ def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_old
     starts = [(r["attempt"], r["resumed_from_step"]) for r in rank1 if r["event"] == "run.start"]
     assert starts == [(0, None), (1, 4)]
     resumed = losses(out)
+    assert sorted(k for k in resumed if isinstance(k, int)) == list(range(5, STEPS + 1))
+    assert {k: expected[k] for k in resumed} == resumed
+    assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
+
+
+def test_resuming_under_another_world_size_is_refused_with_exit_2(
+    tmp_path: Path, killed: tuple[Path, str, str], strategy: str
+) -> None:
+    """The windows would change: one process (the DDP run), or three ranks (the FSDP run), resuming
+    the two ranks' run is exit 2 with one line, and nothing in the run directory changes."""
+    ranks = 1 if strategy == "ddp" else 3
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed[0], run_dir)
+    before = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
+    if ranks == 1:
+        proc = popen([sys.executable, "-m", "traintel", "train", "--resume", str(run_dir)], cwd=tmp_path,
+                     env=child_env(extra={"OMP_NUM_THREADS": "1"}), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+    else:
+        env = child_env(extra={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        cmd = [sys.executable, "-m", "traintel.cli.torchrun", "--standalone", "--nproc-per-node=3",
+               "-m", "traintel", "train", "--resume", str(run_dir)]  # fmt: skip
+        proc = popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, _, err = finished(proc)
+    line = (
+        f"traintel: error: world_size: cannot change when resuming the run in {str(run_dir)!r}: its "
+        f"checkpoint has 2, this attempt {ranks}"
+    )
+    assert err.splitlines().count(line) == ranks, err[-3000:]
+    assert "Traceback" not in err.split("ChildFailedError")[0]  # torchrun's own summary comes after
+    assert code == 2  # traintel.cli.torchrun exits with the workers' status
+    after = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
+    assert after == before
+
+
+@pytest.mark.parametrize("at", ["dcp", "manifest"])
+def test_a_rank_killed_while_writing_a_checkpoint_leaves_none_picked_that_is_incomplete(
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str, at: str
+) -> None:
+    """Rank 1 is killed with SIGKILL writing its third checkpoint (step 6): with a DCP file torn
+    part-way (``dcp``), or with its DCP files whole but no state file or manifest (``manifest``);
+    in the background (``checkpoint.async``) for a torn file under FSDP and a missing manifest under
+    DDP, in the foreground for the other two. Step 6 is never picked: the resumed run continues from
+    step 4 and logs the same bits."""
+    expected, final = reference
+    background = (strategy == "fsdp") == (at == "dcp")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
+    run_dir = tmp_path / "run"
+    args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"]
+    code, _, err = finished(torchrun(args, tmp_path, {"RESUME_TEST_AT": f"{at}:3", "RESUME_TEST_RANK": "1"}))
+    assert code == 1, err
+    directory = run_dir / layout.CHECKPOINT_DIRECTORY
+    assert [c.step for c in checkpoint.complete(directory, 1)] == [4, 3]
+    torn = directory / layout.shards_name(6) / "__1_0.distcp"
+    if at == "dcp":  # a file rank 1 had begun
+        assert torn.exists() and not (directory / layout.manifest_name(6, 1)).exists()
+    else:  # every DCP file of rank 1's part, no state file
+        assert torn.stat().st_size > 0 and not (directory / layout.state_name(6, 1)).exists()
+
+    code, again, err = finished(torchrun(["-m", "traintel", "train", "--resume", str(run_dir)], tmp_path))
+    assert code == 0, err
+    start = next(lines(again))
+    assert (start["event"], start["resumed_from_step"]) == ("run.start", 4)
+    resumed = losses(again)
     assert sorted(k for k in resumed if isinstance(k, int)) == list(range(5, STEPS + 1))
     assert {k: expected[k] for k in resumed} == resumed
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))

@@ -22,12 +22,12 @@ from traintel.testing import T0, batch_record, end_record, run_context, step_rec
 
 OLD_BATCH = (
     b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch","run_id":"r1",'
-    b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"batch":2,"batches":10,'
+    b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"batch":2,"batches":10,'
     b'"step":0,"items":4,"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
 )
 OLD_STEP = (
     b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step","run_id":"r1",'
-    b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"step":1,"items":12,'
+    b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,"epoch":1,"step":1,"items":12,'
     b'"items_total":12,"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false,'
     b'"grad_scale":null,"metrics":{}}\n'
 )
@@ -35,18 +35,18 @@ TORN = b'{"timestamp":"2025-11-24T16:00:02.250000Z","level":"info","event":"trai
 """The start of a line a ``kill -9`` cut short."""
 NEW_BATCH = (
     b'{"timestamp":"2025-11-24T16:00:10.250000Z","level":"info","event":"train.batch","run_id":"r1",'
-    b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":1,"epoch":1,"batch":3,"batches":10,'
+    b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":1,"epoch":1,"batch":3,"batches":10,'
     b'"step":1,"items":4,"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
 )
 NEW_STEP = (
     b'{"timestamp":"2025-11-24T16:00:11.250000Z","level":"info","event":"train.step","run_id":"r1",'
-    b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":1,"epoch":1,"step":2,"items":12,'
+    b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":1,"epoch":1,"step":2,"items":12,'
     b'"items_total":24,"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false,'
     b'"grad_scale":null,"metrics":{}}\n'
 )
 NEW_END = (
     b'{"timestamp":"2025-11-24T16:00:12.250000Z","level":"info","event":"run.end","run_id":"r1",'
-    b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":1,"status":"completed",'
+    b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":1,"status":"completed",'
     b'"reason":"max_epochs","epoch":1,"step":2,"items_total":24,"duration_seconds":3.0}\n'
 )
 

@@ -48,7 +48,7 @@ def test_json_sink_renders_one_exact_line() -> None:
     sink.close()
     assert out.getvalue() == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+        b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
         b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3}\n'
     )
@@ -88,7 +88,7 @@ def test_diagnostic_sink_adds_diagnostics_and_never_overwrites(tmp_path: Path) -
     path = tmp_path / "run" / "diagnostic.jsonl"
     assert path.read_bytes() == (
         b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-        b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+        b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
         b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
         b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3,'
         b'"expected_loss_scale":0.3333333333333333,"scale_ok":true}\n'
@@ -269,7 +269,7 @@ def test_ecs_profile_renames_the_head_and_keeps_every_value() -> None:
     assert lines["ecs"] == (
         b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
         b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"train.batch",'
-        b'"traintel.run_id":"r1","traintel.schema_version":"1.4.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.5.0","traintel.rank":0,"traintel.world_size":1,'
         b'"traintel.attempt":0,"traintel.epoch":1,"traintel.batch":2,"traintel.batches":10,"traintel.step":0,'
         b'"traintel.items":4,"traintel.raw_loss":0.75,"traintel.loss":null,'
         b'"traintel.loss_scale":0.3333333333333333,"traintel.window_size":3,'

@@ -137,11 +137,17 @@ class Run:
         ``checkpoint.on_signal``) and the waiting records are delivered first, either of which may
         find a non-finite loss (``trainer.on_nonfinite=stop``) and so fail the run."""
         plan, state = self.plan, self.trainer.state
+        cp = self.checkpointing
         try:
-            if raised is None and state.stop_reason is not None and self.checkpointing is not None:
-                self.checkpointing.save_on_stop()
+            if raised is None and state.stop_reason is not None and cp is not None:
+                cp.save_on_stop()
         except NonFiniteLoss as exc:  # found delivering the records the checkpoint covers
             raised = exc
+        if cp is not None:  # a checkpoint written in the background is on disk before run.end
+            try:
+                cp.settle(agree=raised is None)
+            except Exception as exc:  # its agreement with the other ranks failed: one was lost
+                raised = raised or exc
         if raised is not None:  # the traceback as a structured log record
             _log.error("training failed", exc_info=raised)
         try:  # after a failure, other ranks may be gone: no collective then

@@ -3,8 +3,13 @@
 A checkpoint of optimizer step N by rank r is two files in ``<run dir>/checkpoints/``:
 
 - ``step-<N, 9 digits>.pt`` (``.rank<r>.pt`` for r > 0): the state, ``torch.save``d;
-- ``step-<N>.json`` (``.rank<r>.json``): its manifest (format, step, rank, size, SHA-256),
-  written only after the state file is durable. The manifest is the completion marker.
+- ``step-<N>.json`` (``.rank<r>.json``): its manifest (format, step, rank, world size, size,
+  SHA-256), written only after the state file is durable. The manifest is the completion marker.
+
+Under torchrun the model and optimizer are not in the state file but in ``step-<N>.dcp/``, written
+by every rank together through ``torch.distributed.checkpoint`` (``traintel.run.sharded``); each
+rank's manifest also names the files it wrote there, with their sizes and SHA-256, so it is written
+only once they are on disk, and the checkpoint counts only when every rank's manifest does.
 
 Each file is written by ``write_atomic`` (a temporary file in the same directory, fsync,
 ``os.replace``, fsync of the directory), so a crash at any moment leaves either no file or
@@ -13,7 +18,8 @@ counts only when its manifest parses and the state file has the size and hash it
 a torn, half-written or tampered file is never picked. Older checkpoints are removed only
 after a newer one is complete (manifest first, so a half-removed checkpoint is never
 picked), and temporary files left by a crash are removed when a run starts. States load
-with ``torch.load(weights_only=True)``: tensors and plain Python values only.
+with ``torch.load(weights_only=True)``: tensors and plain Python values only; a rank's files in
+the DCP directory are checked against its manifest's hashes when its checkpoint is loaded.
 
 The best evaluation's checkpoint (``checkpoint.best``) lives apart, in ``checkpoints/best/``:
 ``best-<n>.pt`` and ``best-<n>.json`` (``.rank<r>`` for r > 0), numbered in the order written, its
@@ -33,24 +39,47 @@ import logging
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from traintel.errors import one_line
-from traintel.run.layout import BEST_DIRECTORY, best_manifest_name, best_state_name, manifest_name, state_name
+from traintel.run import sharded
+from traintel.run.layout import (
+    BEST_DIRECTORY,
+    best_manifest_name,
+    best_shards_name,
+    best_state_name,
+    manifest_name,
+    shards_name,
+    state_name,
+)
 from traintel.sinks.io.atomic import write_atomic
 
-FORMAT = 1
-"""Version of the state layout; a checkpoint of another format is refused."""
+FORMAT = 2
+"""Version of the state layout written: 2 keeps a torchrun run's model and optimizer apart, in the
+DCP directory its manifest names."""
+FORMATS = (1, 2)
+"""The layouts read (1: every rank's state file holds the model and optimizer); others are refused."""
 
 _FILE = re.compile(r"^step-(\d{9})(?:\.rank([1-9]\d*))?\.(pt|json)$")
 _TEMP = re.compile(r"^\.step-\d{9}(?:\.rank([1-9]\d*))?\.(?:pt|json)\..+\.tmp$")
+_SHARDS = re.compile(r"^step-(\d{9})\.dcp$")
+_BEST_SHARDS = re.compile(r"^best-(\d{9,})\.dcp$")
 _BEST_FILE = re.compile(r"^best-(\d{9,})(?:\.rank([1-9]\d*))?\.(pt|json)$")
 _BEST_TEMP = re.compile(r"^\.best-\d{9,}(?:\.rank([1-9]\d*))?\.(?:pt|json)\..+\.tmp$")
 _log = logging.getLogger("traintel")
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One of a rank's files in a checkpoint's DCP directory, as its manifest names it."""
+
+    path: Path
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -61,27 +90,47 @@ class Complete:
     path: Path
     sha256: str
     size: int
+    shards: tuple[ShardFile, ...] = field(default=(), kw_only=True)
+    """This rank's files of the model and optimizer (``traintel.run.sharded``), in the DCP directory
+    ``shard_directory``; none for a checkpoint of one process (they are in the state file)."""
+    shard_directory: Path | None = field(default=None, kw_only=True)
+    world_size: int | None = field(default=None, kw_only=True)
+    """The ranks that took it, as its manifest says (None: one written before manifests said)."""
 
 
 def _rank_of(match: re.Match[str]) -> int:
     return int(match.group(1 if match.re in (_TEMP, _BEST_TEMP) else 2) or 0)
 
 
-def write(directory: Path, step: int, rank: int, state: Mapping[str, Any]) -> Path:
-    """Write rank ``rank``'s checkpoint of ``step`` durably, then its manifest; returns the state file.
-
-    An ``OSError`` (a full disk) leaves every earlier checkpoint as it was.
+def write(
+    directory: Path,
+    step: int,
+    rank: int,
+    state: Mapping[str, Any],
+    *,
+    world_size: int = 1,
+    shards: sharded.Written | None = None,
+) -> Path:
+    """Write rank ``rank``'s checkpoint of ``step`` durably, then its manifest (naming ``shards``,
+    what this rank wrote of the model and optimizer's DCP directory, when given); returns the state
+    file. An ``OSError`` (a full disk) leaves every earlier checkpoint as it was.
     """
     path = directory / state_name(step, rank)
-    _write_pair(path, directory / manifest_name(step, rank), state, {"step": step, "rank": rank})
+    fields = {"step": step, "rank": rank, "world_size": world_size}
+    _write_pair(path, directory / manifest_name(step, rank), state, fields, shards)
     return path
 
 
 def _write_pair(
-    path: Path, manifest_path: Path, state: Mapping[str, Any], fields: Mapping[str, Any]
+    path: Path,
+    manifest_path: Path,
+    state: Mapping[str, Any],
+    fields: Mapping[str, Any],
+    shards: sharded.Written | None = None,
 ) -> tuple[int, str]:
     """``state`` into ``path``, durably, then its manifest (``fields``, the file's name, size and
-    SHA-256) into ``manifest_path``, each with ``write_atomic``; returns the state's size and hash."""
+    SHA-256, and ``shards``'s files) into ``manifest_path``, each with ``write_atomic``; returns the
+    state's size and hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
@@ -89,8 +138,50 @@ def _write_pair(
     digest = hashlib.sha256(data).hexdigest()
     write_atomic(path, bytes(data))
     manifest = {"format": FORMAT, **fields, "file": path.name, "size": len(data), "sha256": digest}
+    if shards is not None:
+        manifest["shards"] = {
+            "directory": shards.directory.name,
+            "files": [{"file": name, "size": size, "sha256": sha} for name, size, sha in shards.files],
+        }
     write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return len(data), digest
+
+
+def _shard_files(manifest: Mapping[str, Any], where: Path, expected: str) -> tuple[ShardFile, ...] | None:
+    """The shard files a manifest names, when each is on disk with its size; () when it names none
+    (a checkpoint of one process, or of format 1); None when they do not check out. ``expected``: the
+    DCP directory's name for this checkpoint."""
+    shards = manifest.get("shards")
+    if shards is None:
+        return ()
+    if not isinstance(shards, Mapping) or shards.get("directory") != expected:
+        return None
+    files = shards.get("files")
+    if not isinstance(files, list) or not files:
+        return None
+    found = []
+    for entry in files:
+        name, size, sha = entry["file"], entry["size"], entry["sha256"]
+        if not (
+            isinstance(name, str)
+            and sharded.is_shard_name(name)
+            and type(size) is int
+            and isinstance(sha, str)
+        ):
+            return None
+        path = where / expected / name
+        if path.stat().st_size != size:
+            return None
+        found.append(ShardFile(path, size, sha))
+    return tuple(found)
+
+
+def _check_shards(found: Complete) -> None:
+    """``ValueError`` unless each of a checkpoint's shard files has its manifest's size and SHA-256."""
+    for shard in found.shards:
+        if sharded.digest(shard.path) != (shard.size, shard.sha256):
+            msg = f"{shard.path.parent.name}/{shard.path.name} does not match its manifest (size or SHA-256)"
+            raise ValueError(msg)
 
 
 def complete(directory: Path, rank: int) -> list[Complete]:
@@ -108,19 +199,25 @@ def complete(directory: Path, rank: int) -> list[Complete]:
         if match is None or match.group(3) != "json" or _rank_of(match) != rank:
             continue
         step = int(match.group(1))
+        shards: tuple[ShardFile, ...] | None = None
         try:
             manifest = json.loads((directory / name).read_text(encoding="utf-8"))
             size, digest = manifest["size"], manifest["sha256"]
             ok = (
-                manifest["format"] == FORMAT
+                manifest["format"] in FORMATS
                 and manifest["step"] == step
                 and manifest["file"] == state_name(step, rank)
                 and (directory / manifest["file"]).stat().st_size == size
             )
+            shards = _shard_files(manifest, directory, shards_name(step)) if ok else None
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
-        if ok:
-            found.append(Complete(step, directory / state_name(step, rank), str(digest), int(size)))
+        if ok and shards is not None:
+            found.append(Complete(
+                step, directory / state_name(step, rank), str(digest), int(size), shards=shards,
+                shard_directory=directory / shards_name(step) if shards else None,
+                world_size=manifest["world_size"] if type(manifest.get("world_size")) is int else None,
+            ))  # fmt: skip
     found.sort(key=lambda c: c.step, reverse=True)
     return found
 
@@ -131,11 +228,33 @@ def load(found: Complete) -> dict[str, Any]:
     if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
         msg = f"{found.path.name} does not match its manifest (size or SHA-256)"
         raise ValueError(msg)
+    _check_shards(found)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        msg = f"{found.path.name} is not a traintel checkpoint of format {FORMAT}"
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
+        formats = " or ".join(str(f) for f in FORMATS)
+        msg = f"{found.path.name} is not a traintel checkpoint of format {formats}"
         raise ValueError(msg)
+    if found.shard_directory is not None:
+        state["shards"] = found.shard_directory  # where restore finds the model and optimizer
     return state
+
+
+def model_and_optimizer(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint's (``load``, ``newest``) model and optimizer state, whole, on the CPU:
+    from its state file in one process, else gathered from its DCP directory (every rank's part,
+    read here without a process group). The model's keys are its parameter names either way; a DCP
+    checkpoint's optimizer state is keyed by them too (``get_state_dict``'s layout)."""
+    if "model" in state:
+        return {"model": state["model"], "optimizer": state["optimizer"]}
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(state["shards"], whole)
+        loaded = torch.load(whole, map_location="cpu", weights_only=True)
+    return {"model": loaded["model"], "optimizer": loaded["optimizer"]}
 
 
 def newest(
@@ -168,6 +287,9 @@ def prune(directory: Path, rank: int, keep: int) -> None:
         if match and match.group(3) == "pt" and _rank_of(match) == rank and int(match.group(1)) not in steps:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        shards = _SHARDS.match(path.name)
+        if shards and int(shards.group(1)) not in steps:  # this rank's part of an older or torn one
+            sharded.remove_own(path, rank)
 
 
 def remove_temporary(directory: Path, rank: int) -> int:
@@ -223,17 +345,23 @@ def write_best(
     value: float,
     step: int,
     epoch: int,
+    sequence: int | None = None,
+    world_size: int = 1,
+    shards: sharded.Written | None = None,
 ) -> Best:
     """Write rank ``rank``'s new best checkpoint into ``directory/best`` (``directory``: the run's
-    checkpoint directory) durably, then its manifest; then remove the best it replaces (manifest
-    first) and what a crashed write of one left. An ``OSError`` while writing leaves the earlier best
-    as it was; one while removing leaves an older best behind, which ``best`` never picks."""
+    checkpoint directory) durably, then its manifest (naming ``shards``, this rank's files of the
+    model and optimizer's DCP directory, ``best_shards_name(sequence)``, under torchrun); then remove
+    the best it replaces (manifest first) and what a crashed write of one left. ``sequence``: the
+    best's number, the same on every rank (default: ``next_best`` of this rank). An ``OSError`` while
+    writing leaves the earlier best as it was; one while removing leaves an older best behind, which
+    ``best`` never picks."""
     where = directory / BEST_DIRECTORY
-    sequence = 1 + max((seq for seq, _ in _best_entries(where, rank)), default=0)
+    sequence = next_best(directory, rank) if sequence is None else sequence
     path = where / best_state_name(sequence, rank)
-    fields = {"sequence": sequence, "rank": rank, "metric": metric, "split": split, "mode": mode,
-              "value": float(value), "step": step, "epoch": epoch}  # fmt: skip
-    size, digest = _write_pair(path, where / best_manifest_name(sequence, rank), state, fields)
+    fields = {"sequence": sequence, "rank": rank, "world_size": world_size, "metric": metric, "split": split,
+              "mode": mode, "value": float(value), "step": step, "epoch": epoch}  # fmt: skip
+    size, digest = _write_pair(path, where / best_manifest_name(sequence, rank), state, fields, shards)
     older = [name for seq, name in _best_entries(where, rank) if seq != sequence]
     older.sort(key=lambda name: not name.endswith(".json"))  # manifests first: never half a best complete
     for name in older:
@@ -241,7 +369,20 @@ def write_best(
             (where / name).unlink()
     with contextlib.suppress(OSError):
         _remove_matching(where, rank, _BEST_TEMP)
-    return Best(step, path, digest, size, metric, split, mode, float(value), epoch, sequence)
+        for path_ in where.iterdir():
+            match = _BEST_SHARDS.match(path_.name)
+            if match is not None and int(match.group(1)) != sequence:
+                sharded.remove_own(path_, rank)
+    files = tuple(ShardFile(shards.directory / n, sz, sha) for n, sz, sha in shards.files) if shards else ()
+    return Best(
+        step, path, digest, size, metric, split, mode, float(value), epoch, sequence, shards=files,
+        shard_directory=shards.directory if shards else None,
+    )  # fmt: skip
+
+
+def next_best(directory: Path, rank: int) -> int:
+    """The number the next best checkpoint of rank ``rank`` takes: one above any of its best files."""
+    return 1 + max((seq for seq, _ in _best_entries(directory / BEST_DIRECTORY, rank)), default=0)
 
 
 def best(directory: Path, rank: int = 0) -> Best | None:
@@ -256,7 +397,8 @@ def best(directory: Path, rank: int = 0) -> Best | None:
             continue
         try:
             data = found.path.read_bytes()
-        except OSError as exc:
+            _check_shards(found)
+        except (OSError, ValueError) as exc:
             _log.warning("skipping best checkpoint %s: %s", found.path.name, one_line(exc))
             continue
         if len(data) != found.size or hashlib.sha256(data).hexdigest() != found.sha256:
@@ -285,8 +427,10 @@ def _best_manifest(where: Path, rank: int, sequence: int) -> Best | None:
     try:
         m = json.loads((where / best_manifest_name(sequence, rank)).read_text(encoding="utf-8"))
         name, size, value = m["file"], m["size"], m["value"]
+        shards = _shard_files(m, where, best_shards_name(sequence))
         ok = (
-            m["format"] == FORMAT
+            shards is not None
+            and m["format"] in FORMATS
             and m["sequence"] == sequence
             and m["rank"] == rank
             and name == best_state_name(sequence, rank)
@@ -300,11 +444,12 @@ def _best_manifest(where: Path, rank: int, sequence: int) -> Best | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not ok:
+    if not ok or shards is None:
         return None
     return Best(
         m["step"], where / name, m["sha256"], size, m["metric"], m["split"], m["mode"], float(value),
-        m["epoch"], sequence,
+        m["epoch"], sequence, shards=shards,
+        shard_directory=where / best_shards_name(sequence) if shards else None,
     )  # fmt: skip
 
 

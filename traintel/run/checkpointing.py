@@ -22,8 +22,11 @@ It is not a place to resume from, so it does not wait for the records to be dura
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +42,8 @@ from traintel.engine.step import unwrapped
 from traintel.engine.trainer import TraintelEngine
 from traintel.engine.windows import WindowedLoader
 from traintel.errors import NonFiniteLoss, one_line
-from traintel.records import EvalRecord
-from traintel.run import checkpoint
+from traintel.records import CheckpointRecord, EvalRecord, Record
+from traintel.run import checkpoint, layout, sharded
 
 _log = logging.getLogger("traintel")
 
@@ -94,6 +97,9 @@ class Checkpointing:
         unfinished_end: Callable[[], Mapping[str, Any] | None] = lambda: None,
         on_signal: bool = False,
         best: BestOf | None = None,
+        shards: sharded.ShardedState | None = None,
+        background: bool = False,
+        emit: Callable[[Record], None] = lambda _: None,
     ) -> None:
         self.directory = directory
         self.trainer = trainer
@@ -121,6 +127,16 @@ class Checkpointing:
         """Whether a stop (a signal) takes a checkpoint of the step it finished (``checkpoint.on_signal``)."""
         self.best = best
         """Which evaluations the best checkpoint compares, or None for no best checkpoint."""
+        self.shards = shards
+        """Under torchrun, where the model and optimizer go (a DCP directory per checkpoint, every rank
+        its part); None in one process (they go into the state file)."""
+        self.background = background and shards is not None
+        """``checkpoint.async``: the DCP directory is written in the background; the checkpoint's
+        manifests follow once it is on disk, and the next checkpoint waits for it (``settle``)."""
+        self._pending: Write | None = None
+        """The checkpoint under way (in the background, or just written), until ``settle``."""
+        self.emit = emit
+        """Where each checkpoint's ``checkpoint`` record goes (the fan-out)."""
         self.best_value: float | None = None
         """The value of the best checkpoint written (or found on resume, ``read_best``); None: none yet."""
         self._judged: EvalRecord | None = None
@@ -199,8 +215,7 @@ class Checkpointing:
             "epoch_ended": self._ended,
             "evaluation_owed": cut is not None,
             "engine": {"iteration": st.iteration, "epoch": st.epoch, "epoch_length": st.epoch_length},
-            "model": unwrapped(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self._whole_state(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "progress": progress.state_dict(),
@@ -211,13 +226,22 @@ class Checkpointing:
             },
         }
 
+    def _whole_state(self) -> dict[str, Any]:
+        """The model and optimizer for the state file: in one process; under torchrun they go into
+        the checkpoint's DCP directory instead (``shards``)."""
+        if self.shards is not None:
+            return {}
+        return {"model": unwrapped(self.model).state_dict(), "optimizer": self.optimizer.state_dict()}
+
     def save(self, why: str, *, again: bool = False) -> bool:
         """Commit a checkpoint of the current step (every rank at the same step); False when none
         was written. A step is saved once unless ``again`` (its position has changed since). A write
-        error is logged and leaves the earlier checkpoints as they were."""
+        error is logged and leaves the earlier checkpoints as they were. With ``background``, the
+        checkpoint is under way on return (True), and counts once ``settle`` has seen it complete."""
         step = traintel_state(self.trainer).progress.run_steps
         if step == self.saved_step and not again:
             return False
+        self.settle()
         ok = self.commit_ready()
         if not ok:
             _log.warning(
@@ -225,18 +249,87 @@ class Checkpointing:
                 "within 5 s",
                 step,
             )
-        written = False
-        if ok:
-            try:
-                checkpoint.write(self.directory, step, self.rank, self.state())
-                written = True
-            except OSError as exc:
-                _log.error("checkpoint at step %d (%s) not written: %s", step, why, one_line(exc))
-        if not self.coordinator.all_true(written):  # every rank wrote its part: only then prune
+        if self.shards is not None and not self.coordinator.all_true(ok):  # DCP writes on every rank
             return False
-        self.saved_step = step
+        write = Write(step, why, self.background)
+        self.saved_step, self._pending = step, write
+        if self.shards is None:
+            write.future = self._write_whole(write) if ok else _failed(NotReady())
+        else:
+            write.future = self._write_sharded(write)
+        write.stall = time.perf_counter() - write.started
+        return True if self.background else self.settle()
+
+    def _write_whole(self, write: Write) -> concurrent.futures.Future[Any]:
+        """This rank's checkpoint in one state file, model and optimizer included."""
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            path = checkpoint.write(self.directory, write.step, self.rank, self.state())
+            write.wrote(path.stat().st_size)
+            done.set_result(None)
+        except OSError as exc:
+            done.set_exception(exc)
+        return done
+
+    def _write_sharded(self, write: Write) -> concurrent.futures.Future[Any]:
+        """The model and optimizer into the step's DCP directory (every rank together), then this
+        rank's state file and manifest; in the background with ``background``."""
+        assert self.shards is not None
+        state = self.state()
+        directory, rank, world_size, step = self.directory, self.rank, self.coordinator.world_size, write.step
+        with contextlib.suppress(FileNotFoundError):  # an earlier attempt's of this step goes first
+            (directory / layout.manifest_name(step, rank)).unlink()
+
+        def then(written: sharded.Written) -> None:
+            path = checkpoint.write(directory, step, rank, state, world_size=world_size, shards=written)
+            write.wrote(written.size + path.stat().st_size)
+
+        try:
+            return self.shards.save(
+                directory / layout.shards_name(step), background=write.background, then=then
+            )
+        except Exception as exc:  # the disk's, DCP's (ShardError)
+            return _failed(exc)
+
+    def settle(self, *, agree: bool = True) -> bool:
+        """Wait for the checkpoint under way (written in the background, or just written) to be on
+        disk with its manifests; when every rank's is (``agree``: one collective, which also adds up
+        their bytes), prune the older ones and emit its ``checkpoint`` record. False when it failed
+        on some rank (logged here); nothing to wait for is True. Without ``agree`` (a run that failed:
+        other ranks may be gone), only wait."""
+        write, self._pending = self._pending, None
+        if write is None:
+            return True
+        waited = time.perf_counter()
+        written = True
+        try:
+            write.future.result()
+        except NotReady:  # save has said why
+            written = False
+        except Exception as exc:  # the disk's, DCP's (ShardError)
+            _log.error("checkpoint at step %d (%s) not written: %s", write.step, write.why, one_line(exc))
+            written = False
+        write.stall += time.perf_counter() - waited if write.background else 0.0
+        if not agree:
+            return written
+        ranks, size = self.coordinator.sum_floats([float(written), float(write.size if written else 0)])
+        if ranks < self.coordinator.world_size:
+            if self.saved_step == write.step:  # not saved: a later save of this step (a stop's) tries again
+                self.saved_step = None
+            return False
         checkpoint.prune(self.directory, self.rank, self.keep)
+        self._emit(write, int(size))
         return True
+
+    def _emit(self, write: Write, size: int) -> None:
+        """The ``checkpoint`` record of a write complete on every rank."""
+        c = self.coordinator
+        self.emit(CheckpointRecord(
+            run_id=self.identity["run_id"], time=time.time(), rank=c.rank, world_size=c.world_size,
+            attempt=self.identity["attempt"], step=write.step, epoch=self.trainer.state.epoch,
+            reason=write.why, size_bytes=size, write_seconds=write.seconds, stall_seconds=write.stall,
+            background=write.background,
+        ))  # fmt: skip
 
     def keep_best(self) -> None:
         """After an evaluation: when the newest of ``best.split`` is strictly better than the best so
@@ -250,18 +343,37 @@ class Checkpointing:
         value = best.value(record)
         if value is None or not best.better(value, self.best_value):
             return
+        write = Write(record.step, "best", background=False)
         try:
-            found = checkpoint.write_best(
-                self.directory, self.rank, self.state(), metric=best.metric, split=best.split,
-                mode=best.mode, value=value, step=record.step, epoch=record.epoch,
-            )  # fmt: skip
-        except OSError as exc:
+            found = self._write_best(best, value, record)
+            write.wrote(found.size + sum(shard.size for shard in found.shards))
+        except Exception as exc:  # the disk's, or DCP's (ShardError)
             _log.error("best checkpoint at step %d not written: %s", record.step, one_line(exc))
+        write.stall = time.perf_counter() - write.started
+        ranks, size = self.coordinator.sum_floats([float(write.size > 0), float(write.size)])
+        if not write.size:
             return
+        if ranks == self.coordinator.world_size:
+            self._emit(write, int(size))
         self.best_value = value
         _log.info(
             "new best checkpoint at step %d: %s = %r on %r (%s), in %s",
             record.step, best.metric, value, best.split, best.mode, found.path,
+        )  # fmt: skip
+
+    def _write_best(self, best: BestOf, value: float, record: EvalRecord) -> checkpoint.Best:
+        """The best checkpoint of ``record``'s evaluation; under torchrun its model and optimizer go
+        into a DCP directory first, numbered alike on every rank."""
+        sequence, written = None, None
+        if self.shards is not None:
+            self.settle()  # DCP's group takes one write at a time
+            sequence = max(self.coordinator.gather(checkpoint.next_best(self.directory, self.rank)))
+            where = self.directory / layout.BEST_DIRECTORY / layout.best_shards_name(sequence)
+            written = self.shards.save(where).result()
+        return checkpoint.write_best(
+            self.directory, self.rank, self.state(), metric=best.metric, split=best.split, mode=best.mode,
+            value=value, step=record.step, epoch=record.epoch, sequence=sequence,
+            world_size=self.coordinator.world_size, shards=written,
         )  # fmt: skip
 
     def read_best(self) -> None:
@@ -303,8 +415,14 @@ class Checkpointing:
         end is still to run: its evaluation, cut by a stop; for a checkpoint an earlier traintel took
         at an epoch's last step before its end, that end's record too.
         """
-        unwrapped(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:  # one process's, or an earlier traintel's under torchrun (format 1)
+            unwrapped(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.shards is not None:
+            self.shards.load(state["shards"])
+        else:
+            msg = "its model and optimizer are sharded (a run under torchrun): resume it under torchrun"
+            raise ValueError(msg)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
@@ -375,3 +493,34 @@ def epochs_done(state: Mapping[str, Any]) -> int:
     unless part of its end is owed (``owed_end``), which a resumed run runs first."""
     epoch = int(state["engine"]["epoch"])
     return epoch if state["epoch_ended"] and owed_end(state) is None else epoch - 1
+
+
+class Write:
+    """A checkpoint under way: what it is, its write, and what it cost."""
+
+    def __init__(self, step: int, why: str, background: bool) -> None:
+        self.step, self.why, self.background = step, why, background
+        self.started = time.perf_counter()
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        """Done once this rank's files and manifest are on disk (with the failure, if any)."""
+        self.size = 0
+        """The bytes this rank wrote."""
+        self.seconds = 0.0
+        """From the start of the checkpoint to this rank's manifest on disk."""
+        self.stall = 0.0
+        """How long training waited for it on this rank: the whole write, or for one in the background
+        the copy of its state and any wait for it to end (``settle``)."""
+
+    def wrote(self, size: int) -> None:
+        """This rank's files and manifest are on disk: ``size`` bytes."""
+        self.size, self.seconds = size, time.perf_counter() - self.started
+
+
+class NotReady(Exception):
+    """A checkpoint not written because its records were not durable (``commit_ready``)."""
+
+
+def _failed(exc: BaseException) -> concurrent.futures.Future[Any]:
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    done.set_exception(exc)
+    return done

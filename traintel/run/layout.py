@@ -12,9 +12,13 @@
         run.json                    the run id, the attempt, a completed run's end (RUN_FILE)
         step-000000012.pt           a checkpoint's state (state_name), with its manifest
         step-000000012.json         (manifest_name); rank r > 0 adds ``.rank<r>``
+        step-000000012.dcp/         under torchrun, the model and optimizer (shards_name): each
+          __0_0.distcp, ...         rank's files (torch.distributed.checkpoint), named in its
+          .metadata                 manifest; rank 0's include DCP's metadata
         best/                       BEST_DIRECTORY: the best evaluation's checkpoint (``checkpoint.best``)
           best-000000003.pt         its state (best_state_name: the 3rd best written), with its
           best-000000003.json       manifest (best_manifest_name); rank r > 0 adds ``.rank<r>``
+          best-000000003.dcp/       under torchrun, its model and optimizer (best_shards_name)
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def state_name(step: int, rank: int) -> str:
 def manifest_name(step: int, rank: int) -> str:
     """``step-000000012.json`` (rank 0), ``step-000000012.rank1.json``."""
     return rank_filename(f"step-{step:09d}.json", rank)
+
+
+def shards_name(step: int) -> str:
+    """``step-000000012.dcp``: the directory of a checkpoint's model and optimizer under torchrun,
+    every rank's files in one."""
+    return f"step-{step:09d}.dcp"
+
+
+def best_shards_name(sequence: int) -> str:
+    """``best-000000003.dcp``: the best checkpoint's model and optimizer under torchrun."""
+    return f"best-{sequence:09d}.dcp"
 
 
 def best_state_name(sequence: int, rank: int) -> str:

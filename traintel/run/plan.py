@@ -37,7 +37,7 @@ from traintel.handlers.evaluation import Evaluation
 from traintel.handlers.lifecycle import RunLifecycle
 from traintel.handlers.telemetry import TrainTelemetry
 from traintel.records import RunStartRecord, freeze
-from traintel.run import distributed, layout, resume, rundir
+from traintel.run import distributed, layout, resume, rundir, sharded
 from traintel.run.assembly import SinkSet, build_sinks
 from traintel.run.checkpointing import BestOf, Checkpointing
 from traintel.run.optim import (
@@ -203,6 +203,7 @@ def make_plan(
             config=shown,
             metrics_url=sinks.prometheus.url if sinks.prometheus is not None else None,
             backend=where.backend,
+            strategy=None if launch is None else tc.distributed.strategy,
             restart_count=launch.restart_count if launch is not None else 0,
             resumed_from_step=attempt.step,
             items_total=trainer.state.progress.run_items,
@@ -235,8 +236,8 @@ def make_plan(
             every_steps=config.eval.every_steps,
         )
         if isinstance(trainer.update_step, fsdp.FullyShardedStep):
-            sharded, reshard = trainer.update_step.model, tc.distributed.fsdp.reshard_after_forward
-            evaluation.scope = lambda: fsdp.evaluating(sharded, reshard)
+            root, reshard = trainer.update_step.model, tc.distributed.fsdp.reshard_after_forward
+            evaluation.scope = lambda: fsdp.evaluating(root, reshard)
         evaluation.attach(trainer)
     checkpointing = None
     cc = config.checkpoint
@@ -282,6 +283,9 @@ def make_plan(
             coordinator=coordinator,
             on_signal=cc.enabled and cc.on_signal,
             best=None if cc.best is None else BestOf(cc.best.metric, cc.best.split, cc.best.chosen_mode),
+            shards=None if launch is None else sharded.ShardedState(model, optimizer, coordinator.rank),
+            background=cc.async_,
+            emit=emit,
         )
         if evaluation is not None:
             cut = evaluation

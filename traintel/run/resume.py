@@ -109,11 +109,20 @@ def find(run_dir: Path, coordinator: Coordinator, *, required: bool) -> Resumpti
     directory = run_dir / layout.CHECKPOINT_DIRECTORY
     rank = coordinator.rank
     checkpoint.remove_temporary(directory, rank)
-    steps = {c.step for c in checkpoint.complete(directory, rank)}
+    found = checkpoint.complete(directory, rank)
+    steps = {c.step for c in found}
+    newest_size = found[0].world_size if found else None
     previous = read_run_file(directory)
-    views = coordinator.gather((sorted(steps), previous))
-    candidates = set.intersection(*(set(s) for s, _ in views))
-    earlier = [p for _, p in views if p is not None]
+    views = coordinator.gather((sorted(steps), previous, newest_size))
+    sizes = {size for *_, size in views if size is not None}
+    if sizes and coordinator.world_size not in sizes:  # its windows were the other ranks'
+        raise ConfigError(
+            "world_size",
+            f"cannot change when resuming the run in {str(run_dir)!r}: its checkpoint has "
+            f"{max(sizes)}, this attempt {coordinator.world_size}",
+        )
+    candidates = set.intersection(*(set(s) for s, _, _ in views))
+    earlier = [p for _, p, _ in views if p is not None]
     loaded: tuple[checkpoint.Complete, dict[str, Any]] | None = None
     while True:
         if loaded is None or loaded[0].step not in candidates:

@@ -2,8 +2,8 @@
 drives a real run.
 
 ``batch_record(**overrides)``, ``step_record``, ``epoch_record``, ``eval_record``,
-``metric_record``, ``end_record`` and ``make_record(event, **overrides)`` build one record with
-fixed, plausible values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test
+``metric_record``, ``checkpoint_record``, ``end_record`` and ``make_record(event, **overrides)``
+build one record with fixed, plausible values (time ``T0``, run id ``r1``, rank 0 of 1, attempt 0) that a test
 overrides where it matters (``attempt=1`` for a resumed run's records); ``run_context(run_dir)``
 is the matching ``RunContext`` (``run_context(run_dir, attempt=1)`` for a resumed attempt).
 
@@ -25,6 +25,7 @@ from traintel.testing.contract import ContractResult, SinkContractError, check_s
 from traintel.testing.records import (
     T0,
     batch_record,
+    checkpoint_record,
     end_record,
     epoch_record,
     eval_record,
@@ -41,6 +42,7 @@ __all__ = [
     "SinkContractError",
     "batch_record",
     "check_sink",
+    "checkpoint_record",
     "contract_config",
     "end_record",
     "epoch_record",

@@ -10,6 +10,7 @@ from typing import Any
 
 from traintel.records import (
     BatchRecord,
+    CheckpointRecord,
     EpochRecord,
     EvalRecord,
     MetricRecord,
@@ -78,6 +79,16 @@ def metric_record(**overrides: Any) -> MetricRecord:
     return MetricRecord(**{**fields, **overrides})
 
 
+def checkpoint_record(**overrides: Any) -> CheckpointRecord:
+    """A ``checkpoint`` record: step 1 of epoch 1 (``every_steps``), 4096 bytes written in a quarter of a
+    second in the foreground (training waited for all of it), two and three quarter seconds after ``T0``."""
+    fields: dict[str, Any] = {
+        "run_id": "r1", "time": T0 + 2.75, "step": 1, "epoch": 1, "reason": "every_steps",
+        "size_bytes": 4096, "write_seconds": 0.25, "stall_seconds": 0.25, "background": False,
+    }  # fmt: skip
+    return CheckpointRecord(**{**fields, **overrides})
+
+
 def end_record(**overrides: Any) -> RunEndRecord:
     """A ``run.end`` record: completed after epoch 1 (``max_epochs``), three seconds after ``T0``."""
     fields: dict[str, Any] = {
@@ -93,13 +104,14 @@ _BUILDERS: dict[str, Callable[..., Record]] = {
     "train.epoch": epoch_record,
     "eval.epoch": eval_record,
     "metric": metric_record,
+    "checkpoint": checkpoint_record,
     "run.end": end_record,
 }
 
 
 def make_record(event: str, **overrides: Any) -> Record:
     """The builder of ``event`` (``train.batch``, ``train.step``, ``train.epoch``, ``eval.epoch``,
-    ``metric`` or ``run.end``) called with ``overrides``."""
+    ``metric``, ``checkpoint`` or ``run.end``) called with ``overrides``."""
     builder = _BUILDERS.get(event)
     if builder is None:
         msg = f"event must be one of {sorted(_BUILDERS)}, got {event!r}"

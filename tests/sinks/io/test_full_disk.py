@@ -297,8 +297,9 @@ def test_a_run_through_a_full_disk_completes_and_its_checkpoints_resume_once_the
         assert raw.endswith(b"\n")
         records = [json.loads(x) for x in raw.splitlines()]  # every line whole
         events = [x["event"] for x in records]
-        assert (events[0], events[-2:]) == ("run.start", ["train.epoch", "run.end"])
-        assert (events.count("train.batch"), events.count("train.step"), len(events)) == (96, 24, 123)
+        assert (events[0], events[-3:]) == ("run.start", ["train.epoch", "checkpoint", "run.end"])
+        assert (events.count("train.batch"), events.count("train.step"), len(events)) == (96, 24, 128)
+        assert [x["step"] for x in records if x["event"] == "checkpoint"] == [4, 12, 16, 20, 24]
         assert [x["step"] for x in records if x["event"] == "train.step"] == list(range(1, 25))
         assert [x["batch"] for x in records if x["event"] == "train.batch"] == list(range(1, 97))
         assert [x for x in records if "dropped" in x] == []  # nothing was lost

@@ -27,6 +27,7 @@ import pytest
 
 from tests.helpers.children import CRASH_MESSAGE, run_child, write_crashing_task
 from tests.helpers.paths import ROOT
+from traintel.records import RunStartRecord
 from traintel.schema import (
     ECS_SCHEMA_PATH,
     RecordValidationError,
@@ -37,7 +38,8 @@ from traintel.schema import (
 )
 from traintel.sinks import JsonSink
 from traintel.sinks.json.lines import ECS_VERSION
-from traintel.testing import end_record
+from traintel.testing import T0, end_record
+from traintel.testing.records import checkpoint_record
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -161,7 +163,7 @@ def test_the_field_table_excerpt_is_exactly_the_ecs_fields_the_profile_writes() 
 _LINE = {
     "@timestamp": "2025-11-24T16:00:00.250000Z", "log.level": "warning", "message": "sink.error",
     "ecs.version": "8.11.0", "event.dataset": "traintel.records", "event.action": "sink.error",
-    "traintel.run_id": "r1", "traintel.schema_version": "1.4.0", "traintel.rank": 0, "traintel.world_size": 1,
+    "traintel.run_id": "r1", "traintel.schema_version": "1.5.0", "traintel.rank": 0, "traintel.world_size": 1,
     "traintel.attempt": 0, "traintel.sink": "flaky", "error.type": "OSError", "error.message": "bucket full",
 }  # fmt: skip
 
@@ -187,6 +189,70 @@ def test_the_ecs_schema_rejects_lines_elastic_would_not_take_as_ecs(
     line = {**_LINE, **change}
     with pytest.raises(RecordValidationError, match=re.escape(message)):
         validate_line(line, profile="ecs")
+
+
+DROP = object()
+"""In a change: remove the key."""
+
+
+def _ecs_line(record: Any) -> dict[str, Any]:
+    line: dict[str, Any] = json.loads(JsonSink(profile="ecs").render(record))
+    return line
+
+
+_FSDP_START = RunStartRecord(
+    run_id="r1", time=T0, rank=1, world_size=2, name="demo", run_dir="runs/r1", device="cuda:1", config={},
+    metrics_url=None, backend="nccl", strategy="fsdp", optimizer="torch.optim.adamw.AdamW",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("record", "change", "message"),
+    [
+        (checkpoint_record(), {}, None),
+        (checkpoint_record(reason="max_steps", background=True), {}, None),
+        (_FSDP_START, {}, None),
+        (_FSDP_START, {"traintel.strategy": None}, None),
+        (checkpoint_record(), {"traintel.reason": "manual"},
+         "checkpoint $['traintel.reason']: 'manual' is not one of "
+         "['every_steps', 'every_epochs', 'signal', 'max_steps', 'best']"),
+        (checkpoint_record(), {"traintel.size_bytes": "4096"},
+         "checkpoint $['traintel.size_bytes']: '4096' is not of type 'integer'"),
+        (checkpoint_record(), {"traintel.background": None},
+         "checkpoint $['traintel.background']: None is not of type 'boolean'"),
+        (checkpoint_record(), {"traintel.stall_seconds": DROP},
+         "checkpoint $: 'traintel.stall_seconds' is a required property"),
+        (checkpoint_record(), {"traintel.schema_version": "1.4.0"},
+         "checkpoint $['traintel.schema_version']: '1.4.0' should not be valid under"),
+        (checkpoint_record(), {"reason": "signal"},
+         "checkpoint $: Additional properties are not allowed ('reason' was unexpected)"),
+        (_FSDP_START, {"traintel.strategy": "fsdp2"},
+         "run.start $['traintel.strategy']: 'fsdp2' is not one of ['ddp', 'fsdp', None]"),
+        (_FSDP_START, {"traintel.strategy": DROP}, "run.start $: 'traintel.strategy' is a required property"),
+    ],
+    ids=["checkpoint", "checkpoint-in-the-background", "run-start-fsdp", "run-start-single-process",
+         "unknown-reason", "size-a-string", "background-null", "missing-stall-seconds", "checkpoint-of-1.4.0",
+         "default-name", "unknown-strategy", "missing-strategy"],
+)  # fmt: skip
+def test_the_1_5_0_fields_and_record_in_the_ecs_profile(
+    record: Any, change: dict[str, Any], message: str | None
+) -> None:
+    """``checkpoint`` and ``run.start``'s ``strategy`` (schema 1.5.0) as the ``ecs`` profile writes them,
+    each a field under ``traintel.``: valid, and rejected with the exact path of a wrong value."""
+    line = _ecs_line(record)
+    validate_line(line, profile="ecs")
+    check_ecs_fields(line, ecs_field_types())
+    for key, value in change.items():
+        if value is DROP:
+            del line[key]
+        else:
+            line[key] = value
+    if message is None:
+        validate_line(line, profile="ecs")
+        return
+    with pytest.raises(RecordValidationError) as info:
+        validate_line(line, profile="ecs")
+    assert str(info.value).startswith(message), str(info.value)
 
 
 # ----------------------------------------------------------------------------- real runs

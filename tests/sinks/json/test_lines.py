@@ -18,21 +18,24 @@ import pytest
 import structlog
 
 from traintel.config import SinksConfig
+from traintel.records import RunStartRecord
 from traintel.run.assembly import build_sinks
+from traintel.schema import validate_lines
 from traintel.sinks import DiagnosticSink, FanOut, JsonSink
 from traintel.sinks.json.logs import JsonLogHandler
-from traintel.testing import batch_record, end_record, run_context, step_record
+from traintel.testing import T0, batch_record, end_record, run_context, step_record
+from traintel.testing.records import checkpoint_record
 
 BATCH_LINE = (
     b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"train.batch",'
-    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"batch":2,"batches":10,"step":0,"items":4,'
     b'"raw_loss":0.75,"loss":0.25,"loss_scale":0.3333333333333333,"window_size":3'
 )
 """``batch_record()``'s line without its closing brace."""
 STEP_LINE = (
     b'{"timestamp":"2025-11-24T16:00:01.250000Z","level":"info","event":"train.step",'
-    b'"run_id":"r1","schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+    b'"run_id":"r1","schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
     b'"epoch":1,"step":1,"items":12,"items_total":12,'
     b'"window_size":3,"loss":0.6875,"lr":0.001,"grad_norm":null,"skipped":false,"grad_scale":null,"metrics":{}'
 )
@@ -72,7 +75,7 @@ def test_a_processor_added_to_the_json_sink_runs_on_every_record_line() -> None:
         BATCH_LINE.replace(b'"batch":2', b'"batch":3') + b',"host":"node-7","method":"info"}\n',
         STEP_LINE + b',"host":"node-7","method":"info"}\n',
         b'{"timestamp":"2025-11-24T16:00:03.250000Z","level":"error","event":"run.end","run_id":"r1",'
-        b'"schema_version":"1.4.0","rank":0,"world_size":1,"attempt":0,'
+        b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,'
         b'"status":"failed","reason":"x","epoch":1,"step":1,"items_total":12,'
         b'"duration_seconds":3.0,"host":"node-7","method":"error"}\n',
     ]
@@ -92,7 +95,7 @@ def test_processors_run_before_the_ecs_layout_and_the_strict_renderer() -> None:
     assert line == (
         b'{"@timestamp":"2025-11-24T16:00:00.250000Z","log.level":"info","message":"train.batch",'
         b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"train.batch",'
-        b'"traintel.run_id":"r1","traintel.schema_version":"1.4.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.5.0","traintel.rank":0,"traintel.world_size":1,'
         b'"traintel.attempt":0,"traintel.epoch":1,"traintel.batch":2,"traintel.batches":10,"traintel.step":0,'
         b'"traintel.items":4,"traintel.raw_loss":0.75,"traintel.loss":null,'
         b'"traintel.loss_scale":0.3333333333333333,"traintel.window_size":3,'
@@ -157,6 +160,69 @@ def test_the_diagnostic_file_does_not_get_what_the_json_sinks_processors_add(tmp
     fan.emit_many([batch_record(diagnostics=MappingProxyType({"scale_ok": True}))])
     fan.close()
     assert (tmp_path / "diagnostic.jsonl").read_bytes() == BATCH_LINE + b',"scale_ok":true}\n'
+
+
+def test_a_checkpoint_record_is_one_exact_valid_line_in_either_profile() -> None:
+    """Schema 1.5.0's ``checkpoint`` record: its fields after the head in declaration order, a
+    non-finite seconds value null and named in ``nonfinite``; each line valid in its profile."""
+    records = [
+        checkpoint_record(),
+        checkpoint_record(rank=1, world_size=2, attempt=1, step=40, epoch=3, reason="best",
+                          size_bytes=123_456_789, write_seconds=1.5, stall_seconds=0.0625, background=True),
+        checkpoint_record(reason="signal", write_seconds=math.inf),
+    ]  # fmt: skip
+    lines = _json_lines(JsonSink(), records)
+    head = (
+        b'{"timestamp":"2025-11-24T16:00:03.000000Z","level":"info","event":"checkpoint","run_id":"r1",'
+        b'"schema_version":"1.5.0",'
+    )
+    assert lines == [
+        head + b'"rank":0,"world_size":1,"attempt":0,"step":1,"epoch":1,"reason":"every_steps",'
+        b'"size_bytes":4096,"write_seconds":0.25,"stall_seconds":0.25,"background":false}\n',
+        head + b'"rank":1,"world_size":2,"attempt":1,"step":40,"epoch":3,"reason":"best",'
+        b'"size_bytes":123456789,"write_seconds":1.5,"stall_seconds":0.0625,"background":true}\n',
+        head + b'"rank":0,"world_size":1,"attempt":0,"step":1,"epoch":1,"reason":"signal",'
+        b'"size_bytes":4096,"write_seconds":null,"stall_seconds":0.25,"background":false,'
+        b'"nonfinite":{"write_seconds":"inf"}}\n',
+    ]
+    assert validate_lines(lines) == 3
+    ecs = _json_lines(JsonSink(profile="ecs"), records[:1])
+    assert ecs == [
+        b'{"@timestamp":"2025-11-24T16:00:03.000000Z","log.level":"info","message":"checkpoint",'
+        b'"ecs.version":"8.11.0","event.dataset":"traintel.records","event.action":"checkpoint",'
+        b'"traintel.run_id":"r1","traintel.schema_version":"1.5.0","traintel.rank":0,"traintel.world_size":1,'
+        b'"traintel.attempt":0,"traintel.step":1,"traintel.epoch":1,"traintel.reason":"every_steps",'
+        b'"traintel.size_bytes":4096,"traintel.write_seconds":0.25,"traintel.stall_seconds":0.25,'
+        b'"traintel.background":false}\n'
+    ]
+    assert validate_lines(_json_lines(JsonSink(profile="ecs"), records), profile="ecs") == 3
+
+
+def test_run_start_carries_the_strategy_right_after_the_backend() -> None:
+    """Schema 1.5.0's ``strategy``: null in a single process, ``ddp`` or ``fsdp`` under torchrun."""
+    common: dict[str, Any] = {
+        "run_id": "r1", "time": T0, "name": "demo", "run_dir": "runs/r1", "device": "cpu", "config": {},
+        "metrics_url": None, "optimizer": "torch.optim.sgd.SGD",
+    }  # fmt: skip
+    single = RunStartRecord(**common)
+    sharded = RunStartRecord(**common, rank=1, world_size=2, backend="nccl", strategy="fsdp")
+    lines = _json_lines(JsonSink(), [single, sharded])
+    tail = (
+        b'"restart_count":0,"resumed_from_step":null,"items_total":0,"optimizer":"torch.optim.sgd.SGD",'
+        b'"scheduler":null}\n'
+    )
+    assert lines == [
+        b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"run.start","run_id":"r1",'
+        b'"schema_version":"1.5.0","rank":0,"world_size":1,"attempt":0,"name":"demo","run_dir":"runs/r1",'
+        b'"device":"cpu","config":{},"metrics_url":null,"backend":null,"strategy":null,' + tail,
+        b'{"timestamp":"2025-11-24T16:00:00.250000Z","level":"info","event":"run.start","run_id":"r1",'
+        b'"schema_version":"1.5.0","rank":1,"world_size":2,"attempt":0,"name":"demo","run_dir":"runs/r1",'
+        b'"device":"cpu","config":{},"metrics_url":null,"backend":"nccl","strategy":"fsdp",' + tail,
+    ]
+    assert validate_lines(lines) == 2
+    ecs = _json_lines(JsonSink(profile="ecs"), [single, sharded])
+    assert [json.loads(line)["traintel.strategy"] for line in ecs] == [None, "fsdp"]
+    assert validate_lines(ecs, profile="ecs") == 2
 
 
 def _log_lines(profile: str) -> list[bytes]:

@@ -1,7 +1,8 @@
 """sinks.prometheus.per_rank: every rank serves its own values on port + LOCAL_RANK, each family
 labelled ``rank``. Under a real torchrun (two gloo processes) both ranks' scrapes equal their own
-diagnostic files, a real Prometheus scrapes both, and the dashboard's rank variable and the alert
-rules work over them; a real Pushgateway keeps each rank's final values apart."""
+diagnostic files (a checkpoint's values included), a real Prometheus scrapes both, and the dashboard's
+rank variable and the alert rules work over them; a real Pushgateway keeps each rank's final values
+apart."""
 
 from __future__ import annotations
 
@@ -271,7 +272,8 @@ class Ranks(NamedTuple):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
-    """``traintel train`` under torchrun with two ranks and per_rank, ended and lingering."""
+    """``traintel train`` under torchrun with two ranks and per_rank, ended and lingering, with a
+    checkpoint every 10 of its 20 epochs."""
     tmp_path = tmp_path_factory.mktemp("per_rank")
     base = _free_port_pair()
     ports = [base + r for r in range(WORLD)]
@@ -285,7 +287,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ranks]:
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
              "-m", "traintel", "train", "--config", str(CONFIG), "--set", f"run.dir={run_dir}",
              "--set", f"sinks.prometheus.port={base}", "--set", "sinks.prometheus.per_rank=true",
-             "--set", "sinks.prometheus.linger_seconds=60", "--set", "task.params.metrics=true"],
+             "--set", "sinks.prometheus.linger_seconds=60", "--set", "task.params.metrics=true",
+             "--set", "checkpoint.every_epochs=10"],
             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
         try:
@@ -320,7 +323,9 @@ def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[st
 
     start, batch, step = last("run.start"), last("train.batch"), last("train.step")
     epoch, evaluation, end = last("train.epoch"), last("eval.epoch"), last("run.end")
+    checkpoint = last("checkpoint")
     r = ("rank", str(rank))
+    c = (r, ("reason", checkpoint["reason"]))
     values: Samples = {
         ("traintel_run_info", tuple(sorted({"name": start["name"], "rank": str(rank), "run_id": start["run_id"]}.items()))): 1.0,
         ("traintel_epoch", (r,)): end["epoch"],
@@ -338,6 +343,10 @@ def _expected(records: list[dict[str, Any]], rank: int, sinks: dict[str, list[st
         ("traintel_eval_metric", (("name", "mae"), r, ("split", "val"))): evaluation["metrics"]["mae"],
         ("traintel_train_metric", (("name", "mae"), r)): step["metrics"]["mae"],
         ("traintel_run_success", (r,)): 1.0,
+        ("traintel_checkpoint_step", c): checkpoint["step"],
+        ("traintel_checkpoint_size_bytes", c): checkpoint["size_bytes"],
+        ("traintel_checkpoint_write_seconds", c): checkpoint["write_seconds"],
+        ("traintel_checkpoint_stall_seconds", c): checkpoint["stall_seconds"],
     }  # fmt: skip
     for family, names in sinks.items():
         for name in names:
@@ -368,14 +377,23 @@ def test_each_rank_serves_its_own_records_on_port_plus_local_rank(ranks: Ranks) 
         )  # fmt: skip
         times = {name: served.pop((name, (("rank", str(rank)),))) for name in (
             "traintel_step_timestamp_seconds", "traintel_run_end_timestamp_seconds")}  # fmt: skip
+        checkpoint_time = served.pop(
+            ("traintel_checkpoint_timestamp_seconds", (("rank", str(rank)), ("reason", "every_epochs")))
+        )
         assert served == _expected(records, rank, health[rank]), rank
         # the timestamps render as the records' own
         step = [r for r in records if r["event"] == "train.step"][-1]
         assert iso_utc(times["traintel_step_timestamp_seconds"]) == step["timestamp"]
         assert iso_utc(times["traintel_run_end_timestamp_seconds"]) == records[-1]["timestamp"]
+        checkpoint = [r for r in records if r["event"] == "checkpoint"][-1]
+        assert iso_utc(checkpoint_time) == checkpoint["timestamp"]
+        assert (checkpoint["reason"], checkpoint["step"]) == ("every_epochs", records[-1]["step"])
     # the ranks' batches differ (each has its own shard); steps and epochs hold global values
     batches = [[r for r in records if r["event"] == "train.batch"][-1] for records in ranks.records]
     assert batches[0]["raw_loss"] != batches[1]["raw_loss"]
+    # a checkpoint's size is what every rank wrote of it: the same on both
+    sizes = [[r["size_bytes"] for r in records if r["event"] == "checkpoint"] for records in ranks.records]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 2
     assert ranks.records[0][-1]["items_total"] == ranks.records[1][-1]["items_total"] == 20 * 1000
 
 
@@ -419,6 +437,7 @@ def test_the_dashboard_shows_each_rank_and_the_alert_rules_stay_quiet(ranks: Ran
 
     last_batch = [[r for r in records if r["event"] == "train.batch"][-1] for records in ranks.records]
     last_epoch = [[r for r in records if r["event"] == "train.epoch"][-1] for records in ranks.records]
+    last_checkpoint = [[r for r in records if r["event"] == "checkpoint"][-1] for records in ranks.records]
     for rank, chosen in (("0", "0"), ("1", "1"), (None, MULTI["rank"])):  # one rank, or All
         for instance in (MULTI["instance"], regex_value(instances[int(rank or 0)])):
             if rank is None and instance != MULTI["instance"]:
@@ -436,6 +455,12 @@ def test_the_dashboard_shows_each_rank_and_the_alert_rules_stay_quiet(ranks: Ran
             assert panel("Batch loss", "B", picked) == {r: last_batch[int(r)]["raw_loss"] for r in want}
             throughput = {r: last_epoch[int(r)]["items_per_second"] for r in want}
             assert panel("Throughput", "B", picked) == throughput
+            for title, ref_id, key in (
+                ("Checkpoint write and stall time", "A", "write_seconds"),
+                ("Checkpoint write and stall time", "B", "stall_seconds"),
+                ("Checkpoint size", "A", "size_bytes"),
+            ):  # each rank's newest checkpoint
+                assert panel(title, ref_id, picked) == {r: last_checkpoint[int(r)][key] for r in want}, key
 
     # rules.yml evaluates over both ranks without errors and fires nothing (TraintelRankBehind included)
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]

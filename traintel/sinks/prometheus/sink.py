@@ -22,6 +22,7 @@ from traintel import threads
 from traintel.errors import ConfigError, one_line
 from traintel.records import (
     BatchRecord,
+    CheckpointRecord,
     EpochRecord,
     EvalRecord,
     MetricRecord,
@@ -46,6 +47,9 @@ class _Latest(NamedTuple):
     """The newest ``eval.epoch`` of each split (validation loader), in the order first seen."""
     user: Mapping[str, float] = MappingProxyType({})
     """The newest value of each name logged with ``Run.log`` (``metric`` records), in the order first seen."""
+    checkpoints: Mapping[str, CheckpointRecord] = MappingProxyType({})
+    """The newest ``checkpoint`` record of each reason (``every_steps``, ..., ``best``), in the order
+    first seen."""
     end: RunEndRecord | None = None
     progress: Record | None = None
     """The newest record that carries ``epoch``/``step`` counts."""
@@ -66,13 +70,50 @@ def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(name, doc, value=value)
 
 
-def _by_name(name: str, doc: str, values: Mapping[str, float]) -> Iterator[Metric]:
-    """A gauge with one sample per entry of ``values``, labelled ``name``; none when it is empty."""
+def _by_name(name: str, doc: str, values: Mapping[str, float], label: str = "name") -> Iterator[Metric]:
+    """A gauge with one sample per entry of ``values``, labelled ``label``; none when it is empty."""
     if values:
-        family = GaugeMetricFamily(name, doc, labels=["name"])
+        family = GaugeMetricFamily(name, doc, labels=[label])
         for key, value in values.items():
             family.add_metric([key], value)
         yield family
+
+
+_CHECKPOINT_GAUGES: tuple[tuple[str, str, Callable[[CheckpointRecord], float]], ...] = (
+    (
+        "traintel_checkpoint_step",
+        "Optimizer step the newest checkpoint holds, by reason.",
+        lambda r: float(r.step),
+    ),
+    (
+        "traintel_checkpoint_size_bytes",
+        "Bytes of the newest checkpoint, all ranks' parts together, by reason.",
+        lambda r: float(r.size_bytes),
+    ),
+    (
+        "traintel_checkpoint_write_seconds",
+        "Seconds from the start of the newest checkpoint until this rank's part was on disk, by reason.",
+        lambda r: r.write_seconds,
+    ),
+    (
+        "traintel_checkpoint_stall_seconds",
+        "Seconds training waited on this rank for the newest checkpoint, by reason.",
+        lambda r: r.stall_seconds,
+    ),
+    (
+        "traintel_checkpoint_timestamp_seconds",
+        "Unix time the newest checkpoint was complete on every rank, by reason.",
+        lambda r: r.time,
+    ),
+)
+"""Each ``traintel_checkpoint_*`` gauge: its name, its help, its value from a ``checkpoint`` record."""
+
+
+def _checkpoints(records: Mapping[str, CheckpointRecord]) -> Iterator[Metric]:
+    """One gauge per field of the newest checkpoint of each reason, labelled ``reason``; none before
+    the first checkpoint."""
+    for name, doc, value in _CHECKPOINT_GAUGES:
+        yield from _by_name(name, doc, {reason: value(r) for reason, r in records.items()}, label="reason")
 
 
 class _Labelled:
@@ -123,6 +164,10 @@ class RecordCollector:
                 user = changes.get("user", self.latest.user)
                 changes["user"] = MappingProxyType({**user, **record.metrics})
                 continue  # its step is the caller's: not the run's progress
+            elif isinstance(record, CheckpointRecord):
+                checkpoints = changes.get("checkpoints", self.latest.checkpoints)
+                changes["checkpoints"] = MappingProxyType({**checkpoints, record.reason: record})
+                continue  # its step is the checkpoint's, behind the run's when written in the background
             else:
                 slot = _SLOT.get(type(record))
                 if slot is None:
@@ -207,6 +252,7 @@ class RecordCollector:
         yield from _by_name(
             "traintel_user_metric", "The latest value of each name logged with Run.log, by name.", s.user
         )
+        yield from _checkpoints(s.checkpoints)
         if s.end is not None:
             yield from _gauge(
                 "traintel_run_success",
