@@ -24,6 +24,7 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
     alerts = _alerts()
     assert set(alerts) == {
         "TraintelTrainingStalled",
+        "TraintelCheckpointStale",
         "TraintelNonFiniteLoss",
         "TraintelSinkErrors",
         "TraintelRecordsDropped",
@@ -44,6 +45,13 @@ def test_the_rule_group_holds_the_documented_alerts() -> None:
         r"time\(\) - traintel_step_timestamp_seconds(\{[^}]*\})? > 600",
         str(alerts["TraintelTrainingStalled"]["expr"]),
     )
+    # the newest periodic checkpoint of a live run, best checkpoints (no run resumes from one) left out
+    stale = alerts["TraintelCheckpointStale"]
+    assert stale["for"] == "1m"
+    expr = str(stale["expr"])
+    newest = r"max without\(reason\) \(traintel_checkpoint_timestamp_seconds\{[^}]*reason!=\"best\"[^}]*\}\)"
+    assert re.search(rf"time\(\) - {newest} > 3600", expr)
+    assert re.search(r"unless on\(job, instance\)\s+traintel_run_end_timestamp_seconds\{", expr)
     # a rank is compared with the leading rank of its run 2 minutes back, over per-rank series only
     behind = alerts["TraintelRankBehind"]
     assert behind["for"] == "5m"

@@ -3,7 +3,8 @@ from a real Prometheus that scraped a real run (which also evaluates docker/prom
 A run of one process has no ``rank`` label: the rank variable has no options and its All value
 matches series without it (tests/sinks/prometheus/test_per_rank.py runs the queries over two ranks).
 The run has the task's metrics on and logs a value with ``Run.log`` (tests/helpers/metrics_run.py),
-so that the Metrics row has data too."""
+so that the Metrics row has data too, and takes a checkpoint every 50 epochs, for the Checkpoints
+row."""
 
 from __future__ import annotations
 
@@ -109,12 +110,24 @@ def test_the_panels_cover_the_exported_metrics() -> None:
         "traintel_sink_dropped_records_total",
         "traintel_optimizer_step",
         "traintel_epoch{",
+        "traintel_checkpoint_write_seconds",
+        "traintel_checkpoint_stall_seconds",
+        "traintel_checkpoint_size_bytes",
+        "time() - max without(reason) (traintel_checkpoint_timestamp_seconds",
         *METRIC_FAMILIES,
     ):
         assert metric in exprs, metric
     kinds = {panel["title"]: panel["type"] for panel in dashboard_panels(load_dashboard())}
     assert kinds["Since the last optimizer step"] == kinds["Step and epoch"] == "stat"
     assert kinds["Task metrics"] == kinds["Logged metrics"] == "timeseries"
+    assert kinds["Checkpoint write and stall time"] == kinds["Checkpoint size"] == "timeseries"
+    assert kinds["Since the last checkpoint"] == "stat"
+    units = {
+        panel["title"]: panel["fieldConfig"]["defaults"].get("unit")
+        for panel in dashboard_panels(load_dashboard())
+    }
+    assert units["Checkpoint write and stall time"] == units["Since the last checkpoint"] == "s"
+    assert units["Checkpoint size"] == "bytes"
     # the Metrics row holds them, below every other panel
     panels = load_dashboard()["panels"]
     (row,) = [i for i, panel in enumerate(panels) if panel["type"] == "row" and panel["title"] == "Metrics"]
@@ -122,6 +135,21 @@ def test_the_panels_cover_the_exported_metrics() -> None:
     assert [panel["title"] for panel in panels[row + 1 :]] == ["Task metrics", "Logged metrics"]
     above = max(panel["gridPos"]["y"] + panel["gridPos"]["h"] for panel in panels[:row])
     assert panels[row]["gridPos"]["y"] == above
+    # the Checkpoints row holds its three panels, right above the Metrics row
+    (checkpoints,) = [
+        i for i, panel in enumerate(panels) if panel["type"] == "row" and panel["title"] == "Checkpoints"
+    ]
+    assert not panels[checkpoints]["collapsed"] and checkpoints == row - 4
+    assert [panel["title"] for panel in panels[checkpoints + 1 : row]] == [
+        "Checkpoint write and stall time",
+        "Checkpoint size",
+        "Since the last checkpoint",
+    ]
+    above = max(panel["gridPos"]["y"] + panel["gridPos"]["h"] for panel in panels[:checkpoints])
+    assert panels[checkpoints]["gridPos"]["y"] == above
+    # best checkpoints, which no run resumes from, leave the time since the last checkpoint alone
+    (since,) = [e for t, _, e in panel_targets(load_dashboard()) if t == "Since the last checkpoint"]
+    assert 'reason!="best"' in since
 
 
 def test_the_template_variables_chain_job_instance_run_rank_metric() -> None:
@@ -213,12 +241,13 @@ def scraped(prometheus: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
     env["PYTHONPATH"] = str(ROOT)
     stderr = tmp_path / "stderr.txt"
-    # 150 epochs last a few seconds: several scrapes see traintel_items_total grow, so rate() has data
+    # 150 epochs last a few seconds: several scrapes see traintel_items_total grow, so rate() has data;
+    # a checkpoint every 50 epochs: the last at the run's end
     with stderr.open("w") as err:
         run = popen(
             [sys.executable, "-m", metrics_run.__name__, str(CONFIG), f"run.dir={tmp_path / 'run'}",
-             "trainer.max_epochs=150", "task.params.metrics=true", f"sinks.prometheus.port={port}",
-             "sinks.prometheus.linger_seconds=120"],
+             "trainer.max_epochs=150", "task.params.metrics=true", "checkpoint.every_epochs=50",
+             f"sinks.prometheus.port={port}", "sinks.prometheus.linger_seconds=120"],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True,
         )  # fmt: skip
     try:
@@ -298,6 +327,13 @@ def test_every_panel_query_returns_data_for_a_real_run(scraped: Scraped) -> None
     assert only("Task metrics", "A") == evaluation["metrics"]["mae"]
     assert only("Task metrics", "B") == step["metrics"]["mae"]
     assert only("Logged metrics", "A") == logged["metrics"][metrics_run.LOGGED]
+    # the newest checkpoint's values (its reason's series: every_epochs alone)
+    checkpoint = scraped.last("checkpoint")
+    assert (checkpoint["reason"], checkpoint["step"]) == ("every_epochs", scraped.end["step"])
+    assert only("Checkpoint write and stall time", "A") == checkpoint["write_seconds"]
+    assert only("Checkpoint write and stall time", "B") == checkpoint["stall_seconds"]
+    assert only("Checkpoint size", "A") == checkpoint["size_bytes"]
+    assert 0 <= only("Since the last checkpoint", "A") < 120
 
 
 @pytest.mark.slow
