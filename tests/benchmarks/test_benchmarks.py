@@ -153,3 +153,82 @@ def test_slow_sink_benchmark_runs_the_three_cases(tmp_path: Path) -> None:
         "| no plug-in", "| slow plug-in on the training thread", "| slow plug-in, threaded",
     ]  # fmt: skip
     assert lines[-1].startswith("threaded: ratio ") and lines[-1].endswith(("within", "BELOW"))
+
+
+def test_fsdp_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    """Two FSDP2 ranks under a real torchrun: the plain FSDP2 loop and traintel's ``strategy: fsdp``
+    train the same weights (gathered whole)."""
+    out = tmp_path / "fsdp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("TRAINTEL__")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "benchmarks" / "fsdp.py"), "--repeats", "2", "--batches", "24", "--epochs", "2",
+           "--json", str(out)]  # fmt: skip
+    proc = run_child(cmd, tmp_path, env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["warmup_max_weight_diff"] == 0.0
+    assert data["shard_modules"] == ["Linear"]
+    assert [c["steps_per_run"] for c in data["cases"]] == [8, 8]
+    assert [len(c["samples_us_per_step"]) for c in data["cases"]] == [2, 2]
+    assert data["cases"][0]["ratio_to_plain"] == 1.0
+    lines = proc.stdout.splitlines()
+    header = "| case | us/step | fastest run us/step | ratio to plain FSDP2 | quartiles of the ratio | overhead us/step |"
+    assert lines.count(header) == 1
+    rows = [line.split(" | ")[0] for line in lines if line.startswith(("| A. ", "| B. "))]
+    assert rows == [
+        "| A. plain FSDP2 loop (k=3, sync on the last pass, summed reduce-scatter)",
+        "| B. traintel, strategy fsdp, 3 sinks, every=10",
+    ]
+    assert any(line.startswith("target: B. ") and line.endswith(("within", "OVER")) for line in lines)
+    assert "warm-up check: max |weight difference| between the cases, any rank: 0.00e+00" in lines
+
+
+def test_checkpoints_benchmark_compares_like_for_like(tmp_path: Path) -> None:
+    """Two ranks under a real torchrun, a 2 MB model: per-rank copies take two copies of the model and
+    optimizer on disk, DCP one in all under DDP and FSDP2; every checkpoint reads back as the live state;
+    a background save returns before its checkpoint is durable; nothing is left on disk."""
+    out = tmp_path / "checkpoints.json"
+    base = tmp_path / "disk"
+    base.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("TRAINTEL__")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "benchmarks" / "checkpoints.py"), "--megabytes", "2", "--repeats", "1",
+           "--dir", str(base), "--json", str(out)]  # fmt: skip
+    proc = run_child(cmd, tmp_path, env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["world_size"] == 2
+    assert data["model_parameters"] * 4 == pytest.approx(2e6, rel=0.01)
+    assert data["warmup_max_state_diff"] == {"A": 0.0, "B": 0.0, "C": 0.0, "D": 0.0}
+    cases = {c["key"]: c for c in data["cases"]}
+    assert list(cases) == ["A", "B", "C", "D"]
+    a, b, c, d = (cases[k] for k in "ABCD")
+    assert 1.8 <= a["bytes"] / b["bytes"] <= 2.2  # one copy per rank against one copy in all
+    assert a["copies"] == pytest.approx(2.0, rel=0.05)
+    for dcp in (b, c, d):
+        assert dcp["bytes"] == pytest.approx(b["bytes"], rel=0.1)
+        assert dcp["copies"] == pytest.approx(1.0, rel=0.05)
+        assert dcp["dcp_bytes"] > 0.99 * dcp["bytes"]  # the state files hold no tensor of size
+        assert dcp["files"] == 7  # 2 state files, 2 manifests, 2 ranks' .distcp, .metadata
+    assert a["dcp_bytes"] == 0 and a["files"] == 4
+    assert c["bytes"] == d["bytes"]  # the same sharded state, in the foreground or the background
+    for sync in (a, b, c):
+        assert sync["stall_s"] == sync["durable_s"] > 0
+    assert 0 < d["stall_s"] < d["durable_s"]
+    assert a["stall_ratio_to_A"] == 1.0
+    assert list(base.iterdir()) == []  # every round's files removed, the shared directory too
+    lines = proc.stdout.splitlines()
+    header = "| case | on disk MB | copies | files | training stall s | stall vs A | durable after s |"
+    assert lines.count(header) == 1
+    rows = [line.split(" | ")[0] for line in lines if line.startswith(("| A. ", "| B. ", "| C. ", "| D. "))]
+    assert rows == [
+        "| A. per-rank copies, DDP (checkpoint.write of the whole state on each rank)",
+        "| B. DCP, DDP (replicated, sync)",
+        "| C. DCP, FSDP2 (sharded, sync)",
+        "| D. DCP, FSDP2 (sharded, background)",
+    ]
+    assert (
+        "warm-up check: max |difference| of any checkpoint read back from the live state: 0.00e+00" in lines
+    )

@@ -314,6 +314,55 @@ def test_the_job_command_trains_one_run_of_two_ranks(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "traintel" / "checkpoints").is_dir()
 
 
+def _fsdp_patch() -> tuple[dict[str, Any], dict[str, str]]:
+    """The FSDP overlay (``docker/kubernetes/fsdp``): its kustomization, and the env its Job patch
+    adds to the container (a strategic merge by name), checked to patch the base's Job and container."""
+    overlay = KUBE / "fsdp"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text(encoding="utf-8"))
+    (patch_file,) = [p["path"] for p in kustomization["patches"]]
+    patch = yaml.safe_load((overlay / patch_file).read_text(encoding="utf-8"))
+    job = _one("Job")
+    assert (patch["kind"], patch["metadata"]["name"]) == (job["kind"], job["metadata"]["name"])
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == _container()["name"]
+    return kustomization, {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_the_fsdp_overlay_patches_the_base_job_with_fsdp_and_async_checkpoints() -> None:
+    kustomization, env = _fsdp_patch()
+    assert kustomization["resources"] == [".."]
+    assert env == {
+        "TRAINTEL__TRAINER__DISTRIBUTED__STRATEGY": "fsdp",
+        "TRAINTEL__TRAINER__DISTRIBUTED__FSDP__SHARD_MODULES": "[Linear]",
+        "TRAINTEL__CHECKPOINT__ASYNC": "true",
+    }
+    base = {e["name"] for e in _container()["env"]}
+    assert not base & set(env)  # added, not replaced: the base's run directory and resume stay
+
+
+@pytest.mark.slow
+def test_the_fsdp_overlay_job_command_trains_one_run_of_two_sharded_ranks(tmp_path: Path) -> None:
+    _, env = _fsdp_patch()
+    one_epoch = {"TRAINTEL__TRAINER__MAX_EPOCHS": "1", "TRAINTEL__CHECKPOINT__EVERY_EPOCHS": "1"}
+    results = _run_job_command(tmp_path, {**env, **one_epoch})
+    for index, (code, _, err) in enumerate(results):
+        assert code == 0, (index, err[-3000:])
+    lines = [json.loads(line) for line in results[0][1].splitlines() if line.startswith("{")]
+    (start,) = [r for r in lines if r.get("event") == "run.start"]
+    (end,) = [r for r in lines if r.get("event") == "run.end"]
+    assert (start["world_size"], start["strategy"], end["status"]) == (2, "fsdp", "completed")
+    saved = [r for r in lines if r.get("event") == "checkpoint"]
+    assert [(r["reason"], r["background"]) for r in saved] == [("every_epochs", True)]
+    directory = tmp_path / "runs" / "traintel" / "checkpoints"
+    step = end["step"]
+    shards = directory / f"step-{step:09d}.dcp"
+    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    written = sum(p.stat().st_size for p in shards.iterdir()) + sum(
+        (directory / name).stat().st_size for name in (f"step-{step:09d}.pt", f"step-{step:09d}.rank1.pt")
+    )
+    assert saved[0]["size_bytes"] == written
+
+
 @pytest.mark.slow
 def test_the_job_command_exits_2_on_a_bad_config_which_fails_the_job(tmp_path: Path) -> None:
     results = _run_job_command(tmp_path, {"TRAINTEL__TRAINER__MAX_EPOCHS": "0"})

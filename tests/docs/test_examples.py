@@ -67,6 +67,16 @@ EXPECTED = {
     "docs/concepts/records.md#0": Expected(
         tail=["24 24 True True"], files=["runs/same/config.yaml", "runs/same/diagnostic.jsonl"]
     ),
+    "docs/guides/fsdp.md#0": Expected(
+        tail=["11 ['0.bias', '0.weight', '2.bias', '2.weight', '4.bias', '4.weight']"],
+        files=[
+            "runs/demo/checkpoints/run.json",
+            "runs/demo/checkpoints/step-000000011.json",
+            "runs/demo/checkpoints/step-000000011.pt",
+            "runs/demo/config.yaml",
+            "runs/demo/diagnostic.jsonl",
+        ],
+    ),
     "docs/guides/own-model.md#0": Expected(
         tail=["completed 4"],
         events=["run.start", "train.epoch", "train.epoch", "run.end"],
@@ -147,7 +157,7 @@ def test_the_task_factory_example_trains(tmp_path: Path) -> None:
     assert end == {
         "level": "info",
         "event": "run.end",
-        "schema_version": "1.4.0",
+        "schema_version": "1.5.0",
         "rank": 0,
         "world_size": 1,
         "attempt": 0,
