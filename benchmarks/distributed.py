@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 import torch.distributed as dist
@@ -284,7 +284,16 @@ def warm_up(bench: Bench) -> float:
     return max(float(d) for d in bench.rendezvous.gather(repr(diff)))
 
 
-def measure(bench: Bench, repeats: int) -> list[dict[str, float]]:
+class Rounds(Protocol):
+    """What ``measure`` and ``summarize`` use of a benchmark (this one's ``Bench``, ``fsdp.py``'s)."""
+
+    rank: int
+    steps: int
+
+    def run(self, case: str) -> float: ...
+
+
+def measure(bench: Rounds, repeats: int) -> list[dict[str, float]]:
     """``repeats`` rounds of both cases, in the order A B, B A, A B, ..."""
     rounds: list[dict[str, float]] = []
     for r in range(repeats):
@@ -295,10 +304,13 @@ def measure(bench: Bench, repeats: int) -> list[dict[str, float]]:
     return rounds
 
 
-def summarize(bench: Bench, rounds: Sequence[dict[str, float]]) -> list[dict[str, Any]]:
+def summarize(
+    bench: Rounds, rounds: Sequence[dict[str, float]], labels: tuple[str, str] = (CASE_A, CASE_B)
+) -> list[dict[str, Any]]:
+    """Per case (``labels``: A's and B's), the medians over rounds and the ratio to A."""
     plain = [r["A"] / bench.steps * 1e6 for r in rounds]
     rows = []
-    for key, label in (("A", CASE_A), ("B", CASE_B)):
+    for key, label in zip(("A", "B"), labels, strict=True):
         per_step = [r[key] / bench.steps * 1e6 for r in rounds]
         ratios = [c / p for c, p in zip(per_step, plain, strict=True)]
         rows.append(

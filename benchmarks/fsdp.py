@@ -50,7 +50,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -61,9 +60,9 @@ from typing import Any, BinaryIO
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import BACKEND, RankTimer, Rendezvous, slowest
+from distributed import BACKEND, RankTimer, Rendezvous, measure, slowest, summarize
 from ignite.engine import Events
-from overhead import IN_FEATURES, TINY_HIDDEN, environment, make_data, make_tiny, max_param_diff, quartiles
+from overhead import IN_FEATURES, TINY_HIDDEN, environment, make_data, make_tiny, max_param_diff
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -211,41 +210,6 @@ def warm_up(bench: Bench) -> float:
     return max(float(d) for d in bench.rendezvous.gather(repr(diff)))
 
 
-def measure(bench: Bench, repeats: int) -> list[dict[str, float]]:
-    """``repeats`` rounds of both cases, in the order A B, B A, A B, ..."""
-    rounds: list[dict[str, float]] = []
-    for r in range(repeats):
-        order = ("A", "B") if r % 2 == 0 else ("B", "A")
-        rounds.append({case: bench.run(case) for case in order})
-        if bench.rank == 0:
-            print(f"  round {r + 1}/{repeats} done", file=sys.stderr)
-    return rounds
-
-
-def summarize(bench: Bench, rounds: Sequence[dict[str, float]]) -> list[dict[str, Any]]:
-    plain = [r["A"] / bench.steps * 1e6 for r in rounds]
-    rows = []
-    for key, label in (("A", CASE_A), ("B", CASE_B)):
-        per_step = [r[key] / bench.steps * 1e6 for r in rounds]
-        ratios = [c / p for c, p in zip(per_step, plain, strict=True)]
-        rows.append(
-            {
-                "key": key,
-                "case": label,
-                "steps_per_run": bench.steps,
-                "us_per_step": statistics.median(per_step),
-                "fastest_us_per_step": min(per_step),
-                "ratio_to_plain": statistics.median(ratios),
-                "ratio_quartiles": quartiles(ratios),
-                "overhead_us_per_step": statistics.median(
-                    c - p for c, p in zip(per_step, plain, strict=True)
-                ),
-                "samples_us_per_step": per_step,
-            }
-        )
-    return rows
-
-
 def render(
     env: dict[str, Any], bench: Bench, args: argparse.Namespace, rows: Sequence[dict[str, Any]]
 ) -> str:
@@ -329,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     if rank != 0:
         return 0
-    rows = summarize(bench, rounds)
+    rows = summarize(bench, rounds, (CASE_A, CASE_B))
     env = environment(heap_kept=False)  # the C library's default heap, as torchrun starts it
     print(render(env, bench, args, rows))
     print(f"\nwarm-up check: max |weight difference| between the cases, any rank: {diff:.2e}")

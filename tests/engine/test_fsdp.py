@@ -19,7 +19,7 @@ UNITS = 2
 
 SIZES = [5, 2, 4, 3, 1, 6, 2, 2, 3, 4, 1]
 CASES: dict[str, dict[str, Any]] = {
-    "k1-uneven-shards": {"sizes": [4, 3, 5, 2, 4, 1, 3], "k": 1},
+    "k1-uneven-shards-float32": {"sizes": [4, 3, 5, 2, 4, 1, 3], "k": 1, "dtype": "float32"},
     "k3-masked-items-clipped-two-epochs": {
         "sizes": SIZES,
         "kept": [5, 0, 4, 0, 1, 6, 0, 2, 3, 0, 1],
@@ -34,7 +34,6 @@ CASES: dict[str, dict[str, Any]] = {
         "eval_every_steps": 3,
         "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "no_decay": {"names": ["*bias"]}},
     },
-    "k3-float32": {"sizes": SIZES, "kept": [5, 0, 4, 0, 1, 6, 0, 2, 3, 0, 1], "k": 3, "dtype": "float32"},
 }
 
 

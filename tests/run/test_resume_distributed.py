@@ -114,11 +114,13 @@ def test_workers_restarted_by_torchrun_resume_from_the_newest_common_checkpoint(
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
 def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str, background: bool
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
 ) -> None:
+    """Under DDP its checkpoints are written in the foreground, under FSDP in the background
+    (``checkpoint.async``), which the stop's checkpoint waits for before ``run.end``."""
     expected, final = reference
+    background = strategy == "fsdp"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
     proc = torchrun(
@@ -254,17 +256,15 @@ def test_resuming_under_another_world_size_is_refused_with_exit_2(
     assert after == before
 
 
-@pytest.mark.parametrize("at", ["dcp", "manifest"])
 def test_a_rank_killed_while_writing_a_checkpoint_leaves_none_picked_that_is_incomplete(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str, at: str
+    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
 ) -> None:
-    """Rank 1 is killed with SIGKILL writing its third checkpoint (step 6): with a DCP file torn
-    part-way (``dcp``), or with its DCP files whole but no state file or manifest (``manifest``);
-    in the background (``checkpoint.async``) for a torn file under FSDP and a missing manifest under
-    DDP, in the foreground for the other two. Step 6 is never picked: the resumed run continues from
-    step 4 and logs the same bits."""
+    """Rank 1 is killed with SIGKILL writing its third checkpoint (step 6): under FSDP in the
+    background (``checkpoint.async``) with a DCP file torn part-way (``dcp``), under DDP in the
+    foreground with its DCP files whole but no state file or manifest (``manifest``). Step 6 is
+    never picked: the resumed run continues from step 4 and logs the same bits."""
     expected, final = reference
-    background = (strategy == "fsdp") == (at == "dcp")
+    at, background = ("dcp", True) if strategy == "fsdp" else ("manifest", False)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
     args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"]

@@ -194,8 +194,9 @@ def test_sigterm_during_an_evaluation_after_its_steps_checkpoint_evaluates_that_
     resumed = traintel(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     records = list(lines(resumed.stdout))
-    assert [d["event"] for d in records] == ["run.start", "eval.epoch", "run.end"]
+    assert [d["event"] for d in records] == ["run.start", "eval.epoch", "checkpoint", "run.end"]
     assert (records[0]["resumed_from_step"], records[-1]["status"]) == (STEPS, "completed")
+    assert (records[2]["step"], records[2]["reason"]) == (STEPS, "every_epochs")  # the end it owed, again
     expected, final = references[False]
     assert losses(resumed.stdout) == {("eval.epoch", EPOCHS): expected[("eval.epoch", EPOCHS)]}
     assert same_tensors(final_state(run_dir), final) is True

@@ -58,6 +58,15 @@ class _Section(BaseModel):
     )
 
 
+def _null_or_mapping(value: Any, section: type[BaseModel], example: str) -> Any:
+    """``value`` for an optional section given as a mapping (or null); anything else is refused
+    naming ``example``, before pydantic's own message about the section's model."""
+    if value is None or isinstance(value, dict | section):
+        return value
+    msg = f"must be null or a mapping such as {example}, got {value!r}"
+    raise ValueError(msg)
+
+
 class RunConfig(_Section):
     """Identity and output location of one run."""
 
@@ -313,10 +322,7 @@ class FSDPConfig(_Section):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _precision_mapping(cls, value: Any) -> Any:
-        if value is None or isinstance(value, dict | FSDPMixedPrecisionConfig):
-            return value
-        msg = f"must be null or a mapping such as {{param_dtype: bf16, reduce_dtype: fp32}}, got {value!r}"
-        raise ValueError(msg)
+        return _null_or_mapping(value, FSDPMixedPrecisionConfig, "{param_dtype: bf16, reduce_dtype: fp32}")
 
 
 class DistributedConfig(_Section):
@@ -643,10 +649,7 @@ class CheckpointConfig(_Section):
     @field_validator("best", mode="before")
     @classmethod
     def _best_mapping(cls, value: Any) -> Any:
-        if value is None or isinstance(value, dict | BestCheckpointConfig):
-            return value
-        msg = f"must be null or a mapping such as {{metric: eval.loss}}, got {value!r}"
-        raise ValueError(msg)
+        return _null_or_mapping(value, BestCheckpointConfig, "{metric: eval.loss}")
 
     model_config = ConfigDict(
         extra="forbid",

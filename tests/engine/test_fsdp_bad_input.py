@@ -1,0 +1,75 @@
+"""Bad FSDP settings: one line on stderr and exit 2 before anything is trained or written, in one
+process (the config's own checks) and on every rank under a real torchrun (what only a sharded
+model can tell)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.children import CHILD_TIMEOUT, popen, run_cli
+from tests.helpers.paths import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+CONFIG_ERRORS = [
+    ("trainer.distributed.strategy=deepspeed",
+     "trainer.distributed.strategy: must be one of 'ddp' or 'fsdp' (got 'deepspeed')"),
+    ("trainer.distributed.fsdp.mixed_precision=bf16",
+     "trainer.distributed.fsdp.mixed_precision: must be null or a mapping such as "
+     "{param_dtype: bf16, reduce_dtype: fp32}, got 'bf16'"),
+    ("trainer.distributed.fsdp.mixed_precision={param_dtype: fp16}",
+     "trainer.distributed.fsdp.mixed_precision.param_dtype: must be one of 'bf16' or 'fp32' (got 'fp16')"),
+    ("trainer.distributed.fsdp.shard_modules=Linear",
+     "trainer.distributed.fsdp.shard_modules: input should be a valid list (got 'Linear')"),
+    ("checkpoint.async=sometimes", "checkpoint.async: input should be a valid boolean, not a string (got 'sometimes')"),
+]  # fmt: skip
+"""(``--set`` override, the exact line after ``traintel: error: ``)."""
+
+
+@pytest.mark.parametrize(
+    ("override", "error"), CONFIG_ERRORS, ids=[o.split("=")[0] for o, _ in CONFIG_ERRORS]
+)
+def test_a_bad_fsdp_setting_is_one_line_and_exit_2(tmp_path: Path, override: str, error: str) -> None:
+    args = ["train", "--config", str(DEFAULT_CONFIG), "--set", f"run.dir={tmp_path / 'run'}",
+            "--set", "sinks.prometheus.port=0", "--set", override]  # fmt: skip
+    proc = run_cli(tmp_path, *args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"traintel: error: {error}\n")
+    assert not (tmp_path / "run").exists()
+
+
+RANK_ERRORS = [
+    (["trainer.distributed.fsdp.shard_modules=[Linear, Block]"],
+     "trainer.distributed.fsdp.shard_modules[1]: 'Block' names no module of the model (its classes: GELU, "
+     "Linear, Sequential)"),
+    (["trainer.precision=fp16"],
+     "trainer.precision: fp16 is not available with trainer.distributed.strategy fsdp (its loss scale would "
+     "need the ranks' overflow checks agreed); use bf16, or fsdp.mixed_precision"),
+    (["trainer.compile=true"],
+     "trainer.compile: is not available with trainer.distributed.strategy fsdp; set it to false"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "error"), RANK_ERRORS, ids=["unknown-module", "fp16", "compile"])
+def test_what_a_sharded_model_cannot_take_is_one_line_per_rank_and_exit_2(
+    tmp_path: Path, overrides: list[str], error: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINTEL__")}
+    env["OMP_NUM_THREADS"] = "1"
+    sets = [a for o in ("trainer.distributed.strategy=fsdp", *overrides, f"run.dir={tmp_path / 'run'}",
+                        "sinks.prometheus.port=0") for a in ("--set", o)]  # fmt: skip
+    proc = popen(
+        [sys.executable, "-m", "traintel.cli.torchrun", "--standalone", "--nproc-per-node=2",
+         "-m", "traintel", "train", "--config", str(DEFAULT_CONFIG), *sets],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.splitlines().count(f"traintel: error: {error}") == 2  # each rank's one line
+    assert "Traceback" not in err.split("ChildFailedError")[0]
+    assert out == ""
+    assert [p for p in (tmp_path / "run").rglob("*") if not p.is_dir()] == []  # nothing written
