@@ -89,3 +89,30 @@ def test_fsdp_ranks_equal_one_process_on_the_union_of_their_windows(name: str, t
             assert c["all_reduce"] > ours
         else:
             assert c["all_reduce"] == ours
+
+
+def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_fp32_shards_and_gradients(tmp_path: Path) -> None:
+    """``fsdp.mixed_precision: {param_dtype: bf16, reduce_dtype: fp32}`` on a float32 model: the
+    losses are the float32 reference's to bf16's precision, and not to float32's (the forward ran in
+    bf16), while the parameters and the gradients the optimizer steps with stay float32."""
+    spec = {
+        "sizes": [4, 3, 5, 2, 4, 1, 3],
+        "k": 2,
+        "dtype": "float32",
+        "strategy": "fsdp",
+        "mixed_precision": True,
+    }
+    proc = torchrun(spec, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ref = reference(spec)
+    for rank in ranks:
+        assert rank["status"] == "completed"
+        assert {g.dtype for step in rank["grads"] for g in step} == {torch.float32}
+        assert {p.dtype for p in rank["params"]} == {torch.float32}
+        for p, w in zip(rank["params"], ref["params"], strict=True):
+            torch.testing.assert_close(p, w.detach(), rtol=0.05, atol=0.02)
+    steps = [r for r in ranks[0]["records"] if r["event"] == "train.step"]
+    got = [s["loss"] for s in steps]
+    assert got == pytest.approx(ref["losses"], rel=0.03)
+    assert got != pytest.approx(ref["losses"], rel=1e-5)

@@ -1,6 +1,6 @@
 """Bad FSDP settings: one line on stderr and exit 2 before anything is trained or written, in one
-process (the config's own checks) and on every rank under a real torchrun (what only a sharded
-model can tell)."""
+process (the config's own checks), before any module is sharded (what FSDP cannot take), and on
+every rank under a real torchrun."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from torch.distributed.fsdp import FSDPModule
 
 from tests.helpers.children import CHILD_TIMEOUT, popen, run_cli
 from tests.helpers.paths import DEFAULT_CONFIG
+from traintel.config import TrainerConfig
+from traintel.errors import ConfigError
+from traintel.run.plan import _fully_shard
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +48,37 @@ def test_a_bad_fsdp_setting_is_one_line_and_exit_2(tmp_path: Path, override: str
     assert not (tmp_path / "run").exists()
 
 
+REFUSED = [
+    ({"precision": "fp16"},
+     "trainer.precision: fp16 is not available with trainer.distributed.strategy fsdp (its loss scale would "
+     "need the ranks' overflow checks agreed); use bf16, or fsdp.mixed_precision"),
+    ({"compile": True},
+     "trainer.compile: is not available with trainer.distributed.strategy fsdp; set it to false"),
+    ({"distributed": {"strategy": "fsdp", "fsdp": {"shard_modules": ["Linear", "Block"]}}},
+     "trainer.distributed.fsdp.shard_modules[1]: 'Block' names no module of the model (its classes: Linear, "
+     "ReLU, Sequential)"),
+]  # fmt: skip
+"""(``trainer`` settings, the ConfigError's line): refused before any module is sharded."""
+
+
+@pytest.mark.parametrize(("settings", "error"), REFUSED, ids=["fp16", "compile", "unknown-module"])
+def test_what_fsdp_cannot_take_is_refused_before_sharding(settings: dict[str, Any], error: str) -> None:
+    tc = TrainerConfig.model_validate({"distributed": {"strategy": "fsdp"}, **settings})
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    with pytest.raises(ConfigError) as caught:
+        _fully_shard(model, tc)
+    assert str(caught.value) == error
+    assert not isinstance(model, FSDPModule)  # nothing sharded
+
+
 RANK_ERRORS = [
     (["trainer.distributed.fsdp.shard_modules=[Linear, Block]"],
      "trainer.distributed.fsdp.shard_modules[1]: 'Block' names no module of the model (its classes: GELU, "
      "Linear, Sequential)"),
-    (["trainer.precision=fp16"],
-     "trainer.precision: fp16 is not available with trainer.distributed.strategy fsdp (its loss scale would "
-     "need the ranks' overflow checks agreed); use bf16, or fsdp.mixed_precision"),
-    (["trainer.compile=true"],
-     "trainer.compile: is not available with trainer.distributed.strategy fsdp; set it to false"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("overrides", "error"), RANK_ERRORS, ids=["unknown-module", "fp16", "compile"])
+@pytest.mark.parametrize(("overrides", "error"), RANK_ERRORS, ids=["unknown-module"])
 def test_what_a_sharded_model_cannot_take_is_one_line_per_rank_and_exit_2(
     tmp_path: Path, overrides: list[str], error: str
 ) -> None:

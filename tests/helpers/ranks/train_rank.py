@@ -111,6 +111,9 @@ def run_config(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }  # fmt: skip
     if spec.get("strategy") == "fsdp":
         config["trainer"]["distributed"] = {"strategy": "fsdp", "fsdp": {"shard_modules": ["Linear"]}}
+        if spec.get("mixed_precision"):
+            precision = {"param_dtype": "bf16", "reduce_dtype": "fp32"}
+            config["trainer"]["distributed"]["fsdp"]["mixed_precision"] = precision
     if spec.get("clip"):
         config["trainer"]["grad_clip_norm"] = spec["clip"]
     return config
