@@ -136,7 +136,7 @@ def _write_pair(
     torch.save(dict(state), buffer)
     data = buffer.getbuffer()
     digest = hashlib.sha256(data).hexdigest()
-    write_atomic(path, bytes(data))
+    write_atomic(path, data)  # the buffer itself: a state as large as the model is not copied again
     manifest = {"format": FORMAT, **fields, "file": path.name, "size": len(data), "sha256": digest}
     if shards is not None:
         manifest["shards"] = {

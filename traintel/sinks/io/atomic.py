@@ -101,7 +101,7 @@ def _place(tmp: str, path: Path, overwrite: Overwrite) -> None:
     os.replace(tmp, path)
 
 
-def _write_all(fd: int, payload: bytes) -> None:
+def _write_all(fd: int, payload: bytes | memoryview) -> None:
     view = memoryview(payload)
     while view:  # os.write is unbuffered: nothing is left to flush afterwards
         view = view[os.write(fd, view) :]
@@ -122,9 +122,10 @@ def default_mode() -> int:
 
 
 def write_atomic(
-    path: Path, data: bytes | str, *, mode: int | None = None, overwrite: Overwrite = "any"
+    path: Path, data: bytes | memoryview | str, *, mode: int | None = None, overwrite: Overwrite = "any"
 ) -> None:
-    """Replace ``path`` with ``data`` (a str is written as UTF-8) atomically, with fsync.
+    """Replace ``path`` with ``data`` (a str is written as UTF-8; a memoryview, such as a buffer's,
+    without a copy) atomically, with fsync.
 
     ``mode``: the new file's permission bits, as given; by default ``0o666 & ~umask``, like the
     other files of a run. If ``path`` is a symbolic link, the link is replaced, not its target
