@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ def world_config(strategy: str, background: bool = False) -> dict[str, Any]:
     return cfg
 
 
-@pytest.fixture(scope="module", params=list(STRATEGIES))
-def strategy(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+Reference = tuple[dict[Any, str], list[dict[str, Any]]]
+"""An uninterrupted run's logged losses and its final states (``final_states``)."""
+Killed = tuple[Path, str, str]
+"""A job whose rank 1 was killed: its run directory, stdout and stderr."""
+BOTH = pytest.mark.parametrize("strategy", list(STRATEGIES))
 
 
 def torchrun(args: list[str], cwd: Path, extra: dict[str, str] | None = None) -> Child:
@@ -74,10 +77,25 @@ def final_states(run_dir: Path) -> list[dict[str, Any]]:
     return states
 
 
+def _memo(make: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``make(strategy)``, made once per strategy for the module's tests."""
+    made: dict[str, Any] = {}
+
+    def get(strategy: str) -> Any:
+        if strategy not in made:
+            made[strategy] = make(strategy)
+        return made[strategy]
+
+    return get
+
+
 @pytest.fixture(scope="module")
-def reference(
-    tmp_path_factory: pytest.TempPathFactory, strategy: str
-) -> tuple[dict[Any, str], list[dict[str, Any]]]:
+def references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Reference]:
+    """Each strategy's uninterrupted run, made once."""
+    return _memo(lambda strategy: _reference(tmp_path_factory, strategy))
+
+
+def _reference(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Reference:
     where = tmp_path_factory.mktemp("world-reference")
     (where / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
     code, out, err = finished(
@@ -89,37 +107,43 @@ def reference(
     return found, final_states(where / "run")
 
 
+@BOTH
 def test_workers_restarted_by_torchrun_resume_from_the_newest_common_checkpoint(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
+    tmp_path: Path, references: Callable[[str], Reference], strategy: str
 ) -> None:
-    expected, final = reference
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
+    """Rank 1 is killed with SIGKILL and torchrun restarts both: under DDP in step 7 (its newest
+    checkpoint is step 6); under FSDP, writing checkpoints in the background, while its third
+    checkpoint's DCP file (step 6) is torn part-way, which no rank picks: they resume from step 4."""
+    expected, final = references(strategy)
+    background = strategy == "fsdp"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
     args = ["--max-restarts=1", "-m", "traintel", "train", "-c", "config.yaml",
             "--set", f"run.dir={run_dir}", "--set", "run.resume=auto"]  # fmt: skip
-    # rank 1 is killed in step 7 (epoch 2's third window): its last checkpoint is step 6
-    proc = torchrun(args, tmp_path, {"RESUME_TEST_AT": "train:25", "RESUME_TEST_RANK": "1"})
+    at, resumed = ("dcp:3", 4) if background else ("train:25", 6)
+    proc = torchrun(args, tmp_path, {"RESUME_TEST_AT": at, "RESUME_TEST_RANK": "1"})
     code, out, err = finished(proc)
     assert code == 0, err
     starts = [d for d in lines(out) if d["event"] == "run.start"]
     assert [(s["attempt"], s["resumed_from_step"], s["restart_count"]) for s in starts] == [
         (0, None, 0),
-        (1, 6, 1),
+        (1, resumed, 1),
     ]
     assert starts[0]["run_id"] == starts[1]["run_id"]
     second = losses(out[out.index('"event":"run.start"', out.index('"event":"run.start"') + 1) :])
-    assert sorted(k for k in second if isinstance(k, int)) == list(range(7, STEPS + 1))
+    assert sorted(k for k in second if isinstance(k, int)) == list(range(resumed + 1, STEPS + 1))
     assert {k: expected[k] for k in losses(out)} == losses(out)
     assert {k: expected[k] for k in second} == second
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
 
 
+@BOTH
 def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
+    tmp_path: Path, references: Callable[[str], Reference], strategy: str
 ) -> None:
     """Under DDP its checkpoints are written in the foreground, under FSDP in the background
     (``checkpoint.async``), which the stop's checkpoint waits for before ``run.end``."""
-    expected, final = reference
+    expected, final = references(strategy)
     background = strategy == "fsdp"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
@@ -159,9 +183,13 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint_and_torchrun_resumes_it(
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> tuple[Path, str, str]:
-    """A job whose rank 1 was killed with SIGKILL in step 7 (no restarts): its run directory (both
-    ranks hold checkpoints 4 and 6), stdout and stderr."""
+def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Killed]:
+    """Each strategy's job whose rank 1 was killed with SIGKILL in step 7 (no restarts), made once:
+    its run directory (both ranks hold checkpoints 4 and 6), stdout and stderr."""
+    return _memo(lambda strategy: _killed(tmp_path_factory, strategy))
+
+
+def _killed(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> Killed:
     where = tmp_path_factory.mktemp("world-killed")
     (where / "config.yaml").write_text(yaml.safe_dump(world_config(strategy)))
     args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={where / 'run'}"]
@@ -175,8 +203,11 @@ def killed(tmp_path_factory: pytest.TempPathFactory, strategy: str) -> tuple[Pat
     return where / "run", out, err
 
 
-def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(killed: tuple[Path, str, str]) -> None:
-    _, out, err = killed
+@BOTH
+def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(
+    killed_runs: Callable[[str], Killed], strategy: str
+) -> None:
+    _, out, err = killed_runs(strategy)
     end = list(lines(out))[-1]
     assert (end["event"], end["status"], end["rank"], end["step"]) == ("run.end", "failed", 0, 6)
     prefix = "traintel: error: training failed: "
@@ -186,14 +217,18 @@ def test_a_rank_killed_with_sigkill_is_named_lost_in_rank_0s_reason(killed: tupl
     assert end["reason"] == f"rank 1 was lost: it ended without reporting an error (here: {here[0]})"
 
 
+@BOTH
 def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_older_one(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], killed: tuple[Path, str, str],
+    tmp_path: Path,
+    references: Callable[[str], Reference],
+    killed_runs: Callable[[str], Killed],
     strategy: str,
-) -> None:  # fmt: skip
+) -> None:
     """Rank 1's step 6 (under DDP its state file, under FSDP its file in the DCP directory) is
     bit-flipped in place (same size, another SHA-256): it is skipped with a warning, and both ranks
     continue from step 4, the newest that every rank holds and loads."""
-    expected, final = reference
+    expected, final = references(strategy)
+    killed = killed_runs(strategy)
     part = "state" if strategy == "ddp" else "shard"
     run_dir = tmp_path / "run"
     shutil.copytree(killed[0], run_dir)
@@ -226,12 +261,14 @@ def test_a_damaged_newest_checkpoint_on_one_rank_resumes_every_rank_from_the_old
     assert all(same_tensors(a, b) for a, b in zip(final_states(run_dir), final, strict=True))
 
 
+@BOTH
 def test_resuming_under_another_world_size_is_refused_with_exit_2(
-    tmp_path: Path, killed: tuple[Path, str, str], strategy: str
+    tmp_path: Path, killed_runs: Callable[[str], Killed], strategy: str
 ) -> None:
     """The windows would change: one process (the DDP run), or three ranks (the FSDP run), resuming
     the two ranks' run is exit 2 with one line, and nothing in the run directory changes."""
     ranks = 1 if strategy == "ddp" else 3
+    killed = killed_runs(strategy)
     run_dir = tmp_path / "run"
     shutil.copytree(killed[0], run_dir)
     before = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
@@ -256,15 +293,15 @@ def test_resuming_under_another_world_size_is_refused_with_exit_2(
     assert after == before
 
 
-def test_a_rank_killed_while_writing_a_checkpoint_leaves_none_picked_that_is_incomplete(
-    tmp_path: Path, reference: tuple[dict[Any, str], list[dict[str, Any]]], strategy: str
+def test_a_rank_killed_before_its_manifest_leaves_no_checkpoint_picked_that_is_incomplete(
+    tmp_path: Path, references: Callable[[str], Reference]
 ) -> None:
-    """Rank 1 is killed with SIGKILL writing its third checkpoint (step 6): under FSDP in the
-    background (``checkpoint.async``) with a DCP file torn part-way (``dcp``), under DDP in the
-    foreground with its DCP files whole but no state file or manifest (``manifest``). Step 6 is
-    never picked: the resumed run continues from step 4 and logs the same bits."""
-    expected, final = reference
-    at, background = ("dcp", True) if strategy == "fsdp" else ("manifest", False)
+    """Under DDP, rank 1 is killed with SIGKILL writing its third checkpoint (step 6), its DCP files
+    whole but no state file or manifest. Step 6 is never picked: the resumed run continues from step
+    4 and logs the same bits. (A DCP file torn part-way in the background under FSDP: the restart
+    test.)"""
+    strategy, at, background = "ddp", "manifest", False
+    expected, final = references(strategy)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(world_config(strategy, background)))
     run_dir = tmp_path / "run"
     args = ["-m", "traintel", "train", "-c", "config.yaml", "--set", f"run.dir={run_dir}"]
