@@ -58,6 +58,16 @@ class _Section(BaseModel):
     )
 
 
+_ALIASED = ConfigDict(
+    extra="forbid",
+    populate_by_name=True,
+    validate_assignment=True,
+    coerce_numbers_to_str=True,
+    use_attribute_docstrings=True,
+)
+"""A section with a key spelled apart from its field (``json``, ``async``): either name is taken."""
+
+
 def _null_or_mapping(value: Any, section: type[BaseModel], example: str) -> Any:
     """``value`` for an optional section given as a mapping (or null); anything else is refused
     naming ``example``, before pydantic's own message about the section's model."""
@@ -651,13 +661,7 @@ class CheckpointConfig(_Section):
     def _best_mapping(cls, value: Any) -> Any:
         return _null_or_mapping(value, BestCheckpointConfig, "{metric: eval.loss}")
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        validate_assignment=True,
-        coerce_numbers_to_str=True,
-        use_attribute_docstrings=True,
-    )
+    model_config = _ALIASED
 
     @property
     def enabled(self) -> bool:
@@ -675,13 +679,7 @@ class SinksConfig(_Section):
     extra: list[ExtraSinkConfig] = Field(default_factory=list)
     """Plugin sinks, after the built-in ones, in this order."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        validate_assignment=True,
-        coerce_numbers_to_str=True,
-        use_attribute_docstrings=True,
-    )
+    model_config = _ALIASED
 
 
 class Config(_Section):
