@@ -20,8 +20,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import re
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +58,6 @@ class Written:
 
     directory: Path
     files: tuple[tuple[str, int, str], ...]
-    seconds: float
-    """From the start of the save to its files' hashes (the training stall, when not in the background)."""
 
     @property
     def size(self) -> int:
@@ -116,8 +112,6 @@ class ShardedState:
         self.rank = rank
         self.group = dist.new_group(backend="gloo")
         """DCP's collectives (a collective of every rank: made when the run is built)."""
-        self.pending: concurrent.futures.Future[Written] | None = None
-        """The write under way in the background, if any."""
 
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -139,7 +133,6 @@ class ShardedState:
         the write or ``then`` failed)."""
         from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
-        start = time.perf_counter()
         remove_own(directory, self.rank)
         directory.mkdir(parents=True, exist_ok=True)
         state = self._state()
@@ -149,7 +142,7 @@ class ShardedState:
             for name in files_of(directory, self.rank):
                 size, sha = digest(directory / name)
                 files.append((name, size, sha))
-            written = Written(directory, tuple(files), time.perf_counter() - start)
+            written = Written(directory, tuple(files))
             then(written)
             return written
 
@@ -175,7 +168,6 @@ class ShardedState:
                 finished.set_exception(_plain(exc))
 
         writing.add_done_callback(written)
-        self.pending = finished
         return finished
 
     def load(self, directory: Path) -> None:
@@ -193,8 +185,3 @@ class ShardedState:
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )
-
-
-def remove_directory(directory: Path) -> None:
-    """Remove a DCP directory whole (what a crash left of a write no manifest describes)."""
-    shutil.rmtree(directory, ignore_errors=True)
