@@ -234,10 +234,8 @@ def make_plan(
             attempt=attempt.attempt,
             every_epochs=config.eval.every_epochs,
             every_steps=config.eval.every_steps,
+            scope=_evaluation_scope(trainer, tc),
         )
-        if isinstance(trainer.update_step, fsdp.FullyShardedStep):
-            root, reshard = trainer.update_step.model, tc.distributed.fsdp.reshard_after_forward
-            evaluation.scope = lambda: fsdp.evaluating(root, reshard)
         evaluation.attach(trainer)
     checkpointing = None
     cc = config.checkpoint
@@ -419,6 +417,17 @@ def _make_engines(config: Config, task: Task, where: Where) -> Engines:
         evaluator,
         val_loaders,
     )
+
+
+def _evaluation_scope(
+    trainer: TraintelEngine, tc: TrainerConfig
+) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """What each evaluation runs inside: under FSDP, the whole model gathered (``fsdp.evaluating``)."""
+    step = trainer.update_step
+    if not isinstance(step, fsdp.FullyShardedStep):
+        return contextlib.nullcontext
+    root, reshard = step.model, tc.distributed.fsdp.reshard_after_forward
+    return lambda: fsdp.evaluating(root, reshard)
 
 
 def _step_class(launch: distributed.Launch | None, sharding: bool) -> type[AccumulatingStep]:
